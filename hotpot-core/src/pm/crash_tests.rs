@@ -1,0 +1,252 @@
+//! Power loss at every persist point of a commit: recovery must find the old or the new
+//! version of every page of the commit, never a mix, with checksums that verify.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const POOL_BYTES: usize = 2 << 20;
+
+fn open(image: Vec<u8>) -> (Pool, &'static SimRegion) {
+    let region: &'static SimRegion = Box::leak(Box::new(SimRegion::from_image(image)));
+    let (pool, _) = Pool::open(Box::new(RegionRef(region)), 1, 7).expect("pool opens");
+    (pool, region)
+}
+
+/// Lets a test keep a handle on the region the pool owns.
+struct RegionRef(&'static SimRegion);
+impl Region for RegionRef {
+    fn base(&self) -> *mut u8 {
+        self.0.base()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn persist(&self, offset: usize, len: usize) {
+        self.0.persist(offset, len)
+    }
+}
+
+fn page_bytes(tag: u64, page: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; PAGE_BYTES];
+    for (index, chunk) in bytes.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(tag * 1_000_003 + page * 4099 + index as u64).to_le_bytes());
+    }
+    bytes
+}
+
+fn commit_pages(
+    pool: &mut Pool,
+    dataset: u64,
+    pages: &[u64],
+    version: u64,
+) -> Result<u64, PmError> {
+    let mut changes = Vec::new();
+    for &page in pages {
+        let frame = pool.alloc_frame()?;
+        pool.frame_mut(frame)
+            .copy_from_slice(&page_bytes(version, page));
+        changes.push(SlotChange::Put {
+            page: (dataset, page),
+            version,
+            frame,
+            state: CopyState::Committed,
+        });
+    }
+    pool.commit(&changes)
+}
+
+/// Which version every page of the commit holds after recovery; panics on a mix.
+fn version_of_all(pool: &Pool, dataset: u64, pages: &[u64]) -> Option<u64> {
+    let versions: Vec<Option<u64>> = pages
+        .iter()
+        .map(|&page| {
+            pool.page((dataset, page)).map(|found| {
+                let version = found.record.version;
+                assert_eq!(
+                    pool.frame(found.record.frame),
+                    &page_bytes(version, page)[..],
+                    "page {page} bytes do not match its version {version}"
+                );
+                version
+            })
+        })
+        .collect();
+    assert!(
+        versions.windows(2).all(|pair| pair[0] == pair[1]),
+        "commit half-applied: {versions:?}"
+    );
+    versions[0]
+}
+
+#[test]
+fn power_loss_at_every_persist_point_is_all_or_nothing() {
+    let pages: Vec<u64> = (0..40).map(|index| index * 3).collect();
+    let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+    commit_pages(&mut pool, 5, &pages, 1).unwrap();
+    let base_image = region.crash_image();
+    drop(pool);
+
+    // Count the persists of the second commit on a run without power loss.
+    let (mut pool, region) = open(base_image.clone());
+    let before = region.persists_done();
+    commit_pages(&mut pool, 5, &pages, 2).unwrap();
+    let persists = region.persists_done() - before;
+    assert!(
+        persists > pages.len() as u64,
+        "a commit persists every frame and slot"
+    );
+
+    let mut seen_old = 0;
+    let mut seen_new = 0;
+    for cut in 0..=persists {
+        for evictions in [None, Some(cut * 31 + 1)] {
+            let (mut pool, region) = open(base_image.clone());
+            region.cut_power_after(cut);
+            commit_pages(&mut pool, 5, &pages, 2).unwrap();
+            let image = match evictions {
+                None => region.crash_image(),
+                Some(seed) => region.crash_image_with_evictions(seed),
+            };
+            drop(pool);
+            let (recovered, _) = open(image);
+            match version_of_all(&recovered, 5, &pages) {
+                Some(1) => seen_old += 1,
+                Some(2) => seen_new += 1,
+                other => panic!("cut after {cut} persists: pages at {other:?}"),
+            }
+            if cut == persists {
+                assert_eq!(version_of_all(&recovered, 5, &pages), Some(2));
+            }
+            // The recovered pool still commits.
+            let mut recovered = recovered;
+            commit_pages(&mut recovered, 5, &pages, 3).unwrap();
+            assert_eq!(version_of_all(&recovered, 5, &pages), Some(3));
+        }
+    }
+    assert!(
+        seen_old > 0 && seen_new > 0,
+        "both outcomes occur ({seen_old}, {seen_new})"
+    );
+}
+
+#[test]
+fn recovery_frees_frames_of_undecided_commits() {
+    let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+    let free_at_start = pool.frames_free();
+    region.cut_power_after(3);
+    commit_pages(&mut pool, 9, &[1, 2, 3, 4], 1).unwrap();
+    let (recovered, report) = {
+        let region = Box::leak(Box::new(SimRegion::from_image(region.crash_image())));
+        Pool::open(Box::new(RegionRef(region)), 1, 7).unwrap()
+    };
+    assert_eq!(report.pages, 0);
+    assert_eq!(recovered.frames_free(), free_at_start);
+}
+
+#[test]
+fn damaged_frame_is_reported_not_served() {
+    let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+    commit_pages(&mut pool, 2, &[0], 1).unwrap();
+    let frame = pool.page((2, 0)).unwrap().record.frame;
+    let geometry = layout::Geometry::for_pool_bytes(POOL_BYTES as u64).unwrap();
+    let mut image = region.crash_image();
+    image[geometry.frame_at(frame) + 100] ^= 0xff;
+    let region = Box::leak(Box::new(SimRegion::from_image(image)));
+    let error = Pool::open(Box::new(RegionRef(region)), 1, 7)
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("data checksum"), "{error}");
+}
+
+#[test]
+fn pool_of_another_node_or_cluster_is_refused() {
+    let (pool, region) = open(vec![0u8; POOL_BYTES]);
+    drop(pool);
+    let image = region.crash_image();
+    let other_node = Box::leak(Box::new(SimRegion::from_image(image.clone())));
+    assert!(matches!(
+        Pool::open(Box::new(RegionRef(other_node)), 2, 7),
+        Err(PmError::WrongOwner { .. })
+    ));
+    let other_cluster = Box::leak(Box::new(SimRegion::from_image(image)));
+    assert!(matches!(
+        Pool::open(Box::new(RegionRef(other_cluster)), 1, 8),
+        Err(PmError::WrongOwner { .. })
+    ));
+    let mut foreign = vec![0u8; POOL_BYTES];
+    foreign[5000] = 1;
+    let foreign = Box::leak(Box::new(SimRegion::from_image(foreign)));
+    assert!(matches!(
+        Pool::open(Box::new(RegionRef(foreign)), 1, 7),
+        Err(PmError::Foreign)
+    ));
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(u64, u8),
+    Drop(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u64..24, any::<u8>()).prop_map(|(page, fill)| Op::Put(page, fill)),
+        (0u64..24).prop_map(Op::Drop),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// Random commits against a BTreeMap model, power cut at a random persist: recovery
+    /// equals the model before or after the interrupted commit.
+    #[test]
+    fn pool_matches_model_across_power_loss(
+        commits in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..12),
+        cut in 0u64..400,
+        seed: u64,
+    ) {
+        let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+        let mut model: BTreeMap<u64, u8> = BTreeMap::new();
+        region.cut_power_after(cut);
+        let mut models = vec![model.clone()];
+        for commit in &commits {
+            let mut changes = Vec::new();
+            let mut next = model.clone();
+            let mut touched = std::collections::HashSet::new();
+            for op in commit {
+                match *op {
+                    Op::Put(page, fill) if touched.insert(page) => {
+                        let frame = pool.alloc_frame().unwrap();
+                        pool.frame_mut(frame).fill(fill);
+                        changes.push(SlotChange::Put { page: (1, page), version: fill as u64, frame, state: CopyState::Committed });
+                        next.insert(page, fill);
+                    }
+                    Op::Drop(page) if touched.insert(page) => {
+                        changes.push(SlotChange::Drop { page: (1, page) });
+                        next.remove(&page);
+                    }
+                    _ => {}
+                }
+            }
+            pool.commit(&changes).unwrap();
+            model = next;
+            models.push(model.clone());
+        }
+        drop(pool);
+        let image = region.crash_image_with_evictions(seed);
+        let (recovered, _) = open(image);
+        let found: BTreeMap<u64, u8> = recovered
+            .pages_of(1)
+            .iter()
+            .map(|page| {
+                let bytes = recovered.frame(page.record.frame);
+                prop_assert!(bytes.iter().all(|byte| *byte == bytes[0]));
+                Ok((page.record.page, bytes[0]))
+            })
+            .collect::<Result<_, TestCaseError>>()?;
+        prop_assert!(models.contains(&found), "recovered {:?} is none of the committed states", found);
+    }
+}

@@ -1,0 +1,472 @@
+//! The persistent-memory pool: frames, the slots that name them, and the redo log that
+//! makes a set of slot changes atomic. Must survive power loss at any persist point: new
+//! frame bytes and the redo record are persisted before the 8-byte phase switch that decides
+//! a commit, and recovery replays decided records and discards the rest.
+
+use std::collections::HashMap;
+
+use crate::pm::layout::{
+    self, decode_redo, encode_redo, redo_record_bytes, CopyState, Geometry, RedoEntry, RedoPhase,
+    SlotRecord, Superblock, PAGE_BYTES, REDO_AT_PHASE, REDO_BLOCK_BYTES, SLOT_BYTES,
+};
+use crate::pm::region::Region;
+use crate::pm::PmError;
+
+/// Identity of a page in the cluster: dataset id and page index within it.
+pub type PageKey = (u64, u64);
+
+/// A change a commit makes to the persisted page copies of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotChange {
+    /// This node's copy of `page` becomes `frame` (already written by the caller) at `version`.
+    Put {
+        page: PageKey,
+        version: u64,
+        frame: u32,
+        state: CopyState,
+    },
+    /// This node no longer holds `page`.
+    Drop { page: PageKey },
+}
+
+/// A page copy as the pool knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PersistedPage {
+    pub slot: u32,
+    pub record: SlotRecord,
+}
+
+/// Counts for `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolUsage {
+    pub frames_total: u64,
+    pub frames_used: u64,
+    pub pages_persisted: u64,
+}
+
+/// What recovery did at open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub records_replayed: u32,
+    pub records_discarded: u32,
+    pub pages: u64,
+}
+
+pub struct Pool {
+    region: Box<dyn Region>,
+    geometry: Geometry,
+    superblock: Superblock,
+    frame_refs: Vec<u32>,
+    free_frames: Vec<u32>,
+    free_slots: Vec<u32>,
+    redo_used: Vec<bool>,
+    pages: HashMap<PageKey, PersistedPage>,
+    next_txid: u64,
+}
+
+impl Pool {
+    /// Open the pool in `region`. An all-zero superblock (a new file) is formatted for
+    /// `node_id`/`cluster_id`; anything else must be a valid pool of the same node and cluster.
+    pub fn open(
+        region: Box<dyn Region>,
+        node_id: u32,
+        cluster_id: u64,
+    ) -> Result<(Pool, RecoveryReport), PmError> {
+        let pool_bytes = region.len() as u64;
+        let geometry = Geometry::for_pool_bytes(pool_bytes)?;
+        // SAFETY: the region is at least MIN_POOL_BYTES long (checked by for_pool_bytes).
+        let head = unsafe { std::slice::from_raw_parts(region.base(), 64) };
+        let superblock = if head.iter().all(|byte| *byte == 0) {
+            Self::format(region.as_ref(), &geometry, node_id, cluster_id)?
+        } else {
+            let superblock = Superblock::decode(head, pool_bytes)?;
+            if superblock.node_id != node_id {
+                return Err(PmError::WrongOwner {
+                    what: format!(
+                        "it belongs to node {}, not node {node_id}",
+                        superblock.node_id
+                    ),
+                });
+            }
+            if superblock.cluster_id != cluster_id {
+                return Err(PmError::WrongOwner {
+                    what: format!(
+                        "it belongs to cluster {:016x}, not {cluster_id:016x}",
+                        superblock.cluster_id
+                    ),
+                });
+            }
+            superblock
+        };
+        let mut pool = Pool {
+            frame_refs: vec![0; geometry.frame_count as usize],
+            free_frames: Vec::new(),
+            free_slots: Vec::new(),
+            redo_used: vec![false; geometry.redo_blocks as usize],
+            pages: HashMap::new(),
+            next_txid: 1,
+            region,
+            geometry,
+            superblock,
+        };
+        let report = pool.recover()?;
+        Ok((pool, report))
+    }
+
+    fn format(
+        region: &dyn Region,
+        geometry: &Geometry,
+        node_id: u32,
+        cluster_id: u64,
+    ) -> Result<Superblock, PmError> {
+        // A fresh pool: every byte of the metadata areas must be zero, or this is not a new
+        // file and we refuse to touch it.
+        let meta_bytes = geometry.frames_offset as usize;
+        // SAFETY: frames_offset is inside the region (Geometry asserts it).
+        let meta = unsafe { std::slice::from_raw_parts(region.base(), meta_bytes) };
+        if meta.iter().any(|byte| *byte != 0) {
+            return Err(PmError::Foreign);
+        }
+        let superblock = Superblock {
+            pool_bytes: geometry.pool_bytes,
+            node_id,
+            cluster_id,
+            created_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_secs())
+                .unwrap_or(0),
+        };
+        let encoded = superblock.encode();
+        // SAFETY: writing the first 64 bytes of the region.
+        unsafe { std::ptr::copy_nonoverlapping(encoded.as_ptr(), region.base(), encoded.len()) };
+        region.persist(0, encoded.len());
+        Ok(superblock)
+    }
+
+    fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.region.len());
+        // SAFETY: in range (asserted); the region lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.region.base().add(offset), len) }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset + len <= self.region.len());
+        // SAFETY: in range (asserted); &mut self serialises writers.
+        unsafe { std::slice::from_raw_parts_mut(self.region.base().add(offset), len) }
+    }
+
+    fn recover(&mut self) -> Result<RecoveryReport, PmError> {
+        let mut report = RecoveryReport::default();
+        let redo_area = self.geometry.redo_blocks as usize * REDO_BLOCK_BYTES;
+        let mut block = 0u32;
+        while block < self.geometry.redo_blocks {
+            let at = self.geometry.redo_block_at(block);
+            let rest = redo_area - block as usize * REDO_BLOCK_BYTES;
+            let Some(record) = decode_redo(self.bytes(at, rest), &self.geometry)? else {
+                block += 1;
+                continue;
+            };
+            match record.phase {
+                RedoPhase::Decided => {
+                    for entry in &record.entries {
+                        self.write_slot(entry.slot, entry.record.as_ref());
+                    }
+                    report.records_replayed += 1;
+                    self.next_txid = self.next_txid.max(record.txid + 1);
+                }
+                RedoPhase::Prepared | RedoPhase::Free => report.records_discarded += 1,
+            }
+            self.free_redo_record(block);
+            block += record.blocks;
+        }
+        for slot in 0..self.geometry.slot_count {
+            let at = self.geometry.slot_at(slot);
+            let decoded = SlotRecord::decode(self.bytes(at, SLOT_BYTES), self.geometry.frame_count)
+                .map_err(|error| PmError::Corrupt {
+                    what: format!("slot {slot}: {error}"),
+                })?;
+            let Some(record) = decoded else {
+                continue;
+            };
+            let frame_crc = layout::crc(self.frame(record.frame));
+            if frame_crc != record.data_crc {
+                return Err(PmError::Corrupt {
+                    what: format!(
+                        "page {}:{} in frame {}: data checksum {frame_crc:08x}, slot says {:08x}",
+                        record.dataset, record.page, record.frame, record.data_crc
+                    ),
+                });
+            }
+            let key = (record.dataset, record.page);
+            if let Some(previous) = self.pages.get(&key) {
+                return Err(PmError::Corrupt {
+                    what: format!(
+                        "page {}:{} is in slots {} and {slot}",
+                        record.dataset, record.page, previous.slot
+                    ),
+                });
+            }
+            self.frame_refs[record.frame as usize] += 1;
+            self.next_txid = self.next_txid.max(record.txid + 1);
+            self.pages.insert(key, PersistedPage { slot, record });
+        }
+        report.pages = self.pages.len() as u64;
+        let used_slots: std::collections::HashSet<u32> =
+            self.pages.values().map(|page| page.slot).collect();
+        self.free_slots = (0..self.geometry.slot_count)
+            .rev()
+            .filter(|slot| !used_slots.contains(slot))
+            .collect();
+        self.free_frames = (0..self.geometry.frame_count)
+            .rev()
+            .filter(|frame| self.frame_refs[*frame as usize] == 0)
+            .collect();
+        Ok(report)
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn usage(&self) -> PoolUsage {
+        PoolUsage {
+            frames_total: self.geometry.frame_count as u64,
+            frames_used: (self.geometry.frame_count as usize - self.free_frames.len()) as u64,
+            pages_persisted: self.pages.len() as u64,
+        }
+    }
+
+    /// The persisted copy of `page` on this node, if any.
+    pub fn page(&self, page: PageKey) -> Option<&PersistedPage> {
+        self.pages.get(&page)
+    }
+
+    /// Every persisted page of `dataset`, in page order.
+    pub fn pages_of(&self, dataset: u64) -> Vec<PersistedPage> {
+        let mut pages: Vec<PersistedPage> = self
+            .pages
+            .values()
+            .filter(|page| page.record.dataset == dataset)
+            .copied()
+            .collect();
+        pages.sort_by_key(|page| page.record.page);
+        pages
+    }
+
+    /// Dataset ids with at least one persisted page.
+    pub fn datasets(&self) -> std::collections::BTreeSet<u64> {
+        self.pages.keys().map(|(dataset, _)| *dataset).collect()
+    }
+
+    pub fn frame(&self, frame: u32) -> &[u8] {
+        let at = self.geometry.frame_at(frame);
+        self.bytes(at, PAGE_BYTES)
+    }
+
+    /// Writable bytes of a frame. Only for frames no slot names yet (staging): a frame a
+    /// slot names is immutable until it is freed.
+    pub fn frame_mut(&mut self, frame: u32) -> &mut [u8] {
+        assert!(
+            self.frame_refs[frame as usize] == 1,
+            "frame is shared or free"
+        );
+        let at = self.geometry.frame_at(frame);
+        self.bytes_mut(at, PAGE_BYTES)
+    }
+
+    /// Take a free frame with one reference (the caller's). Contents are unspecified.
+    pub fn alloc_frame(&mut self) -> Result<u32, PmError> {
+        let frame = self.free_frames.pop().ok_or(PmError::Full {
+            frames: self.geometry.frame_count,
+        })?;
+        assert_eq!(self.frame_refs[frame as usize], 0);
+        self.frame_refs[frame as usize] = 1;
+        Ok(frame)
+    }
+
+    pub fn ref_frame(&mut self, frame: u32) {
+        assert!(self.frame_refs[frame as usize] > 0, "ref of a free frame");
+        self.frame_refs[frame as usize] += 1;
+    }
+
+    pub fn unref_frame(&mut self, frame: u32) {
+        let refs = &mut self.frame_refs[frame as usize];
+        assert!(*refs > 0, "unref of a free frame");
+        *refs -= 1;
+        if *refs == 0 {
+            self.free_frames.push(frame);
+        }
+    }
+
+    pub fn frames_free(&self) -> usize {
+        self.free_frames.len()
+    }
+
+    /// Apply `changes` atomically: after a crash at any point either all or none hold.
+    /// Each `Put` frame carries one reference from the caller, which the slot takes over.
+    /// Returns the commit's transaction id.
+    pub fn commit(&mut self, changes: &[SlotChange]) -> Result<u64, PmError> {
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        let txid = self.next_txid;
+        self.next_txid += 1;
+        // 1. New frame bytes durable, slots chosen.
+        let mut entries = Vec::with_capacity(changes.len());
+        let mut taken_slots = Vec::new();
+        let mut claimed = std::collections::HashSet::new();
+        for change in changes {
+            let key = match change {
+                SlotChange::Put { page, .. } | SlotChange::Drop { page } => *page,
+            };
+            assert!(claimed.insert(key), "page {key:?} twice in one commit");
+            match *change {
+                SlotChange::Put {
+                    page,
+                    version,
+                    frame,
+                    state,
+                } => {
+                    assert!(
+                        self.frame_refs[frame as usize] > 0,
+                        "commit of a free frame"
+                    );
+                    let data = self.frame(frame);
+                    let data_crc = layout::crc(data);
+                    self.region
+                        .persist(self.geometry.frame_at(frame), PAGE_BYTES);
+                    let slot = match self.pages.get(&page) {
+                        Some(existing) => existing.slot,
+                        None => {
+                            let slot = self.free_slots.pop().ok_or(PmError::Full {
+                                frames: self.geometry.frame_count,
+                            });
+                            match slot {
+                                Ok(slot) => {
+                                    taken_slots.push(slot);
+                                    slot
+                                }
+                                Err(error) => {
+                                    self.free_slots.extend(taken_slots);
+                                    return Err(error);
+                                }
+                            }
+                        }
+                    };
+                    entries.push(RedoEntry {
+                        slot,
+                        record: Some(SlotRecord {
+                            dataset: page.0,
+                            page: page.1,
+                            version,
+                            frame,
+                            state,
+                            data_crc,
+                            txid,
+                        }),
+                    });
+                }
+                SlotChange::Drop { page } => {
+                    if let Some(existing) = self.pages.get(&page) {
+                        entries.push(RedoEntry {
+                            slot: existing.slot,
+                            record: None,
+                        });
+                    }
+                }
+            }
+        }
+        // 2. Redo record written and persisted with phase Prepared.
+        let record_bytes = redo_record_bytes(entries.len());
+        let blocks = record_bytes.div_ceil(REDO_BLOCK_BYTES);
+        let Some(first_block) = self.alloc_redo(blocks) else {
+            self.free_slots.extend(taken_slots);
+            return Err(PmError::LogFull { blocks });
+        };
+        let at = self.geometry.redo_block_at(first_block);
+        encode_redo(txid, &entries, self.bytes_mut(at, record_bytes));
+        self.region.persist(at, record_bytes);
+        // 3. The decision: one aligned 8-byte store, persisted.
+        self.store_phase(at, RedoPhase::Decided);
+        // 4. Slots updated and persisted.
+        for entry in &entries {
+            self.write_slot(entry.slot, entry.record.as_ref());
+        }
+        // 5. Record freed; in-memory index and references follow the slots.
+        self.free_redo_record(first_block);
+        for entry in &entries {
+            let key = match entry.record {
+                Some(record) => (record.dataset, record.page),
+                None => *self
+                    .pages
+                    .iter()
+                    .find(|(_, page)| page.slot == entry.slot)
+                    .map(|(key, _)| key)
+                    .expect("dropped slot is indexed"),
+            };
+            let old = match entry.record {
+                Some(record) => self.pages.insert(
+                    key,
+                    PersistedPage {
+                        slot: entry.slot,
+                        record,
+                    },
+                ),
+                None => {
+                    self.free_slots.push(entry.slot);
+                    self.pages.remove(&key)
+                }
+            };
+            if let Some(old) = old {
+                self.unref_frame(old.record.frame);
+            }
+        }
+        Ok(txid)
+    }
+
+    fn store_phase(&mut self, record_at: usize, phase: RedoPhase) {
+        let word_at = record_at + REDO_AT_PHASE;
+        assert_eq!(word_at % 8, 0, "phase word must be 8-byte aligned");
+        // SAFETY: aligned, in range; an aligned 8-byte store is single-copy atomic on x86_64.
+        unsafe {
+            let word = self.region.base().add(word_at) as *const std::sync::atomic::AtomicU64;
+            (*word).store(phase as u64, std::sync::atomic::Ordering::Release);
+        }
+        self.region.persist(word_at, 8);
+    }
+
+    fn write_slot(&mut self, slot: u32, record: Option<&SlotRecord>) {
+        let at = self.geometry.slot_at(slot);
+        let encoded = record.map(SlotRecord::encode).unwrap_or([0u8; SLOT_BYTES]);
+        self.bytes_mut(at, SLOT_BYTES).copy_from_slice(&encoded);
+        self.region.persist(at, SLOT_BYTES);
+    }
+
+    fn alloc_redo(&mut self, blocks: usize) -> Option<u32> {
+        let mut run = 0usize;
+        for index in 0..self.redo_used.len() {
+            if self.redo_used[index] {
+                run = 0;
+                continue;
+            }
+            run += 1;
+            if run == blocks {
+                let first = index + 1 - blocks;
+                self.redo_used[first..=index].fill(true);
+                return Some(first as u32);
+            }
+        }
+        None
+    }
+
+    fn free_redo_record(&mut self, first_block: u32) {
+        let at = self.geometry.redo_block_at(first_block);
+        let blocks = u32::from_le_bytes(self.bytes(at + 4, 4).try_into().expect("4 bytes"));
+        self.store_phase(at, RedoPhase::Free);
+        self.bytes_mut(at, 8).fill(0);
+        self.region.persist(at, 8);
+        let end = (first_block as usize + blocks.max(1) as usize).min(self.redo_used.len());
+        self.redo_used[first_block as usize..end].fill(false);
+    }
+}
