@@ -1,0 +1,361 @@
+//! One node's page table: the persisted copies in the pool plus the Dirty overlay of staged
+//! writes. Dirty bytes live in PM frames but their metadata is volatile on purpose: writes
+//! not yet committed must vanish at a crash, so recovery only sees committed slots.
+//! Invariants: a Dirty page always has a twin (the base it was written against); a frame a
+//! slot names is never written in place.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::pm::{
+    CopyState, PageKey, PmError, Pool, RecoveryReport, Region, SlotChange, PAGE_BYTES,
+};
+use crate::proto::types::{DatasetId, PageCopy};
+
+/// The base a Dirty page was written against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Twin {
+    /// Frame holding the base bytes; `None` when the page did not exist (all zeros).
+    frame: Option<u32>,
+    version: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirtyPage {
+    frame: u32,
+    twin: Twin,
+}
+
+/// What a node holds of one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    Committed { version: u64 },
+    Redundant { version: u64 },
+    Dirty { twin_version: u64 },
+}
+
+/// Result of a local read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Bytes copied from this node's staged writes.
+    Dirty,
+    /// Bytes copied from a persisted copy at this version.
+    Persisted { version: u64 },
+    /// This node has no copy.
+    Absent,
+}
+
+pub struct PageTable {
+    pool: Pool,
+    dirty: HashMap<PageKey, DirtyPage>,
+    dirty_by_dataset: HashMap<DatasetId, BTreeSet<u64>>,
+}
+
+impl PageTable {
+    pub fn open(
+        region: Box<dyn Region>,
+        node: u32,
+        cluster_id: u64,
+    ) -> Result<(PageTable, RecoveryReport), PmError> {
+        let (pool, report) = Pool::open(region, node, cluster_id)?;
+        Ok((
+            PageTable {
+                pool,
+                dirty: HashMap::new(),
+                dirty_by_dataset: HashMap::new(),
+            },
+            report,
+        ))
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn state(&self, page: PageKey) -> Option<PageState> {
+        if let Some(dirty) = self.dirty.get(&page) {
+            return Some(PageState::Dirty {
+                twin_version: dirty.twin.version,
+            });
+        }
+        self.pool.page(page).map(|found| match found.record.state {
+            CopyState::Committed => PageState::Committed {
+                version: found.record.version,
+            },
+            CopyState::Redundant => PageState::Redundant {
+                version: found.record.version,
+            },
+        })
+    }
+
+    /// Copy this node's view of `page` into `out` (one page long).
+    pub fn read(&self, page: PageKey, out: &mut [u8]) -> ReadOutcome {
+        assert_eq!(out.len(), PAGE_BYTES);
+        if let Some(dirty) = self.dirty.get(&page) {
+            out.copy_from_slice(self.pool.frame(dirty.frame));
+            return ReadOutcome::Dirty;
+        }
+        match self.pool.page(page) {
+            Some(found) => {
+                out.copy_from_slice(self.pool.frame(found.record.frame));
+                ReadOutcome::Persisted {
+                    version: found.record.version,
+                }
+            }
+            None => ReadOutcome::Absent,
+        }
+    }
+
+    /// Stage `data` at `offset` of `page`. The first write to a page copies its base (this
+    /// node's persisted copy, or zeros if it has none) into a fresh frame: the twin stays
+    /// untouched for diffing and for an abort.
+    pub fn stage(&mut self, page: PageKey, offset: usize, data: &[u8]) -> Result<(), PmError> {
+        assert!(offset + data.len() <= PAGE_BYTES, "write crosses a page");
+        let dirty = match self.dirty.get(&page) {
+            Some(dirty) => *dirty,
+            None => {
+                let frame = self.pool.alloc_frame()?;
+                let twin = match self.pool.page(page).map(|found| found.record) {
+                    Some(record) => {
+                        self.pool.ref_frame(record.frame);
+                        let base = self.pool.frame(record.frame).to_vec();
+                        self.pool.frame_mut(frame).copy_from_slice(&base);
+                        Twin {
+                            frame: Some(record.frame),
+                            version: record.version,
+                        }
+                    }
+                    None => {
+                        self.pool.frame_mut(frame).fill(0);
+                        Twin {
+                            frame: None,
+                            version: 0,
+                        }
+                    }
+                };
+                let dirty = DirtyPage { frame, twin };
+                self.dirty.insert(page, dirty);
+                self.dirty_by_dataset
+                    .entry(page.0)
+                    .or_default()
+                    .insert(page.1);
+                dirty
+            }
+        };
+        self.pool.frame_mut(dirty.frame)[offset..offset + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Pages of `dataset` with staged writes, in order.
+    pub fn dirty_pages(&self, dataset: DatasetId) -> Vec<u64> {
+        self.dirty_by_dataset
+            .get(&dataset)
+            .map(|pages| pages.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Commit the staged pages `pages` of `dataset`, which this node owns: each becomes a
+    /// Committed copy at its twin's version + 1, all atomically. Returns the new versions.
+    pub fn commit_owned(
+        &mut self,
+        dataset: DatasetId,
+        pages: &[u64],
+    ) -> Result<Vec<(u64, u64)>, PmError> {
+        let mut changes = Vec::with_capacity(pages.len());
+        let mut versions = Vec::with_capacity(pages.len());
+        for &page in pages {
+            let key = (dataset, page);
+            let dirty = *self
+                .dirty
+                .get(&key)
+                .expect("commit of a page that is not Dirty");
+            let current = self
+                .pool
+                .page(key)
+                .map(|found| found.record.version)
+                .unwrap_or(0);
+            // The owner serialises commits of its pages, so the twin is the current version.
+            assert_eq!(dirty.twin.version, current, "owner's twin is stale");
+            let version = current + 1;
+            changes.push(SlotChange::Put {
+                page: key,
+                version,
+                frame: dirty.frame,
+                state: CopyState::Committed,
+            });
+            versions.push((page, version));
+        }
+        self.pool.commit(&changes)?;
+        for &page in pages {
+            self.forget_dirty((dataset, page), false);
+        }
+        Ok(versions)
+    }
+
+    /// Drop a page's staged writes; `free_frame` also releases the dirty frame (it was not
+    /// handed to a committed slot).
+    fn forget_dirty(&mut self, page: PageKey, free_frame: bool) {
+        let Some(dirty) = self.dirty.remove(&page) else {
+            return;
+        };
+        if let Some(twin) = dirty.twin.frame {
+            self.pool.unref_frame(twin);
+        }
+        if free_frame {
+            self.pool.unref_frame(dirty.frame);
+        }
+        if let Some(pages) = self.dirty_by_dataset.get_mut(&page.0) {
+            pages.remove(&page.1);
+            if pages.is_empty() {
+                self.dirty_by_dataset.remove(&page.0);
+            }
+        }
+    }
+
+    /// Cut `dataset` to `size` bytes: pages past the end are dropped, the tail of a
+    /// partial last page becomes zeros (persisted copy and staged writes alike), atomically.
+    pub fn truncate(&mut self, dataset: DatasetId, size: u64) -> Result<(), PmError> {
+        let keep_pages = size.div_ceil(PAGE_BYTES as u64);
+        let tail = (size % PAGE_BYTES as u64) as usize;
+        let mut changes = Vec::new();
+        for page in self.pool.pages_of(dataset) {
+            if page.record.page >= keep_pages {
+                changes.push(SlotChange::Drop {
+                    page: (dataset, page.record.page),
+                });
+            } else if tail != 0 && page.record.page == keep_pages - 1 {
+                let bytes = self.pool.frame(page.record.frame);
+                if bytes[tail..].iter().any(|byte| *byte != 0) {
+                    let mut copy = bytes.to_vec();
+                    copy[tail..].fill(0);
+                    let frame = self.pool.alloc_frame()?;
+                    self.pool.frame_mut(frame).copy_from_slice(&copy);
+                    changes.push(SlotChange::Put {
+                        page: (dataset, page.record.page),
+                        version: page.record.version + 1,
+                        frame,
+                        state: page.record.state,
+                    });
+                }
+            }
+        }
+        for page in self.dirty_pages(dataset) {
+            if page >= keep_pages {
+                self.forget_dirty((dataset, page), true);
+            } else if tail != 0 && page == keep_pages - 1 {
+                let frame = self.dirty[&(dataset, page)].frame;
+                self.pool.frame_mut(frame)[tail..].fill(0);
+            }
+        }
+        if let Err(error) = self.pool.commit(&changes) {
+            for change in &changes {
+                if let SlotChange::Put { frame, .. } = change {
+                    self.pool.unref_frame(*frame);
+                }
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Forget every copy and staged write of `dataset` on this node.
+    pub fn drop_dataset(&mut self, dataset: DatasetId) -> Result<(), PmError> {
+        for page in self.dirty_pages(dataset) {
+            self.forget_dirty((dataset, page), true);
+        }
+        let changes: Vec<SlotChange> = self
+            .pool
+            .pages_of(dataset)
+            .iter()
+            .map(|page| SlotChange::Drop {
+                page: (dataset, page.record.page),
+            })
+            .collect();
+        self.pool.commit(&changes).map(|_| ())
+    }
+
+    /// This node's copies of `dataset`'s pages, for `hotpot stat`.
+    pub fn page_copies(&self, dataset: DatasetId) -> Vec<PageCopy> {
+        let mut pages: BTreeSet<u64> = self
+            .pool
+            .pages_of(dataset)
+            .iter()
+            .map(|p| p.record.page)
+            .collect();
+        pages.extend(self.dirty_pages(dataset));
+        pages
+            .into_iter()
+            .filter_map(|page| {
+                let (version, state) = match self.state((dataset, page))? {
+                    PageState::Committed { version } => (version, "committed"),
+                    PageState::Redundant { version } => (version, "redundant"),
+                    PageState::Dirty { twin_version } => (twin_version, "dirty"),
+                };
+                Some(PageCopy {
+                    page,
+                    version,
+                    state: state.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pm::SimRegion;
+
+    fn table() -> PageTable {
+        let region = SimRegion::from_image(vec![0u8; 2 << 20]);
+        PageTable::open(Box::new(region), 1, 1).unwrap().0
+    }
+
+    fn read(table: &PageTable, page: PageKey) -> (Vec<u8>, ReadOutcome) {
+        let mut out = vec![0u8; PAGE_BYTES];
+        let outcome = table.read(page, &mut out);
+        (out, outcome)
+    }
+
+    #[test]
+    fn staged_writes_are_read_back_and_committed_with_a_new_version() {
+        let mut table = table();
+        table.stage((1, 0), 10, b"hello").unwrap();
+        assert_eq!(
+            table.state((1, 0)),
+            Some(PageState::Dirty { twin_version: 0 })
+        );
+        let (bytes, outcome) = read(&table, (1, 0));
+        assert_eq!(outcome, ReadOutcome::Dirty);
+        assert_eq!(&bytes[10..15], b"hello");
+        assert_eq!(table.commit_owned(1, &[0]).unwrap(), vec![(0, 1)]);
+        assert_eq!(
+            table.state((1, 0)),
+            Some(PageState::Committed { version: 1 })
+        );
+        table.stage((1, 0), 0, b"x").unwrap();
+        let (bytes, _) = read(&table, (1, 0));
+        assert_eq!(&bytes[0..1], b"x");
+        assert_eq!(&bytes[10..15], b"hello", "the base was copied");
+        assert_eq!(table.commit_owned(1, &[0]).unwrap(), vec![(0, 2)]);
+    }
+
+    #[test]
+    fn frames_are_not_leaked_by_commits_truncates_and_drops() {
+        let mut table = table();
+        let free = table.pool().frames_free();
+        for round in 0..5u8 {
+            for page in 0..8 {
+                table.stage((3, page), 0, &[round; 100]).unwrap();
+            }
+            table.commit_owned(3, &(0..8).collect::<Vec<_>>()).unwrap();
+        }
+        assert_eq!(table.pool().frames_free(), free - 8);
+        table.stage((3, 7), 0, b"staged").unwrap();
+        table.truncate(3, 4096 * 3 + 50).unwrap();
+        assert_eq!(table.pool().frames_free(), free - 4);
+        let (bytes, _) = read(&table, (3, 3));
+        assert!(bytes[..50].iter().all(|b| *b == 4) && bytes[50..].iter().all(|b| *b == 0));
+        table.drop_dataset(3).unwrap();
+        assert_eq!(table.pool().frames_free(), free);
+    }
+}

@@ -1,0 +1,690 @@
+//! The dispatcher's state machine: namespace (directories, files and their datasets), node
+//! registry and liveness. Pure: time comes in as `now_ms`, the runtime persists `state()`
+//! after every request that changed it and before replying, so a restart loses nothing
+//! that was acknowledged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::messages::{DispatcherReply, DispatcherRequest};
+use crate::proto::types::*;
+
+/// A node is live while its last heartbeat is younger than this.
+pub const NODE_TIMEOUT_MS: u64 = 3_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Inode {
+    attr: Attr,
+    /// Directory entries; empty for files.
+    children: BTreeMap<String, Ino>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct NodeRecord {
+    addr: String,
+    mount: String,
+    #[serde(skip)]
+    last_heartbeat_ms: Option<u64>,
+    #[serde(skip)]
+    usage: NodeUsage,
+}
+
+/// Everything the dispatcher persists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatcherState {
+    cluster_id: u64,
+    default_params: DatasetParams,
+    next_ino: Ino,
+    next_dataset: DatasetId,
+    inodes: BTreeMap<Ino, Inode>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+}
+
+impl DispatcherState {
+    pub fn new(cluster_id: u64, default_params: DatasetParams, now_ns: u64) -> DispatcherState {
+        let root = Inode {
+            attr: Attr {
+                ino: ROOT_INO,
+                kind: Kind::Directory,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                nlink: 2,
+                atime_ns: now_ns,
+                mtime_ns: now_ns,
+                ctime_ns: now_ns,
+                dataset: None,
+            },
+            children: BTreeMap::new(),
+        };
+        DispatcherState {
+            cluster_id,
+            default_params,
+            next_ino: ROOT_INO + 1,
+            next_dataset: 1,
+            inodes: BTreeMap::from([(ROOT_INO, root)]),
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    fn live_nodes(&self, now_ms: u64) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, node)| is_live(node, now_ms))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Handle one request. Returns the reply and whether persisted state changed.
+    pub fn handle(
+        &mut self,
+        request: DispatcherRequest,
+        now_ms: u64,
+        now_ns: u64,
+    ) -> (DispatcherReply, bool) {
+        match self.apply(request, now_ms, now_ns) {
+            Ok(done) => done,
+            Err(error) => (DispatcherReply::Failed(error), false),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        request: DispatcherRequest,
+        now_ms: u64,
+        now_ns: u64,
+    ) -> Result<(DispatcherReply, bool), FsError> {
+        use DispatcherRequest as R;
+        Ok(match request {
+            R::Join { node, addr, mount } => {
+                let record = NodeRecord {
+                    addr,
+                    mount,
+                    last_heartbeat_ms: Some(now_ms),
+                    usage: NodeUsage::default(),
+                };
+                let changed = self.nodes.get(&node).map(|old| (&old.addr, &old.mount))
+                    != Some((&record.addr, &record.mount));
+                self.nodes.insert(node, record);
+                (
+                    DispatcherReply::Joined {
+                        cluster_id: self.cluster_id,
+                    },
+                    changed,
+                )
+            }
+            R::Heartbeat { node, usage } => {
+                let record = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| FsError::Invalid(format!("node {node} has not joined")))?;
+                record.last_heartbeat_ms = Some(now_ms);
+                record.usage = usage;
+                (DispatcherReply::Done, false)
+            }
+            R::Lookup { parent, name } => {
+                check_name(&name)?;
+                let ino = self.child(parent, &name)?;
+                (DispatcherReply::Attr(self.inode(ino)?.attr.clone()), false)
+            }
+            R::GetAttr { ino } => (DispatcherReply::Attr(self.inode(ino)?.attr.clone()), false),
+            R::SetAttr { ino, changes } => {
+                let attr = &mut self.inode_mut(ino)?.attr;
+                if changes.size.is_some() && attr.kind == Kind::Directory {
+                    return Err(FsError::IsDirectory);
+                }
+                if let Some(mode) = changes.mode {
+                    attr.mode = mode & 0o7777;
+                }
+                if let Some(uid) = changes.uid {
+                    attr.uid = uid;
+                }
+                if let Some(gid) = changes.gid {
+                    attr.gid = gid;
+                }
+                if let Some(size) = changes.size {
+                    attr.size = size;
+                    attr.mtime_ns = now_ns;
+                }
+                if let Some(atime) = changes.atime_ns {
+                    attr.atime_ns = atime;
+                }
+                if let Some(mtime) = changes.mtime_ns {
+                    attr.mtime_ns = mtime;
+                }
+                attr.ctime_ns = now_ns;
+                (DispatcherReply::Attr(attr.clone()), true)
+            }
+            R::Mkdir {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+            } => {
+                let attr = self.add_child(
+                    parent,
+                    &name,
+                    Kind::Directory,
+                    mode,
+                    uid,
+                    gid,
+                    0,
+                    None,
+                    now_ns,
+                )?;
+                (DispatcherReply::Attr(attr), true)
+            }
+            R::Create {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+                size,
+                params,
+                exclusive,
+            } => {
+                check_name(&name)?;
+                if let Ok(existing) = self.child(parent, &name) {
+                    if exclusive {
+                        return Err(FsError::Exists);
+                    }
+                    let attr = self.inode(existing)?.attr.clone();
+                    if attr.kind == Kind::Directory {
+                        return Err(FsError::IsDirectory);
+                    }
+                    return Ok((DispatcherReply::Attr(attr), false));
+                }
+                let params = params.unwrap_or(self.default_params);
+                validate_params(&params)?;
+                let owners = self.live_nodes(now_ms);
+                if owners.is_empty() {
+                    return Err(FsError::Io("no live node to own the dataset".into()));
+                }
+                // Start the round-robin at a different node for each dataset.
+                let shift = (self.next_dataset % owners.len() as u64) as usize;
+                let owners = owners[shift..]
+                    .iter()
+                    .chain(&owners[..shift])
+                    .copied()
+                    .collect();
+                let dataset = Dataset {
+                    id: self.next_dataset,
+                    params,
+                    owners,
+                };
+                self.next_dataset += 1;
+                let attr = self.add_child(
+                    parent,
+                    &name,
+                    Kind::File,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    Some(dataset),
+                    now_ns,
+                )?;
+                (DispatcherReply::Attr(attr), true)
+            }
+            R::Unlink { parent, name } => {
+                let ino = self.child(parent, &name)?;
+                if self.inode(ino)?.attr.kind == Kind::Directory {
+                    return Err(FsError::IsDirectory);
+                }
+                let removed = self.remove_child(parent, &name, now_ns)?;
+                (DispatcherReply::Removed { dropped: removed }, true)
+            }
+            R::Rmdir { parent, name } => {
+                let ino = self.child(parent, &name)?;
+                let inode = self.inode(ino)?;
+                if inode.attr.kind != Kind::Directory {
+                    return Err(FsError::NotDirectory);
+                }
+                if !inode.children.is_empty() {
+                    return Err(FsError::NotEmpty);
+                }
+                self.remove_child(parent, &name, now_ns)?;
+                (DispatcherReply::Removed { dropped: None }, true)
+            }
+            R::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+            } => {
+                let dropped = self.rename(parent, &name, new_parent, &new_name, now_ns)?;
+                (DispatcherReply::Removed { dropped }, true)
+            }
+            R::ReadDir { ino } => {
+                let inode = self.inode(ino)?;
+                if inode.attr.kind != Kind::Directory {
+                    return Err(FsError::NotDirectory);
+                }
+                let entries = inode
+                    .children
+                    .iter()
+                    .map(|(name, child)| {
+                        let kind = self
+                            .inode(*child)
+                            .map(|c| c.attr.kind)
+                            .unwrap_or(Kind::File);
+                        DirEntry {
+                            name: name.clone(),
+                            ino: *child,
+                            kind,
+                        }
+                    })
+                    .collect();
+                (DispatcherReply::Entries(entries), false)
+            }
+            R::Resolve { path } => {
+                let mut ino = ROOT_INO;
+                for part in path
+                    .split('/')
+                    .filter(|part| !part.is_empty() && *part != ".")
+                {
+                    check_name(part)?;
+                    ino = self.child(ino, part)?;
+                }
+                (DispatcherReply::Attr(self.inode(ino)?.attr.clone()), false)
+            }
+            R::Status => {
+                let nodes = self
+                    .nodes
+                    .iter()
+                    .map(|(id, node)| NodeInfo {
+                        id: *id,
+                        addr: node.addr.clone(),
+                        mount: node.mount.clone(),
+                        live: is_live(node, now_ms),
+                        last_heartbeat_ms_ago: node
+                            .last_heartbeat_ms
+                            .map(|at| now_ms.saturating_sub(at))
+                            .unwrap_or(u64::MAX),
+                        usage: node.usage.clone(),
+                    })
+                    .collect();
+                (
+                    DispatcherReply::Status {
+                        cluster_id: self.cluster_id,
+                        nodes,
+                    },
+                    false,
+                )
+            }
+            R::LiveDatasets => {
+                let ids = self
+                    .inodes
+                    .values()
+                    .filter_map(|inode| inode.attr.dataset.as_ref().map(|d| d.id))
+                    .collect();
+                (DispatcherReply::Datasets(ids), false)
+            }
+        })
+    }
+
+    fn inode(&self, ino: Ino) -> Result<&Inode, FsError> {
+        self.inodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn inode_mut(&mut self, ino: Ino) -> Result<&mut Inode, FsError> {
+        self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn child(&self, parent: Ino, name: &str) -> Result<Ino, FsError> {
+        let dir = self.inode(parent)?;
+        if dir.attr.kind != Kind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        dir.children.get(name).copied().ok_or(FsError::NotFound)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_child(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        kind: Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        dataset: Option<Dataset>,
+        now_ns: u64,
+    ) -> Result<Attr, FsError> {
+        check_name(name)?;
+        let dir = self.inode(parent)?;
+        if dir.attr.kind != Kind::Directory {
+            return Err(FsError::NotDirectory);
+        }
+        if dir.children.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let attr = Attr {
+            ino,
+            kind,
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            size,
+            nlink: if kind == Kind::Directory { 2 } else { 1 },
+            atime_ns: now_ns,
+            mtime_ns: now_ns,
+            ctime_ns: now_ns,
+            dataset,
+        };
+        self.inodes.insert(
+            ino,
+            Inode {
+                attr: attr.clone(),
+                children: BTreeMap::new(),
+            },
+        );
+        let dir = self.inode_mut(parent)?;
+        dir.children.insert(name.to_string(), ino);
+        dir.attr.mtime_ns = now_ns;
+        dir.attr.ctime_ns = now_ns;
+        if kind == Kind::Directory {
+            dir.attr.nlink += 1;
+        }
+        Ok(attr)
+    }
+
+    /// Remove a name; returns the dataset of a file whose inode went with it.
+    fn remove_child(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        now_ns: u64,
+    ) -> Result<Option<Dataset>, FsError> {
+        let dir = self.inode_mut(parent)?;
+        let ino = dir.children.remove(name).ok_or(FsError::NotFound)?;
+        dir.attr.mtime_ns = now_ns;
+        dir.attr.ctime_ns = now_ns;
+        let removed = self.inodes.remove(&ino).ok_or(FsError::NotFound)?;
+        if removed.attr.kind == Kind::Directory {
+            self.inode_mut(parent)?.attr.nlink -= 1;
+        }
+        Ok(removed.attr.dataset)
+    }
+
+    fn rename(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        now_ns: u64,
+    ) -> Result<Option<Dataset>, FsError> {
+        check_name(new_name)?;
+        let ino = self.child(parent, name)?;
+        if parent == new_parent && name == new_name {
+            return Ok(None);
+        }
+        let moving_kind = self.inode(ino)?.attr.kind;
+        // A directory may not move into itself or below itself.
+        if moving_kind == Kind::Directory {
+            let mut at = new_parent;
+            while at != ROOT_INO {
+                if at == ino {
+                    return Err(FsError::Invalid(
+                        "cannot move a directory into itself".into(),
+                    ));
+                }
+                at = self.parent_of(at).ok_or(FsError::NotFound)?;
+            }
+        }
+        let mut dropped = None;
+        if let Ok(target) = self.child(new_parent, new_name) {
+            let target_inode = self.inode(target)?;
+            match (moving_kind, target_inode.attr.kind) {
+                (Kind::Directory, Kind::File) => return Err(FsError::NotDirectory),
+                (Kind::File, Kind::Directory) => return Err(FsError::IsDirectory),
+                (Kind::Directory, Kind::Directory) if !target_inode.children.is_empty() => {
+                    return Err(FsError::NotEmpty)
+                }
+                _ => {}
+            }
+            dropped = self.remove_child(new_parent, new_name, now_ns)?;
+        }
+        self.inode_mut(parent)?.children.remove(name);
+        self.inode_mut(new_parent)?
+            .children
+            .insert(new_name.to_string(), ino);
+        if moving_kind == Kind::Directory && parent != new_parent {
+            self.inode_mut(parent)?.attr.nlink -= 1;
+            self.inode_mut(new_parent)?.attr.nlink += 1;
+        }
+        for dir in [parent, new_parent] {
+            let attr = &mut self.inode_mut(dir)?.attr;
+            attr.mtime_ns = now_ns;
+            attr.ctime_ns = now_ns;
+        }
+        self.inode_mut(ino)?.attr.ctime_ns = now_ns;
+        Ok(dropped)
+    }
+
+    fn parent_of(&self, ino: Ino) -> Option<Ino> {
+        self.inodes
+            .iter()
+            .find(|(_, inode)| inode.children.values().any(|child| *child == ino))
+            .map(|(parent, _)| *parent)
+    }
+}
+
+fn is_live(node: &NodeRecord, now_ms: u64) -> bool {
+    node.last_heartbeat_ms
+        .is_some_and(|at| now_ms.saturating_sub(at) < NODE_TIMEOUT_MS)
+}
+
+fn check_name(name: &str) -> Result<(), FsError> {
+    if name.len() > NAME_MAX_BYTES {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(FsError::Invalid(format!("bad file name {name:?}")));
+    }
+    Ok(())
+}
+
+fn validate_params(params: &DatasetParams) -> Result<(), FsError> {
+    if params.replicas == 0 {
+        return Err(FsError::Invalid("replicas must be at least 1".into()));
+    }
+    if params.chunk_pages == 0 {
+        return Err(FsError::Invalid(
+            "chunk size must be at least one page".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DispatcherRequest as R;
+
+    fn params() -> DatasetParams {
+        DatasetParams {
+            mode: Mode::Mrmw,
+            replicas: 2,
+            chunk_pages: DEFAULT_CHUNK_PAGES,
+        }
+    }
+
+    fn attr(reply: DispatcherReply) -> Attr {
+        match reply {
+            DispatcherReply::Attr(attr) => attr,
+            other => panic!("expected attr, got {other:?}"),
+        }
+    }
+
+    fn create(state: &mut DispatcherState, parent: Ino, name: &str) -> DispatcherReply {
+        state
+            .handle(
+                R::Create {
+                    parent,
+                    name: name.into(),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    params: None,
+                    exclusive: true,
+                },
+                0,
+                0,
+            )
+            .0
+    }
+
+    fn joined(nodes: u32) -> DispatcherState {
+        let mut state = DispatcherState::new(7, params(), 0);
+        for node in 1..=nodes {
+            state.handle(
+                R::Join {
+                    node,
+                    addr: format!("127.0.0.1:{node}"),
+                    mount: String::new(),
+                },
+                0,
+                0,
+            );
+        }
+        state
+    }
+
+    #[test]
+    fn create_assigns_owners_round_robin_over_live_nodes() {
+        let mut state = joined(3);
+        let file = attr(create(&mut state, ROOT_INO, "a"));
+        let dataset = file.dataset.unwrap();
+        let owners: Vec<NodeId> = (0..6).map(|chunk| dataset.owner_of_chunk(chunk)).collect();
+        assert_eq!(owners[0..3], owners[3..6]);
+        let mut sorted = owners[0..3].to_vec();
+        sorted.sort();
+        assert_eq!(sorted, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn create_without_live_nodes_fails() {
+        let mut state = DispatcherState::new(7, params(), 0);
+        assert!(matches!(
+            create(&mut state, ROOT_INO, "a"),
+            DispatcherReply::Failed(FsError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let mut state = joined(1);
+        let long = "x".repeat(256);
+        assert_eq!(
+            create(&mut state, ROOT_INO, &long),
+            DispatcherReply::Failed(FsError::NameTooLong)
+        );
+        assert!(matches!(
+            create(&mut state, ROOT_INO, &"x".repeat(255)),
+            DispatcherReply::Attr(_)
+        ));
+    }
+
+    #[test]
+    fn rename_over_a_file_drops_its_dataset_and_state_round_trips() {
+        let mut state = joined(1);
+        let a = attr(create(&mut state, ROOT_INO, "a"));
+        let b = attr(create(&mut state, ROOT_INO, "b"));
+        let (reply, changed) = state.handle(
+            R::Rename {
+                parent: ROOT_INO,
+                name: "a".into(),
+                new_parent: ROOT_INO,
+                new_name: "b".into(),
+            },
+            0,
+            0,
+        );
+        assert!(changed);
+        assert_eq!(reply, DispatcherReply::Removed { dropped: b.dataset });
+        let found = attr(state.handle(R::Resolve { path: "b".into() }, 0, 0).0);
+        assert_eq!(found.ino, a.ino);
+        let json = serde_json::to_string(&state).unwrap();
+        let back: DispatcherState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.inodes, state.inodes);
+    }
+
+    #[test]
+    fn directory_rules_hold() {
+        let mut state = joined(1);
+        let dir = attr(
+            state
+                .handle(
+                    R::Mkdir {
+                        parent: ROOT_INO,
+                        name: "d".into(),
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                    },
+                    0,
+                    0,
+                )
+                .0,
+        );
+        create(&mut state, dir.ino, "f");
+        let (reply, _) = state.handle(
+            R::Rmdir {
+                parent: ROOT_INO,
+                name: "d".into(),
+            },
+            0,
+            0,
+        );
+        assert_eq!(reply, DispatcherReply::Failed(FsError::NotEmpty));
+        let (reply, _) = state.handle(
+            R::Rename {
+                parent: ROOT_INO,
+                name: "d".into(),
+                new_parent: dir.ino,
+                new_name: "x".into(),
+            },
+            0,
+            0,
+        );
+        assert!(matches!(
+            reply,
+            DispatcherReply::Failed(FsError::Invalid(_))
+        ));
+        let (reply, _) = state.handle(
+            R::Unlink {
+                parent: dir.ino,
+                name: "f".into(),
+            },
+            0,
+            0,
+        );
+        assert!(matches!(
+            reply,
+            DispatcherReply::Removed { dropped: Some(_) }
+        ));
+        let (reply, _) = state.handle(
+            R::Rmdir {
+                parent: ROOT_INO,
+                name: "d".into(),
+            },
+            0,
+            0,
+        );
+        assert_eq!(reply, DispatcherReply::Removed { dropped: None });
+    }
+}

@@ -1,0 +1,181 @@
+//! Value types shared by the dispatcher, the nodes and the tools: dataset parameters,
+//! inode attributes, errors that cross the wire. Wire format: postcard (serde).
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u32;
+pub type Ino = u64;
+pub type DatasetId = u64;
+
+pub const ROOT_INO: Ino = 1;
+pub const NAME_MAX_BYTES: usize = 255;
+pub const DEFAULT_CHUNK_PAGES: u32 = 1024;
+pub const DEFAULT_REPLICAS: u8 = 2;
+
+/// Commit protocol of a dataset, chosen at creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Multiple readers, single writer: single-phase commit under a write lease.
+    Mrsw,
+    /// Multiple readers, multiple writers: three-phase commit with byte merging.
+    Mrmw,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Mode, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "mrsw" => Ok(Mode::Mrsw),
+            "mrmw" => Ok(Mode::Mrmw),
+            other => Err(format!("unknown mode '{other}': expected 'mrsw' or 'mrmw'")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            Mode::Mrsw => "mrsw",
+            Mode::Mrmw => "mrmw",
+        })
+    }
+}
+
+/// What a creator may choose for a new dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetParams {
+    pub mode: Mode,
+    pub replicas: u8,
+    pub chunk_pages: u32,
+}
+
+/// A dataset as the dispatcher records it. The owner of chunk `c` is
+/// `owners[c % owners.len()]` (round-robin over the nodes live at creation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dataset {
+    pub id: DatasetId,
+    pub params: DatasetParams,
+    pub owners: Vec<NodeId>,
+}
+
+impl Dataset {
+    pub fn chunk_of_page(&self, page: u64) -> u64 {
+        page / self.params.chunk_pages as u64
+    }
+    pub fn owner_of_chunk(&self, chunk: u64) -> NodeId {
+        assert!(!self.owners.is_empty(), "dataset without owners");
+        self.owners[(chunk % self.owners.len() as u64) as usize]
+    }
+    pub fn owner_of_page(&self, page: u64) -> NodeId {
+        self.owner_of_chunk(self.chunk_of_page(page))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    Directory,
+    File,
+}
+
+/// Attributes of an inode, as `stat` shows them. Times in nanoseconds since the epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub atime_ns: u64,
+    pub mtime_ns: u64,
+    pub ctime_ns: u64,
+    pub dataset: Option<Dataset>,
+}
+
+/// Changes a `setattr` asks for; `None` leaves a field alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttrChanges {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime_ns: Option<u64>,
+    pub mtime_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub ino: Ino,
+    pub kind: Kind,
+}
+
+/// Errors that cross the wire; each maps to one errno at the FUSE edge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("already exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDirectory,
+    #[error("is a directory")]
+    IsDirectory,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("name longer than {NAME_MAX_BYTES} bytes")]
+    NameTooLong,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no space: {0}")]
+    NoSpace(String),
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDirectory => libc::ENOTDIR,
+            FsError::IsDirectory => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::Busy(_) => libc::EBUSY,
+            FsError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+/// Per-node numbers reported in heartbeats and shown by `hotpot status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUsage {
+    pub pm_frames_total: u64,
+    pub pm_frames_used: u64,
+    pub pages_persisted: u64,
+}
+
+/// One node as the dispatcher sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub addr: String,
+    pub mount: String,
+    pub live: bool,
+    pub last_heartbeat_ms_ago: u64,
+    pub usage: NodeUsage,
+}
+
+/// A node's copy of one page, as `hotpot stat` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCopy {
+    pub page: u64,
+    pub version: u64,
+    pub state: String,
+}
