@@ -1,1 +1,37 @@
+//! hotpot transports. One interface for every transport: a `Client` makes RPC calls with a
+//! request id and a timeout, `multicall` asks a set of peers at once, a server hands each
+//! request to a handler. TCP is the default transport; frames are length-prefixed postcard,
+//! size-bounded, and a frame that fails to decode closes only its own connection.
 
+pub mod frame;
+pub mod tcp;
+
+pub use tcp::{multicall, Client, Server};
+
+use std::time::Duration;
+
+/// Largest frame either side accepts (a commit of many pages is split below this).
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Default RPC timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Transport errors: typed so callers can tell a dead peer from a slow one.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to {addr} lost")]
+    Disconnected { addr: String },
+    #[error("no reply from {addr} within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("frame of {bytes} bytes exceeds the bound of {MAX_FRAME_BYTES} bytes")]
+    FrameTooLarge { bytes: usize },
+    #[error("cannot decode a message from {addr}: {reason}")]
+    Decode { addr: String, reason: String },
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
+}
