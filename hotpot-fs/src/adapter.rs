@@ -390,6 +390,23 @@ impl<E: Engine> Filesystem for Adapter<E> {
         );
     }
 
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // ENOSYS tells the kernel once and for all that there are no extended attributes,
+        // so it stops asking (it would otherwise ask for security.capability on every write).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn create(
         &self,
         req: &Request,

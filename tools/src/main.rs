@@ -1,1 +1,111 @@
-fn main() {}
+//! The `hotpot` command: run a dispatcher or a node, control a local cluster, create
+//! datasets, and inspect the live cluster.
+
+mod admin;
+mod cluster;
+mod dispatcher;
+mod mounts;
+mod node;
+mod signals;
+mod size;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// hotpot: distributed shared persistent memory. Datasets are files under a FUSE mount;
+/// programs mmap them, and msync(MS_SYNC) or fsync commits: durable in persistent memory,
+/// replicated, and coherent on every node.
+#[derive(Parser, Debug)]
+#[command(name = "hotpot", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the dispatcher: namespace, dataset owners, node registry (state in --data).
+    Dispatcher(dispatcher::DispatcherArgs),
+    /// Run a node: PM pool, page service, FUSE mount.
+    Node(node::NodeArgs),
+    /// Start, stop, crash and restart a local cluster of real processes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Create a dataset (a file in a hotpot mount) with a size, mode and replication degree.
+    Create(admin::CreateArgs),
+    /// Show the nodes of a cluster: liveness, heartbeat age, PM use.
+    Status {
+        #[command(flatten)]
+        target: admin::Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a dataset: chunk owners, per-node page states and versions, copies per page.
+    Stat {
+        /// A file inside a hotpot mount.
+        path: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Start a dispatcher and N nodes in the background (node i mounted at DIR/n<i>/mnt);
+    /// returns when every mount answers. Writes DIR/cluster.json.
+    Up(cluster::UpArgs),
+    /// Stop every process of the cluster and unmount, even after crashes.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// SIGKILL one node (a crash); its PM file is kept.
+    Kill {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id.
+        #[arg(long)]
+        node: u32,
+    },
+    /// Restart a node on its PM file; returns when its mount answers.
+    StartNode {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id.
+        #[arg(long)]
+        node: u32,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let daemon = matches!(cli.command, Command::Dispatcher(_) | Command::Node(_));
+    let default_level = if daemon { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Dispatcher(args) => dispatcher::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Cluster(ClusterCommand::Up(args)) => cluster::up(args),
+        Command::Cluster(ClusterCommand::Down { dir }) => cluster::down(&dir),
+        Command::Cluster(ClusterCommand::Kill { dir, node }) => cluster::kill(&dir, node),
+        Command::Cluster(ClusterCommand::StartNode { dir, node }) => {
+            cluster::start_node(&dir, node)
+        }
+        Command::Create(args) => admin::create(args),
+        Command::Status { target, json } => admin::status(target, json),
+        Command::Stat { path, json } => admin::stat(&path, json),
+    };
+    if let Err(error) = result {
+        eprintln!("hotpot: error: {error:#}");
+        std::process::exit(1);
+    }
+}

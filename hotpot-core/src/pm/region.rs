@@ -41,6 +41,9 @@ pub trait Region: Send + Sync {
     /// Start of the region. Valid for `len()` bytes for the region's lifetime.
     fn base(&self) -> *mut u8;
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Make `[offset, offset+len)` durable. Returns only when it is.
     fn persist(&self, offset: usize, len: usize);
 }

@@ -1,0 +1,304 @@
+//! `hotpot create`, `status`, `stat`: read and change the live cluster through the
+//! dispatcher (found from the mount a path is in, or given) and the nodes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
+use hotpot_core::proto::types::*;
+use hotpot_net::{multicall, Client};
+
+use crate::{cluster, mounts};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where to find the dispatcher when no path names a mount.
+#[derive(clap::Args, Debug)]
+pub struct Target {
+    /// Dispatcher address, host:port.
+    #[arg(long, conflicts_with = "dir")]
+    pub dispatcher: Option<String>,
+    /// Cluster directory made by `hotpot cluster up`.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+impl Target {
+    fn address(&self) -> anyhow::Result<String> {
+        if let Some(addr) = &self.dispatcher {
+            return Ok(addr.clone());
+        }
+        if let Some(dir) = &self.dir {
+            return Ok(cluster::load(dir)?.dispatcher.addr);
+        }
+        match mounts::hotpot_mounts().first() {
+            Some(mount) => Ok(mount.dispatcher.clone()),
+            None => bail!("no hotpot mount here: give --dispatcher HOST:PORT or --dir CLUSTER_DIR"),
+        }
+    }
+}
+
+fn ask(client: &Client, request: DispatcherRequest) -> anyhow::Result<DispatcherReply> {
+    match client
+        .call(&request, TIMEOUT)
+        .with_context(|| format!("asking the dispatcher at {}", client.addr()))?
+    {
+        DispatcherReply::Failed(error) => Err(anyhow::anyhow!(error)),
+        reply => Ok(reply),
+    }
+}
+
+fn attr_of(reply: DispatcherReply) -> anyhow::Result<Attr> {
+    match reply {
+        DispatcherReply::Attr(attr) => Ok(attr),
+        other => bail!("dispatcher sent {other:?} where attributes were due"),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Path of the new file, inside a hotpot mount.
+    pub path: PathBuf,
+    /// Size, e.g. 256MiB.
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub size: u64,
+    /// mrsw (single writer, single-phase commit) or mrmw (multiple writers, three-phase).
+    #[arg(long, default_value = "mrmw")]
+    pub mode: Mode,
+    /// Replication degree: copies of every committed page (clamped to live nodes).
+    #[arg(long, default_value_t = DEFAULT_REPLICAS)]
+    pub replicas: u8,
+    /// Chunk size (unit of ownership), a multiple of 4KiB.
+    #[arg(long, default_value = "4MiB", value_parser = crate::size::parse_size)]
+    pub chunk_size: u64,
+    /// File mode bits.
+    #[arg(long, default_value = "644", value_parser = parse_octal)]
+    pub perm: u32,
+}
+
+fn parse_octal(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
+        .ok_or_else(|| format!("'{text}' is not an octal mode such as 644"))
+}
+
+fn split_parent(inside: &str) -> anyhow::Result<(String, String)> {
+    let path = Path::new(inside);
+    let name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .ok_or_else(|| anyhow::anyhow!("'{inside}' names no file"))?;
+    let parent = path
+        .parent()
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    Ok((parent, name.to_string()))
+}
+
+pub fn create(args: CreateArgs) -> anyhow::Result<()> {
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let chunk_pages = crate::dispatcher::chunk_pages(args.chunk_size)?;
+    let (mount, inside) = mounts::locate(&args.path)?;
+    let (parent_path, name) = split_parent(&inside)?;
+    let client = Client::new(mount.dispatcher.clone());
+    let parent = attr_of(ask(
+        &client,
+        DispatcherRequest::Resolve {
+            path: parent_path.clone(),
+        },
+    )?)
+    .with_context(|| format!("parent directory '{parent_path}'"))?;
+    let status = match ask(&client, DispatcherRequest::Status)? {
+        DispatcherReply::Status { nodes, .. } => nodes,
+        other => bail!("dispatcher sent {other:?} for status"),
+    };
+    let live = status.iter().filter(|node| node.live).count();
+    let replicas = if usize::from(args.replicas) > live {
+        eprintln!(
+            "warning: --replicas {} clamped to {live} live nodes",
+            args.replicas
+        );
+        live.max(1) as u8
+    } else {
+        args.replicas
+    };
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let attr = attr_of(ask(
+        &client,
+        DispatcherRequest::Create {
+            parent: parent.ino,
+            name,
+            mode: args.perm,
+            uid,
+            gid,
+            size: args.size,
+            params: Some(DatasetParams {
+                mode: args.mode,
+                replicas,
+                chunk_pages,
+            }),
+            exclusive: true,
+        },
+    )?)
+    .with_context(|| format!("creating {}", args.path.display()))?;
+    let dataset = attr.dataset.expect("a created file has a dataset");
+    println!(
+        "created {}: dataset {}, {} bytes, mode {}, replicas {}, chunk {} KiB, owners {:?}",
+        args.path.display(),
+        dataset.id,
+        attr.size,
+        dataset.params.mode,
+        dataset.params.replicas,
+        dataset.params.chunk_pages * 4,
+        dataset.owners
+    );
+    Ok(())
+}
+
+pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
+    let client = Client::new(target.address()?);
+    let (cluster_id, nodes) = match ask(&client, DispatcherRequest::Status)? {
+        DispatcherReply::Status { cluster_id, nodes } => (cluster_id, nodes),
+        other => bail!("dispatcher sent {other:?} for status"),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "cluster_id": format!("{cluster_id:016x}"), "nodes": nodes })
+        );
+        return Ok(());
+    }
+    println!("cluster {cluster_id:016x}, dispatcher {}", client.addr());
+    println!(
+        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  mount",
+        "node", "live", "address", "heartbeat", "PM used", "pages"
+    );
+    for node in nodes {
+        let beat = if node.last_heartbeat_ms_ago == u64::MAX {
+            "never".to_string()
+        } else {
+            format!("{} ms", node.last_heartbeat_ms_ago)
+        };
+        let used_mib = (node.usage.pm_frames_used * 4096) as f64 / (1 << 20) as f64;
+        let total_mib = (node.usage.pm_frames_total * 4096) >> 20;
+        println!(
+            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {}",
+            node.id,
+            if node.live { "yes" } else { "no" },
+            node.addr,
+            beat,
+            format!("{used_mib:.1}/{total_mib} MiB"),
+            node.usage.pages_persisted,
+            node.mount
+        );
+    }
+    Ok(())
+}
+
+pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
+    let (mount, inside) = mounts::locate(path)?;
+    let client = Client::new(mount.dispatcher.clone());
+    let attr = attr_of(ask(&client, DispatcherRequest::Resolve { path: inside })?)
+        .with_context(|| format!("{}", path.display()))?;
+    let Some(dataset) = attr.dataset.clone() else {
+        bail!("{} is a directory, not a dataset", path.display());
+    };
+    let nodes = match ask(&client, DispatcherRequest::Status)? {
+        DispatcherReply::Status { nodes, .. } => nodes,
+        other => bail!("dispatcher sent {other:?} for status"),
+    };
+    let live: Vec<&NodeInfo> = nodes.iter().filter(|node| node.live).collect();
+    let clients: Vec<Arc<Client>> = live
+        .iter()
+        .map(|node| Arc::new(Client::new(node.addr.clone())))
+        .collect();
+    let replies = multicall::<_, NodeReply>(
+        &clients,
+        &NodeRequest::PageCopies {
+            dataset: dataset.id,
+        },
+        TIMEOUT,
+    );
+    let mut per_node = Vec::new();
+    for (node, reply) in live.iter().zip(replies) {
+        match reply {
+            Ok(NodeReply::PageCopies(copies)) => per_node.push((node.id, copies)),
+            Ok(NodeReply::Failed(error)) => eprintln!("warning: node {}: {error}", node.id),
+            Err(error) => eprintln!("warning: node {} unreachable: {error}", node.id),
+        }
+    }
+    let chunk_bytes = dataset.params.chunk_pages as u64 * 4096;
+    let chunks = attr.size.div_ceil(chunk_bytes).max(1);
+    let mut copies_per_page: std::collections::BTreeMap<u64, u32> = Default::default();
+    for (_, copies) in &per_node {
+        for copy in copies.iter().filter(|copy| copy.state != "dirty") {
+            *copies_per_page.entry(copy.page).or_default() += 1;
+        }
+    }
+    if json {
+        let owners: Vec<NodeId> = (0..chunks)
+            .map(|chunk| dataset.owner_of_chunk(chunk))
+            .collect();
+        let nodes_json: Vec<_> = per_node
+            .iter()
+            .map(|(id, copies)| serde_json::json!({ "node": id, "pages": copies }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "ino": attr.ino, "size": attr.size, "dataset": dataset.id,
+                "mode": dataset.params.mode.to_string(), "replicas": dataset.params.replicas,
+                "chunk_pages": dataset.params.chunk_pages, "chunk_owners": owners,
+                "nodes": nodes_json,
+                "min_copies": copies_per_page.values().min(), "pages_committed": copies_per_page.len(),
+            })
+        );
+        return Ok(());
+    }
+    println!("{}", path.display());
+    println!(
+        "  dataset {}  size {} bytes  mode {}  replicas {}  chunk {} KiB  ({} chunks)",
+        dataset.id,
+        attr.size,
+        dataset.params.mode,
+        dataset.params.replicas,
+        dataset.params.chunk_pages * 4,
+        chunks
+    );
+    let shown = chunks.min(16);
+    let owners: Vec<String> = (0..shown)
+        .map(|chunk| format!("{chunk}→{}", dataset.owner_of_chunk(chunk)))
+        .collect();
+    println!(
+        "  chunk owners: {}{}",
+        owners.join(" "),
+        if chunks > shown { " …" } else { "" }
+    );
+    for (id, copies) in &per_node {
+        let count = |state: &str| copies.iter().filter(|copy| copy.state == state).count();
+        let newest = copies.iter().map(|copy| copy.version).max().unwrap_or(0);
+        println!(
+            "  node {id}: {} committed, {} redundant, {} dirty (newest version {newest})",
+            count("committed"),
+            count("redundant"),
+            count("dirty")
+        );
+    }
+    match (
+        copies_per_page.values().min(),
+        copies_per_page.values().max(),
+    ) {
+        (Some(min), Some(max)) => println!(
+            "  {} committed pages, copies per page: min {min}, max {max}",
+            copies_per_page.len()
+        ),
+        _ => println!("  no committed pages"),
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! `hotpot cluster up|down|kill|start-node`: a local cluster of real processes (a dispatcher
+//! and N nodes on 127.0.0.1, node i mounted at DIR/n<i>/mnt), described by DIR/cluster.json.
+//! `down` works after crashes: it stops what still runs and unmounts what is still mounted.
+//! Only processes this cluster started are signalled (pid and command line are checked).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::mounts;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DispatcherEntry {
+    pub addr: String,
+    pub pid: u32,
+    pub data: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: u32,
+    pub addr: String,
+    pub pid: u32,
+    pub mount: PathBuf,
+    pub pm: PathBuf,
+    pub pm_size: u64,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub dir: PathBuf,
+    pub replicas: u8,
+    pub dispatcher: DispatcherEntry,
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Number of nodes (1 to 16).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
+    /// Directory for everything of this cluster (PM files, mounts, logs, cluster.json).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Default replication degree of new datasets (clamped to the number of nodes).
+    #[arg(long, default_value_t = 2)]
+    pub replicas: u8,
+    /// Default mode of new datasets: mrsw or mrmw.
+    #[arg(long, default_value = "mrmw")]
+    pub mode: hotpot_core::proto::types::Mode,
+    /// PM file size of each node, e.g. 512MiB.
+    #[arg(long, default_value = "512MiB", value_parser = crate::size::parse_size)]
+    pub pm_size: u64,
+}
+
+fn cluster_path(dir: &Path) -> PathBuf {
+    dir.join("cluster.json")
+}
+
+pub fn load(dir: &Path) -> anyhow::Result<ClusterFile> {
+    let path = cluster_path(dir);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no cluster at {} (missing {})",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a hotpot cluster file", path.display()))
+}
+
+fn save(cluster: &ClusterFile) -> anyhow::Result<()> {
+    let path = cluster_path(&cluster.dir);
+    let temp = cluster.dir.join("cluster.json.tmp");
+    std::fs::write(&temp, serde_json::to_string_pretty(cluster)?)?;
+    std::fs::rename(&temp, &path)?;
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn spawn_logged(args: &[String], log: &Path) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the hotpot binary")?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting hotpot {}", args.join(" ")))?;
+    Ok(child.id())
+}
+
+fn node_args(cluster: &ClusterFile, node: &NodeEntry) -> Vec<String> {
+    vec![
+        "node".into(),
+        "--id".into(),
+        node.id.to_string(),
+        "--dispatcher".into(),
+        cluster.dispatcher.addr.clone(),
+        "--listen".into(),
+        node.addr.clone(),
+        "--pm".into(),
+        node.pm.display().to_string(),
+        "--pm-size".into(),
+        node.pm_size.to_string(),
+        "--mount".into(),
+        node.mount.display().to_string(),
+    ]
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Is `pid` a live hotpot process of this cluster (not a recycled pid)?
+fn ours(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = status
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    !zombie && cmdline.contains(&*dir.display().to_string())
+}
+
+fn wait_gone(pid: u32, dir: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !ours(pid, dir) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !ours(pid, dir)
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid we verified belongs to this cluster.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+fn wait_for_mount(node: &NodeEntry, dir: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if mounts::is_hotpot_mount(&node.mount) && std::fs::metadata(&node.mount).is_ok() {
+            return Ok(());
+        }
+        if !ours(node.pid, dir) {
+            bail!(
+                "node {} exited before its mount answered; last lines of {}:\n{}",
+                node.id,
+                node.log.display(),
+                log_tail(&node.log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "node {} mount {} did not answer within {timeout:?}; last lines of {}:\n{}",
+                node.id,
+                node.mount.display(),
+                node.log.display(),
+                log_tail(&node.log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_port(addr: &str, pid: u32, dir: &Path, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        if !ours(pid, dir) {
+            bail!(
+                "process exited; last lines of {}:\n{}",
+                log.display(),
+                log_tail(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    bail!(
+        "{addr} not answering after 20 s; last lines of {}:\n{}",
+        log.display(),
+        log_tail(log)
+    )
+}
+
+pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    if !(1..=16).contains(&args.nodes) {
+        bail!("--nodes {}: expected 1 to 16", args.nodes);
+    }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let replicas = if u32::from(args.replicas) > args.nodes {
+        eprintln!(
+            "warning: --replicas {} clamped to {} (the number of nodes)",
+            args.replicas, args.nodes
+        );
+        args.nodes as u8
+    } else {
+        args.replicas
+    };
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
+    if cluster_path(&dir).exists() {
+        let existing = load(&dir)?;
+        if ours(existing.dispatcher.pid, &dir) || existing.nodes.iter().any(|n| ours(n.pid, &dir)) {
+            bail!(
+                "a cluster is already running in {} (run `hotpot cluster down --dir {}` first)",
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
+    let data = dir.join("dispatcher");
+    let log = dir.join("dispatcher.log");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let dispatcher_args: Vec<String> = vec![
+        "dispatcher".into(),
+        "--listen".into(),
+        addr.clone(),
+        "--data".into(),
+        data.display().to_string(),
+        "--default-replicas".into(),
+        replicas.to_string(),
+        "--default-mode".into(),
+        args.mode.to_string(),
+    ];
+    let pid = spawn_logged(&dispatcher_args, &log)?;
+    let mut cluster = ClusterFile {
+        dir: dir.clone(),
+        replicas,
+        dispatcher: DispatcherEntry {
+            addr: addr.clone(),
+            pid,
+            data,
+            log: log.clone(),
+        },
+        nodes: Vec::new(),
+    };
+    save(&cluster)?;
+    wait_for_port(&addr, pid, &dir, &log).context("dispatcher did not start")?;
+    for id in 1..=args.nodes {
+        let node_dir = dir.join(format!("n{id}"));
+        let mount = node_dir.join("mnt");
+        std::fs::create_dir_all(&mount)?;
+        let mut node = NodeEntry {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()?),
+            pid: 0,
+            mount,
+            pm: node_dir.join("pm"),
+            pm_size: args.pm_size,
+            log: node_dir.join("node.log"),
+        };
+        mounts::unmount_if_mounted(&node.mount);
+        node.pid = spawn_logged(&node_args(&cluster, &node), &node.log)?;
+        cluster.nodes.push(node);
+        save(&cluster)?;
+    }
+    for node in &cluster.nodes {
+        wait_for_mount(node, &dir, Duration::from_secs(30))?;
+    }
+    println!("cluster up in {}: dispatcher {addr}", dir.display());
+    for node in &cluster.nodes {
+        println!(
+            "  node {} at {} mounted on {}",
+            node.id,
+            node.addr,
+            node.mount.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("no cluster at {}", dir.display()))?;
+    let cluster = load(&dir)?;
+    for node in &cluster.nodes {
+        if ours(node.pid, &dir) {
+            signal(node.pid, libc::SIGTERM);
+        }
+    }
+    for node in &cluster.nodes {
+        if !wait_gone(node.pid, &dir, Duration::from_secs(10)) {
+            eprintln!("node {} did not stop on SIGTERM; sending SIGKILL", node.id);
+            signal(node.pid, libc::SIGKILL);
+            wait_gone(node.pid, &dir, Duration::from_secs(5));
+        }
+        mounts::unmount_if_mounted(&node.mount);
+    }
+    if ours(cluster.dispatcher.pid, &dir) {
+        signal(cluster.dispatcher.pid, libc::SIGTERM);
+        if !wait_gone(cluster.dispatcher.pid, &dir, Duration::from_secs(10)) {
+            signal(cluster.dispatcher.pid, libc::SIGKILL);
+        }
+    }
+    println!("cluster in {} is down", dir.display());
+    Ok(())
+}
+
+fn node_entry(cluster: &ClusterFile, id: u32) -> anyhow::Result<NodeEntry> {
+    cluster
+        .nodes
+        .iter()
+        .find(|node| node.id == id)
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no node {id} in this cluster (nodes are 1 to {})",
+                cluster.nodes.len()
+            )
+        })
+}
+
+pub fn kill(dir: &Path, id: u32) -> anyhow::Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("no cluster at {}", dir.display()))?;
+    let cluster = load(&dir)?;
+    let node = node_entry(&cluster, id)?;
+    if !ours(node.pid, &dir) {
+        bail!("node {id} (pid {}) is not running", node.pid);
+    }
+    signal(node.pid, libc::SIGKILL);
+    if !wait_gone(node.pid, &dir, Duration::from_secs(10)) {
+        bail!("node {id} (pid {}) survived SIGKILL for 10 s", node.pid);
+    }
+    println!("node {id} killed (pid {})", node.pid);
+    Ok(())
+}
+
+pub fn start_node(dir: &Path, id: u32) -> anyhow::Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("no cluster at {}", dir.display()))?;
+    let mut cluster = load(&dir)?;
+    let mut node = node_entry(&cluster, id)?;
+    if ours(node.pid, &dir) {
+        bail!("node {id} is already running (pid {})", node.pid);
+    }
+    // A killed node leaves a dead FUSE mount behind.
+    mounts::unmount_if_mounted(&node.mount);
+    node.pid = spawn_logged(&node_args(&cluster, &node), &node.log)?;
+    for entry in cluster.nodes.iter_mut() {
+        if entry.id == id {
+            entry.pid = node.pid;
+        }
+    }
+    save(&cluster)?;
+    wait_for_mount(&node, &dir, Duration::from_secs(30))?;
+    println!(
+        "node {id} started (pid {}), mounted on {}",
+        node.pid,
+        node.mount.display()
+    );
+    Ok(())
+}

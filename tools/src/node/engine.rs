@@ -1,0 +1,430 @@
+//! A node's engine: the page table in PM, the dispatcher for names and datasets, and the
+//! commit protocol over the owners of the staged pages. Every FUSE request is one call here.
+//! Must survive: a dispatcher that is briefly away (calls retry with backoff), and a crash
+//! at any point (only committed bytes are in PM slots; staged bytes are volatile by design).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use hotpot_core::page::{PageTable, ReadOutcome};
+use hotpot_core::pm::PAGE_BYTES;
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
+use hotpot_core::proto::types::*;
+use hotpot_fs::{Engine, Invalidator, Space};
+use hotpot_net::{Client, NetError};
+
+/// How long a node keeps retrying an unreachable dispatcher before failing the request.
+const DISPATCHER_RETRY_MS: u64 = 15_000;
+
+struct FileState {
+    attr: Attr,
+    opens: u32,
+    /// Size including writes past the end that are staged but not committed.
+    staged_size: Option<u64>,
+    /// Unlinked while open here: its pages go at the last release.
+    unlinked: bool,
+}
+
+pub struct NodeEngine {
+    id: NodeId,
+    dispatcher: Arc<Client>,
+    table: Mutex<PageTable>,
+    files: Mutex<HashMap<Ino, FileState>>,
+    invalidator: OnceLock<Invalidator>,
+    call_timeout: Duration,
+}
+
+fn io_error(what: impl std::fmt::Display) -> FsError {
+    FsError::Io(what.to_string())
+}
+
+fn pm_error(error: hotpot_core::pm::PmError) -> FsError {
+    match error {
+        hotpot_core::pm::PmError::Full { .. } | hotpot_core::pm::PmError::LogFull { .. } => {
+            FsError::NoSpace(error.to_string())
+        }
+        other => io_error(other),
+    }
+}
+
+impl NodeEngine {
+    pub fn new(id: NodeId, dispatcher: Arc<Client>, table: PageTable) -> NodeEngine {
+        NodeEngine {
+            id,
+            dispatcher,
+            table: Mutex::new(table),
+            files: Mutex::new(HashMap::new()),
+            invalidator: OnceLock::new(),
+            call_timeout: hotpot_net::DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
+        self.table.lock().expect("page table lock")
+    }
+
+    /// Ask the dispatcher, retrying while it is unreachable (it may be restarting).
+    pub fn ask(&self, request: DispatcherRequest) -> Result<DispatcherReply, FsError> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(DISPATCHER_RETRY_MS);
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self
+                .dispatcher
+                .call::<_, DispatcherReply>(&request, self.call_timeout)
+            {
+                Ok(DispatcherReply::Failed(error)) => return Err(error),
+                Ok(reply) => return Ok(reply),
+                Err(
+                    error @ (NetError::Connect { .. }
+                    | NetError::Disconnected { .. }
+                    | NetError::Timeout { .. }),
+                ) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(%error, "dispatcher unreachable, retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => return Err(io_error(format!("dispatcher: {error}"))),
+            }
+        }
+    }
+
+    fn ask_attr(&self, request: DispatcherRequest) -> Result<Attr, FsError> {
+        match self.ask(request)? {
+            DispatcherReply::Attr(attr) => Ok(attr),
+            other => Err(io_error(format!(
+                "dispatcher sent {other:?} where attributes were due"
+            ))),
+        }
+    }
+
+    /// Record fresh attributes; a file's locally staged size wins over a smaller one.
+    fn remember(&self, mut attr: Attr) -> Attr {
+        let mut files = self.files.lock().expect("files lock");
+        if let Some(state) = files.get_mut(&attr.ino) {
+            state.attr = attr.clone();
+            if let Some(staged) = state.staged_size {
+                if staged > attr.size {
+                    attr.size = staged;
+                } else {
+                    state.staged_size = None;
+                }
+            }
+        }
+        attr
+    }
+
+    /// The dataset behind `ino` and the file's current size on this node.
+    fn dataset_of(&self, ino: Ino) -> Result<(Dataset, u64), FsError> {
+        {
+            let files = self.files.lock().expect("files lock");
+            if let Some(state) = files.get(&ino) {
+                let dataset = state.attr.dataset.clone().ok_or(FsError::IsDirectory)?;
+                return Ok((dataset, state.staged_size.unwrap_or(state.attr.size)));
+            }
+        }
+        // Writeback can arrive after release; fetch what we no longer hold.
+        let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
+        let dataset = attr.dataset.clone().ok_or(FsError::IsDirectory)?;
+        let size = attr.size;
+        self.files.lock().expect("files lock").insert(
+            ino,
+            FileState {
+                attr,
+                opens: 0,
+                staged_size: None,
+                unlinked: false,
+            },
+        );
+        Ok((dataset, size))
+    }
+
+    /// A dataset lost its last name: drop it here now, or at the last local release.
+    fn forget_dataset(&self, dropped: Option<Dataset>) -> Result<(), FsError> {
+        let Some(dataset) = dropped else {
+            return Ok(());
+        };
+        {
+            let mut files = self.files.lock().expect("files lock");
+            let open_here = files
+                .iter_mut()
+                .find(|(_, state)| state.attr.dataset.as_ref().map(|d| d.id) == Some(dataset.id));
+            if let Some((ino, state)) = open_here {
+                if state.opens > 0 {
+                    state.unlinked = true;
+                    return Ok(());
+                }
+                let ino = *ino;
+                files.remove(&ino);
+            }
+        }
+        self.table().drop_dataset(dataset.id).map_err(pm_error)
+    }
+
+    /// Commit every page this node staged for `dataset`, grouped by chunk owner.
+    fn commit_dataset(&self, dataset: &Dataset) -> Result<usize, FsError> {
+        let mut table = self.table();
+        let pages = table.dirty_pages(dataset.id);
+        if pages.is_empty() {
+            return Ok(0);
+        }
+        let mut by_owner: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for page in &pages {
+            by_owner
+                .entry(dataset.owner_of_page(*page))
+                .or_default()
+                .push(*page);
+        }
+        // Owners are taken in node-id order (BTreeMap), as the multi-owner protocol requires.
+        for (owner, owned) in by_owner {
+            if owner != self.id {
+                return Err(io_error(format!(
+                    "pages of dataset {} are owned by node {owner}; this build commits only pages \
+                     owned by the committing node (remote commit arrives with the cluster protocol)",
+                    dataset.id
+                )));
+            }
+            table.commit_owned(dataset.id, &owned).map_err(pm_error)?;
+        }
+        Ok(pages.len())
+    }
+}
+
+impl Engine for NodeEngine {
+    fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, FsError> {
+        let attr = self.ask_attr(DispatcherRequest::Lookup {
+            parent,
+            name: name.to_string(),
+        })?;
+        Ok(self.remember(attr))
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
+        let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
+        Ok(self.remember(attr))
+    }
+
+    fn setattr(&self, ino: Ino, changes: AttrChanges) -> Result<Attr, FsError> {
+        if let Some(size) = changes.size {
+            let (dataset, _) = self.dataset_of(ino)?;
+            // Pages go first: a crash in between leaves a size whose tail reads as zeros,
+            // never bytes that a truncate removed.
+            self.table().truncate(dataset.id, size).map_err(pm_error)?;
+            if let Some(state) = self.files.lock().expect("files lock").get_mut(&ino) {
+                state.staged_size = None;
+            }
+        }
+        let attr = self.ask_attr(DispatcherRequest::SetAttr { ino, changes })?;
+        Ok(self.remember(attr))
+    }
+
+    fn mkdir(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        self.ask_attr(DispatcherRequest::Mkdir {
+            parent,
+            name: name.to_string(),
+            mode,
+            uid,
+            gid,
+        })
+    }
+
+    fn create(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<Attr, FsError> {
+        self.ask_attr(DispatcherRequest::Create {
+            parent,
+            name: name.to_string(),
+            mode,
+            uid,
+            gid,
+            size: 0,
+            params: None,
+            exclusive,
+        })
+    }
+
+    fn unlink(&self, parent: Ino, name: &str) -> Result<(), FsError> {
+        match self.ask(DispatcherRequest::Unlink {
+            parent,
+            name: name.to_string(),
+        })? {
+            DispatcherReply::Removed { dropped } => self.forget_dataset(dropped),
+            other => Err(io_error(format!("dispatcher sent {other:?} for unlink"))),
+        }
+    }
+
+    fn rmdir(&self, parent: Ino, name: &str) -> Result<(), FsError> {
+        self.ask(DispatcherRequest::Rmdir {
+            parent,
+            name: name.to_string(),
+        })
+        .map(|_| ())
+    }
+
+    fn rename(
+        &self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+    ) -> Result<(), FsError> {
+        match self.ask(DispatcherRequest::Rename {
+            parent,
+            name: name.to_string(),
+            new_parent,
+            new_name: new_name.to_string(),
+        })? {
+            DispatcherReply::Removed { dropped } => self.forget_dataset(dropped),
+            other => Err(io_error(format!("dispatcher sent {other:?} for rename"))),
+        }
+    }
+
+    fn readdir(&self, ino: Ino) -> Result<Vec<DirEntry>, FsError> {
+        match self.ask(DispatcherRequest::ReadDir { ino })? {
+            DispatcherReply::Entries(entries) => Ok(entries),
+            other => Err(io_error(format!("dispatcher sent {other:?} for readdir"))),
+        }
+    }
+
+    fn open(&self, ino: Ino, _write: bool) -> Result<(), FsError> {
+        let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
+        let mut files = self.files.lock().expect("files lock");
+        let state = files.entry(ino).or_insert_with(|| FileState {
+            attr: attr.clone(),
+            opens: 0,
+            staged_size: None,
+            unlinked: false,
+        });
+        state.attr = attr;
+        state.opens += 1;
+        Ok(())
+    }
+
+    fn release(&self, ino: Ino, _write: bool) {
+        let dropped = {
+            let mut files = self.files.lock().expect("files lock");
+            let Some(state) = files.get_mut(&ino) else {
+                return;
+            };
+            state.opens = state.opens.saturating_sub(1);
+            if state.opens == 0 && state.unlinked {
+                files.remove(&ino).and_then(|state| state.attr.dataset)
+            } else {
+                None
+            }
+        };
+        if let Some(dataset) = dropped {
+            if let Err(error) = self.table().drop_dataset(dataset.id) {
+                tracing::error!(dataset = dataset.id, %error, "cannot drop the pages of an unlinked file");
+            }
+        }
+    }
+
+    fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let (dataset, file_size) = self.dataset_of(ino)?;
+        if offset >= file_size {
+            return Ok(Vec::new());
+        }
+        let end = file_size.min(offset + size as u64);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut page_bytes = vec![0u8; PAGE_BYTES];
+        let mut at = offset;
+        let table = self.table();
+        while at < end {
+            let page = at / PAGE_BYTES as u64;
+            let within = (at % PAGE_BYTES as u64) as usize;
+            let take = (PAGE_BYTES - within).min((end - at) as usize);
+            match table.read((dataset.id, page), &mut page_bytes) {
+                ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
+                ReadOutcome::Absent if dataset.owner_of_page(page) == self.id => page_bytes.fill(0),
+                ReadOutcome::Absent => {
+                    return Err(io_error(format!(
+                        "page {page} of dataset {} is owned by node {}; this build serves only \
+                         pages owned locally (remote fetch arrives with the cluster protocol)",
+                        dataset.id,
+                        dataset.owner_of_page(page)
+                    )))
+                }
+            }
+            out.extend_from_slice(&page_bytes[within..within + take]);
+            at += take as u64;
+        }
+        Ok(out)
+    }
+
+    fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let (dataset, file_size) = self.dataset_of(ino)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| FsError::Invalid("write past the largest offset".into()))?;
+        {
+            let mut table = self.table();
+            let mut at = offset;
+            while at < end {
+                let page = at / PAGE_BYTES as u64;
+                let within = (at % PAGE_BYTES as u64) as usize;
+                let take = (PAGE_BYTES - within).min((end - at) as usize);
+                let from = (at - offset) as usize;
+                table
+                    .stage((dataset.id, page), within, &data[from..from + take])
+                    .map_err(pm_error)?;
+                at += take as u64;
+            }
+        }
+        if end > file_size {
+            if let Some(state) = self.files.lock().expect("files lock").get_mut(&ino) {
+                state.staged_size = Some(end.max(state.staged_size.unwrap_or(0)));
+            }
+        }
+        Ok(data.len() as u32)
+    }
+
+    fn commit(&self, ino: Ino) -> Result<(), FsError> {
+        let (dataset, _) = self.dataset_of(ino)?;
+        let _span = tracing::debug_span!("commit", dataset = dataset.id).entered();
+        self.commit_dataset(&dataset)?;
+        let staged_size = {
+            let files = self.files.lock().expect("files lock");
+            files
+                .get(&ino)
+                .and_then(|state| state.staged_size.filter(|staged| *staged > state.attr.size))
+        };
+        if let Some(size) = staged_size {
+            let attr = self.ask_attr(DispatcherRequest::SetAttr {
+                ino,
+                changes: AttrChanges {
+                    size: Some(size),
+                    ..AttrChanges::default()
+                },
+            })?;
+            self.remember(attr);
+        }
+        Ok(())
+    }
+
+    fn space(&self) -> Space {
+        let usage = self.table().pool().usage();
+        Space {
+            pages_total: usage.frames_total,
+            pages_free: usage.frames_total - usage.frames_used,
+            files: self.files.lock().expect("files lock").len() as u64,
+        }
+    }
+
+    fn attach_invalidator(&self, invalidator: Invalidator) {
+        let _ = self.invalidator.set(invalidator);
+    }
+}

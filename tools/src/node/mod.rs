@@ -1,0 +1,204 @@
+//! `hotpot node`: join the dispatcher, open (or create) the PM file, recover it, drop pages
+//! of datasets that no longer exist, serve peers, mount, heartbeat; on SIGTERM or SIGINT
+//! unmount and exit. A second node on the same PM file is refused by the file lock.
+
+pub mod engine;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hotpot_core::page::PageTable;
+use hotpot_core::pm::{create_file, Durability, MappedRegion};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
+use hotpot_core::proto::types::NodeUsage;
+use hotpot_net::{Client, Server};
+
+use crate::signals;
+use engine::NodeEngine;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// This node's id (1, 2, ...): stored in the PM file at creation and checked at every start.
+    #[arg(long)]
+    pub id: u32,
+    /// Dispatcher address, host:port.
+    #[arg(long)]
+    pub dispatcher: String,
+    /// Address to serve peers and tools on, host:port (port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Persistent-memory file (created if missing; then --pm-size is required).
+    #[arg(long)]
+    pub pm: PathBuf,
+    /// Size of a new PM file, e.g. 1GiB, 512MiB.
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub pm_size: Option<u64>,
+    /// How persist() makes bytes durable: cache-flush (memory or DAX, the default) or msync
+    /// (an ordinary file on a disk).
+    #[arg(long, default_value = "cache-flush")]
+    pub pm_durability: Durability,
+    /// Directory to mount the hotpot file system on (must exist).
+    #[arg(long)]
+    pub mount: PathBuf,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    pub fuse_threads: usize,
+    /// Let users other than the one who mounted use the mount (FUSE allow_other).
+    #[arg(long)]
+    pub allow_other: bool,
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    // Block the stop signals before any thread starts, so the main thread can wait for them.
+    let stop = signals::block_stop_signals()?;
+    if args.id == 0 {
+        bail!("--id must be 1 or more (0 marks a PM file without an owner)");
+    }
+    if !args.mount.is_dir() {
+        bail!(
+            "--mount {}: not a directory (create it first)",
+            args.mount.display()
+        );
+    }
+    match (args.pm.exists(), args.pm_size) {
+        (false, Some(size)) => create_file(&args.pm, size)
+            .with_context(|| format!("creating {}", args.pm.display()))?,
+        (false, None) => bail!(
+            "--pm {} does not exist: give --pm-size to create it",
+            args.pm.display()
+        ),
+        (true, Some(size)) => {
+            let actual = std::fs::metadata(&args.pm)?.len();
+            if actual != size {
+                bail!(
+                    "--pm {} is {actual} bytes but --pm-size asks for {size}: a PM file is never resized",
+                    args.pm.display()
+                );
+            }
+        }
+        (true, None) => {}
+    }
+
+    let listener = TcpListener::bind(&args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listen_addr = listener.local_addr()?.to_string();
+    let dispatcher = Arc::new(Client::new(args.dispatcher.clone()));
+    let mount = args.mount.canonicalize()?;
+    let join = DispatcherRequest::Join {
+        node: args.id,
+        addr: listen_addr.clone(),
+        mount: mount.display().to_string(),
+    };
+    let cluster_id = match call_with_retry(&dispatcher, &join)? {
+        DispatcherReply::Joined { cluster_id } => cluster_id,
+        DispatcherReply::Failed(error) => bail!("dispatcher refused the join: {error}"),
+        other => bail!("dispatcher answered the join with {other:?}"),
+    };
+
+    let region = MappedRegion::open(&args.pm, args.pm_durability)
+        .with_context(|| format!("opening PM file {}", args.pm.display()))?;
+    let (mut table, report) = PageTable::open(Box::new(region), args.id, cluster_id)
+        .with_context(|| format!("PM file {}", args.pm.display()))?;
+    tracing::info!(
+        pages = report.pages,
+        replayed = report.records_replayed,
+        discarded = report.records_discarded,
+        "PM recovered"
+    );
+    match call_with_retry(&dispatcher, &DispatcherRequest::LiveDatasets)? {
+        DispatcherReply::Datasets(live) => {
+            let live: std::collections::BTreeSet<u64> = live.into_iter().collect();
+            for orphan in table
+                .pool()
+                .datasets()
+                .difference(&live)
+                .copied()
+                .collect::<Vec<_>>()
+            {
+                tracing::info!(dataset = orphan, "dropping pages of a deleted dataset");
+                table.drop_dataset(orphan)?;
+            }
+        }
+        other => bail!("dispatcher answered LiveDatasets with {other:?}"),
+    }
+
+    let engine = Arc::new(NodeEngine::new(args.id, dispatcher.clone(), table));
+    let serving = engine.clone();
+    Server::spawn(listener, 4, move |request: NodeRequest| match request {
+        NodeRequest::PageCopies { dataset } => {
+            NodeReply::PageCopies(serving.table().page_copies(dataset))
+        }
+    })?;
+    spawn_heartbeat(args.id, dispatcher, engine.clone());
+
+    let session = hotpot_fs::mount(
+        engine,
+        &mount,
+        &hotpot_fs::MountConfig {
+            threads: args.fuse_threads,
+            source: format!("hotpot:{}", args.dispatcher),
+            allow_other: args.allow_other,
+        },
+    )
+    .with_context(|| format!("mounting on {}", mount.display()))?;
+    tracing::info!(node = args.id, listen = %listen_addr, mount = %mount.display(), "node serving");
+    println!(
+        "node {} serving on {listen_addr}, mounted at {}",
+        args.id,
+        mount.display()
+    );
+
+    let signal = signals::wait(&stop)?;
+    tracing::info!(signal, "stopping: unmounting");
+    drop(session);
+    Ok(())
+}
+
+fn call_with_retry(
+    dispatcher: &Client,
+    request: &DispatcherRequest,
+) -> anyhow::Result<DispatcherReply> {
+    let mut last_error = None;
+    for attempt in 0..50 {
+        match dispatcher.call(request, Duration::from_secs(5)) {
+            Ok(reply) => return Ok(reply),
+            Err(error) => {
+                if attempt % 10 == 0 {
+                    tracing::warn!(%error, "dispatcher not reachable yet");
+                }
+                last_error = Some(error);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Err(anyhow::anyhow!(
+        "dispatcher at {} unreachable for 10 s: {}",
+        dispatcher.addr(),
+        last_error.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, engine: Arc<NodeEngine>) {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || loop {
+            let usage = {
+                let pool_usage = engine.table().pool().usage();
+                NodeUsage {
+                    pm_frames_total: pool_usage.frames_total,
+                    pm_frames_used: pool_usage.frames_used,
+                    pages_persisted: pool_usage.pages_persisted,
+                }
+            };
+            let beat = DispatcherRequest::Heartbeat { node: id, usage };
+            if let Err(error) = dispatcher.call::<_, DispatcherReply>(&beat, Duration::from_secs(2))
+            {
+                tracing::warn!(%error, "heartbeat not delivered");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        })
+        .expect("start the heartbeat thread");
+}
