@@ -54,7 +54,8 @@ pub trait Engine: Send + Sync + 'static {
     fn readdir(&self, ino: Ino) -> Result<Vec<DirEntry>, FsError>;
     /// A file is opened; `write` when it may be written through this handle.
     fn open(&self, ino: Ino, write: bool) -> Result<(), FsError>;
-    /// The last reference of one `open` is gone.
+    /// The last reference of one `open` is gone (every descriptor copy closed, every
+    /// mapping unmapped). A handle that could write commits what this node staged.
     fn release(&self, ino: Ino, write: bool);
     fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError>;
     /// Stage bytes; they become durable and visible elsewhere only at `commit`.

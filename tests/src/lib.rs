@@ -1,1 +1,252 @@
+//! Harness for multi-process tests: builds the `hotpot` binary, starts clusters of real
+//! processes in unique temp dirs with unique ports, and tears them down (processes stopped,
+//! mounts unmounted, files removed) when the guard drops, also when a test fails.
+//! Prerequisites that are missing fail the test with what to install, unless the opt-out
+//! variable HOTPOT_SKIP_FUSE_TESTS=1 is set (then the test says it skipped).
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `hotpot` binary of this workspace, built once per test process.
+pub fn hotpot_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "hotpot-tools", "--bin", "hotpot"])
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build for the hotpot binary");
+        assert!(status.success(), "building the hotpot binary failed");
+        let bin = target.join("debug").join("hotpot");
+        assert!(bin.exists(), "no hotpot binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// `true` if the test should run; `false` (with a note) only under the explicit opt-out.
+/// Panics with what to install when FUSE is missing.
+pub fn fuse_available() -> bool {
+    if std::env::var("HOTPOT_SKIP_FUSE_TESTS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: HOTPOT_SKIP_FUSE_TESTS=1 is set");
+        return false;
+    }
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests need FUSE (modprobe fuse; apt-get install fuse3), \
+         or set HOTPOT_SKIP_FUSE_TESTS=1 to skip them explicitly"
+    );
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root || which("fusermount3"),
+        "mounting needs root or fusermount3 (apt-get install fuse3), or set HOTPOT_SKIP_FUSE_TESTS=1"
+    );
+    true
+}
+
+pub fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Panics with an install hint if `program` is not on PATH.
+pub fn require_program(program: &str, install: &str) {
+    assert!(which(program), "{program} is not installed: {install}");
+}
+
+pub fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    output
+}
+
+pub fn run_ok(command: &mut Command) -> String {
+    let output = run(command);
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// A running local cluster; stopped and removed on drop.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: u32,
+}
+
+impl Cluster {
+    pub fn up(nodes: u32, pm_size: &str) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("hotpot-test-")
+            .tempdir()
+            .expect("temp dir");
+        let cluster = Cluster { dir, nodes };
+        run_ok(
+            Command::new(hotpot_bin())
+                .args([
+                    "cluster",
+                    "up",
+                    "--nodes",
+                    &nodes.to_string(),
+                    "--pm-size",
+                    pm_size,
+                    "--dir",
+                ])
+                .arg(cluster.dir.path()),
+        );
+        cluster
+    }
+
+    pub fn mount(&self, node: u32) -> PathBuf {
+        self.dir.path().join(format!("n{node}")).join("mnt")
+    }
+
+    pub fn pm_file(&self, node: u32) -> PathBuf {
+        self.dir.path().join(format!("n{node}")).join("pm")
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("cluster.json")).expect("cluster.json");
+        serde_json::from_str(&text).expect("cluster.json parses")
+    }
+
+    pub fn dispatcher_addr(&self) -> String {
+        self.info()["dispatcher"]["addr"]
+            .as_str()
+            .expect("dispatcher addr")
+            .to_string()
+    }
+
+    pub fn hotpot(&self, args: &[&str]) -> String {
+        run_ok(Command::new(hotpot_bin()).args(args))
+    }
+
+    pub fn kill(&self, node: u32) {
+        run_ok(
+            Command::new(hotpot_bin())
+                .args(["cluster", "kill", "--node", &node.to_string(), "--dir"])
+                .arg(self.dir.path()),
+        );
+    }
+
+    pub fn start(&self, node: u32) {
+        run_ok(
+            Command::new(hotpot_bin())
+                .args([
+                    "cluster",
+                    "start-node",
+                    "--node",
+                    &node.to_string(),
+                    "--dir",
+                ])
+                .arg(self.dir.path()),
+        );
+    }
+
+    pub fn node_log(&self, node: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{node}")).join("node.log"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let output = Command::new(hotpot_bin())
+            .args(["cluster", "down", "--dir"])
+            .arg(self.dir.path())
+            .output();
+        if let Ok(output) = output {
+            if !output.status.success() {
+                eprintln!(
+                    "cluster down failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// A shared read-write mapping of a whole file; unmapped on drop.
+pub struct Mapping {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+impl Mapping {
+    pub fn new(file: &std::fs::File, len: usize) -> Mapping {
+        use std::os::fd::AsRawFd;
+        // SAFETY: mapping a file we hold open, with its length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping {
+            ptr: ptr as *mut u8,
+            len,
+        }
+    }
+
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is valid for len bytes while self lives.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// msync(MS_SYNC) of the whole mapping: hotpot's commit point.
+    pub fn msync(&self) -> std::io::Result<()> {
+        // SAFETY: syncing our own mapping.
+        let rc = unsafe { libc::msync(self.ptr as *mut libc::c_void, self.len, libc::MS_SYNC) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// Deterministic page contents: `stamp` and `page` recoverable from the bytes.
+pub fn page_pattern(stamp: u64, page: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; 4096];
+    for (index, word) in bytes.chunks_mut(8).enumerate() {
+        let value = stamp.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (page << 20) ^ index as u64;
+        word.copy_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}

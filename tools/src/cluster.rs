@@ -137,16 +137,19 @@ fn log_tail(log: &Path) -> String {
 
 /// Is `pid` a live hotpot process of this cluster (not a recycled pid)?
 fn ours(pid: u32, dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    if pid == 0 || std::fs::metadata(format!("/proc/{pid}")).is_err() {
         return false;
-    };
+    }
+    // Reads of /proc/<pid>/* can fail or come back empty while the process is in exec.
     let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = status
         .rsplit(')')
         .next()
         .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    !zombie && cmdline.contains(&*dir.display().to_string())
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    !zombie
+        && (cmdline.is_empty()
+            || String::from_utf8_lossy(&cmdline).contains(&*dir.display().to_string()))
 }
 
 fn wait_gone(pid: u32, dir: &Path, timeout: Duration) -> bool {

@@ -72,14 +72,8 @@ impl Pool {
         node_id: u32,
         cluster_id: u64,
     ) -> Result<(Pool, RecoveryReport), PmError> {
-        let pool_bytes = region.len() as u64;
-        let geometry = Geometry::for_pool_bytes(pool_bytes)?;
-        // SAFETY: the region is at least MIN_POOL_BYTES long (checked by for_pool_bytes).
-        let head = unsafe { std::slice::from_raw_parts(region.base(), 64) };
-        let superblock = if head.iter().all(|byte| *byte == 0) {
-            Self::format(region.as_ref(), &geometry, node_id, cluster_id)?
-        } else {
-            let superblock = Superblock::decode(head, pool_bytes)?;
+        let geometry = Geometry::for_pool_bytes(region.len() as u64)?;
+        let superblock = if let Some(superblock) = Self::read_superblock(region.as_ref())? {
             if superblock.node_id != node_id {
                 return Err(PmError::WrongOwner {
                     what: format!(
@@ -97,6 +91,8 @@ impl Pool {
                 });
             }
             superblock
+        } else {
+            Self::format(region.as_ref(), &geometry, node_id, cluster_id)?
         };
         let mut pool = Pool {
             frame_refs: vec![0; geometry.frame_count as usize],
@@ -111,6 +107,19 @@ impl Pool {
         };
         let report = pool.recover()?;
         Ok((pool, report))
+    }
+
+    /// The superblock of the pool in `region`: `None` for a new (all-zero) file, an error for
+    /// anything that is not a valid hotpot pool. Reads only.
+    pub fn read_superblock(region: &dyn Region) -> Result<Option<Superblock>, PmError> {
+        let pool_bytes = region.len() as u64;
+        Geometry::for_pool_bytes(pool_bytes)?;
+        // SAFETY: the region is at least MIN_POOL_BYTES long (checked above).
+        let head = unsafe { std::slice::from_raw_parts(region.base(), 64) };
+        if head.iter().all(|byte| *byte == 0) {
+            return Ok(None);
+        }
+        Superblock::decode(head, pool_bytes).map(Some)
     }
 
     fn format(

@@ -102,7 +102,18 @@ impl DispatcherState {
     ) -> Result<(DispatcherReply, bool), FsError> {
         use DispatcherRequest as R;
         Ok(match request {
-            R::Join { node, addr, mount } => {
+            R::Join {
+                node,
+                addr,
+                mount,
+                pm_cluster,
+            } => {
+                if let Some(other) = pm_cluster.filter(|id| *id != self.cluster_id) {
+                    return Err(FsError::Invalid(format!(
+                        "node {node}'s PM file belongs to cluster {other:016x}, this is cluster {:016x}",
+                        self.cluster_id
+                    )));
+                }
                 let record = NodeRecord {
                     addr,
                     mount,
@@ -556,6 +567,7 @@ mod tests {
                     node,
                     addr: format!("127.0.0.1:{node}"),
                     mount: String::new(),
+                    pm_cluster: None,
                 },
                 0,
                 0,
@@ -574,6 +586,25 @@ mod tests {
         let mut sorted = owners[0..3].to_vec();
         sorted.sort();
         assert_eq!(sorted, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn join_with_a_pm_file_of_another_cluster_is_refused() {
+        let mut state = joined(0);
+        let join = |pm_cluster| R::Join {
+            node: 1,
+            addr: "a".into(),
+            mount: "m".into(),
+            pm_cluster,
+        };
+        let (reply, changed) = state.handle(join(Some(8)), 0, 0);
+        assert!(matches!(
+            reply,
+            DispatcherReply::Failed(FsError::Invalid(_))
+        ));
+        assert!(!changed);
+        let (reply, _) = state.handle(join(Some(7)), 0, 0);
+        assert_eq!(reply, DispatcherReply::Joined { cluster_id: 7 });
     }
 
     #[test]

@@ -7,11 +7,13 @@ use crate::proto::types::*;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DispatcherRequest {
-    /// A node starts (or restarts) and announces where it serves.
+    /// A node starts (or restarts) and announces where it serves. `pm_cluster` is the
+    /// cluster its PM file was formatted for (`None`: a new file); another cluster's is refused.
     Join {
         node: NodeId,
         addr: String,
         mount: String,
+        pm_cluster: Option<u64>,
     },
     Heartbeat {
         node: NodeId,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use hotpot_core::page::PageTable;
-use hotpot_core::pm::{create_file, Durability, MappedRegion};
+use hotpot_core::pm::{create_file, Durability, MappedRegion, Pool};
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::types::NodeUsage;
 use hotpot_net::{Client, Server};
@@ -82,6 +82,23 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         (true, None) => {}
     }
 
+    // The PM file is locked and checked before the node joins, so a refused start changes
+    // nothing at the dispatcher or in the file.
+    let region = MappedRegion::open(&args.pm, args.pm_durability)
+        .with_context(|| format!("opening PM file {}", args.pm.display()))?;
+    let existing =
+        Pool::read_superblock(&region).with_context(|| format!("PM file {}", args.pm.display()))?;
+    if let Some(superblock) = &existing {
+        if superblock.node_id != args.id {
+            bail!(
+                "PM file {} belongs to node {}, not node {}",
+                args.pm.display(),
+                superblock.node_id,
+                args.id
+            );
+        }
+    }
+
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let listen_addr = listener.local_addr()?.to_string();
@@ -91,6 +108,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         node: args.id,
         addr: listen_addr.clone(),
         mount: mount.display().to_string(),
+        pm_cluster: existing.map(|superblock| superblock.cluster_id),
     };
     let cluster_id = match call_with_retry(&dispatcher, &join)? {
         DispatcherReply::Joined { cluster_id } => cluster_id,
@@ -98,8 +116,6 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         other => bail!("dispatcher answered the join with {other:?}"),
     };
 
-    let region = MappedRegion::open(&args.pm, args.pm_durability)
-        .with_context(|| format!("opening PM file {}", args.pm.display()))?;
     let (mut table, report) = PageTable::open(Box::new(region), args.id, cluster_id)
         .with_context(|| format!("PM file {}", args.pm.display()))?;
     tracing::info!(
