@@ -80,10 +80,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         mtime: time(attr.mtime_ns),
         ctime: time(attr.ctime_ns),
         crtime: time(attr.ctime_ns),
-        kind: match attr.kind {
-            Kind::Directory => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-        },
+        kind: file_type(attr.kind),
         perm: (attr.mode & 0o7777) as u16,
         nlink: attr.nlink,
         uid: attr.uid,
@@ -91,6 +88,14 @@ fn file_attr(attr: &Attr) -> FileAttr {
         rdev: 0,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Directory => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
     }
 }
 
@@ -191,6 +196,37 @@ impl<E: Engine> Filesystem for Adapter<E> {
             .mkdir(parent.0, name, mode & !umask, req.uid(), req.gid())
         {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let name = match name_of(link_name) {
+            Ok(name) => name,
+            Err(error) => return reply.error(error),
+        };
+        let Some(target) = target.to_str() else {
+            return reply.error(Errno::EINVAL);
+        };
+        match self
+            .engine
+            .symlink(parent.0, name, target, req.uid(), req.gid())
+        {
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(error) => reply.error(errno(error)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.engine.readlink(ino.0) {
+            Ok(target) => reply.data(target.as_bytes()),
             Err(error) => reply.error(errno(error)),
         }
     }
@@ -345,13 +381,11 @@ impl<E: Engine> Filesystem for Adapter<E> {
             (ino.0, FileType::Directory, "."),
             (ino.0, FileType::Directory, ".."),
         ];
-        let all = dots.into_iter().chain(entries.iter().map(|entry| {
-            let kind = match entry.kind {
-                Kind::Directory => FileType::Directory,
-                Kind::File => FileType::RegularFile,
-            };
-            (entry.ino, kind, entry.name.as_str())
-        }));
+        let all = dots.into_iter().chain(
+            entries
+                .iter()
+                .map(|entry| (entry.ino, file_type(entry.kind), entry.name.as_str())),
+        );
         for (index, (child, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), index as u64 + 1, kind, name) {
                 break;

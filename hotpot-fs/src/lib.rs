@@ -42,6 +42,15 @@ pub trait Engine: Send + Sync + 'static {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attr, FsError>;
+    fn symlink(
+        &self,
+        parent: Ino,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError>;
+    fn readlink(&self, ino: Ino) -> Result<String, FsError>;
     fn unlink(&self, parent: Ino, name: &str) -> Result<(), FsError>;
     fn rmdir(&self, parent: Ino, name: &str) -> Result<(), FsError>;
     fn rename(

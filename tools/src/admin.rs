@@ -207,7 +207,10 @@ pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
     let attr = attr_of(ask(&client, DispatcherRequest::Resolve { path: inside })?)
         .with_context(|| format!("{}", path.display()))?;
     let Some(dataset) = attr.dataset.clone() else {
-        bail!("{} is a directory, not a dataset", path.display());
+        bail!(
+            "{} is not a dataset (a directory or a symbolic link)",
+            path.display()
+        );
     };
     let nodes = match ask(&client, DispatcherRequest::Status)? {
         DispatcherReply::Status { nodes, .. } => nodes,

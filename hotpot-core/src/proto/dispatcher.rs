@@ -18,6 +18,9 @@ struct Inode {
     attr: Attr,
     /// Directory entries; empty for files.
     children: BTreeMap<String, Ino>,
+    /// Where a symbolic link points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +61,7 @@ impl DispatcherState {
                 dataset: None,
             },
             children: BTreeMap::new(),
+            target: None,
         };
         DispatcherState {
             cluster_id,
@@ -245,6 +249,39 @@ impl DispatcherState {
                 )?;
                 (DispatcherReply::Attr(attr), true)
             }
+            R::Symlink {
+                parent,
+                name,
+                target,
+                uid,
+                gid,
+            } => {
+                if target.is_empty() || target.len() > 4095 {
+                    return Err(FsError::Invalid(
+                        "symlink target must be 1 to 4095 bytes".into(),
+                    ));
+                }
+                let mut attr = self.add_child(
+                    parent,
+                    &name,
+                    Kind::Symlink,
+                    0o777,
+                    uid,
+                    gid,
+                    target.len() as u64,
+                    None,
+                    now_ns,
+                )?;
+                attr.size = target.len() as u64;
+                self.inode_mut(attr.ino)?.target = Some(target);
+                (DispatcherReply::Attr(attr), true)
+            }
+            R::ReadLink { ino } => {
+                let target = self.inode(ino)?.target.clone();
+                let target =
+                    target.ok_or_else(|| FsError::Invalid("not a symbolic link".into()))?;
+                (DispatcherReply::Target(target), false)
+            }
             R::Unlink { parent, name } => {
                 let ino = self.child(parent, &name)?;
                 if self.inode(ino)?.attr.kind == Kind::Directory {
@@ -399,6 +436,7 @@ impl DispatcherState {
             Inode {
                 attr: attr.clone(),
                 children: BTreeMap::new(),
+                target: None,
             },
         );
         let dir = self.inode_mut(parent)?;
@@ -459,8 +497,8 @@ impl DispatcherState {
         if let Ok(target) = self.child(new_parent, new_name) {
             let target_inode = self.inode(target)?;
             match (moving_kind, target_inode.attr.kind) {
-                (Kind::Directory, Kind::File) => return Err(FsError::NotDirectory),
-                (Kind::File, Kind::Directory) => return Err(FsError::IsDirectory),
+                (Kind::Directory, Kind::File | Kind::Symlink) => return Err(FsError::NotDirectory),
+                (Kind::File | Kind::Symlink, Kind::Directory) => return Err(FsError::IsDirectory),
                 (Kind::Directory, Kind::Directory) if !target_inode.children.is_empty() => {
                     return Err(FsError::NotEmpty)
                 }

@@ -48,6 +48,16 @@ pub enum DispatcherRequest {
         params: Option<DatasetParams>,
         exclusive: bool,
     },
+    Symlink {
+        parent: Ino,
+        name: String,
+        target: String,
+        uid: u32,
+        gid: u32,
+    },
+    ReadLink {
+        ino: Ino,
+    },
     Unlink {
         parent: Ino,
         name: String,
@@ -81,6 +91,7 @@ pub enum DispatcherReply {
     },
     Attr(Attr),
     Entries(Vec<DirEntry>),
+    Target(String),
     /// The name is gone; `dropped` is the dataset whose last name it was.
     Removed {
         dropped: Option<Dataset>,

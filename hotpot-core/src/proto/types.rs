@@ -75,6 +75,7 @@ impl Dataset {
 pub enum Kind {
     Directory,
     File,
+    Symlink,
 }
 
 /// Attributes of an inode, as `stat` shows them. Times in nanoseconds since the epoch.

@@ -39,6 +39,34 @@ fn io_error(what: impl std::fmt::Display) -> FsError {
     FsError::Io(what.to_string())
 }
 
+/// `setattr` on a file only this node still knows (unlinked while open).
+fn apply_locally(attr: &mut Attr, changes: &AttrChanges) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or(0);
+    if let Some(mode) = changes.mode {
+        attr.mode = mode & 0o7777;
+    }
+    if let Some(uid) = changes.uid {
+        attr.uid = uid;
+    }
+    if let Some(gid) = changes.gid {
+        attr.gid = gid;
+    }
+    if let Some(size) = changes.size {
+        attr.size = size;
+        attr.mtime_ns = now;
+    }
+    if let Some(atime) = changes.atime_ns {
+        attr.atime_ns = atime;
+    }
+    if let Some(mtime) = changes.mtime_ns {
+        attr.mtime_ns = mtime;
+    }
+    attr.ctime_ns = now;
+}
+
 fn pm_error(error: hotpot_core::pm::PmError) -> FsError {
     match error {
         hotpot_core::pm::PmError::Full { .. } | hotpot_core::pm::PmError::LogFull { .. } => {
@@ -112,6 +140,17 @@ impl NodeEngine {
             }
         }
         attr
+    }
+
+    /// Attributes of a file that was unlinked while open here: it lives on, nameless, on
+    /// this node until its last release (as on a local file system).
+    fn unlinked_attr(&self, ino: Ino) -> Option<Attr> {
+        let files = self.files.lock().expect("files lock");
+        let state = files.get(&ino).filter(|state| state.unlinked)?;
+        let mut attr = state.attr.clone();
+        attr.nlink = 0;
+        attr.size = state.staged_size.unwrap_or(attr.size).max(attr.size);
+        Some(attr)
     }
 
     /// The dataset behind `ino` and the file's current size on this node.
@@ -200,6 +239,9 @@ impl Engine for NodeEngine {
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
+        if let Some(attr) = self.unlinked_attr(ino) {
+            return Ok(attr);
+        }
         let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
         Ok(self.remember(attr))
     }
@@ -213,6 +255,14 @@ impl Engine for NodeEngine {
             if let Some(state) = self.files.lock().expect("files lock").get_mut(&ino) {
                 state.staged_size = None;
             }
+        }
+        if self.unlinked_attr(ino).is_some() {
+            let mut files = self.files.lock().expect("files lock");
+            let state = files.get_mut(&ino).ok_or(FsError::NotFound)?;
+            apply_locally(&mut state.attr, &changes);
+            let mut attr = state.attr.clone();
+            attr.nlink = 0;
+            return Ok(attr);
         }
         let attr = self.ask_attr(DispatcherRequest::SetAttr { ino, changes })?;
         Ok(self.remember(attr))
@@ -254,6 +304,30 @@ impl Engine for NodeEngine {
             params: None,
             exclusive,
         })
+    }
+
+    fn symlink(
+        &self,
+        parent: Ino,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr, FsError> {
+        self.ask_attr(DispatcherRequest::Symlink {
+            parent,
+            name: name.to_string(),
+            target: target.to_string(),
+            uid,
+            gid,
+        })
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<String, FsError> {
+        match self.ask(DispatcherRequest::ReadLink { ino })? {
+            DispatcherReply::Target(target) => Ok(target),
+            other => Err(io_error(format!("dispatcher sent {other:?} for readlink"))),
+        }
     }
 
     fn unlink(&self, parent: Ino, name: &str) -> Result<(), FsError> {
@@ -405,10 +479,18 @@ impl Engine for NodeEngine {
         let pages = self.commit_dataset(&dataset)?;
         tracing::debug!(pages, "committed");
         let staged_size = {
-            let files = self.files.lock().expect("files lock");
-            files
-                .get(&ino)
-                .and_then(|state| state.staged_size.filter(|staged| *staged > state.attr.size))
+            let mut files = self.files.lock().expect("files lock");
+            match files.get_mut(&ino) {
+                // Nameless: its size lives only here.
+                Some(state) if state.unlinked => {
+                    if let Some(staged) = state.staged_size.take() {
+                        state.attr.size = state.attr.size.max(staged);
+                    }
+                    None
+                }
+                Some(state) => state.staged_size.filter(|staged| *staged > state.attr.size),
+                None => None,
+            }
         };
         if let Some(size) = staged_size {
             let attr = self.ask_attr(DispatcherRequest::SetAttr {
