@@ -186,6 +186,7 @@ impl Pool {
                 }
                 RedoPhase::Prepared | RedoPhase::Free => report.records_discarded += 1,
             }
+            self.region.fence();
             self.free_redo_record(block);
             block += record.blocks;
         }
@@ -343,8 +344,7 @@ impl Pool {
                     );
                     let data = self.frame(frame);
                     let data_crc = layout::crc(data);
-                    self.region
-                        .persist(self.geometry.frame_at(frame), PAGE_BYTES);
+                    self.region.flush(self.geometry.frame_at(frame), PAGE_BYTES);
                     let slot = match self.pages.get(&page) {
                         Some(existing) => existing.slot,
                         None => {
@@ -386,7 +386,7 @@ impl Pool {
                 }
             }
         }
-        // 2. Redo record written and persisted with phase Prepared.
+        // 2. Redo record written with phase Prepared; it and the frames persisted together.
         let record_bytes = redo_record_bytes(entries.len());
         let blocks = record_bytes.div_ceil(REDO_BLOCK_BYTES);
         let Some(first_block) = self.alloc_redo(blocks) else {
@@ -395,13 +395,15 @@ impl Pool {
         };
         let at = self.geometry.redo_block_at(first_block);
         encode_redo(txid, &entries, self.bytes_mut(at, record_bytes));
-        self.region.persist(at, record_bytes);
+        self.region.flush(at, record_bytes);
+        self.region.fence();
         // 3. The decision: one aligned 8-byte store, persisted.
         self.store_phase(at, RedoPhase::Decided);
-        // 4. Slots updated and persisted.
+        // 4. Slots updated and persisted (one fence for all of them).
         for entry in &entries {
             self.write_slot(entry.slot, entry.record.as_ref());
         }
+        self.region.fence();
         // 5. Record freed; in-memory index and references follow the slots.
         self.free_redo_record(first_block);
         for entry in &entries {
@@ -449,7 +451,7 @@ impl Pool {
         let at = self.geometry.slot_at(slot);
         let encoded = record.map(SlotRecord::encode).unwrap_or([0u8; SLOT_BYTES]);
         self.bytes_mut(at, SLOT_BYTES).copy_from_slice(&encoded);
-        self.region.persist(at, SLOT_BYTES);
+        self.region.flush(at, SLOT_BYTES);
     }
 
     fn alloc_redo(&mut self, blocks: usize) -> Option<u32> {

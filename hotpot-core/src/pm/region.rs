@@ -44,8 +44,15 @@ pub trait Region: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Start writing `[offset, offset+len)` back; durable only after the next `fence`.
+    fn flush(&self, offset: usize, len: usize);
+    /// Every range flushed before this call is durable when it returns.
+    fn fence(&self);
     /// Make `[offset, offset+len)` durable. Returns only when it is.
-    fn persist(&self, offset: usize, len: usize);
+    fn persist(&self, offset: usize, len: usize) {
+        self.flush(offset, len);
+        self.fence();
+    }
 }
 
 /// A pool file mapped MAP_SHARED, locked so that a second process cannot open it.
@@ -135,13 +142,19 @@ impl Region for MappedRegion {
     fn len(&self) -> usize {
         self.len
     }
-    fn persist(&self, offset: usize, len: usize) {
-        assert!(offset + len <= self.len, "persist out of range");
+    fn fence(&self) {
+        if self.durability == Durability::CacheFlush {
+            self.flush.fence();
+        }
+    }
+    fn flush(&self, offset: usize, len: usize) {
+        assert!(offset + len <= self.len, "flush out of range");
         if len == 0 {
             return;
         }
         match self.durability {
-            Durability::CacheFlush => self.flush.flush_range(self.base, offset, len),
+            Durability::CacheFlush => self.flush.flush_lines(self.base, offset, len),
+            // msync is synchronous: the range is durable when it returns.
             Durability::Msync => {
                 let page = 4096;
                 let start = offset / page * page;
@@ -194,7 +207,7 @@ impl FlushKind {
         FlushKind::Fence
     }
 
-    fn flush_range(self, base: *mut u8, offset: usize, len: usize) {
+    fn flush_lines(self, base: *mut u8, offset: usize, len: usize) {
         let start = offset / CACHE_LINE_BYTES * CACHE_LINE_BYTES;
         let end = offset + len;
         let mut line = start;
@@ -220,6 +233,9 @@ impl FlushKind {
             }
             line += CACHE_LINE_BYTES;
         }
+    }
+
+    fn fence(self) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: sfence has no memory-safety preconditions.
         unsafe {
@@ -241,6 +257,8 @@ struct SimDurable {
     durable: Vec<u8>,
     persists_done: u64,
     persists_allowed: Option<u64>,
+    /// Cache lines flushed since the last fence: durable at the next one.
+    pending: Vec<(usize, usize)>,
     /// The live image when power was cut: the program stops there, so nothing written
     /// after it can reach the durable image, not even by a cache eviction.
     live_at_cut: Option<Vec<u8>>,
@@ -259,18 +277,19 @@ impl SimRegion {
                 durable: image,
                 persists_done: 0,
                 persists_allowed: None,
+                pending: Vec::new(),
                 live_at_cut: None,
             }),
         }
     }
 
-    /// After `persists` more persist calls, further persists are lost (power is cut).
+    /// After `persists` more fences, nothing more becomes durable (power is cut).
     pub fn cut_power_after(&self, persists: u64) {
         let mut state = self.state.lock().expect("sim region lock");
         state.persists_allowed = Some(state.persists_done + persists);
     }
 
-    /// Number of persist calls that reached the durable image.
+    /// Number of fences that reached the durable image.
     pub fn persists_done(&self) -> u64 {
         self.state.lock().expect("sim region lock").persists_done
     }
@@ -311,8 +330,19 @@ impl Region for SimRegion {
     fn len(&self) -> usize {
         self.live.len()
     }
-    fn persist(&self, offset: usize, len: usize) {
-        assert!(offset + len <= self.live.len(), "persist out of range");
+    fn flush(&self, offset: usize, len: usize) {
+        assert!(offset + len <= self.live.len(), "flush out of range");
+        // Flushes work at cache-line granularity, as on hardware.
+        let start = offset / CACHE_LINE_BYTES * CACHE_LINE_BYTES;
+        let end =
+            ((offset + len).div_ceil(CACHE_LINE_BYTES) * CACHE_LINE_BYTES).min(self.live.len());
+        self.state
+            .lock()
+            .expect("sim region lock")
+            .pending
+            .push((start, end));
+    }
+    fn fence(&self) {
         let mut state = self.state.lock().expect("sim region lock");
         if let Some(allowed) = state.persists_allowed {
             if state.persists_done >= allowed {
@@ -323,11 +353,10 @@ impl Region for SimRegion {
             }
         }
         state.persists_done += 1;
-        // Persist is at cache-line granularity, as on hardware.
-        let start = offset / CACHE_LINE_BYTES * CACHE_LINE_BYTES;
-        let end =
-            ((offset + len).div_ceil(CACHE_LINE_BYTES) * CACHE_LINE_BYTES).min(self.live.len());
-        state.durable[start..end].copy_from_slice(&self.live[start..end]);
+        let pending = std::mem::take(&mut state.pending);
+        for (start, end) in pending {
+            state.durable[start..end].copy_from_slice(&self.live[start..end]);
+        }
     }
 }
 
