@@ -3,6 +3,7 @@
 
 mod admin;
 mod cluster;
+mod demo;
 mod dispatcher;
 mod mounts;
 mod node;
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The main job in one command: a local cluster, an mmap + msync workload, a SIGKILL and
+    /// restart, verification of every committed byte, a report; cleans up after itself.
+    Demo(demo::DemoArgs),
     /// Run the dispatcher: namespace, dataset owners, node registry (state in --data).
     Dispatcher(dispatcher::DispatcherArgs),
     /// Run a node: PM pool, page service, FUSE mount.
@@ -92,6 +96,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Dispatcher(args) => dispatcher::run(args),
         Command::Node(args) => node::run(args),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(args),
