@@ -3,10 +3,12 @@
 //! request to a handler. TCP is the default transport; frames are length-prefixed postcard,
 //! size-bounded, and a frame that fails to decode closes only its own connection.
 
+pub mod auth;
 pub mod frame;
 pub mod tcp;
 
-pub use tcp::{multicall, Client, Server};
+pub use auth::Secret;
+pub use tcp::{multicall, wire_bytes, Client, Server};
 
 use std::time::Duration;
 
@@ -18,6 +20,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Transport errors: typed so callers can tell a dead peer from a slow one.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    #[error("{addr} refused us: the cluster secret does not match")]
+    WrongSecret { addr: String },
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: String,

@@ -14,8 +14,23 @@ use crossbeam_channel::{bounded, Sender};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::auth::{self, AuthError, Secret};
 use crate::frame::{self, FrameError};
 use crate::NetError;
+
+/// How long a handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// Frame bytes this process has sent and received over every connection.
+pub fn wire_bytes() -> (u64, u64) {
+    (
+        BYTES_SENT.load(Ordering::Relaxed),
+        BYTES_RECEIVED.load(Ordering::Relaxed),
+    )
+}
 
 type Pending = Arc<Mutex<HashMap<u64, Sender<Vec<u8>>>>>;
 
@@ -28,33 +43,23 @@ struct Connection {
 /// RPC client to one peer. Cheap to share (`Arc`); reconnects on the next call after a drop.
 pub struct Client {
     addr: String,
+    secret: Secret,
     connection: Mutex<Option<Arc<Connection>>>,
     next_id: AtomicU64,
-    bytes_sent: AtomicU64,
-    bytes_received: Arc<AtomicU64>,
 }
 
 impl Client {
-    pub fn new(addr: impl Into<String>) -> Client {
+    pub fn new(addr: impl Into<String>, secret: Secret) -> Client {
         Client {
             addr: addr.into(),
+            secret,
             connection: Mutex::new(None),
             next_id: AtomicU64::new(1),
-            bytes_sent: AtomicU64::new(0),
-            bytes_received: Arc::new(AtomicU64::new(0)),
         }
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
-    }
-
-    /// Bytes this client has put on and taken off the wire (frames included).
-    pub fn wire_bytes(&self) -> (u64, u64) {
-        (
-            self.bytes_sent.load(Ordering::Relaxed),
-            self.bytes_received.load(Ordering::Relaxed),
-        )
     }
 
     fn connect(&self) -> Result<Arc<Connection>, NetError> {
@@ -74,9 +79,23 @@ impl Client {
             .map_err(connect_error)?
             .next()
             .ok_or_else(|| connect_error(std::io::Error::other("address resolves to nothing")))?;
-        let stream =
+        let mut stream =
             TcpStream::connect_timeout(&target, Duration::from_secs(3)).map_err(connect_error)?;
         stream.set_nodelay(true).map_err(connect_error)?;
+        stream
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(connect_error)?;
+        match auth::client_handshake(&mut stream, &self.secret) {
+            Ok(()) => {}
+            Err(AuthError::WrongSecret) => {
+                tracing::error!(addr = %self.addr, "peer refused the cluster secret");
+                return Err(NetError::WrongSecret {
+                    addr: self.addr.clone(),
+                });
+            }
+            Err(AuthError::Io(source)) => return Err(connect_error(source)),
+        }
+        stream.set_read_timeout(None).map_err(connect_error)?;
         let reader = stream.try_clone().map_err(connect_error)?;
         let connection = Arc::new(Connection {
             writer: Mutex::new(BufWriter::new(stream)),
@@ -85,7 +104,6 @@ impl Client {
         });
         let pending = connection.pending.clone();
         let alive = connection.alive.clone();
-        let received = self.bytes_received.clone();
         let addr = self.addr.clone();
         std::thread::Builder::new()
             .name(format!("rpc-reader {addr}"))
@@ -94,7 +112,7 @@ impl Client {
                 loop {
                     match frame::read_frame(&mut reader) {
                         Ok(Some((id, body))) => {
-                            received.fetch_add(body.len() as u64 + 12, Ordering::Relaxed);
+                            BYTES_RECEIVED.fetch_add(body.len() as u64 + 12, Ordering::Relaxed);
                             let waiter = pending.lock().expect("pending lock").remove(&id);
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(body);
@@ -142,8 +160,7 @@ impl Client {
                 addr: self.addr.clone(),
             });
         }
-        self.bytes_sent
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        BYTES_SENT.fetch_add(frame.len() as u64, Ordering::Relaxed);
         match receiver.recv_timeout(timeout) {
             Ok(body) => postcard::from_bytes(&body).map_err(|error| NetError::Decode {
                 addr: self.addr.clone(),
@@ -193,9 +210,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serve `listener` with `handler` on `workers` threads.
+    /// Serve `listener` with `handler` on `workers` threads; every connection must first
+    /// prove `secret`.
     pub fn spawn<Req, Resp, H>(
         listener: TcpListener,
+        secret: Secret,
         workers: usize,
         handler: H,
     ) -> std::io::Result<Server>
@@ -225,9 +244,10 @@ impl Server {
                     let Ok(stream) = stream else { continue };
                     let handler = handler.clone();
                     let jobs = jobs.clone();
+                    let secret = secret.clone();
                     let spawned = std::thread::Builder::new()
                         .name("rpc-conn".into())
-                        .spawn(move || serve_connection(stream, handler, jobs));
+                        .spawn(move || serve_connection(stream, &secret, handler, jobs));
                     if let Err(error) = spawned {
                         tracing::warn!(%error, "cannot start a connection thread");
                     }
@@ -241,8 +261,12 @@ impl Server {
     }
 }
 
-fn serve_connection<Req, Resp, H>(stream: TcpStream, handler: Arc<H>, jobs: Sender<Job>)
-where
+fn serve_connection<Req, Resp, H>(
+    mut stream: TcpStream,
+    secret: &Secret,
+    handler: Arc<H>,
+    jobs: Sender<Job>,
+) where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + 'static,
     H: Fn(Req) -> Resp + Send + Sync + 'static,
@@ -252,6 +276,19 @@ where
         .map(|addr| addr.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    match auth::server_handshake(&mut stream, secret) {
+        Ok(()) => {}
+        Err(AuthError::WrongSecret) => {
+            tracing::error!(%peer, "refused a connection: the peer does not know the cluster secret");
+            return;
+        }
+        Err(AuthError::Io(error)) => {
+            tracing::warn!(%peer, %error, "handshake failed; connection closed");
+            return;
+        }
+    }
+    let _ = stream.set_read_timeout(None);
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -259,7 +296,10 @@ where
     let mut reader = BufReader::new(stream);
     loop {
         let (id, body) = match frame::read_frame(&mut reader) {
-            Ok(Some(frame)) => frame,
+            Ok(Some(frame)) => {
+                BYTES_RECEIVED.fetch_add(frame.1.len() as u64 + 12, Ordering::Relaxed);
+                frame
+            }
             Ok(None) => return,
             Err(FrameError::Io(_)) => return,
             Err(error) => {
@@ -281,6 +321,7 @@ where
             let reply = handler(request);
             match frame::encode(id, &reply) {
                 Ok(frame) => {
+                    BYTES_SENT.fetch_add(frame.len() as u64, Ordering::Relaxed);
                     let mut writer = writer.lock().expect("writer lock");
                     let _ = frame::write_frame(&mut *writer, &frame).and_then(|()| writer.flush());
                 }
@@ -300,8 +341,8 @@ mod tests {
     #[test]
     fn concurrent_calls_get_their_own_replies() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = Server::spawn(listener, 4, |value: u64| value * 2).unwrap();
-        let client = Arc::new(Client::new(server.local_addr().to_string()));
+        let server = Server::spawn(listener, secret(), 4, |value: u64| value * 2).unwrap();
+        let client = Arc::new(Client::new(server.local_addr().to_string(), secret()));
         std::thread::scope(|scope| {
             for thread in 0..8u64 {
                 let client = client.clone();
@@ -314,15 +355,20 @@ mod tests {
                 });
             }
         });
-        let (sent, received) = client.wire_bytes();
-        assert!(sent > 0 && received > 0);
+        let (sent, received) = wire_bytes();
+        assert!(
+            sent >= 1600 * 12 && received >= 1600 * 12,
+            "every frame is counted"
+        );
     }
 
     #[test]
     fn undecodable_frame_closes_only_that_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = Server::spawn(listener, 2, |value: String| value.len() as u64).unwrap();
+        let server =
+            Server::spawn(listener, secret(), 2, |value: String| value.len() as u64).unwrap();
         let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+        auth::client_handshake(&mut raw, &secret()).unwrap();
         // Length 10: id + two bytes that are not a valid postcard string (length 200, no data).
         raw.write_all(&10u32.to_le_bytes()).unwrap();
         raw.write_all(&1u64.to_le_bytes()).unwrap();
@@ -334,7 +380,7 @@ mod tests {
             0,
             "server closed it"
         );
-        let client = Client::new(server.local_addr().to_string());
+        let client = Client::new(server.local_addr().to_string(), secret());
         let reply: u64 = client
             .call(&"abc".to_string(), Duration::from_secs(5))
             .unwrap();
@@ -346,11 +392,62 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let client = Client::new(addr.to_string());
+        let client = Client::new(addr.to_string(), secret());
         let result: Result<u64, _> = client.call(&1u64, Duration::from_millis(500));
         assert!(
             matches!(result, Err(NetError::Connect { .. })),
             "{result:?}"
         );
+    }
+
+    fn secret() -> Secret {
+        Secret::from_bytes(b"0123456789abcdef-test")
+    }
+
+    #[test]
+    fn a_wrong_secret_is_refused_before_any_message_and_the_server_keeps_serving() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = calls.clone();
+        let server = Server::spawn(listener, secret(), 2, move |value: u64| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            value
+        })
+        .unwrap();
+        for wrong in [
+            Secret::none(),
+            Secret::from_bytes(b"0123456789abcdef-other"),
+        ] {
+            let client = Client::new(server.local_addr().to_string(), wrong);
+            let result: Result<u64, _> = client.call(&7u64, Duration::from_secs(5));
+            assert!(
+                matches!(result, Err(NetError::WrongSecret { .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            0,
+            "no request reached the handler"
+        );
+        let client = Client::new(server.local_addr().to_string(), secret());
+        let reply: u64 = client.call(&7u64, Duration::from_secs(5)).unwrap();
+        assert_eq!(reply, 7);
+    }
+
+    #[test]
+    fn a_peer_that_says_nothing_is_dropped_after_the_handshake_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = Server::spawn(listener, secret(), 1, |value: u64| value).unwrap();
+        let mut silent = TcpStream::connect(server.local_addr()).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut nonce = [0u8; 32];
+        std::io::Read::read_exact(&mut silent, &mut nonce).unwrap();
+        let started = std::time::Instant::now();
+        let mut byte = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut silent, &mut byte).unwrap_or(0), 0);
+        assert!(started.elapsed() < Duration::from_secs(8));
     }
 }

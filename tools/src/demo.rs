@@ -167,8 +167,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         msync_ns.value_at_quantile(0.99) as f64 / 1e3,
         msync_ns.max() as f64 / 1e3
     );
-    println!("  restart after SIGKILL       {:.0} ms (until the mount answered)", restart_time.as_secs_f64() * 1e3);
-    println!("  pages verified after crash  {} of {}, {} wrong", latest.len() as u64 - bad, latest.len(), bad);
+    println!(
+        "  restart after SIGKILL       {:.0} ms (until the mount answered)",
+        restart_time.as_secs_f64() * 1e3
+    );
+    println!(
+        "  pages verified after crash  {} of {}, {} wrong",
+        latest.len() as u64 - bad,
+        latest.len(),
+        bad
+    );
     if bad != 0 {
         bail!("{bad} committed pages were wrong after the restart");
     }
