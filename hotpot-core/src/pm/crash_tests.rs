@@ -255,3 +255,46 @@ proptest! {
         prop_assert!(models.contains(&found), "recovered {:?} is none of the committed states", found);
     }
 }
+
+#[test]
+fn prepared_commits_are_invisible_until_decided_and_abort_leaves_nothing() {
+    let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+    commit_pages(&mut pool, 4, &[0, 1], 1).unwrap();
+    let free = pool.frames_free();
+    let mut changes = Vec::new();
+    for page in [1u64, 2] {
+        let frame = pool.alloc_frame().unwrap();
+        pool.frame_mut(frame).copy_from_slice(&page_bytes(2, page));
+        changes.push(SlotChange::Put {
+            page: (4, page),
+            version: 2,
+            frame,
+            state: CopyState::Redundant,
+        });
+    }
+    let prepared = pool.prepare(&changes).unwrap();
+    assert_eq!(
+        pool.page((4, 1)).unwrap().record.version,
+        1,
+        "prepared is not current"
+    );
+    assert!(pool.page((4, 2)).is_none());
+    // A crash now discards the prepared record.
+    let (recovered, report) = {
+        let region = Box::leak(Box::new(SimRegion::from_image(region.crash_image())));
+        Pool::open(Box::new(RegionRef(region)), 1, 7).unwrap()
+    };
+    assert_eq!(report.records_discarded, 1);
+    assert_eq!(version_of_all(&recovered, 4, &[0, 1]), Some(1));
+    // A local commit of another page meanwhile does not take the reserved slot.
+    commit_pages(&mut pool, 4, &[7], 1).unwrap();
+    pool.abort(prepared);
+    for change in &changes {
+        if let SlotChange::Put { frame, .. } = change {
+            pool.unref_frame(*frame);
+        }
+    }
+    assert_eq!(pool.frames_free(), free - 1);
+    assert!(pool.page((4, 2)).is_none());
+    assert_eq!(pool.page((4, 1)).unwrap().record.version, 1);
+}

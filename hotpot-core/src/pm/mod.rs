@@ -8,7 +8,7 @@ pub mod region;
 mod crash_tests;
 
 pub use layout::{CopyState, PAGE_BYTES};
-pub use pool::{PageKey, PersistedPage, Pool, PoolUsage, RecoveryReport, SlotChange};
+pub use pool::{PageKey, PersistedPage, Pool, PoolUsage, Prepared, RecoveryReport, SlotChange};
 pub use region::{create_file, Durability, MappedRegion, Region, SimRegion};
 
 /// Errors of the PM pool. Each says what was found and what was expected.

@@ -44,6 +44,21 @@ pub struct PoolUsage {
     pub pages_persisted: u64,
 }
 
+/// A commit whose frames and Prepared record are durable, waiting for `decide` or `abort`.
+#[derive(Debug)]
+pub struct Prepared {
+    txid: u64,
+    first_block: u32,
+    entries: Vec<RedoEntry>,
+    keys: Vec<PageKey>,
+}
+
+impl Prepared {
+    pub fn txid(&self) -> u64 {
+        self.txid
+    }
+}
+
 /// What recovery did at open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -61,6 +76,8 @@ pub struct Pool {
     free_slots: Vec<u32>,
     redo_used: Vec<bool>,
     pages: HashMap<PageKey, PersistedPage>,
+    /// Slots held for pages of prepared commits that have no slot yet: (slot, holders).
+    reserved: HashMap<PageKey, (u32, u32)>,
     next_txid: u64,
 }
 
@@ -100,6 +117,7 @@ impl Pool {
             free_slots: Vec::new(),
             redo_used: vec![false; geometry.redo_blocks as usize],
             pages: HashMap::new(),
+            reserved: HashMap::new(),
             next_txid: 1,
             region,
             geometry,
@@ -315,16 +333,24 @@ impl Pool {
 
     /// Apply `changes` atomically: after a crash at any point either all or none hold.
     /// Each `Put` frame carries one reference from the caller, which the slot takes over.
-    /// Returns the commit's transaction id.
+    /// Returns the commit's transaction id (0 for an empty commit).
     pub fn commit(&mut self, changes: &[SlotChange]) -> Result<u64, PmError> {
         if changes.is_empty() {
             return Ok(0);
         }
+        let prepared = self.prepare(changes)?;
+        Ok(self.decide(prepared))
+    }
+
+    /// Steps 1 and 2 of a commit: the new frames and a Prepared redo record are durable,
+    /// nothing is current yet. A crash now discards it. The pages' slots are reserved, so a
+    /// page is never given two slots while the record waits for `decide` or `abort`.
+    pub fn prepare(&mut self, changes: &[SlotChange]) -> Result<Prepared, PmError> {
         let txid = self.next_txid;
         self.next_txid += 1;
-        // 1. New frame bytes durable, slots chosen.
         let mut entries = Vec::with_capacity(changes.len());
-        let mut taken_slots = Vec::new();
+        let mut keys = Vec::with_capacity(changes.len());
+        let mut reserved_here = Vec::new();
         let mut claimed = std::collections::HashSet::new();
         for change in changes {
             let key = match change {
@@ -342,26 +368,28 @@ impl Pool {
                         self.frame_refs[frame as usize] > 0,
                         "commit of a free frame"
                     );
-                    let data = self.frame(frame);
-                    let data_crc = layout::crc(data);
+                    let data_crc = layout::crc(self.frame(frame));
                     self.region.flush(self.geometry.frame_at(frame), PAGE_BYTES);
-                    let slot = match self.pages.get(&page) {
-                        Some(existing) => existing.slot,
-                        None => {
-                            let slot = self.free_slots.pop().ok_or(PmError::Full {
-                                frames: self.geometry.frame_count,
-                            });
-                            match slot {
-                                Ok(slot) => {
-                                    taken_slots.push(slot);
-                                    slot
-                                }
-                                Err(error) => {
-                                    self.free_slots.extend(taken_slots);
-                                    return Err(error);
-                                }
+                    let existing = self
+                        .pages
+                        .get(&page)
+                        .map(|found| found.slot)
+                        .or_else(|| self.reserved.get(&page).map(|(slot, _)| *slot));
+                    let slot = match existing {
+                        Some(slot) => slot,
+                        None => match self.free_slots.pop() {
+                            Some(slot) => {
+                                reserved_here.push((page, slot));
+                                slot
                             }
-                        }
+                            None => {
+                                self.free_slots
+                                    .extend(reserved_here.iter().map(|(_, slot)| *slot));
+                                return Err(PmError::Full {
+                                    frames: self.geometry.frame_count,
+                                });
+                            }
+                        },
                     };
                     entries.push(RedoEntry {
                         slot,
@@ -375,6 +403,7 @@ impl Pool {
                             txid,
                         }),
                     });
+                    keys.push(page);
                 }
                 SlotChange::Drop { page } => {
                     if let Some(existing) = self.pages.get(&page) {
@@ -382,43 +411,62 @@ impl Pool {
                             slot: existing.slot,
                             record: None,
                         });
+                        keys.push(page);
                     }
                 }
             }
         }
-        // 2. Redo record written with phase Prepared; it and the frames persisted together.
+        for (page, slot) in &reserved_here {
+            self.reserved.entry(*page).or_insert((*slot, 0)).1 += 1;
+        }
+        for page in &keys {
+            if let Some(reservation) = self.reserved.get_mut(page) {
+                if !reserved_here.iter().any(|(reserved, _)| reserved == page) {
+                    reservation.1 += 1;
+                }
+            }
+        }
         let record_bytes = redo_record_bytes(entries.len());
         let blocks = record_bytes.div_ceil(REDO_BLOCK_BYTES);
         let Some(first_block) = self.alloc_redo(blocks) else {
-            self.free_slots.extend(taken_slots);
+            let prepared = Prepared {
+                txid,
+                first_block: u32::MAX,
+                entries,
+                keys,
+            };
+            self.forget_reservations(&prepared);
             return Err(PmError::LogFull { blocks });
         };
         let at = self.geometry.redo_block_at(first_block);
         encode_redo(txid, &entries, self.bytes_mut(at, record_bytes));
         self.region.flush(at, record_bytes);
         self.region.fence();
+        Ok(Prepared {
+            txid,
+            first_block,
+            entries,
+            keys,
+        })
+    }
+
+    /// Steps 3 to 5: the 8-byte decision, the slots, the record freed. The `Put` frames'
+    /// references pass to the slots; the frames they replace lose one.
+    pub fn decide(&mut self, prepared: Prepared) -> u64 {
+        let at = self.geometry.redo_block_at(prepared.first_block);
         // 3. The decision: one aligned 8-byte store, persisted.
         self.store_phase(at, RedoPhase::Decided);
         // 4. Slots updated and persisted (one fence for all of them).
-        for entry in &entries {
+        for entry in &prepared.entries {
             self.write_slot(entry.slot, entry.record.as_ref());
         }
         self.region.fence();
         // 5. Record freed; in-memory index and references follow the slots.
-        self.free_redo_record(first_block);
-        for entry in &entries {
-            let key = match entry.record {
-                Some(record) => (record.dataset, record.page),
-                None => *self
-                    .pages
-                    .iter()
-                    .find(|(_, page)| page.slot == entry.slot)
-                    .map(|(key, _)| key)
-                    .expect("dropped slot is indexed"),
-            };
+        self.free_redo_record(prepared.first_block);
+        for (entry, key) in prepared.entries.iter().zip(&prepared.keys) {
             let old = match entry.record {
                 Some(record) => self.pages.insert(
-                    key,
+                    *key,
                     PersistedPage {
                         slot: entry.slot,
                         record,
@@ -426,14 +474,41 @@ impl Pool {
                 ),
                 None => {
                     self.free_slots.push(entry.slot);
-                    self.pages.remove(&key)
+                    self.pages.remove(key)
                 }
             };
             if let Some(old) = old {
                 self.unref_frame(old.record.frame);
             }
         }
-        Ok(txid)
+        // After the index: a reserved slot now in use by its page must not be freed.
+        self.forget_reservations(&prepared);
+        prepared.txid
+    }
+
+    /// Discard a prepared commit: nothing of it becomes current. The caller keeps the
+    /// references of its `Put` frames.
+    pub fn abort(&mut self, prepared: Prepared) {
+        self.free_redo_record(prepared.first_block);
+        self.forget_reservations(&prepared);
+    }
+
+    /// Drop this commit's hold on reserved slots; a slot nobody holds and no page uses is
+    /// free again.
+    fn forget_reservations(&mut self, prepared: &Prepared) {
+        for key in &prepared.keys {
+            let Some(reservation) = self.reserved.get_mut(key) else {
+                continue;
+            };
+            reservation.1 -= 1;
+            if reservation.1 == 0 {
+                let (slot, _) = self.reserved.remove(key).expect("reservation present");
+                let in_use = self.pages.get(key).is_some_and(|page| page.slot == slot);
+                if !in_use {
+                    self.free_slots.push(slot);
+                }
+            }
+        }
     }
 
     fn store_phase(&mut self, record_at: usize, phase: RedoPhase) {
