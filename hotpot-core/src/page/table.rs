@@ -13,16 +13,19 @@ use crate::proto::types::{DatasetId, PageCopy};
 
 /// The base a Dirty page was written against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Twin {
+pub(super) struct Twin {
     /// Frame holding the base bytes; `None` when the page did not exist (all zeros).
-    frame: Option<u32>,
-    version: u64,
+    pub(super) frame: Option<u32>,
+    pub(super) version: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct DirtyPage {
-    frame: u32,
-    twin: Twin,
+pub(super) struct DirtyPage {
+    pub(super) frame: u32,
+    pub(super) twin: Twin,
+    /// Bumped by every write: a commit that snapshotted an older generation leaves the page
+    /// Dirty (rebased) instead of dropping writes that came after the snapshot.
+    pub(super) generation: u64,
 }
 
 /// What a node holds of one page.
@@ -45,9 +48,12 @@ pub enum ReadOutcome {
 }
 
 pub struct PageTable {
-    pool: Pool,
-    dirty: HashMap<PageKey, DirtyPage>,
-    dirty_by_dataset: HashMap<DatasetId, BTreeSet<u64>>,
+    pub(super) pool: Pool,
+    pub(super) dirty: HashMap<PageKey, DirtyPage>,
+    pub(super) dirty_by_dataset: HashMap<DatasetId, BTreeSet<u64>>,
+    pub(super) next_generation: u64,
+    /// Copies pushed by owners, durable but not current until the owner decides.
+    pub(super) prepared: HashMap<super::copies::TxKey, super::copies::PreparedCopies>,
 }
 
 impl PageTable {
@@ -62,6 +68,8 @@ impl PageTable {
                 pool,
                 dirty: HashMap::new(),
                 dirty_by_dataset: HashMap::new(),
+                next_generation: 1,
+                prepared: HashMap::new(),
             },
             report,
         ))
@@ -110,8 +118,13 @@ impl PageTable {
     /// untouched for diffing and for an abort.
     pub fn stage(&mut self, page: PageKey, offset: usize, data: &[u8]) -> Result<(), PmError> {
         assert!(offset + data.len() <= PAGE_BYTES, "write crosses a page");
-        let dirty = match self.dirty.get(&page) {
-            Some(dirty) => *dirty,
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let dirty = match self.dirty.get_mut(&page) {
+            Some(dirty) => {
+                dirty.generation = generation;
+                *dirty
+            }
             None => {
                 let frame = self.pool.alloc_frame()?;
                 let twin = match self.pool.page(page).map(|found| found.record) {
@@ -132,7 +145,11 @@ impl PageTable {
                         }
                     }
                 };
-                let dirty = DirtyPage { frame, twin };
+                let dirty = DirtyPage {
+                    frame,
+                    twin,
+                    generation,
+                };
                 self.dirty.insert(page, dirty);
                 self.dirty_by_dataset
                     .entry(page.0)
@@ -153,47 +170,9 @@ impl PageTable {
             .unwrap_or_default()
     }
 
-    /// Commit the staged pages `pages` of `dataset`, which this node owns: each becomes a
-    /// Committed copy at its twin's version + 1, all atomically. Returns the new versions.
-    pub fn commit_owned(
-        &mut self,
-        dataset: DatasetId,
-        pages: &[u64],
-    ) -> Result<Vec<(u64, u64)>, PmError> {
-        let mut changes = Vec::with_capacity(pages.len());
-        let mut versions = Vec::with_capacity(pages.len());
-        for &page in pages {
-            let key = (dataset, page);
-            let dirty = *self
-                .dirty
-                .get(&key)
-                .expect("commit of a page that is not Dirty");
-            let current = self
-                .pool
-                .page(key)
-                .map(|found| found.record.version)
-                .unwrap_or(0);
-            // The owner serialises commits of its pages, so the twin is the current version.
-            assert_eq!(dirty.twin.version, current, "owner's twin is stale");
-            let version = current + 1;
-            changes.push(SlotChange::Put {
-                page: key,
-                version,
-                frame: dirty.frame,
-                state: CopyState::Committed,
-            });
-            versions.push((page, version));
-        }
-        self.pool.commit(&changes)?;
-        for &page in pages {
-            self.forget_dirty((dataset, page), false);
-        }
-        Ok(versions)
-    }
-
     /// Drop a page's staged writes; `free_frame` also releases the dirty frame (it was not
     /// handed to a committed slot).
-    fn forget_dirty(&mut self, page: PageKey, free_frame: bool) {
+    pub(super) fn forget_dirty(&mut self, page: PageKey, free_frame: bool) {
         let Some(dirty) = self.dirty.remove(&page) else {
             return;
         };
@@ -327,7 +306,7 @@ mod tests {
         let (bytes, outcome) = read(&table, (1, 0));
         assert_eq!(outcome, ReadOutcome::Dirty);
         assert_eq!(&bytes[10..15], b"hello");
-        assert_eq!(table.commit_owned(1, &[0]).unwrap(), vec![(0, 1)]);
+        assert_eq!(table.commit_local(1), vec![1]);
         assert_eq!(
             table.state((1, 0)),
             Some(PageState::Committed { version: 1 })
@@ -336,7 +315,7 @@ mod tests {
         let (bytes, _) = read(&table, (1, 0));
         assert_eq!(&bytes[0..1], b"x");
         assert_eq!(&bytes[10..15], b"hello", "the base was copied");
-        assert_eq!(table.commit_owned(1, &[0]).unwrap(), vec![(0, 2)]);
+        assert_eq!(table.commit_local(1), vec![2]);
     }
 
     #[test]
@@ -347,7 +326,7 @@ mod tests {
             for page in 0..8 {
                 table.stage((3, page), 0, &[round; 100]).unwrap();
             }
-            table.commit_owned(3, &(0..8).collect::<Vec<_>>()).unwrap();
+            table.commit_local(3);
         }
         assert_eq!(table.pool().frames_free(), free - 8);
         table.stage((3, 7), 0, b"staged").unwrap();

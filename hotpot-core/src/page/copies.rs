@@ -1,0 +1,378 @@
+//! Page-table operations of the cluster protocol: snapshots of staged pages for a commit,
+//! the owner applying a commit, copies an owner pushes to holders and replicas (prepared,
+//! then decided or aborted), and copies fetched from an owner.
+//! Must survive: writes that arrive while their page is being committed (kept, rebased), a
+//! fetched copy racing a newer pushed one (the older never replaces the newer), a crash
+//! between prepare and decide (the Prepared record is discarded at recovery).
+
+use crate::page::PageTable;
+use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
+use crate::proto::types::{DatasetId, NodeId};
+
+/// A commit, named across the cluster: the owner that runs it and its sequence number there.
+pub type TxKey = (NodeId, u64);
+
+/// The bytes of a staged page at the moment a commit takes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtySnapshot {
+    pub page: u64,
+    /// Version the writes were made against (the twin's).
+    pub base_version: u64,
+    pub bytes: Vec<u8>,
+    pub generation: u64,
+}
+
+/// A page of a commit as the owner sees it.
+pub struct OwnedPage<'a> {
+    pub page: u64,
+    pub base_version: u64,
+    pub bytes: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("page {page} was written against version {base} but is at version {current}: another writer committed it")]
+    Stale { page: u64, base: u64, current: u64 },
+    #[error(transparent)]
+    Pm(#[from] PmError),
+}
+
+pub struct PreparedCopies {
+    dataset: DatasetId,
+    pages: Vec<u64>,
+    frames: Vec<u32>,
+    record: Prepared,
+}
+
+impl PageTable {
+    /// The version of this node's persisted copy (0: none).
+    pub fn version_of(&self, page: PageKey) -> u64 {
+        self.pool
+            .page(page)
+            .map(|found| found.record.version)
+            .unwrap_or(0)
+    }
+
+    /// Copy out every staged page of `dataset` for a commit.
+    pub fn snapshot_dirty(&self, dataset: DatasetId) -> Vec<DirtySnapshot> {
+        self.dirty_pages(dataset)
+            .into_iter()
+            .map(|page| {
+                let dirty = self.dirty[&(dataset, page)];
+                DirtySnapshot {
+                    page,
+                    base_version: dirty.twin.version,
+                    bytes: self.pool.frame(dirty.frame).to_vec(),
+                    generation: dirty.generation,
+                }
+            })
+            .collect()
+    }
+
+    /// Write `bytes` into fresh frames (one reference each, the caller's).
+    fn frames_from(&mut self, pages: &[(u64, &[u8])]) -> Result<Vec<u32>, PmError> {
+        let mut frames = Vec::with_capacity(pages.len());
+        for (_, bytes) in pages {
+            assert_eq!(bytes.len(), PAGE_BYTES, "a page copy is one page");
+            match self.pool.alloc_frame() {
+                Ok(frame) => {
+                    self.pool.frame_mut(frame).copy_from_slice(bytes);
+                    frames.push(frame);
+                }
+                Err(error) => {
+                    for frame in frames {
+                        self.pool.unref_frame(frame);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(frames)
+    }
+
+    /// The owner's own step of a commit: every page becomes current at `base + 1`, all
+    /// atomically, or nothing changes. Returns the new versions in order.
+    pub fn apply_owned(
+        &mut self,
+        dataset: DatasetId,
+        pages: &[OwnedPage<'_>],
+    ) -> Result<Vec<u64>, CommitError> {
+        for page in pages {
+            let current = self.version_of((dataset, page.page));
+            if current != page.base_version {
+                return Err(CommitError::Stale {
+                    page: page.page,
+                    base: page.base_version,
+                    current,
+                });
+            }
+        }
+        let bytes: Vec<(u64, &[u8])> = pages.iter().map(|page| (page.page, page.bytes)).collect();
+        let frames = self.frames_from(&bytes)?;
+        let changes: Vec<SlotChange> = pages
+            .iter()
+            .zip(&frames)
+            .map(|(page, frame)| SlotChange::Put {
+                page: (dataset, page.page),
+                version: page.base_version + 1,
+                frame: *frame,
+                state: CopyState::Committed,
+            })
+            .collect();
+        if let Err(error) = self.pool.commit(&changes) {
+            for frame in frames {
+                self.pool.unref_frame(frame);
+            }
+            return Err(error.into());
+        }
+        Ok(pages.iter().map(|page| page.base_version + 1).collect())
+    }
+
+    /// After a commit of snapshots succeeded: a page not written since its snapshot is
+    /// clean now (its committed copy is in the pool); a page written since stays Dirty with
+    /// the new committed copy as its twin, so its later writes diff against what is current.
+    pub fn finish_commit(&mut self, dataset: DatasetId, done: &[(u64, u64)]) {
+        for &(page, generation) in done {
+            let key = (dataset, page);
+            let Some(dirty) = self.dirty.get(&key).copied() else {
+                continue;
+            };
+            if dirty.generation == generation {
+                self.forget_dirty(key, true);
+                continue;
+            }
+            let Some(current) = self.pool.page(key).map(|found| found.record) else {
+                continue;
+            };
+            self.pool.ref_frame(current.frame);
+            if let Some(old) = dirty.twin.frame {
+                self.pool.unref_frame(old);
+            }
+            let rebased = self.dirty.get_mut(&key).expect("dirty page present");
+            rebased.twin.frame = Some(current.frame);
+            rebased.twin.version = current.version;
+        }
+    }
+
+    /// A holder's or replica's first step: the new bytes durable in a Prepared record.
+    /// `committer`: this node made the commit (its copy is read locally: Committed).
+    pub fn prepare_copies(
+        &mut self,
+        tx: TxKey,
+        dataset: DatasetId,
+        pages: &[(u64, u64, &[u8])],
+        committer: bool,
+    ) -> Result<(), PmError> {
+        if self.prepared.contains_key(&tx) {
+            return Ok(()); // a retried Prepare
+        }
+        let bytes: Vec<(u64, &[u8])> = pages
+            .iter()
+            .map(|(page, _, bytes)| (*page, *bytes))
+            .collect();
+        let frames = self.frames_from(&bytes)?;
+        let changes: Vec<SlotChange> = pages
+            .iter()
+            .zip(&frames)
+            .map(|((page, version, _), frame)| {
+                let held_for_reading = self
+                    .pool
+                    .page((dataset, *page))
+                    .is_some_and(|found| found.record.state == CopyState::Committed);
+                SlotChange::Put {
+                    page: (dataset, *page),
+                    version: *version,
+                    frame: *frame,
+                    state: if committer || held_for_reading {
+                        CopyState::Committed
+                    } else {
+                        CopyState::Redundant
+                    },
+                }
+            })
+            .collect();
+        match self.pool.prepare(&changes) {
+            Ok(record) => {
+                self.prepared.insert(
+                    tx,
+                    PreparedCopies {
+                        dataset,
+                        pages: pages.iter().map(|(page, _, _)| *page).collect(),
+                        frames,
+                        record,
+                    },
+                );
+                Ok(())
+            }
+            Err(error) => {
+                for frame in frames {
+                    self.pool.unref_frame(frame);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The owner decided: the prepared copies become current. Returns the dataset and pages
+    /// (for cache invalidation); `None` if this node has no such prepared commit (a retry).
+    pub fn decide_copies(&mut self, tx: TxKey) -> Option<(DatasetId, Vec<u64>)> {
+        let prepared = self.prepared.remove(&tx)?;
+        self.pool.decide(prepared.record);
+        Some((prepared.dataset, prepared.pages))
+    }
+
+    /// The owner gave up: nothing of the prepared copies remains.
+    pub fn abort_copies(&mut self, tx: TxKey) {
+        if let Some(prepared) = self.prepared.remove(&tx) {
+            self.pool.abort(prepared.record);
+            for frame in prepared.frames {
+                self.pool.unref_frame(frame);
+            }
+        }
+    }
+
+    /// Store a copy fetched from an owner, unless this node already has that version or a
+    /// newer one, or a newer one is prepared. Returns whether it was stored.
+    pub fn install_copy(
+        &mut self,
+        page: PageKey,
+        version: u64,
+        bytes: &[u8],
+    ) -> Result<bool, PmError> {
+        let pending = self
+            .prepared
+            .values()
+            .any(|prepared| prepared.dataset == page.0 && prepared.pages.contains(&page.1));
+        if pending || (self.pool.page(page).is_some() && self.version_of(page) >= version) {
+            return Ok(false);
+        }
+        let frames = self.frames_from(&[(page.1, bytes)])?;
+        let change = SlotChange::Put {
+            page,
+            version,
+            frame: frames[0],
+            state: CopyState::Committed,
+        };
+        if let Err(error) = self.pool.commit(&[change]) {
+            self.pool.unref_frame(frames[0]);
+            return Err(error);
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+impl PageTable {
+    /// What a node that owns every page does for a commit of its own staged pages.
+    pub(crate) fn commit_local(&mut self, dataset: DatasetId) -> Vec<u64> {
+        let snapshots = self.snapshot_dirty(dataset);
+        let owned: Vec<OwnedPage<'_>> = snapshots
+            .iter()
+            .map(|s| OwnedPage {
+                page: s.page,
+                base_version: s.base_version,
+                bytes: &s.bytes,
+            })
+            .collect();
+        let versions = self.apply_owned(dataset, &owned).expect("local commit");
+        let done: Vec<(u64, u64)> = snapshots.iter().map(|s| (s.page, s.generation)).collect();
+        self.finish_commit(dataset, &done);
+        versions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::{PageState, ReadOutcome};
+    use crate::pm::SimRegion;
+
+    fn table() -> PageTable {
+        let region = SimRegion::from_image(vec![0u8; 2 << 20]);
+        PageTable::open(Box::new(region), 1, 1).unwrap().0
+    }
+
+    #[test]
+    fn a_write_during_a_commit_stays_staged_on_top_of_the_committed_version() {
+        let mut table = table();
+        let free = table.pool().frames_free();
+        table.stage((1, 0), 0, b"first").unwrap();
+        let snapshots = table.snapshot_dirty(1);
+        table.stage((1, 0), 100, b"later").unwrap();
+        let owned = [OwnedPage {
+            page: 0,
+            base_version: 0,
+            bytes: &snapshots[0].bytes,
+        }];
+        assert_eq!(table.apply_owned(1, &owned).unwrap(), vec![1]);
+        table.finish_commit(1, &[(0, snapshots[0].generation)]);
+        assert_eq!(
+            table.state((1, 0)),
+            Some(PageState::Dirty { twin_version: 1 })
+        );
+        let mut out = vec![0u8; PAGE_BYTES];
+        assert_eq!(table.read((1, 0), &mut out), ReadOutcome::Dirty);
+        assert_eq!(&out[0..5], b"first");
+        assert_eq!(&out[100..105], b"later");
+        assert_eq!(table.commit_local(1), vec![2]);
+        assert_eq!(
+            table.state((1, 0)),
+            Some(PageState::Committed { version: 2 })
+        );
+        assert_eq!(table.pool().frames_free(), free - 1, "no frame leaked");
+    }
+
+    #[test]
+    fn a_stale_base_is_refused_and_changes_nothing() {
+        let mut table = table();
+        table.stage((1, 3), 0, b"x").unwrap();
+        table.commit_local(1);
+        let page = vec![7u8; PAGE_BYTES];
+        let error = table.apply_owned(
+            1,
+            &[OwnedPage {
+                page: 3,
+                base_version: 0,
+                bytes: &page,
+            }],
+        );
+        assert!(matches!(error, Err(CommitError::Stale { current: 1, .. })));
+        assert_eq!(table.version_of((1, 3)), 1);
+    }
+
+    #[test]
+    fn prepared_copies_become_current_only_when_decided_and_old_fetches_lose() {
+        let mut table = table();
+        let free = table.pool().frames_free();
+        let v5 = vec![5u8; PAGE_BYTES];
+        let v6 = vec![6u8; PAGE_BYTES];
+        table
+            .prepare_copies((2, 1), 9, &[(0, 6, &v6)], false)
+            .unwrap();
+        assert_eq!(table.version_of((9, 0)), 0);
+        assert!(
+            !table.install_copy((9, 0), 5, &v5).unwrap(),
+            "a prepared newer copy wins"
+        );
+        assert_eq!(table.decide_copies((2, 1)), Some((9, vec![0])));
+        assert_eq!(
+            table.state((9, 0)),
+            Some(PageState::Redundant { version: 6 })
+        );
+        assert!(
+            !table.install_copy((9, 0), 5, &v5).unwrap(),
+            "older than what is held"
+        );
+        table
+            .prepare_copies((2, 2), 9, &[(0, 7, &v5), (1, 1, &v5)], false)
+            .unwrap();
+        table.abort_copies((2, 2));
+        assert_eq!(table.version_of((9, 0)), 6);
+        assert_eq!(table.version_of((9, 1)), 0);
+        assert_eq!(
+            table.pool().frames_free(),
+            free - 1,
+            "aborted frames are free again"
+        );
+    }
+}
