@@ -53,6 +53,15 @@ impl PageTable {
             .unwrap_or(0)
     }
 
+    /// This node's persisted copy of `page` (never its staged writes): its version and bytes.
+    pub fn read_persisted(&self, page: PageKey) -> Option<(u64, Vec<u8>)> {
+        let found = self.pool.page(page)?;
+        Some((
+            found.record.version,
+            self.pool.frame(found.record.frame).to_vec(),
+        ))
+    }
+
     /// Copy out every staged page of `dataset` for a commit.
     pub fn snapshot_dirty(&self, dataset: DatasetId) -> Vec<DirtySnapshot> {
         self.dirty_pages(dataset)

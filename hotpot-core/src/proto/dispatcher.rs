@@ -42,6 +42,9 @@ pub struct DispatcherState {
     next_dataset: DatasetId,
     inodes: BTreeMap<Ino, Inode>,
     nodes: BTreeMap<NodeId, NodeRecord>,
+    /// MRSW write leases: dataset → the node that may write it.
+    #[serde(default)]
+    leases: BTreeMap<DatasetId, NodeId>,
 }
 
 impl DispatcherState {
@@ -70,6 +73,7 @@ impl DispatcherState {
             next_dataset: 1,
             inodes: BTreeMap::from([(ROOT_INO, root)]),
             nodes: BTreeMap::new(),
+            leases: BTreeMap::new(),
         }
     }
 
@@ -141,7 +145,8 @@ impl DispatcherState {
                     .ok_or_else(|| FsError::Invalid(format!("node {node} has not joined")))?;
                 record.last_heartbeat_ms = Some(now_ms);
                 record.usage = usage;
-                (DispatcherReply::Done, false)
+                // The reply tells the node who its peers are.
+                (self.status(now_ms), false)
             }
             R::Lookup { parent, name } => {
                 check_name(&name)?;
@@ -344,29 +349,26 @@ impl DispatcherState {
                 }
                 (DispatcherReply::Attr(self.inode(ino)?.attr.clone()), false)
             }
-            R::Status => {
-                let nodes = self
-                    .nodes
-                    .iter()
-                    .map(|(id, node)| NodeInfo {
-                        id: *id,
-                        addr: node.addr.clone(),
-                        mount: node.mount.clone(),
-                        live: is_live(node, now_ms),
-                        last_heartbeat_ms_ago: node
-                            .last_heartbeat_ms
-                            .map(|at| now_ms.saturating_sub(at))
-                            .unwrap_or(u64::MAX),
-                        usage: node.usage.clone(),
-                    })
-                    .collect();
-                (
-                    DispatcherReply::Status {
-                        cluster_id: self.cluster_id,
-                        nodes,
-                    },
-                    false,
-                )
+            R::Status => (self.status(now_ms), false),
+            R::AcquireLease { dataset, node } => match self.leases.get(&dataset) {
+                Some(holder) if *holder != node && self.node_live(*holder, now_ms) => {
+                    return Err(FsError::Busy(format!(
+                        "node {holder} holds the write lease of dataset {dataset}"
+                    )))
+                }
+                Some(holder) if *holder == node => (DispatcherReply::Done, false),
+                _ => {
+                    self.leases.insert(dataset, node);
+                    (DispatcherReply::Done, true)
+                }
+            },
+            R::ReleaseLease { dataset, node } => {
+                if self.leases.get(&dataset) == Some(&node) {
+                    self.leases.remove(&dataset);
+                    (DispatcherReply::Done, true)
+                } else {
+                    (DispatcherReply::Done, false)
+                }
             }
             R::LiveDatasets => {
                 let ids = self
@@ -377,6 +379,34 @@ impl DispatcherState {
                 (DispatcherReply::Datasets(ids), false)
             }
         })
+    }
+
+    fn node_live(&self, node: NodeId, now_ms: u64) -> bool {
+        self.nodes
+            .get(&node)
+            .is_some_and(|record| is_live(record, now_ms))
+    }
+
+    fn status(&self, now_ms: u64) -> DispatcherReply {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(id, node)| NodeInfo {
+                id: *id,
+                addr: node.addr.clone(),
+                mount: node.mount.clone(),
+                live: is_live(node, now_ms),
+                last_heartbeat_ms_ago: node
+                    .last_heartbeat_ms
+                    .map(|at| now_ms.saturating_sub(at))
+                    .unwrap_or(u64::MAX),
+                usage: node.usage.clone(),
+            })
+            .collect();
+        DispatcherReply::Status {
+            cluster_id: self.cluster_id,
+            nodes,
+        }
     }
 
     fn inode(&self, ino: Ino) -> Result<&Inode, FsError> {
@@ -461,6 +491,9 @@ impl DispatcherState {
         dir.attr.mtime_ns = now_ns;
         dir.attr.ctime_ns = now_ns;
         let removed = self.inodes.remove(&ino).ok_or(FsError::NotFound)?;
+        if let Some(dataset) = &removed.attr.dataset {
+            self.leases.remove(&dataset.id);
+        }
         if removed.attr.kind == Kind::Directory {
             self.inode_mut(parent)?.attr.nlink -= 1;
         }
@@ -531,9 +564,13 @@ impl DispatcherState {
     }
 }
 
+/// A node is live while it heartbeats; right after a dispatcher restart (no heartbeat seen
+/// yet) every known node counts as live for one timeout, so leases are not handed over early.
 fn is_live(node: &NodeRecord, now_ms: u64) -> bool {
-    node.last_heartbeat_ms
-        .is_some_and(|at| now_ms.saturating_sub(at) < NODE_TIMEOUT_MS)
+    match node.last_heartbeat_ms {
+        Some(at) => now_ms.saturating_sub(at) < NODE_TIMEOUT_MS,
+        None => now_ms < NODE_TIMEOUT_MS,
+    }
 }
 
 fn check_name(name: &str) -> Result<(), FsError> {
@@ -643,6 +680,58 @@ mod tests {
         assert!(!changed);
         let (reply, _) = state.handle(join(Some(7)), 0, 0);
         assert_eq!(reply, DispatcherReply::Joined { cluster_id: 7 });
+    }
+
+    #[test]
+    fn one_node_at_a_time_holds_a_write_lease() {
+        let mut state = joined(2);
+        let acquire = |node| R::AcquireLease { dataset: 5, node };
+        assert_eq!(
+            state.handle(acquire(1), 0, 0),
+            (DispatcherReply::Done, true)
+        );
+        assert_eq!(
+            state.handle(acquire(1), 0, 0),
+            (DispatcherReply::Done, false)
+        );
+        let (reply, _) = state.handle(acquire(2), 0, 0);
+        assert!(
+            matches!(reply, DispatcherReply::Failed(FsError::Busy(ref why)) if why.contains("node 1"))
+        );
+        state.handle(
+            R::ReleaseLease {
+                dataset: 5,
+                node: 1,
+            },
+            0,
+            0,
+        );
+        assert_eq!(
+            state.handle(acquire(2), 0, 0),
+            (DispatcherReply::Done, true)
+        );
+        // A holder that stops heartbeating loses the lease.
+        state.handle(
+            R::Heartbeat {
+                node: 1,
+                usage: NodeUsage::default(),
+            },
+            10_000,
+            0,
+        );
+        let late = NODE_TIMEOUT_MS + 20_000;
+        state.handle(
+            R::Heartbeat {
+                node: 1,
+                usage: NodeUsage::default(),
+            },
+            late,
+            0,
+        );
+        assert_eq!(
+            state.handle(acquire(1), late, 0),
+            (DispatcherReply::Done, true)
+        );
     }
 
     #[test]

@@ -82,6 +82,15 @@ pub enum DispatcherRequest {
     Status,
     /// Which datasets exist (a restarted node drops pages of the others).
     LiveDatasets,
+    /// MRSW: ask for the single-writer lease of a dataset (granted again to its holder).
+    AcquireLease {
+        dataset: DatasetId,
+        node: NodeId,
+    },
+    ReleaseLease {
+        dataset: DatasetId,
+        node: NodeId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,15 +114,76 @@ pub enum DispatcherReply {
     Failed(FsError),
 }
 
+/// A staged page sent to its owner for a commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageWrite {
+    pub page: u64,
+    /// The version the writes were made against.
+    pub base_version: u64,
+    pub bytes: Vec<u8>,
+}
+
 /// Requests a node serves to peers and tools.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeRequest {
     /// This node's copies of the pages of a dataset (for `hotpot stat`).
-    PageCopies { dataset: DatasetId },
+    PageCopies {
+        dataset: DatasetId,
+    },
+    /// To the owner: the committed page; `from` becomes a holder.
+    Fetch {
+        dataset: DatasetId,
+        page: u64,
+        from: NodeId,
+    },
+    /// To any node: its own persisted copy, if it has one (the owner is unreachable).
+    FetchCopy {
+        dataset: DatasetId,
+        page: u64,
+    },
+    /// To the owner: commit these pages of `dataset` for `committer`.
+    Commit {
+        dataset: Dataset,
+        ino: Ino,
+        committer: NodeId,
+        pages: Vec<PageWrite>,
+    },
+    /// Owner to holders and replicas: persist these new versions, not yet current.
+    Prepare {
+        tx: (NodeId, u64),
+        dataset: DatasetId,
+        committer: bool,
+        pages: Vec<(u64, u64, Vec<u8>)>,
+    },
+    /// Owner to targets: make the prepared copies current; `ino` is the file whose kernel
+    /// page cache must be dropped for those pages (`None` on the committing node).
+    Decide {
+        tx: (NodeId, u64),
+        ino: Option<Ino>,
+    },
+    Abort {
+        tx: (NodeId, u64),
+    },
+    /// Frame bytes this node has sent and received.
+    Stats,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeReply {
     PageCopies(Vec<PageCopy>),
+    /// A page at a version; empty bytes stand for a page of zeros (never written).
+    Page {
+        version: u64,
+        bytes: Vec<u8>,
+    },
+    Copy(Option<(u64, Vec<u8>)>),
+    Committed {
+        versions: Vec<u64>,
+    },
+    Stats {
+        bytes_sent: u64,
+        bytes_received: u64,
+    },
+    Done,
     Failed(FsError),
 }
