@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::types::*;
-use hotpot_net::{multicall, Client};
+use hotpot_net::{multicall, Client, Secret};
 
 use crate::{cluster, mounts};
 
@@ -23,21 +23,49 @@ pub struct Target {
     /// Cluster directory made by `hotpot cluster up`.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Cluster secret file (default: the `secret` of the cluster directory, if found).
+    #[arg(long)]
+    pub secret: Option<PathBuf>,
 }
 
 impl Target {
-    fn address(&self) -> anyhow::Result<String> {
+    /// The dispatcher to ask and the secret to prove.
+    fn client(&self) -> anyhow::Result<Client> {
         if let Some(addr) = &self.dispatcher {
-            return Ok(addr.clone());
+            return Ok(Client::new(
+                addr.clone(),
+                secret_near(self.secret.as_deref(), None)?,
+            ));
         }
         if let Some(dir) = &self.dir {
-            return Ok(cluster::load(dir)?.dispatcher.addr);
+            let addr = cluster::load(dir)?.dispatcher.addr;
+            return Ok(Client::new(
+                addr,
+                secret_near(self.secret.as_deref(), Some(dir))?,
+            ));
         }
         match mounts::hotpot_mounts().first() {
-            Some(mount) => Ok(mount.dispatcher.clone()),
+            Some(mount) => Ok(Client::new(
+                mount.dispatcher.clone(),
+                secret_near(self.secret.as_deref(), Some(&mount.mount_point))?,
+            )),
             None => bail!("no hotpot mount here: give --dispatcher HOST:PORT or --dir CLUSTER_DIR"),
         }
     }
+}
+
+/// The secret to use: `explicit`, else the `secret` file of the first directory at or above
+/// `near` that holds a `cluster.json` (a cluster made by `hotpot cluster up`), else none.
+pub fn secret_near(explicit: Option<&Path>, near: Option<&Path>) -> anyhow::Result<Secret> {
+    if let Some(path) = explicit {
+        return Secret::load(path).map_err(|error| anyhow::anyhow!(error));
+    }
+    for dir in near.into_iter().flat_map(Path::ancestors) {
+        if dir.join("cluster.json").is_file() && dir.join("secret").is_file() {
+            return Secret::load(&dir.join("secret")).map_err(|error| anyhow::anyhow!(error));
+        }
+    }
+    Ok(Secret::none())
 }
 
 fn ask(client: &Client, request: DispatcherRequest) -> anyhow::Result<DispatcherReply> {
@@ -76,6 +104,9 @@ pub struct CreateArgs {
     /// File mode bits.
     #[arg(long, default_value = "644", value_parser = parse_octal)]
     pub perm: u32,
+    /// Cluster secret file (default: the `secret` of the cluster directory, if found).
+    #[arg(long)]
+    pub secret: Option<PathBuf>,
 }
 
 fn parse_octal(text: &str) -> Result<u32, String> {
@@ -105,7 +136,10 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     let chunk_pages = crate::dispatcher::chunk_pages(args.chunk_size)?;
     let (mount, inside) = mounts::locate(&args.path)?;
     let (parent_path, name) = split_parent(&inside)?;
-    let client = Client::new(mount.dispatcher.clone());
+    let client = Client::new(
+        mount.dispatcher.clone(),
+        secret_near(args.secret.as_deref(), Some(&mount.mount_point))?,
+    );
     let parent = attr_of(ask(
         &client,
         DispatcherRequest::Resolve {
@@ -162,7 +196,7 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
 }
 
 pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
-    let client = Client::new(target.address()?);
+    let client = target.client()?;
     let (cluster_id, nodes) = match ask(&client, DispatcherRequest::Status)? {
         DispatcherReply::Status { cluster_id, nodes } => (cluster_id, nodes),
         other => bail!("dispatcher sent {other:?} for status"),
@@ -201,9 +235,10 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
+pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let (mount, inside) = mounts::locate(path)?;
-    let client = Client::new(mount.dispatcher.clone());
+    let secret = secret_near(secret, Some(&mount.mount_point))?;
+    let client = Client::new(mount.dispatcher.clone(), secret.clone());
     let attr = attr_of(ask(&client, DispatcherRequest::Resolve { path: inside })?)
         .with_context(|| format!("{}", path.display()))?;
     let Some(dataset) = attr.dataset.clone() else {
@@ -219,7 +254,7 @@ pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
     let live: Vec<&NodeInfo> = nodes.iter().filter(|node| node.live).collect();
     let clients: Vec<Arc<Client>> = live
         .iter()
-        .map(|node| Arc::new(Client::new(node.addr.clone())))
+        .map(|node| Arc::new(Client::new(node.addr.clone(), secret.clone())))
         .collect();
     let replies = multicall::<_, NodeReply>(
         &clients,
@@ -233,6 +268,7 @@ pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
         match reply {
             Ok(NodeReply::PageCopies(copies)) => per_node.push((node.id, copies)),
             Ok(NodeReply::Failed(error)) => eprintln!("warning: node {}: {error}", node.id),
+            Ok(other) => eprintln!("warning: node {} answered {other:?}", node.id),
             Err(error) => eprintln!("warning: node {} unreachable: {error}", node.id),
         }
     }
@@ -240,7 +276,10 @@ pub fn stat(path: &Path, json: bool) -> anyhow::Result<()> {
     let chunks = attr.size.div_ceil(chunk_bytes).max(1);
     let mut copies_per_page: std::collections::BTreeMap<u64, u32> = Default::default();
     for (_, copies) in &per_node {
-        for copy in copies.iter().filter(|copy| copy.state != "dirty") {
+        for copy in copies
+            .iter()
+            .filter(|copy| copy.state != "dirty" && copy.version > 0)
+        {
             *copies_per_page.entry(copy.page).or_default() += 1;
         }
     }

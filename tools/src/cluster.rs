@@ -111,9 +111,32 @@ fn spawn_logged(args: &[String], log: &Path) -> anyhow::Result<u32> {
     Ok(child.id())
 }
 
+fn secret_path(dir: &Path) -> PathBuf {
+    dir.join("secret")
+}
+
+/// A new random cluster secret, readable by its owner only; an existing one is kept.
+fn ensure_secret(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = secret_path(dir);
+    if !path.exists() {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        writeln!(file, "{}", hotpot_net::Secret::generate_hex())?;
+    }
+    Ok(path)
+}
+
 fn node_args(cluster: &ClusterFile, node: &NodeEntry) -> Vec<String> {
     vec![
         "node".into(),
+        "--secret".into(),
+        secret_path(&cluster.dir).display().to_string(),
         "--id".into(),
         node.id.to_string(),
         "--dispatcher".into(),
@@ -251,8 +274,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let data = dir.join("dispatcher");
     let log = dir.join("dispatcher.log");
     let addr = format!("127.0.0.1:{}", free_port()?);
+    let secret = ensure_secret(&dir)?;
     let dispatcher_args: Vec<String> = vec![
         "dispatcher".into(),
+        "--secret".into(),
+        secret.display().to_string(),
         "--listen".into(),
         addr.clone(),
         "--data".into(),
@@ -351,7 +377,8 @@ fn node_entry(cluster: &ClusterFile, id: u32) -> anyhow::Result<NodeEntry> {
         })
 }
 
-pub fn kill(dir: &Path, id: u32) -> anyhow::Result<()> {
+/// SIGKILL node `id`; with `wipe` also delete its PM file (the node is lost with its data).
+pub fn kill(dir: &Path, id: u32, wipe: bool) -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("no cluster at {}", dir.display()))?;
@@ -364,7 +391,17 @@ pub fn kill(dir: &Path, id: u32) -> anyhow::Result<()> {
     if !wait_gone(node.pid, &dir, Duration::from_secs(10)) {
         bail!("node {id} (pid {}) survived SIGKILL for 10 s", node.pid);
     }
-    println!("node {id} killed (pid {})", node.pid);
+    if wipe {
+        std::fs::remove_file(&node.pm)
+            .with_context(|| format!("deleting PM file {}", node.pm.display()))?;
+        println!(
+            "node {id} killed (pid {}), PM file {} deleted",
+            node.pid,
+            node.pm.display()
+        );
+    } else {
+        println!("node {id} killed (pid {})", node.pid);
+    }
     Ok(())
 }
 

@@ -141,7 +141,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     drop(file);
 
     println!("== crash: SIGKILL the node, restart it on its PM file");
-    cluster::kill(&dir, 1)?;
+    cluster::kill(&dir, 1, false)?;
     let restart = Instant::now();
     cluster::start_node(&dir, 1)?;
     let restart_time = restart.elapsed();
@@ -156,7 +156,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             bad += 1;
         }
     }
-    crate::admin::stat(&path, false)?;
+    crate::admin::stat(&path, None, false)?;
     println!();
     println!("report");
     println!("  commits acknowledged        {}", args.commits);

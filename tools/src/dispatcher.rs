@@ -33,6 +33,10 @@ pub struct DispatcherArgs {
     /// Chunk size of datasets created by open(O_CREAT), e.g. 4MiB (a multiple of 4KiB).
     #[arg(long, default_value = "4MiB", value_parser = crate::size::parse_size)]
     pub default_chunk_size: u64,
+    /// File holding the cluster secret (every connection proves it). Without it the
+    /// dispatcher runs unauthenticated and says so.
+    #[arg(long)]
+    pub secret: Option<PathBuf>,
 }
 
 fn now_ns() -> u64 {
@@ -105,7 +109,8 @@ pub fn run(args: DispatcherArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let shared = Arc::new(Mutex::new(state));
     let data = args.data.clone();
-    Server::spawn(listener, 4, move |request: DispatcherRequest| {
+    let secret = crate::load_secret(args.secret.as_deref())?;
+    Server::spawn(listener, secret, 8, move |request: DispatcherRequest| {
         let now_ms = started.elapsed().as_millis() as u64;
         let mut state = shared.lock().expect("dispatcher state lock");
         let (reply, changed) = state.handle(request, now_ms, now_ns());

@@ -53,6 +53,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Cluster secret file (default: the `secret` of the cluster directory, if found).
+        #[arg(long)]
+        secret: Option<PathBuf>,
     },
 }
 
@@ -66,13 +69,17 @@ enum ClusterCommand {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// SIGKILL one node (a crash); its PM file is kept.
+    /// SIGKILL one node (a crash); its PM file is kept unless --wipe.
     Kill {
         #[arg(long)]
         dir: PathBuf,
         /// Node id.
         #[arg(long)]
         node: u32,
+        /// Also delete the node's PM file: the node is lost with its data and
+        /// `cluster start-node` brings it back empty.
+        #[arg(long)]
+        wipe: bool,
     },
     /// Restart a node on its PM file; returns when its mount answers.
     StartNode {
@@ -82,6 +89,17 @@ enum ClusterCommand {
         #[arg(long)]
         node: u32,
     },
+}
+
+/// The cluster secret from `--secret FILE`, or none (with a warning).
+pub fn load_secret(path: Option<&std::path::Path>) -> anyhow::Result<hotpot_net::Secret> {
+    match path {
+        Some(path) => hotpot_net::Secret::load(path).map_err(|error| anyhow::anyhow!(error)),
+        None => {
+            tracing::warn!("no --secret given: connections are not authenticated");
+            Ok(hotpot_net::Secret::none())
+        }
+    }
 }
 
 fn main() {
@@ -101,13 +119,15 @@ fn main() {
         Command::Node(args) => node::run(args),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(args),
         Command::Cluster(ClusterCommand::Down { dir }) => cluster::down(&dir),
-        Command::Cluster(ClusterCommand::Kill { dir, node }) => cluster::kill(&dir, node),
+        Command::Cluster(ClusterCommand::Kill { dir, node, wipe }) => {
+            cluster::kill(&dir, node, wipe)
+        }
         Command::Cluster(ClusterCommand::StartNode { dir, node }) => {
             cluster::start_node(&dir, node)
         }
         Command::Create(args) => admin::create(args),
         Command::Status { target, json } => admin::status(target, json),
-        Command::Stat { path, json } => admin::stat(&path, json),
+        Command::Stat { path, json, secret } => admin::stat(&path, secret.as_deref(), json),
     };
     if let Err(error) = result {
         eprintln!("hotpot: error: {error:#}");

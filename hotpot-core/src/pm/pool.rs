@@ -65,6 +65,8 @@ pub struct RecoveryReport {
     pub records_replayed: u32,
     pub records_discarded: u32,
     pub pages: u64,
+    /// The file was new: this open formatted it.
+    pub formatted: bool,
 }
 
 pub struct Pool {
@@ -90,7 +92,9 @@ impl Pool {
         cluster_id: u64,
     ) -> Result<(Pool, RecoveryReport), PmError> {
         let geometry = Geometry::for_pool_bytes(region.len() as u64)?;
-        let superblock = if let Some(superblock) = Self::read_superblock(region.as_ref())? {
+        let existing = Self::read_superblock(region.as_ref())?;
+        let formatted = existing.is_none();
+        let superblock = if let Some(superblock) = existing {
             if superblock.node_id != node_id {
                 return Err(PmError::WrongOwner {
                     what: format!(
@@ -123,7 +127,8 @@ impl Pool {
             geometry,
             superblock,
         };
-        let report = pool.recover()?;
+        let mut report = pool.recover()?;
+        report.formatted = formatted;
         Ok((pool, report))
     }
 

@@ -4,15 +4,19 @@
 //! at any point (only committed bytes are in PM slots; staged bytes are volatile by design).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hotpot_core::page::{PageTable, ReadOutcome};
 use hotpot_core::pm::PAGE_BYTES;
-use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
+use hotpot_core::proto::messages::{
+    DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, PageWrite,
+};
 use hotpot_core::proto::types::*;
 use hotpot_fs::{Engine, Invalidator, Space};
 use hotpot_net::{Client, NetError};
+
+use super::protocol::{pm_error, Protocol};
 
 /// How long a node keeps retrying an unreachable dispatcher before failing the request.
 const DISPATCHER_RETRY_MS: u64 = 15_000;
@@ -24,14 +28,18 @@ struct FileState {
     staged_size: Option<u64>,
     /// Unlinked while open here: its pages go at the last release.
     unlinked: bool,
+    /// Opens that may write; an MRSW dataset's lease is held while this is above zero.
+    writers: u32,
 }
 
 pub struct NodeEngine {
     id: NodeId,
     dispatcher: Arc<Client>,
-    table: Mutex<PageTable>,
+    protocol: Arc<Protocol>,
     files: Mutex<HashMap<Ino, FileState>>,
-    invalidator: OnceLock<Invalidator>,
+    /// One commit at a time from this node: two would snapshot the same staged pages.
+    commit_lock: Mutex<()>,
+    lease_wait: Duration,
     call_timeout: Duration,
 }
 
@@ -67,29 +75,55 @@ fn apply_locally(attr: &mut Attr, changes: &AttrChanges) {
     attr.ctime_ns = now;
 }
 
-fn pm_error(error: hotpot_core::pm::PmError) -> FsError {
-    match error {
-        hotpot_core::pm::PmError::Full { .. } | hotpot_core::pm::PmError::LogFull { .. } => {
-            FsError::NoSpace(error.to_string())
-        }
-        other => io_error(other),
-    }
-}
-
 impl NodeEngine {
-    pub fn new(id: NodeId, dispatcher: Arc<Client>, table: PageTable) -> NodeEngine {
+    pub fn new(
+        dispatcher: Arc<Client>,
+        protocol: Arc<Protocol>,
+        lease_wait: Duration,
+    ) -> NodeEngine {
         NodeEngine {
-            id,
+            id: protocol.id,
             dispatcher,
-            table: Mutex::new(table),
+            protocol,
             files: Mutex::new(HashMap::new()),
-            invalidator: OnceLock::new(),
+            commit_lock: Mutex::new(()),
+            lease_wait,
             call_timeout: hotpot_net::DEFAULT_TIMEOUT,
         }
     }
 
     pub fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
-        self.table.lock().expect("page table lock")
+        self.protocol.table()
+    }
+
+    /// MRSW: take the dataset's write lease, retrying for `lease_wait`; then EBUSY.
+    fn acquire_lease(&self, dataset: &Dataset) -> Result<(), FsError> {
+        let deadline = Instant::now() + self.lease_wait;
+        loop {
+            let request = DispatcherRequest::AcquireLease {
+                dataset: dataset.id,
+                node: self.id,
+            };
+            match self.ask(request) {
+                Ok(_) => return Ok(()),
+                Err(FsError::Busy(why)) if Instant::now() >= deadline => {
+                    tracing::warn!(dataset = dataset.id, %why, "open for writing refused: the dataset has another writer");
+                    return Err(FsError::Busy(why));
+                }
+                Err(FsError::Busy(_)) => std::thread::sleep(Duration::from_millis(50)),
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    fn release_lease(&self, dataset: &Dataset) {
+        let request = DispatcherRequest::ReleaseLease {
+            dataset: dataset.id,
+            node: self.id,
+        };
+        if let Err(error) = self.ask(request) {
+            tracing::error!(dataset = dataset.id, %error, "cannot release the write lease");
+        }
     }
 
     /// Ask the dispatcher, retrying while it is unreachable (it may be restarting).
@@ -173,6 +207,7 @@ impl NodeEngine {
                 opens: 0,
                 staged_size: None,
                 unlinked: false,
+                writers: 0,
             },
         );
         Ok((dataset, size))
@@ -200,32 +235,70 @@ impl NodeEngine {
         self.table().drop_dataset(dataset.id).map_err(pm_error)
     }
 
-    /// Commit every page this node staged for `dataset`, grouped by chunk owner.
-    fn commit_dataset(&self, dataset: &Dataset) -> Result<usize, FsError> {
-        let mut table = self.table();
-        let pages = table.dirty_pages(dataset.id);
-        if pages.is_empty() {
+    /// Commit every page this node staged for `dataset`: a snapshot of the staged pages,
+    /// grouped by chunk owner and committed owner by owner in node-id order. Each owner's
+    /// group is atomic; pages of an owner that failed stay staged and the call fails.
+    fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
+        let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
+        let snapshots = self.table().snapshot_dirty(dataset.id);
+        if snapshots.is_empty() {
             return Ok(0);
         }
-        let mut by_owner: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
-        for page in &pages {
+        let mut by_owner: BTreeMap<NodeId, Vec<_>> = BTreeMap::new();
+        for snapshot in snapshots {
             by_owner
-                .entry(dataset.owner_of_page(*page))
+                .entry(dataset.owner_of_page(snapshot.page))
                 .or_default()
-                .push(*page);
+                .push(snapshot);
         }
-        // Owners are taken in node-id order (BTreeMap), as the multi-owner protocol requires.
-        for (owner, owned) in by_owner {
-            if owner != self.id {
-                return Err(io_error(format!(
-                    "pages of dataset {} are owned by node {owner}; this build commits only pages \
-                     owned by the committing node (remote commit arrives with the cluster protocol)",
-                    dataset.id
-                )));
+        let mut committed = 0;
+        for (owner, group) in by_owner {
+            let done: Vec<(u64, u64)> = group.iter().map(|s| (s.page, s.generation)).collect();
+            let pages: Vec<PageWrite> = group
+                .into_iter()
+                .map(|s| PageWrite {
+                    page: s.page,
+                    base_version: s.base_version,
+                    bytes: s.bytes,
+                })
+                .collect();
+            if owner == self.id {
+                self.protocol.owner_commit(dataset, ino, self.id, &pages)?;
+            } else {
+                self.commit_at(owner, dataset, ino, pages)?;
             }
-            table.commit_owned(dataset.id, &owned).map_err(pm_error)?;
+            self.table().finish_commit(dataset.id, &done);
+            committed += done.len();
         }
-        Ok(pages.len())
+        Ok(committed)
+    }
+
+    fn commit_at(
+        &self,
+        owner: NodeId,
+        dataset: &Dataset,
+        ino: Ino,
+        pages: Vec<PageWrite>,
+    ) -> Result<(), FsError> {
+        let client = self
+            .protocol
+            .peers
+            .client(owner)
+            .ok_or_else(|| io_error(format!("owner node {owner} is not known")))?;
+        let request = NodeRequest::Commit {
+            dataset: dataset.clone(),
+            ino,
+            committer: self.id,
+            pages,
+        };
+        match client.call::<_, NodeReply>(&request, self.call_timeout) {
+            Ok(NodeReply::Committed { .. }) => Ok(()),
+            Ok(NodeReply::Failed(error)) => Err(error),
+            Ok(other) => Err(io_error(format!(
+                "owner {owner} answered a commit with {other:?}"
+            ))),
+            Err(error) => Err(io_error(format!("commit at owner {owner}: {error}"))),
+        }
     }
 }
 
@@ -373,17 +446,34 @@ impl Engine for NodeEngine {
         }
     }
 
-    fn open(&self, ino: Ino, _write: bool) -> Result<(), FsError> {
+    fn open(&self, ino: Ino, write: bool) -> Result<(), FsError> {
         let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
+        let first_writer = {
+            let files = self.files.lock().expect("files lock");
+            files.get(&ino).is_none_or(|state| state.writers == 0)
+        };
+        if let Some(dataset) = attr
+            .dataset
+            .as_ref()
+            .filter(|d| d.params.mode == Mode::Mrsw)
+        {
+            if write && first_writer {
+                self.acquire_lease(dataset)?;
+            }
+        }
         let mut files = self.files.lock().expect("files lock");
         let state = files.entry(ino).or_insert_with(|| FileState {
             attr: attr.clone(),
             opens: 0,
             staged_size: None,
             unlinked: false,
+            writers: 0,
         });
         state.attr = attr;
         state.opens += 1;
+        if write {
+            state.writers += 1;
+        }
         Ok(())
     }
 
@@ -395,18 +485,33 @@ impl Engine for NodeEngine {
                 tracing::error!(ino, %error, "commit at the last close failed; the writes stay staged");
             }
         }
-        let dropped = {
+        let (dropped, lease) = {
             let mut files = self.files.lock().expect("files lock");
             let Some(state) = files.get_mut(&ino) else {
                 return;
             };
             state.opens = state.opens.saturating_sub(1);
-            if state.opens == 0 && state.unlinked {
+            let mut lease = None;
+            if write {
+                state.writers = state.writers.saturating_sub(1);
+                if state.writers == 0 {
+                    lease = state
+                        .attr
+                        .dataset
+                        .clone()
+                        .filter(|d| d.params.mode == Mode::Mrsw);
+                }
+            }
+            let dropped = if state.opens == 0 && state.unlinked {
                 files.remove(&ino).and_then(|state| state.attr.dataset)
             } else {
                 None
-            }
+            };
+            (dropped, lease)
         };
+        if let Some(dataset) = lease {
+            self.release_lease(&dataset);
+        }
         if let Some(dataset) = dropped {
             if let Err(error) = self.table().drop_dataset(dataset.id) {
                 tracing::error!(dataset = dataset.id, %error, "cannot drop the pages of an unlinked file");
@@ -423,22 +528,21 @@ impl Engine for NodeEngine {
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut page_bytes = vec![0u8; PAGE_BYTES];
         let mut at = offset;
-        let table = self.table();
         while at < end {
             let page = at / PAGE_BYTES as u64;
             let within = (at % PAGE_BYTES as u64) as usize;
             let take = (PAGE_BYTES - within).min((end - at) as usize);
-            match table.read((dataset.id, page), &mut page_bytes) {
+            let outcome = self.table().read((dataset.id, page), &mut page_bytes);
+            match outcome {
                 ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
-                ReadOutcome::Absent if dataset.owner_of_page(page) == self.id => page_bytes.fill(0),
-                ReadOutcome::Absent => {
-                    return Err(io_error(format!(
-                        "page {page} of dataset {} is owned by node {}; this build serves only \
-                         pages owned locally (remote fetch arrives with the cluster protocol)",
-                        dataset.id,
-                        dataset.owner_of_page(page)
-                    )))
+                // The owner without a copy: the page was never written.
+                ReadOutcome::Absent if dataset.owner_of_page(page) == self.id => {
+                    match self.protocol.owned_copy(dataset.id, page)? {
+                        Some((_, bytes)) => page_bytes = bytes,
+                        None => page_bytes.fill(0),
+                    }
                 }
+                ReadOutcome::Absent => page_bytes = self.protocol.fetch(&dataset, page)?,
             }
             out.extend_from_slice(&page_bytes[within..within + take]);
             at += take as u64;
@@ -476,7 +580,7 @@ impl Engine for NodeEngine {
     fn commit(&self, ino: Ino) -> Result<(), FsError> {
         let (dataset, _) = self.dataset_of(ino)?;
         let _span = tracing::debug_span!("commit", dataset = dataset.id).entered();
-        let pages = self.commit_dataset(&dataset)?;
+        let pages = self.commit_dataset(&dataset, ino)?;
         tracing::debug!(pages, "committed");
         let staged_size = {
             let mut files = self.files.lock().expect("files lock");
@@ -515,6 +619,6 @@ impl Engine for NodeEngine {
     }
 
     fn attach_invalidator(&self, invalidator: Invalidator) {
-        let _ = self.invalidator.set(invalidator);
+        self.protocol.attach_invalidator(invalidator);
     }
 }

@@ -3,6 +3,9 @@
 //! unmount and exit. A second node on the same PM file is refused by the file lock.
 
 pub mod engine;
+mod peers;
+mod protocol;
+mod service;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -18,6 +21,8 @@ use hotpot_net::{Client, Server};
 
 use crate::signals;
 use engine::NodeEngine;
+use peers::Peers;
+use protocol::Protocol;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
@@ -49,6 +54,13 @@ pub struct NodeArgs {
     /// Let users other than the one who mounted use the mount (FUSE allow_other).
     #[arg(long)]
     pub allow_other: bool,
+    /// File holding the cluster secret (every connection proves it). Without it the node
+    /// runs unauthenticated and says so.
+    #[arg(long)]
+    pub secret: Option<PathBuf>,
+    /// How long an open for writing waits for another node's MRSW write lease (then EBUSY).
+    #[arg(long, default_value_t = 3000)]
+    pub lease_wait_ms: u64,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -102,7 +114,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let listen_addr = listener.local_addr()?.to_string();
-    let dispatcher = Arc::new(Client::new(args.dispatcher.clone()));
+    let secret = crate::load_secret(args.secret.as_deref())?;
+    let dispatcher = Arc::new(Client::new(args.dispatcher.clone(), secret.clone()));
     let mount = args.mount.canonicalize()?;
     let join = DispatcherRequest::Join {
         node: args.id,
@@ -124,8 +137,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         discarded = report.records_discarded,
         "PM recovered"
     );
+    let live_datasets_empty;
     match call_with_retry(&dispatcher, &DispatcherRequest::LiveDatasets)? {
         DispatcherReply::Datasets(live) => {
+            live_datasets_empty = live.is_empty();
             let live: std::collections::BTreeSet<u64> = live.into_iter().collect();
             for orphan in table
                 .pool()
@@ -141,14 +156,29 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         other => bail!("dispatcher answered LiveDatasets with {other:?}"),
     }
 
-    let engine = Arc::new(NodeEngine::new(args.id, dispatcher.clone(), table));
-    let serving = engine.clone();
-    Server::spawn(listener, 4, move |request: NodeRequest| match request {
-        NodeRequest::PageCopies { dataset } => {
-            NodeReply::PageCopies(serving.table().page_copies(dataset))
-        }
-    })?;
-    spawn_heartbeat(args.id, dispatcher, engine.clone());
+    let rebuilding = report.formatted && !live_datasets_empty;
+    let protocol = Arc::new(Protocol::new(args.id, table, Peers::new(secret.clone())));
+    if rebuilding {
+        tracing::warn!(
+            "new PM file in a cluster with datasets: owned pages come from other nodes' copies"
+        );
+        protocol.set_rebuilding();
+    }
+    refresh_peers(&dispatcher, &protocol)?;
+    let engine = Arc::new(NodeEngine::new(
+        dispatcher.clone(),
+        protocol.clone(),
+        Duration::from_millis(args.lease_wait_ms),
+    ));
+    let serving = protocol.clone();
+    // Enough workers that owners waiting on targets never starve the targets' own requests.
+    Server::spawn(
+        listener,
+        secret,
+        16,
+        move |request: NodeRequest| -> NodeReply { service::handle(&serving, request) },
+    )?;
+    spawn_heartbeat(args.id, dispatcher, protocol);
 
     let session = hotpot_fs::mount(
         engine,
@@ -197,12 +227,23 @@ fn call_with_retry(
     ))
 }
 
-fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, engine: Arc<NodeEngine>) {
+/// Learn the cluster's nodes before serving (the heartbeat keeps them current).
+fn refresh_peers(dispatcher: &Client, protocol: &Protocol) -> anyhow::Result<()> {
+    match call_with_retry(dispatcher, &DispatcherRequest::Status)? {
+        DispatcherReply::Status { nodes, .. } => {
+            protocol.peers.update(&nodes);
+            Ok(())
+        }
+        other => bail!("dispatcher answered Status with {other:?}"),
+    }
+}
+
+fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
     std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || loop {
             let usage = {
-                let pool_usage = engine.table().pool().usage();
+                let pool_usage = protocol.table().pool().usage();
                 NodeUsage {
                     pm_frames_total: pool_usage.frames_total,
                     pm_frames_used: pool_usage.frames_used,
@@ -210,9 +251,10 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, engine: Arc<NodeEngine>) {
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };
-            if let Err(error) = dispatcher.call::<_, DispatcherReply>(&beat, Duration::from_secs(2))
-            {
-                tracing::warn!(%error, "heartbeat not delivered");
+            match dispatcher.call::<_, DispatcherReply>(&beat, Duration::from_secs(2)) {
+                Ok(DispatcherReply::Status { nodes, .. }) => protocol.peers.update(&nodes),
+                Ok(other) => tracing::warn!(?other, "unexpected heartbeat reply"),
+                Err(error) => tracing::warn!(%error, "heartbeat not delivered"),
             }
             std::thread::sleep(Duration::from_millis(500));
         })

@@ -1,0 +1,67 @@
+//! The other nodes of the cluster as this node knows them: address, liveness (from the
+//! dispatcher's heartbeat replies) and one RPC client each.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use hotpot_core::proto::types::{NodeId, NodeInfo};
+use hotpot_net::{Client, Secret};
+
+struct Peer {
+    addr: String,
+    live: bool,
+    client: Arc<Client>,
+}
+
+pub struct Peers {
+    secret: Secret,
+    map: RwLock<BTreeMap<NodeId, Peer>>,
+}
+
+impl Peers {
+    pub fn new(secret: Secret) -> Peers {
+        Peers {
+            secret,
+            map: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Take the dispatcher's view; a peer whose address changed (a restart) gets a new client.
+    pub fn update(&self, nodes: &[NodeInfo]) {
+        let mut map = self.map.write().expect("peers lock");
+        for node in nodes {
+            match map.get_mut(&node.id) {
+                Some(peer) if peer.addr == node.addr => peer.live = node.live,
+                _ => {
+                    map.insert(
+                        node.id,
+                        Peer {
+                            addr: node.addr.clone(),
+                            live: node.live,
+                            client: Arc::new(Client::new(node.addr.clone(), self.secret.clone())),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn client(&self, id: NodeId) -> Option<Arc<Client>> {
+        self.map
+            .read()
+            .expect("peers lock")
+            .get(&id)
+            .map(|peer| peer.client.clone())
+    }
+
+    /// Ids of the nodes currently live, in id order.
+    pub fn live(&self) -> Vec<NodeId> {
+        self.map
+            .read()
+            .expect("peers lock")
+            .iter()
+            .filter(|(_, peer)| peer.live)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
