@@ -138,6 +138,63 @@ impl Cluster {
         run_ok(Command::new(hotpot_bin()).args(args))
     }
 
+    pub fn secret_file(&self) -> PathBuf {
+        self.dir.path().join("secret")
+    }
+
+    /// `hotpot create` of a dataset under node `node`'s mount; returns its path.
+    pub fn create(&self, node: u32, name: &str, size: &str, mode: &str, replicas: u32) -> PathBuf {
+        let path = self.mount(node).join(name);
+        run_ok(
+            Command::new(hotpot_bin())
+                .args([
+                    "create",
+                    "--size",
+                    size,
+                    "--mode",
+                    mode,
+                    "--replicas",
+                    &replicas.to_string(),
+                ])
+                .arg(&path),
+        );
+        path
+    }
+
+    pub fn stat_json(&self, path: &Path) -> serde_json::Value {
+        let text = run_ok(
+            Command::new(hotpot_bin())
+                .args(["stat", "--json"])
+                .arg(path),
+        );
+        serde_json::from_str(&text).expect("stat JSON")
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let text = run_ok(
+            Command::new(hotpot_bin())
+                .args(["status", "--json", "--dir"])
+                .arg(self.dir.path()),
+        );
+        serde_json::from_str(&text).expect("status JSON")
+    }
+
+    /// SIGKILL node `node` and delete its PM file: the node is lost with its data.
+    pub fn kill_and_wipe(&self, node: u32) {
+        run_ok(
+            Command::new(hotpot_bin())
+                .args([
+                    "cluster",
+                    "kill",
+                    "--wipe",
+                    "--node",
+                    &node.to_string(),
+                    "--dir",
+                ])
+                .arg(self.dir.path()),
+        );
+    }
+
     pub fn kill(&self, node: u32) {
         run_ok(
             Command::new(hotpot_bin())
@@ -215,6 +272,32 @@ impl Mapping {
         }
     }
 
+    pub fn new_read_only(file: &std::fs::File, len: usize) -> Mapping {
+        use std::os::fd::AsRawFd;
+        // SAFETY: mapping a file we hold open, with its length, read-only.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping {
+            ptr: ptr as *mut u8,
+            len,
+        }
+    }
+
+    /// The mapped bytes. For a read-only mapping only read them.
     pub fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is valid for len bytes while self lives.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }

@@ -164,8 +164,6 @@ pub enum NodeRequest {
     Abort {
         tx: (NodeId, u64),
     },
-    /// Frame bytes this node has sent and received.
-    Stats,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,10 +177,6 @@ pub enum NodeReply {
     Copy(Option<(u64, Vec<u8>)>),
     Committed {
         versions: Vec<u64>,
-    },
-    Stats {
-        bytes_sent: u64,
-        bytes_received: u64,
     },
     Done,
     Failed(FsError),

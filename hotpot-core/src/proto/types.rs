@@ -160,6 +160,9 @@ pub struct NodeUsage {
     pub pm_frames_total: u64,
     pub pm_frames_used: u64,
     pub pages_persisted: u64,
+    /// Frame bytes this node has sent and received over every connection.
+    pub wire_bytes_sent: u64,
+    pub wire_bytes_received: u64,
 }
 
 /// One node as the dispatcher sees it.

@@ -211,6 +211,9 @@ fn call_with_retry(
     for attempt in 0..50 {
         match dispatcher.call(request, Duration::from_secs(5)) {
             Ok(reply) => return Ok(reply),
+            Err(error @ hotpot_net::NetError::WrongSecret { .. }) => {
+                bail!("{error} (check --secret)")
+            }
             Err(error) => {
                 if attempt % 10 == 0 {
                     tracing::warn!(%error, "dispatcher not reachable yet");
@@ -244,10 +247,13 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
         .spawn(move || loop {
             let usage = {
                 let pool_usage = protocol.table().pool().usage();
+                let (wire_bytes_sent, wire_bytes_received) = hotpot_net::wire_bytes();
                 NodeUsage {
                     pm_frames_total: pool_usage.frames_total,
                     pm_frames_used: pool_usage.frames_used,
                     pages_persisted: pool_usage.pages_persisted,
+                    wire_bytes_sent,
+                    wire_bytes_received,
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };

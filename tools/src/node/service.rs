@@ -32,12 +32,5 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
         } => protocol.serve_prepare(tx, dataset, committer, &pages),
         NodeRequest::Decide { tx, ino } => protocol.serve_decide(tx, ino),
         NodeRequest::Abort { tx } => protocol.serve_abort(tx),
-        NodeRequest::Stats => {
-            let (bytes_sent, bytes_received) = hotpot_net::wire_bytes();
-            NodeReply::Stats {
-                bytes_sent,
-                bytes_received,
-            }
-        }
     }
 }
