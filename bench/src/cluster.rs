@@ -11,7 +11,7 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    pub fn up(hotpot: &Path) -> anyhow::Result<LocalCluster> {
+    pub fn up(hotpot: &Path, nodes: u32) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::Builder::new()
             .prefix("hotpot-bench-cluster-")
             .tempdir()?;
@@ -20,7 +20,7 @@ impl LocalCluster {
                 "cluster",
                 "up",
                 "--nodes",
-                "1",
+                &nodes.to_string(),
                 "--pm-size",
                 "1GiB",
                 "--dir",
@@ -40,8 +40,43 @@ impl LocalCluster {
         })
     }
 
-    pub fn mount(&self) -> PathBuf {
-        self.dir.path().join("n1").join("mnt")
+    pub fn mount(&self, node: u32) -> PathBuf {
+        self.dir.path().join(format!("n{node}")).join("mnt")
+    }
+
+    /// `hotpot <args>`, failing with its stderr.
+    pub fn hotpot(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new(&self.hotpot).args(args).output()?;
+        if !output.status.success() {
+            bail!(
+                "hotpot {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).to_string())
+    }
+
+    /// Create a dataset on node 1's mount; returns the chunk owners.
+    pub fn create(&self, name: &str, size: &str, replicas: u8) -> anyhow::Result<Vec<u64>> {
+        let path = self.mount(1).join(name);
+        let path = path.to_string_lossy();
+        self.hotpot(&[
+            "create",
+            &path,
+            "--size",
+            size,
+            "--mode",
+            "mrsw",
+            "--replicas",
+            &replicas.to_string(),
+        ])?;
+        let stat: serde_json::Value =
+            serde_json::from_str(&self.hotpot(&["stat", "--json", &path])?)?;
+        Ok(stat["chunk_owners"]
+            .as_array()
+            .map(|owners| owners.iter().filter_map(|owner| owner.as_u64()).collect())
+            .unwrap_or_default())
     }
 }
 

@@ -11,7 +11,7 @@ use rand::Rng;
 
 /// Fault-around maps up to 16 cached pages per fault; touching every 16th page makes every
 /// touch a fault of its own.
-const FAULT_STRIDE_PAGES: u64 = 16;
+pub const FAULT_STRIDE_PAGES: u64 = 16;
 
 pub struct Percentiles {
     pub p50: f64,
@@ -19,7 +19,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(histogram: &Histogram<u64>) -> Percentiles {
+    pub fn of(histogram: &Histogram<u64>) -> Percentiles {
         Percentiles {
             p50: histogram.value_at_quantile(0.50) as f64 / 1000.0,
             p99: histogram.value_at_quantile(0.99) as f64 / 1000.0,
@@ -36,19 +36,28 @@ pub struct Results {
     pub msync_64: Percentiles,
 }
 
-struct Map {
+pub struct Map {
     ptr: *mut u8,
     len: usize,
 }
 
 impl Map {
-    fn new(file: &File, len: usize) -> anyhow::Result<Map> {
+    pub fn new(file: &File, len: usize) -> anyhow::Result<Map> {
+        Map::with_protection(file, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// A mapping for reading only (the file may be open read-only).
+    pub fn read_only(file: &File, len: usize) -> anyhow::Result<Map> {
+        Map::with_protection(file, len, libc::PROT_READ)
+    }
+
+    fn with_protection(file: &File, len: usize, protection: i32) -> anyhow::Result<Map> {
         // SAFETY: mapping an open file with its length.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                protection,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -62,7 +71,7 @@ impl Map {
             len,
         })
     }
-    fn msync(&self) -> anyhow::Result<()> {
+    pub fn msync(&self) -> anyhow::Result<()> {
         // SAFETY: our own mapping.
         if unsafe { libc::msync(self.ptr as *mut libc::c_void, self.len, libc::MS_SYNC) } != 0 {
             anyhow::bail!("msync: {}", std::io::Error::last_os_error());
@@ -78,6 +87,55 @@ impl Drop for Map {
     }
 }
 
+/// Read-fault latency of `pages` (each a separate fault) of `file`, after dropping them
+/// from the page cache.
+pub fn fault_latency(file: &File, len: usize, pages: &[u64]) -> anyhow::Result<Percentiles> {
+    // SAFETY: fadvise on an open fd.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len as i64, libc::POSIX_FADV_DONTNEED) };
+    let map = Map::read_only(file, len)?;
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut sum = 0u64;
+    for page in pages {
+        let start = Instant::now();
+        // SAFETY: inside the mapping; a volatile read so the touch is not optimised out.
+        sum += unsafe { std::ptr::read_volatile(map.ptr.add(*page as usize * 4096)) } as u64;
+        histogram.record(start.elapsed().as_nanos() as u64)?;
+    }
+    anyhow::ensure!(sum > 0, "pages read back as zeros");
+    Ok(Percentiles::of(&histogram))
+}
+
+/// msync(MS_SYNC) latency after dirtying `dirty` random pages out of `pages`, `rounds` times.
+pub fn msync_latency(
+    map: &Map,
+    pages: &[u64],
+    dirty: usize,
+    rounds: u32,
+) -> anyhow::Result<Percentiles> {
+    let mut rng = rand::rng();
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for round in 0..rounds {
+        for _ in 0..dirty {
+            let page = pages[rng.random_range(0..pages.len())] as usize;
+            // SAFETY: inside the mapping.
+            unsafe { *map.ptr.add(page * 4096 + 8) = round as u8 };
+        }
+        let start = Instant::now();
+        map.msync()?;
+        histogram.record(start.elapsed().as_nanos() as u64)?;
+    }
+    Ok(Percentiles::of(&histogram))
+}
+
+/// Fill `pages` of the mapping with non-zero bytes and commit them.
+pub fn fill(map: &Map, pages: &[u64]) -> anyhow::Result<()> {
+    for page in pages {
+        // SAFETY: inside the mapping.
+        unsafe { *map.ptr.add(*page as usize * 4096) = *page as u8 | 1 };
+    }
+    map.msync()
+}
+
 pub fn measure(dir: &Path, pages: u64, rounds: u32) -> anyhow::Result<Results> {
     let path = dir.join("bench.dat");
     let len = (pages * 4096) as usize;
@@ -88,53 +146,18 @@ pub fn measure(dir: &Path, pages: u64, rounds: u32) -> anyhow::Result<Results> {
         .truncate(true)
         .open(&path)?;
     file.set_len(len as u64)?;
-    // Fill every page and commit, so faults read real committed pages.
-    {
-        let map = Map::new(&file, len)?;
-        for page in 0..pages as usize {
-            // SAFETY: inside the mapping.
-            unsafe { *map.ptr.add(page * 4096) = page as u8 | 1 };
-        }
-        map.msync()?;
-    }
-    // Drop the cached pages so the next touches fault to the file system.
-    // SAFETY: fadvise on an open fd.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, len as i64, libc::POSIX_FADV_DONTNEED) };
-    let mut fault = Histogram::<u64>::new(3)?;
-    {
-        let map = Map::new(&file, len)?;
-        let mut sum = 0u64;
-        for page in (0..pages).step_by(FAULT_STRIDE_PAGES as usize) {
-            let start = Instant::now();
-            // SAFETY: inside the mapping; a volatile read so the touch is not optimised out.
-            sum += unsafe { std::ptr::read_volatile(map.ptr.add(page as usize * 4096)) } as u64;
-            fault.record(start.elapsed().as_nanos() as u64)?;
-        }
-        assert!(sum > 0, "pages read back as zeros");
-    }
+    let all: Vec<u64> = (0..pages).collect();
+    fill(&Map::new(&file, len)?, &all)?;
+    let strided: Vec<u64> = (0..pages).step_by(FAULT_STRIDE_PAGES as usize).collect();
+    let fault = fault_latency(&file, len, &strided)?;
     let map = Map::new(&file, len)?;
-    let mut rng = rand::rng();
-    let mut msync_case = |dirty: usize| -> anyhow::Result<Histogram<u64>> {
-        let mut histogram = Histogram::<u64>::new(3)?;
-        for round in 0..rounds {
-            for _ in 0..dirty {
-                let page = rng.random_range(0..pages) as usize;
-                // SAFETY: inside the mapping.
-                unsafe { *map.ptr.add(page * 4096 + 8) = round as u8 };
-            }
-            let start = Instant::now();
-            map.msync()?;
-            histogram.record(start.elapsed().as_nanos() as u64)?;
-        }
-        Ok(histogram)
-    };
-    let msync_1 = msync_case(1)?;
-    let msync_64 = msync_case(64)?;
+    let msync_1 = msync_latency(&map, &all, 1, rounds)?;
+    let msync_64 = msync_latency(&map, &all, 64, rounds)?;
     drop(map);
     std::fs::remove_file(&path)?;
     Ok(Results {
-        fault: Percentiles::of(&fault),
-        msync_1: Percentiles::of(&msync_1),
-        msync_64: Percentiles::of(&msync_64),
+        fault,
+        msync_1,
+        msync_64,
     })
 }

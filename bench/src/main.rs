@@ -1,27 +1,41 @@
-//! `hotpot-bench`: latency of a 4 KiB read fault and of msync(MS_SYNC) of 1 and 64 dirty
-//! pages, through a hotpot mount (a 1-node cluster it starts and stops) and on tmpfs, side
-//! by side. Prints p50/p99 per case and the hotpot/tmpfs ratios.
+//! `hotpot-bench`: measurements of hotpot against baselines on this machine, printed as
+//! tables with the ratios last.
+//! - `local`: 4 KiB read fault and msync of 1 and 64 dirty pages, hotpot (1 node) vs tmpfs.
+//! - `cluster`: raw TCP 4 KiB round trip vs remote read fault, and MRSW commits of 1 and 32
+//!   pages with replicas 2 and 3, on a 3-node cluster.
 
 mod cluster;
 mod latency;
+mod remote;
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// Measure hotpot's mount against tmpfs on this machine.
+/// Measure hotpot against baselines on this machine.
 #[derive(Parser, Debug)]
 #[command(name = "hotpot-bench")]
 struct Args {
     /// The hotpot binary (build it with `cargo build --release -p hotpot-tools`).
-    #[arg(long, default_value = "target/release/hotpot")]
+    #[arg(long, default_value = "target/release/hotpot", global = true)]
     hotpot: PathBuf,
-    /// Pages in the test file (each read-fault sample touches a different one).
-    #[arg(long, default_value_t = 16384)]
-    pages: u64,
-    /// msync samples per case.
-    #[arg(long, default_value_t = 2000)]
+    /// msync (and round-trip) samples per case.
+    #[arg(long, default_value_t = 2000, global = true)]
     rounds: u32,
+    #[command(subcommand)]
+    command: Which,
+}
+
+#[derive(Subcommand, Debug)]
+enum Which {
+    /// hotpot on one node vs tmpfs: read fault, msync of 1 and 64 pages.
+    Local {
+        /// Pages in the test file (each read-fault sample touches a different one).
+        #[arg(long, default_value_t = 16384)]
+        pages: u64,
+    },
+    /// 3 nodes: raw TCP round trip vs remote fault; MRSW commit latency, replicas 2 and 3.
+    Cluster,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,18 +46,75 @@ fn main() -> anyhow::Result<()> {
             args.hotpot.display()
         );
     }
-    let cluster = cluster::LocalCluster::up(&args.hotpot)?;
+    match args.command {
+        Which::Local { pages } => local(&args.hotpot, pages, args.rounds),
+        Which::Cluster => cluster_run(&args.hotpot, args.rounds),
+    }
+}
+
+fn cluster_run(hotpot: &std::path::Path, rounds: u32) -> anyhow::Result<()> {
+    let cluster = cluster::LocalCluster::up(hotpot, 3)?;
+    eprintln!("measuring on 3 nodes");
+    let result = remote::measure(&cluster, rounds)?;
+    println!("{:<40} {:>20}", "case", "p50 / p99 us");
+    println!(
+        "{:<40} {:>20}",
+        "raw TCP 4 KiB round trip",
+        result.raw.show()
+    );
+    println!(
+        "{:<40} {:>20}",
+        "hotpot-net 4 KiB RPC round trip",
+        result.transport.show()
+    );
+    println!(
+        "{:<40} {:>20}",
+        "read fault, local owner",
+        result.local_fault.show()
+    );
+    println!(
+        "{:<40} {:>20}",
+        "read fault, remote owner",
+        result.remote_fault.show()
+    );
+    for (replicas, pages, latency) in &result.commits {
+        println!(
+            "{:<40} {:>20}",
+            format!("MRSW commit {pages} pages, replicas {replicas}"),
+            latency.show()
+        );
+    }
+    let floor = result.raw.p50 + result.local_fault.p50;
+    println!(
+        "ratio remote-fault/(raw-rtt+local-fault) p50 {:.2}",
+        result.remote_fault.p50 / floor
+    );
+    println!(
+        "ratio hotpot-net-rpc/raw-rtt p50 {:.2}",
+        result.transport.p50 / result.raw.p50
+    );
+    for (replicas, pages, latency) in &result.commits {
+        println!(
+            "ratio commit-{pages}p-r{replicas}/raw-rtt p50 {:.2}",
+            latency.p50 / result.raw.p50
+        );
+    }
+    Ok(())
+}
+
+fn local(hotpot: &std::path::Path, pages: u64, rounds: u32) -> anyhow::Result<()> {
+    let cluster = cluster::LocalCluster::up(hotpot, 1)?;
     let tmpfs = tempfile::Builder::new()
         .prefix("hotpot-bench-")
         .tempdir_in("/dev/shm")?;
     let targets = [
-        ("hotpot", cluster.mount()),
+        ("hotpot", cluster.mount(1)),
         ("tmpfs", tmpfs.path().to_path_buf()),
     ];
     let mut rows = Vec::new();
     for (name, dir) in &targets {
         eprintln!("measuring {name} in {}", dir.display());
-        rows.push((*name, latency::measure(dir, args.pages, args.rounds)?));
+        rows.push((*name, latency::measure(dir, pages, rounds)?));
     }
     println!(
         "{:<8} {:>22} {:>22} {:>22}",

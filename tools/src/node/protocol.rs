@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, PAGE_BYTES};
-use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite};
+use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
 use hotpot_fs::Invalidator;
 use hotpot_net::{multicall, Client, NetError};
@@ -214,11 +214,16 @@ impl Protocol {
         drop(state);
         match copy {
             Err(error) => NodeReply::Failed(error),
-            Ok(Some((version, bytes))) => NodeReply::Page { version, bytes },
-            Ok(None) => NodeReply::Page {
+            Ok(Some((version, bytes))) => NodeReply::Page(VersionedPage {
+                page,
+                version,
+                bytes,
+            }),
+            Ok(None) => NodeReply::Page(VersionedPage {
+                page,
                 version: 0,
                 bytes: Vec::new(),
-            },
+            }),
         }
     }
 
@@ -282,9 +287,13 @@ impl Protocol {
                 return Err(stale(dataset.id, write.page, write.base_version, *current));
             }
         }
-        let copies: Vec<(u64, u64, Vec<u8>)> = pages
+        let copies: Vec<VersionedPage> = pages
             .iter()
-            .map(|write| (write.page, write.base_version + 1, write.bytes.clone()))
+            .map(|write| VersionedPage {
+                page: write.page,
+                version: write.base_version + 1,
+                bytes: write.bytes.clone(),
+            })
             .collect();
         self.prepare_targets(tx, dataset.id, committer, &targets, copies)?;
         let owned: Vec<OwnedPage<'_>> = pages
@@ -343,7 +352,7 @@ impl Protocol {
         dataset: DatasetId,
         committer: NodeId,
         targets: &[NodeId],
-        copies: Vec<(u64, u64, Vec<u8>)>,
+        copies: Vec<VersionedPage>,
     ) -> Result<(), FsError> {
         if targets.is_empty() {
             return Ok(());
@@ -366,23 +375,31 @@ impl Protocol {
             committer: true,
             pages: copies,
         };
-        std::thread::scope(|scope| {
-            let calls: Vec<_> = targets
-                .iter()
-                .zip(&clients)
-                .map(|(node, client)| {
-                    let request = if *node == committer {
-                        &for_committer
-                    } else {
-                        &plain
-                    };
-                    scope.spawn(move || client.call::<_, NodeReply>(request, RPC_TIMEOUT))
-                })
-                .collect();
-            for call in calls {
-                results.push(call.join().expect("prepare thread"));
+        let request_for = |node: &NodeId| {
+            if *node == committer {
+                &for_committer
+            } else {
+                &plain
             }
-        });
+        };
+        if let ([node], [client]) = (targets, clients.as_slice()) {
+            // One target (replicas 2): no thread to start.
+            results.push(client.call::<_, NodeReply>(request_for(node), RPC_TIMEOUT));
+        } else {
+            std::thread::scope(|scope| {
+                let calls: Vec<_> = targets
+                    .iter()
+                    .zip(&clients)
+                    .map(|(node, client)| {
+                        let request = request_for(node);
+                        scope.spawn(move || client.call::<_, NodeReply>(request, RPC_TIMEOUT))
+                    })
+                    .collect();
+                for call in calls {
+                    results.push(call.join().expect("prepare thread"));
+                }
+            });
+        }
         let failed: Vec<String> = targets
             .iter()
             .zip(&results)
@@ -422,11 +439,11 @@ impl Protocol {
         tx: TxKey,
         dataset: DatasetId,
         committer: bool,
-        pages: &[(u64, u64, Vec<u8>)],
+        pages: &[VersionedPage],
     ) -> NodeReply {
         let borrowed: Vec<(u64, u64, &[u8])> = pages
             .iter()
-            .map(|(page, version, bytes)| (*page, *version, bytes.as_slice()))
+            .map(|copy| (copy.page, copy.version, copy.bytes.as_slice()))
             .collect();
         match self
             .table()
@@ -462,10 +479,10 @@ impl Protocol {
             from: self.id,
         };
         let (version, bytes) = match self.call(owner, &request) {
-            Ok(NodeReply::Page { version, bytes }) if bytes.is_empty() => {
-                (version, vec![0u8; PAGE_BYTES])
+            Ok(NodeReply::Page(copy)) if copy.bytes.is_empty() => {
+                (copy.version, vec![0u8; PAGE_BYTES])
             }
-            Ok(NodeReply::Page { version, bytes }) => (version, bytes),
+            Ok(NodeReply::Page(copy)) => (copy.version, copy.bytes),
             Ok(NodeReply::Failed(error)) => return Err(error),
             Ok(other) => {
                 return Err(FsError::Io(format!(
@@ -512,7 +529,7 @@ impl Protocol {
         replies
             .into_iter()
             .filter_map(|reply| match reply {
-                Ok(NodeReply::Copy(Some(copy))) => Some(copy),
+                Ok(NodeReply::Copy(Some(copy))) => Some((copy.version, copy.bytes)),
                 _ => None,
             })
             .max_by_key(|(version, _)| *version)
@@ -524,7 +541,12 @@ impl Protocol {
     }
 
     pub fn serve_copy(&self, dataset: DatasetId, page: u64) -> NodeReply {
-        NodeReply::Copy(self.table().read_persisted((dataset, page)))
+        let copy = self.table().read_persisted((dataset, page));
+        NodeReply::Copy(copy.map(|(version, bytes)| VersionedPage {
+            page,
+            version,
+            bytes,
+        }))
     }
 }
 

@@ -1,0 +1,131 @@
+//! The cluster measurements, all in one run on a 3-node cluster: a raw TCP 4 KiB
+//! request/reply round trip (the network floor), a local and a remote read fault through the
+//! mount, and MRSW commits of 1 and 32 pages to a remote owner with replicas 2 and 3.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+use crate::cluster::LocalCluster;
+use crate::latency::{fault_latency, fill, msync_latency, Map, Percentiles, FAULT_STRIDE_PAGES};
+
+const CHUNK_PAGES: u64 = 1024;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Payload(#[serde(with = "serde_bytes")] Vec<u8>);
+
+/// The same 4 KiB request and reply through hotpot-net (framing, request ids, a reader
+/// thread per connection and a worker pool): what one protocol message costs.
+fn transport_round_trip(samples: u32) -> anyhow::Result<Percentiles> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let secret = hotpot_net::Secret::from_bytes(b"benchmark-secret-0123456789");
+    let server =
+        hotpot_net::Server::spawn(listener, secret.clone(), 4, |payload: Payload| payload)?;
+    let client = hotpot_net::Client::new(server.local_addr().to_string(), secret);
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for _ in 0..samples {
+        let start = Instant::now();
+        let reply: Payload = client.call(&Payload(vec![7u8; 4096]), hotpot_net::DEFAULT_TIMEOUT)?;
+        histogram.record(start.elapsed().as_nanos() as u64)?;
+        anyhow::ensure!(reply.0.len() == 4096, "short reply");
+    }
+    Ok(Percentiles::of(&histogram))
+}
+
+/// 4 KiB request, 4 KiB reply over loopback TCP with TCP_NODELAY, as the transport does.
+fn raw_round_trip(samples: u32) -> anyhow::Result<Percentiles> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        let mut buffer = [0u8; 4096];
+        for _ in 0..samples {
+            stream.read_exact(&mut buffer)?;
+            stream.write_all(&buffer)?;
+        }
+        Ok(())
+    });
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut buffer = [7u8; 4096];
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for _ in 0..samples {
+        let start = Instant::now();
+        stream.write_all(&buffer)?;
+        stream.read_exact(&mut buffer)?;
+        histogram.record(start.elapsed().as_nanos() as u64)?;
+    }
+    server.join().expect("echo thread")?;
+    Ok(Percentiles::of(&histogram))
+}
+
+fn pages_of_chunk(owners: &[u64], owner: u64) -> anyhow::Result<Vec<u64>> {
+    let chunk = owners
+        .iter()
+        .position(|node| *node == owner)
+        .ok_or_else(|| anyhow::anyhow!("node {owner} owns no chunk"))? as u64;
+    Ok((chunk * CHUNK_PAGES..(chunk + 1) * CHUNK_PAGES).collect())
+}
+
+pub struct ClusterResults {
+    pub raw: Percentiles,
+    pub transport: Percentiles,
+    pub local_fault: Percentiles,
+    pub remote_fault: Percentiles,
+    /// (replicas, pages, latency)
+    pub commits: Vec<(u8, usize, Percentiles)>,
+}
+
+pub fn measure(cluster: &LocalCluster, rounds: u32) -> anyhow::Result<ClusterResults> {
+    let raw = raw_round_trip(rounds)?;
+    let transport = transport_round_trip(rounds)?;
+    // Faults: a dataset with one copy per page, written on node 3; read on node 3 (local,
+    // the owner) and on node 2 (remote: nothing there, every fault is a fetch).
+    let owners = cluster.create("faults", "12MiB", 1)?;
+    let len = 12 << 20;
+    let owned_by_3 = pages_of_chunk(&owners, 3)?;
+    let writer = File::options()
+        .read(true)
+        .write(true)
+        .open(cluster.mount(3).join("faults"))?;
+    fill(&Map::new(&writer, len)?, &owned_by_3)?;
+    let strided: Vec<u64> = owned_by_3
+        .iter()
+        .copied()
+        .step_by(FAULT_STRIDE_PAGES as usize)
+        .collect();
+    let local_fault = fault_latency(&writer, len, &strided)?;
+    let reader = File::open(cluster.mount(2).join("faults"))?;
+    let remote_fault = fault_latency(&reader, len, &strided)?;
+    // Commits from node 1 to pages owned by node 2.
+    let mut commits = Vec::new();
+    for replicas in [2u8, 3] {
+        let name = format!("commits-r{replicas}");
+        let owners = cluster.create(&name, "12MiB", replicas)?;
+        let remote = pages_of_chunk(&owners, 2)?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(cluster.mount(1).join(&name))?;
+        let map = Map::new(&file, len)?;
+        fill(&map, &remote)?;
+        for dirty in [1usize, 32] {
+            commits.push((
+                replicas,
+                dirty,
+                msync_latency(&map, &remote, dirty, rounds)?,
+            ));
+        }
+    }
+    Ok(ClusterResults {
+        raw,
+        transport,
+        local_fault,
+        remote_fault,
+        commits,
+    })
+}
