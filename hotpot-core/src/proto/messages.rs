@@ -156,6 +156,9 @@ pub enum NodeRequest {
         dataset: Dataset,
         ino: Ino,
         committer: NodeId,
+        /// The committer already persisted these pages at `base + 1` as a Prepared record of
+        /// its own: it counts as a copy and needs no Prepare; the reply is its decision.
+        committer_prepared: bool,
         pages: Vec<PageWrite>,
     },
     /// Owner to holders and replicas: persist these new versions, not yet current.

@@ -263,7 +263,8 @@ impl NodeEngine {
                 })
                 .collect();
             if owner == self.id {
-                self.protocol.owner_commit(dataset, ino, self.id, &pages)?;
+                self.protocol
+                    .owner_commit(dataset, ino, self.id, false, &pages)?;
             } else {
                 self.commit_at(owner, dataset, ino, pages)?;
             }
@@ -285,19 +286,41 @@ impl NodeEngine {
             .peers
             .client(owner)
             .ok_or_else(|| io_error(format!("owner node {owner} is not known")))?;
+        // Our own copy first, durable but not current: the owner counts it as one of the
+        // copies, and its answer is our decision.
+        let tx = self.protocol.next_tx();
+        let copies: Vec<(u64, u64, &[u8])> = pages
+            .iter()
+            .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
+            .collect();
+        self.table()
+            .prepare_copies(tx, dataset.id, &copies, true)
+            .map_err(pm_error)?;
         let request = NodeRequest::Commit {
             dataset: dataset.clone(),
             ino,
             committer: self.id,
+            committer_prepared: true,
             pages,
         };
-        match client.call::<_, NodeReply>(&request, self.call_timeout) {
+        let outcome = match client.call::<_, NodeReply>(&request, self.call_timeout) {
             Ok(NodeReply::Committed { .. }) => Ok(()),
             Ok(NodeReply::Failed(error)) => Err(error),
             Ok(other) => Err(io_error(format!(
                 "owner {owner} answered a commit with {other:?}"
             ))),
             Err(error) => Err(io_error(format!("commit at owner {owner}: {error}"))),
+        };
+        let mut table = self.table();
+        match outcome {
+            Ok(()) => {
+                table.decide_copies(tx);
+                Ok(())
+            }
+            Err(error) => {
+                table.abort_copies(tx);
+                Err(error)
+            }
         }
     }
 }
@@ -521,6 +544,7 @@ impl Engine for NodeEngine {
 
     fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let (dataset, file_size) = self.dataset_of(ino)?;
+        self.protocol.note_cached(ino);
         if offset >= file_size {
             return Ok(Vec::new());
         }
@@ -552,6 +576,7 @@ impl Engine for NodeEngine {
 
     fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let (dataset, file_size) = self.dataset_of(ino)?;
+        self.protocol.note_cached(ino);
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("write past the largest offset".into()))?;

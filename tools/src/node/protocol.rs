@@ -43,6 +43,8 @@ pub struct Protocol {
     /// its PM and brought back): an owned page it lacks may have been written, so it looks
     /// for copies on the other nodes before it treats the page as never written.
     rebuilding: AtomicBool,
+    /// Files whose pages the kernel of this node may cache; others need no invalidation.
+    cached_inos: Mutex<HashSet<Ino>>,
 }
 
 pub fn pm_error(error: PmError) -> FsError {
@@ -87,6 +89,20 @@ impl Protocol {
             next_tx: AtomicU64::new(1),
             invalidator: OnceLock::new(),
             rebuilding: AtomicBool::new(false),
+            cached_inos: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// A cluster-wide name for a new commit run by this node.
+    pub fn next_tx(&self) -> TxKey {
+        (self.id, self.next_tx.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The kernel may now cache pages of `ino` on this node (it read or wrote them here).
+    pub fn note_cached(&self, ino: Ino) {
+        let mut cached = self.cached_inos.lock().expect("cached inos lock");
+        if !cached.contains(&ino) {
+            cached.insert(ino);
         }
     }
 
@@ -148,6 +164,14 @@ impl Protocol {
 
     /// Drop the kernel's cached pages of `ino` and wait until it has.
     fn invalidate(&self, ino: Ino, pages: &[u64]) {
+        if !self
+            .cached_inos
+            .lock()
+            .expect("cached inos lock")
+            .contains(&ino)
+        {
+            return;
+        }
         if let Some(invalidator) = self.invalidator.get() {
             for page in pages {
                 invalidator.invalidate(ino, page * PAGE_BYTES as u64, PAGE_BYTES as u64);
@@ -260,6 +284,7 @@ impl Protocol {
         dataset: &Dataset,
         ino: Ino,
         committer: NodeId,
+        committer_prepared: bool,
         pages: &[PageWrite],
     ) -> Result<Vec<u64>, FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
@@ -273,7 +298,13 @@ impl Protocol {
                 targets.len() + 1
             )));
         }
-        let tx: TxKey = (self.id, self.next_tx.fetch_add(1, Ordering::Relaxed));
+        let tx: TxKey = self.next_tx();
+        // Copies count from every target; messages go to those without a copy prepared.
+        let counted = targets.clone();
+        let targets: Vec<NodeId> = targets
+            .into_iter()
+            .filter(|node| !(committer_prepared && *node == committer))
+            .collect();
         for write in pages {
             self.owned_copy(dataset.id, write.page)?;
         }
@@ -341,7 +372,7 @@ impl Protocol {
                 .holders
                 .entry(*key)
                 .or_default()
-                .extend(targets.iter().copied());
+                .extend(counted.iter().copied());
         }
         Ok(versions)
     }

@@ -19,8 +19,9 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             dataset,
             ino,
             committer,
+            committer_prepared,
             pages,
-        } => match protocol.owner_commit(&dataset, ino, committer, &pages) {
+        } => match protocol.owner_commit(&dataset, ino, committer, committer_prepared, &pages) {
             Ok(versions) => NodeReply::Committed { versions },
             Err(error) => NodeReply::Failed(error),
         },
