@@ -248,38 +248,21 @@ pub struct Mapping {
 
 impl Mapping {
     pub fn new(file: &std::fs::File, len: usize) -> Mapping {
+        Mapping::with_protection(file, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    pub fn new_read_only(file: &std::fs::File, len: usize) -> Mapping {
+        Mapping::with_protection(file, len, libc::PROT_READ)
+    }
+
+    fn with_protection(file: &std::fs::File, len: usize, protection: i32) -> Mapping {
         use std::os::fd::AsRawFd;
         // SAFETY: mapping a file we hold open, with its length.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            ptr,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        Mapping {
-            ptr: ptr as *mut u8,
-            len,
-        }
-    }
-
-    pub fn new_read_only(file: &std::fs::File, len: usize) -> Mapping {
-        use std::os::fd::AsRawFd;
-        // SAFETY: mapping a file we hold open, with its length, read-only.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
+                protection,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,

@@ -159,26 +159,7 @@ impl DispatcherState {
                 if changes.size.is_some() && attr.kind == Kind::Directory {
                     return Err(FsError::IsDirectory);
                 }
-                if let Some(mode) = changes.mode {
-                    attr.mode = mode & 0o7777;
-                }
-                if let Some(uid) = changes.uid {
-                    attr.uid = uid;
-                }
-                if let Some(gid) = changes.gid {
-                    attr.gid = gid;
-                }
-                if let Some(size) = changes.size {
-                    attr.size = size;
-                    attr.mtime_ns = now_ns;
-                }
-                if let Some(atime) = changes.atime_ns {
-                    attr.atime_ns = atime;
-                }
-                if let Some(mtime) = changes.mtime_ns {
-                    attr.mtime_ns = mtime;
-                }
-                attr.ctime_ns = now_ns;
+                attr.apply(&changes, now_ns);
                 (DispatcherReply::Attr(attr.clone()), true)
             }
             R::Mkdir {

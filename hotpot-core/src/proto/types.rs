@@ -94,6 +94,33 @@ pub struct Attr {
     pub dataset: Option<Dataset>,
 }
 
+impl Attr {
+    /// Apply a `setattr` at time `now_ns`: a size change is a modification, any change
+    /// updates ctime.
+    pub fn apply(&mut self, changes: &AttrChanges, now_ns: u64) {
+        if let Some(mode) = changes.mode {
+            self.mode = mode & 0o7777;
+        }
+        if let Some(uid) = changes.uid {
+            self.uid = uid;
+        }
+        if let Some(gid) = changes.gid {
+            self.gid = gid;
+        }
+        if let Some(size) = changes.size {
+            self.size = size;
+            self.mtime_ns = now_ns;
+        }
+        if let Some(atime) = changes.atime_ns {
+            self.atime_ns = atime;
+        }
+        if let Some(mtime) = changes.mtime_ns {
+            self.mtime_ns = mtime;
+        }
+        self.ctime_ns = now_ns;
+    }
+}
+
 /// Changes a `setattr` asks for; `None` leaves a field alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttrChanges {

@@ -47,34 +47,6 @@ fn io_error(what: impl std::fmt::Display) -> FsError {
     FsError::Io(what.to_string())
 }
 
-/// `setattr` on a file only this node still knows (unlinked while open).
-fn apply_locally(attr: &mut Attr, changes: &AttrChanges) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos() as u64)
-        .unwrap_or(0);
-    if let Some(mode) = changes.mode {
-        attr.mode = mode & 0o7777;
-    }
-    if let Some(uid) = changes.uid {
-        attr.uid = uid;
-    }
-    if let Some(gid) = changes.gid {
-        attr.gid = gid;
-    }
-    if let Some(size) = changes.size {
-        attr.size = size;
-        attr.mtime_ns = now;
-    }
-    if let Some(atime) = changes.atime_ns {
-        attr.atime_ns = atime;
-    }
-    if let Some(mtime) = changes.mtime_ns {
-        attr.mtime_ns = mtime;
-    }
-    attr.ctime_ns = now;
-}
-
 impl NodeEngine {
     pub fn new(
         dispatcher: Arc<Client>,
@@ -355,7 +327,12 @@ impl Engine for NodeEngine {
         if self.unlinked_attr(ino).is_some() {
             let mut files = self.files.lock().expect("files lock");
             let state = files.get_mut(&ino).ok_or(FsError::NotFound)?;
-            apply_locally(&mut state.attr, &changes);
+            let now_ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos() as u64)
+                .unwrap_or(0);
+            // A file only this node still knows (unlinked while open) changes here.
+            state.attr.apply(&changes, now_ns);
             let mut attr = state.attr.clone();
             attr.nlink = 0;
             return Ok(attr);
