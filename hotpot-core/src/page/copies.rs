@@ -5,6 +5,7 @@
 //! fetched copy racing a newer pushed one (the older never replaces the newer), a crash
 //! between prepare and decide (the Prepared record is discarded at recovery).
 
+use crate::page::merge::{apply_runs, diff_runs, Run};
 use crate::page::PageTable;
 use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
 use crate::proto::types::{DatasetId, NodeId};
@@ -19,6 +20,8 @@ pub struct DirtySnapshot {
     /// Version the writes were made against (the twin's).
     pub base_version: u64,
     pub bytes: Vec<u8>,
+    /// The bytes this node changed against the twin (MRMW sends these).
+    pub runs: Vec<Run>,
     pub generation: u64,
 }
 
@@ -33,6 +36,8 @@ pub struct OwnedPage<'a> {
 pub enum CommitError {
     #[error("page {page} was written against version {base} but is at version {current}: another writer committed it")]
     Stale { page: u64, base: u64, current: u64 },
+    #[error("runs for page {page} are malformed: {reason}")]
+    BadRuns { page: u64, reason: String },
     #[error(transparent)]
     Pm(#[from] PmError),
 }
@@ -68,10 +73,16 @@ impl PageTable {
             .into_iter()
             .map(|page| {
                 let dirty = self.dirty[&(dataset, page)];
+                let bytes = self.pool.frame(dirty.frame).to_vec();
+                let runs = match dirty.twin.frame {
+                    Some(twin) => diff_runs(self.pool.frame(twin), &bytes),
+                    None => diff_runs(&[0u8; PAGE_BYTES], &bytes),
+                };
                 DirtySnapshot {
                     page,
                     base_version: dirty.twin.version,
-                    bytes: self.pool.frame(dirty.frame).to_vec(),
+                    bytes,
+                    runs,
                     generation: dirty.generation,
                 }
             })
@@ -134,6 +145,9 @@ impl PageTable {
             }
             return Err(error.into());
         }
+        for page in pages {
+            self.rebase_dirty((dataset, page.page));
+        }
         Ok(pages.iter().map(|page| page.base_version + 1).collect())
     }
 
@@ -148,19 +162,88 @@ impl PageTable {
             };
             if dirty.generation == generation {
                 self.forget_dirty(key, true);
-                continue;
+            } else {
+                self.rebase_dirty(key);
             }
-            let Some(current) = self.pool.page(key).map(|found| found.record) else {
-                continue;
-            };
-            self.pool.ref_frame(current.frame);
-            if let Some(old) = dirty.twin.frame {
-                self.pool.unref_frame(old);
-            }
-            let rebased = self.dirty.get_mut(&key).expect("dirty page present");
-            rebased.twin.frame = Some(current.frame);
-            rebased.twin.version = current.version;
         }
+    }
+
+    /// A Dirty page whose committed copy moved ahead (another writer's commit, or this
+    /// node's own, merged): its changes against the old twin are re-applied on top of the
+    /// new committed bytes, which become the twin. Local writes survive; so do theirs.
+    pub fn rebase_dirty(&mut self, key: PageKey) {
+        let Some(dirty) = self.dirty.get(&key).copied() else {
+            return;
+        };
+        let Some(current) = self.pool.page(key).map(|found| found.record) else {
+            return;
+        };
+        if dirty.twin.frame == Some(current.frame) {
+            return;
+        }
+        let mine = self.pool.frame(dirty.frame).to_vec();
+        let runs = match dirty.twin.frame {
+            Some(twin) => diff_runs(self.pool.frame(twin), &mine),
+            None => diff_runs(&[0u8; PAGE_BYTES], &mine),
+        };
+        let mut rebased = self.pool.frame(current.frame).to_vec();
+        apply_runs(&mut rebased, &runs).expect("runs of a local diff fit the page");
+        self.pool.frame_mut(dirty.frame).copy_from_slice(&rebased);
+        self.pool.ref_frame(current.frame);
+        if let Some(old) = dirty.twin.frame {
+            self.pool.unref_frame(old);
+        }
+        let entry = self.dirty.get_mut(&key).expect("dirty page present");
+        entry.twin.frame = Some(current.frame);
+        entry.twin.version = current.version;
+    }
+
+    /// The owner's step of an MRMW commit: each page's runs applied onto the owner's
+    /// current copy (zeros if none), all at version + 1, atomically. Returns the merged
+    /// pages (what holders and replicas must store) with their versions.
+    pub fn apply_merged(
+        &mut self,
+        dataset: DatasetId,
+        pages: &[(u64, &[Run])],
+    ) -> Result<Vec<(u64, Vec<u8>)>, CommitError> {
+        let mut merged = Vec::with_capacity(pages.len());
+        for (page, runs) in pages {
+            let (version, mut bytes) = self
+                .read_persisted((dataset, *page))
+                .unwrap_or((0, vec![0u8; PAGE_BYTES]));
+            apply_runs(&mut bytes, runs).map_err(|reason| CommitError::BadRuns {
+                page: *page,
+                reason,
+            })?;
+            merged.push((version + 1, bytes));
+        }
+        let borrowed: Vec<(u64, &[u8])> = pages
+            .iter()
+            .zip(&merged)
+            .map(|((page, _), (_, bytes))| (*page, bytes.as_slice()))
+            .collect();
+        let frames = self.frames_from(&borrowed)?;
+        let changes: Vec<SlotChange> = pages
+            .iter()
+            .zip(&merged)
+            .zip(&frames)
+            .map(|(((page, _), (version, _)), frame)| SlotChange::Put {
+                page: (dataset, *page),
+                version: *version,
+                frame: *frame,
+                state: CopyState::Committed,
+            })
+            .collect();
+        if let Err(error) = self.pool.commit(&changes) {
+            for frame in frames {
+                self.pool.unref_frame(frame);
+            }
+            return Err(error.into());
+        }
+        for (page, _) in pages {
+            self.rebase_dirty((dataset, *page));
+        }
+        Ok(merged)
     }
 
     /// A holder's or replica's first step: the new bytes durable in a Prepared record.
@@ -227,6 +310,9 @@ impl PageTable {
     pub fn decide_copies(&mut self, tx: TxKey) -> Option<(DatasetId, Vec<u64>)> {
         let prepared = self.prepared.remove(&tx)?;
         self.pool.decide(prepared.record);
+        for page in &prepared.pages {
+            self.rebase_dirty((prepared.dataset, *page));
+        }
         Some((prepared.dataset, prepared.pages))
     }
 
@@ -266,6 +352,7 @@ impl PageTable {
             self.pool.unref_frame(frames[0]);
             return Err(error);
         }
+        self.rebase_dirty(page);
         Ok(true)
     }
 }
@@ -329,6 +416,35 @@ mod tests {
             Some(PageState::Committed { version: 2 })
         );
         assert_eq!(table.pool().frames_free(), free - 1, "no frame leaked");
+    }
+
+    #[test]
+    fn two_writers_of_one_page_merge_and_a_holder_keeps_its_own_writes() {
+        // Node A owns page 0 and writes its first half; node B (a holder) writes the second.
+        let mut owner = table();
+        let mut holder = table();
+        owner.stage((1, 0), 0, &[1u8; 2048]).unwrap();
+        holder.stage((1, 0), 2048, &[2u8; 2048]).unwrap();
+        let from_holder = holder.snapshot_dirty(1);
+        let mine = owner.snapshot_dirty(1);
+        let merged = owner.apply_merged(1, &[(0, &mine[0].runs)]).unwrap();
+        owner.finish_commit(1, &[(0, mine[0].generation)]);
+        assert_eq!(merged[0].0, 1);
+        // The owner's commit reaches the holder, whose Dirty page is rebased on it.
+        holder
+            .prepare_copies((9, 1), 1, &[(0, 1, &merged[0].1)], false)
+            .unwrap();
+        holder.decide_copies((9, 1));
+        let mut view = vec![0u8; PAGE_BYTES];
+        holder.read((1, 0), &mut view);
+        assert!(view[..2048].iter().all(|b| *b == 1) && view[2048..].iter().all(|b| *b == 2));
+        // The holder commits its runs (made against version 0): both halves survive.
+        let merged = owner.apply_merged(1, &[(0, &from_holder[0].runs)]).unwrap();
+        assert_eq!(merged[0].0, 2);
+        assert!(
+            merged[0].1[..2048].iter().all(|b| *b == 1)
+                && merged[0].1[2048..].iter().all(|b| *b == 2)
+        );
     }
 
     #[test]

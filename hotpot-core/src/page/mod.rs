@@ -2,7 +2,9 @@
 //! Dirty with twin) over the PM pool.
 
 pub mod copies;
+pub mod merge;
 pub mod table;
 
 pub use copies::{CommitError, DirtySnapshot, OwnedPage, TxKey};
+pub use merge::{apply_runs, diff_runs, Run};
 pub use table::{PageState, PageTable, ReadOutcome};
