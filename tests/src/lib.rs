@@ -144,6 +144,19 @@ impl Cluster {
 
     /// `hotpot create` of a dataset under node `node`'s mount; returns its path.
     pub fn create(&self, node: u32, name: &str, size: &str, mode: &str, replicas: u32) -> PathBuf {
+        self.create_chunked(node, name, size, mode, replicas, "4MiB")
+    }
+
+    /// `create` with a chunk size (the unit of ownership).
+    pub fn create_chunked(
+        &self,
+        node: u32,
+        name: &str,
+        size: &str,
+        mode: &str,
+        replicas: u32,
+        chunk: &str,
+    ) -> PathBuf {
         let path = self.mount(node).join(name);
         run_ok(
             Command::new(hotpot_bin())
@@ -156,6 +169,7 @@ impl Cluster {
                     "--replicas",
                     &replicas.to_string(),
                 ])
+                .args(["--chunk-size", chunk])
                 .arg(&path),
         );
         path

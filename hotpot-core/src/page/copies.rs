@@ -145,26 +145,36 @@ impl PageTable {
             }
             return Err(error.into());
         }
-        for page in pages {
-            self.rebase_dirty((dataset, page.page));
-        }
         Ok(pages.iter().map(|page| page.base_version + 1).collect())
     }
 
-    /// After a commit of snapshots succeeded: a page not written since its snapshot is
-    /// clean now (its committed copy is in the pool); a page written since stays Dirty with
-    /// the new committed copy as its twin, so its later writes diff against what is current.
-    pub fn finish_commit(&mut self, dataset: DatasetId, done: &[(u64, u64)]) {
-        for &(page, generation) in done {
-            let key = (dataset, page);
+    /// After a commit of snapshots succeeded (and the kernel's copies of those pages were
+    /// invalidated): a page not written since its snapshot is clean now; a page written since
+    /// keeps only the writes made after the snapshot, on top of the new committed copy.
+    pub fn finish_commit(&mut self, dataset: DatasetId, done: &[&DirtySnapshot]) {
+        for snapshot in done {
+            let key = (dataset, snapshot.page);
             let Some(dirty) = self.dirty.get(&key).copied() else {
                 continue;
             };
-            if dirty.generation == generation {
+            if dirty.generation == snapshot.generation {
                 self.forget_dirty(key, true);
-            } else {
-                self.rebase_dirty(key);
+                continue;
             }
+            let Some(current) = self.pool.page(key).map(|found| found.record) else {
+                continue;
+            };
+            let later = diff_runs(&snapshot.bytes, self.pool.frame(dirty.frame));
+            let mut rebased = self.pool.frame(current.frame).to_vec();
+            apply_runs(&mut rebased, &later).expect("runs of a local diff fit the page");
+            self.pool.frame_mut(dirty.frame).copy_from_slice(&rebased);
+            self.pool.ref_frame(current.frame);
+            if let Some(old) = dirty.twin.frame {
+                self.pool.unref_frame(old);
+            }
+            let entry = self.dirty.get_mut(&key).expect("dirty page present");
+            entry.twin.frame = Some(current.frame);
+            entry.twin.version = current.version;
         }
     }
 
@@ -240,9 +250,6 @@ impl PageTable {
             }
             return Err(error.into());
         }
-        for (page, _) in pages {
-            self.rebase_dirty((dataset, *page));
-        }
         Ok(merged)
     }
 
@@ -310,9 +317,6 @@ impl PageTable {
     pub fn decide_copies(&mut self, tx: TxKey) -> Option<(DatasetId, Vec<u64>)> {
         let prepared = self.prepared.remove(&tx)?;
         self.pool.decide(prepared.record);
-        for page in &prepared.pages {
-            self.rebase_dirty((prepared.dataset, *page));
-        }
         Some((prepared.dataset, prepared.pages))
     }
 
@@ -352,7 +356,6 @@ impl PageTable {
             self.pool.unref_frame(frames[0]);
             return Err(error);
         }
-        self.rebase_dirty(page);
         Ok(true)
     }
 }
@@ -371,7 +374,7 @@ impl PageTable {
             })
             .collect();
         let versions = self.apply_owned(dataset, &owned).expect("local commit");
-        let done: Vec<(u64, u64)> = snapshots.iter().map(|s| (s.page, s.generation)).collect();
+        let done: Vec<&DirtySnapshot> = snapshots.iter().collect();
         self.finish_commit(dataset, &done);
         versions
     }
@@ -401,7 +404,7 @@ mod tests {
             bytes: &snapshots[0].bytes,
         }];
         assert_eq!(table.apply_owned(1, &owned).unwrap(), vec![1]);
-        table.finish_commit(1, &[(0, snapshots[0].generation)]);
+        table.finish_commit(1, &[&snapshots[0]]);
         assert_eq!(
             table.state((1, 0)),
             Some(PageState::Dirty { twin_version: 1 })
@@ -428,15 +431,16 @@ mod tests {
         let from_holder = holder.snapshot_dirty(1);
         let mine = owner.snapshot_dirty(1);
         let merged = owner.apply_merged(1, &[(0, &mine[0].runs)]).unwrap();
-        owner.finish_commit(1, &[(0, mine[0].generation)]);
+        owner.finish_commit(1, &[&mine[0]]);
         assert_eq!(merged[0].0, 1);
         // The owner's commit reaches the holder, whose Dirty page is rebased on it.
         holder
             .prepare_copies((9, 1), 1, &[(0, 1, &merged[0].1)], false)
             .unwrap();
         holder.decide_copies((9, 1));
+        holder.forget_served((1, 0)); // the holder's kernel copy was invalidated
         let mut view = vec![0u8; PAGE_BYTES];
-        holder.read((1, 0), &mut view);
+        holder.read_for_kernel((1, 0), &mut view);
         assert!(view[..2048].iter().all(|b| *b == 1) && view[2048..].iter().all(|b| *b == 2));
         // The holder commits its runs (made against version 0): both halves survive.
         let merged = owner.apply_merged(1, &[(0, &from_holder[0].runs)]).unwrap();
@@ -444,6 +448,47 @@ mod tests {
         assert!(
             merged[0].1[..2048].iter().all(|b| *b == 1)
                 && merged[0].1[2048..].iter().all(|b| *b == 2)
+        );
+    }
+
+    #[test]
+    fn a_whole_page_writeback_based_on_an_older_version_does_not_revert_other_writers() {
+        let mut owner = table();
+        let mut holder = table();
+        // The holder's kernel reads the page (never written: zeros) and keeps it.
+        let mut kernel_page = vec![0u8; PAGE_BYTES];
+        holder.read_for_kernel((1, 0), &mut kernel_page);
+        // Another writer commits bytes 8..16 at the owner; the holder receives version 1
+        // before its kernel copy is invalidated.
+        let mut other = vec![0u8; PAGE_BYTES];
+        other[8..16].fill(0xaa);
+        let merged = owner
+            .apply_merged(1, &[(0, &diff_runs(&[0u8; PAGE_BYTES], &other))])
+            .unwrap();
+        holder
+            .prepare_copies((3, 1), 1, &[(0, 1, &merged[0].1)], false)
+            .unwrap();
+        holder.decide_copies((3, 1));
+        // The holder's program wrote bytes 0..8 in its (old) kernel copy, which the kernel
+        // writes back whole, while being invalidated.
+        kernel_page[0..8].fill(0xbb);
+        holder.stage((1, 0), 0, &kernel_page).unwrap();
+        holder.forget_served((1, 0));
+        let snapshot = holder.snapshot_dirty(1);
+        assert_eq!(
+            snapshot[0].runs.len(),
+            1,
+            "only the holder's own bytes: {:?}",
+            snapshot[0].runs
+        );
+        let merged = owner.apply_merged(1, &[(0, &snapshot[0].runs)]).unwrap();
+        assert!(
+            merged[0].1[0..8].iter().all(|b| *b == 0xbb),
+            "the holder's bytes"
+        );
+        assert!(
+            merged[0].1[8..16].iter().all(|b| *b == 0xaa),
+            "the other writer's bytes survive"
         );
     }
 

@@ -52,6 +52,10 @@ pub struct PageTable {
     pub(super) dirty: HashMap<PageKey, DirtyPage>,
     pub(super) dirty_by_dataset: HashMap<DatasetId, BTreeSet<u64>>,
     pub(super) next_generation: u64,
+    /// Per page, the base of the copy the kernel holds: what this node last served it.
+    /// The kernel writes back whole pages, so a write is diffed against this base, never
+    /// against a committed copy that moved on since (that diff would revert other writers).
+    pub(super) served: HashMap<PageKey, Twin>,
     /// Copies pushed by owners, durable but not current until the owner decides.
     pub(super) prepared: HashMap<super::copies::TxKey, super::copies::PreparedCopies>,
 }
@@ -69,6 +73,7 @@ impl PageTable {
                 dirty: HashMap::new(),
                 dirty_by_dataset: HashMap::new(),
                 next_generation: 1,
+                served: HashMap::new(),
                 prepared: HashMap::new(),
             },
             report,
@@ -93,6 +98,52 @@ impl PageTable {
                 version: found.record.version,
             },
         })
+    }
+
+    /// What the kernel gets for a READ: this node's view of `page` (a Dirty page rebased on
+    /// the current committed copy first), remembered as the base of the kernel's copy.
+    pub fn read_for_kernel(&mut self, page: PageKey, out: &mut [u8]) -> ReadOutcome {
+        if self.dirty.contains_key(&page) {
+            self.rebase_dirty(page);
+            let twin = self.dirty[&page].twin;
+            self.set_served(page, Some(twin));
+        } else {
+            self.serve_committed(page);
+        }
+        self.read(page, out)
+    }
+
+    /// The kernel now holds this node's committed copy of `page` (zeros if it has none).
+    pub fn serve_committed(&mut self, page: PageKey) {
+        let committed = self.pool.page(page).map_or(
+            Twin {
+                frame: None,
+                version: 0,
+            },
+            |found| Twin {
+                frame: Some(found.record.frame),
+                version: found.record.version,
+            },
+        );
+        self.set_served(page, Some(committed));
+    }
+
+    /// The kernel's copy of `page` is gone (invalidated): forget its base.
+    pub fn forget_served(&mut self, page: PageKey) {
+        self.set_served(page, None);
+    }
+
+    fn set_served(&mut self, page: PageKey, base: Option<Twin>) {
+        if let Some(Some(frame)) = base.map(|twin| twin.frame) {
+            self.pool.ref_frame(frame);
+        }
+        let old = match base {
+            Some(twin) => self.served.insert(page, twin),
+            None => self.served.remove(&page),
+        };
+        if let Some(Some(frame)) = old.map(|twin| twin.frame) {
+            self.pool.unref_frame(frame);
+        }
     }
 
     /// Copy this node's view of `page` into `out` (one page long).
@@ -127,17 +178,27 @@ impl PageTable {
             }
             None => {
                 let frame = self.pool.alloc_frame()?;
-                let twin = match self.pool.page(page).map(|found| found.record) {
-                    Some(record) => {
-                        self.pool.ref_frame(record.frame);
-                        let base = self.pool.frame(record.frame).to_vec();
-                        self.pool.frame_mut(frame).copy_from_slice(&base);
+                // The base is what the kernel's copy came from, else the committed copy.
+                let base = self.served.get(&page).copied().or_else(|| {
+                    self.pool.page(page).map(|found| Twin {
+                        frame: Some(found.record.frame),
+                        version: found.record.version,
+                    })
+                });
+                let twin = match base {
+                    Some(Twin {
+                        frame: Some(base_frame),
+                        version,
+                    }) => {
+                        self.pool.ref_frame(base_frame);
+                        let bytes = self.pool.frame(base_frame).to_vec();
+                        self.pool.frame_mut(frame).copy_from_slice(&bytes);
                         Twin {
-                            frame: Some(record.frame),
-                            version: record.version,
+                            frame: Some(base_frame),
+                            version,
                         }
                     }
-                    None => {
+                    _ => {
                         self.pool.frame_mut(frame).fill(0);
                         Twin {
                             frame: None,
@@ -238,6 +299,15 @@ impl PageTable {
 
     /// Forget every copy and staged write of `dataset` on this node.
     pub fn drop_dataset(&mut self, dataset: DatasetId) -> Result<(), PmError> {
+        let served: Vec<PageKey> = self
+            .served
+            .keys()
+            .filter(|key| key.0 == dataset)
+            .copied()
+            .collect();
+        for key in served {
+            self.forget_served(key);
+        }
         for page in self.dirty_pages(dataset) {
             self.forget_dirty((dataset, page), true);
         }

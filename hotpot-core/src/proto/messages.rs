@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::page::Run;
 use crate::proto::types::*;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +177,30 @@ pub enum NodeRequest {
     },
     Abort {
         tx: (NodeId, u64),
+    },
+    /// MRMW phase 1, to each owner in node-id order: lock these pages for `tx`, or refuse
+    /// with Busy if another commit holds one.
+    Lock {
+        tx: (NodeId, u64),
+        dataset: DatasetId,
+        pages: Vec<u64>,
+    },
+    /// MRMW phase 2: merge the committer's runs into the owner's current pages, replicate,
+    /// apply. Pages not yet locked for `tx` are locked (or refused) first; `release` unlocks
+    /// them at the end (the one-owner fast path: all three phases in one message).
+    CommitRuns {
+        tx: (NodeId, u64),
+        dataset: Dataset,
+        ino: Ino,
+        committer: NodeId,
+        pages: Vec<(u64, Vec<Run>)>,
+        release: bool,
+    },
+    /// MRMW phase 3 (or the undo of phase 1): unlock.
+    Unlock {
+        tx: (NodeId, u64),
+        dataset: DatasetId,
+        pages: Vec<u64>,
     },
 }
 

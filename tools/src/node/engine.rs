@@ -216,6 +216,24 @@ impl NodeEngine {
         if snapshots.is_empty() {
             return Ok(0);
         }
+        if dataset.params.mode == Mode::Mrmw {
+            let mut groups: BTreeMap<NodeId, Vec<(u64, Vec<hotpot_core::page::Run>)>> =
+                BTreeMap::new();
+            for snapshot in &snapshots {
+                groups
+                    .entry(dataset.owner_of_page(snapshot.page))
+                    .or_default()
+                    .push((snapshot.page, snapshot.runs.clone()));
+            }
+            super::committer::commit_runs(&self.protocol, dataset, ino, &groups)?;
+            // The merge may hold other writers' bytes this kernel has not seen: its copies
+            // went at the Decide (or below, for pages this node owns); rebuild on top.
+            let pages: Vec<u64> = snapshots.iter().map(|s| s.page).collect();
+            self.protocol.invalidate(ino, dataset.id, &pages);
+            let done: Vec<&hotpot_core::page::DirtySnapshot> = snapshots.iter().collect();
+            self.table().finish_commit(dataset.id, &done);
+            return Ok(done.len());
+        }
         let mut by_owner: BTreeMap<NodeId, Vec<_>> = BTreeMap::new();
         for snapshot in snapshots {
             by_owner
@@ -225,13 +243,12 @@ impl NodeEngine {
         }
         let mut committed = 0;
         for (owner, group) in by_owner {
-            let done: Vec<(u64, u64)> = group.iter().map(|s| (s.page, s.generation)).collect();
             let pages: Vec<PageWrite> = group
-                .into_iter()
+                .iter()
                 .map(|s| PageWrite {
                     page: s.page,
                     base_version: s.base_version,
-                    bytes: s.bytes,
+                    bytes: s.bytes.clone(),
                 })
                 .collect();
             if owner == self.id {
@@ -240,7 +257,14 @@ impl NodeEngine {
             } else {
                 self.commit_at(owner, dataset, ino, pages)?;
             }
-            self.table().finish_commit(dataset.id, &done);
+            // One writer (MRSW): this kernel's copies are the committed bytes; only their
+            // base moves.
+            let mut table = self.table();
+            for snapshot in &group {
+                table.serve_committed((dataset.id, snapshot.page));
+            }
+            let done: Vec<&hotpot_core::page::DirtySnapshot> = group.iter().collect();
+            table.finish_commit(dataset.id, &done);
             committed += done.len();
         }
         Ok(committed)
@@ -533,7 +557,9 @@ impl Engine for NodeEngine {
             let page = at / PAGE_BYTES as u64;
             let within = (at % PAGE_BYTES as u64) as usize;
             let take = (PAGE_BYTES - within).min((end - at) as usize);
-            let outcome = self.table().read((dataset.id, page), &mut page_bytes);
+            let outcome = self
+                .table()
+                .read_for_kernel((dataset.id, page), &mut page_bytes);
             match outcome {
                 ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
                 // The owner without a copy: the page was never written.
@@ -543,7 +569,10 @@ impl Engine for NodeEngine {
                         None => page_bytes.fill(0),
                     }
                 }
-                ReadOutcome::Absent => page_bytes = self.protocol.fetch(&dataset, page)?,
+                ReadOutcome::Absent => {
+                    page_bytes = self.protocol.fetch(&dataset, page)?;
+                    self.table().serve_committed((dataset.id, page));
+                }
             }
             out.extend_from_slice(&page_bytes[within..within + take]);
             at += take as u64;

@@ -2,10 +2,12 @@
 //! of datasets that no longer exist, serve peers, mount, heartbeat; on SIGTERM or SIGINT
 //! unmount and exit. A second node on the same PM file is refused by the file lock.
 
+mod committer;
 pub mod engine;
+mod mrmw;
 mod peers;
 mod protocol;
-mod service;
+pub(crate) mod service;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -26,7 +26,7 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct OwnerState {
     /// Pages in a commit: fetches and other commits of them wait.
-    locked: HashSet<PageKey>,
+    locked: HashMap<PageKey, TxKey>,
     /// Nodes holding a copy of each page this node owns (volatile, see design.md).
     holders: HashMap<PageKey, BTreeSet<NodeId>>,
 }
@@ -62,19 +62,20 @@ fn unreachable(error: &NetError) -> bool {
 }
 
 /// Releases the pages of a commit at the owner however the commit ends.
-struct Unlock<'a> {
+pub(super) struct Unlock<'a> {
     protocol: &'a Protocol,
+    tx: TxKey,
     keys: Vec<PageKey>,
+    /// Unarmed: the locks outlive this call (an MRMW commit across owners keeps them until
+    /// its phase 3).
+    pub(super) armed: bool,
 }
 
 impl Drop for Unlock<'_> {
     fn drop(&mut self) {
-        let mut state = self.protocol.owner_state();
-        for key in &self.keys {
-            state.locked.remove(key);
+        if self.armed {
+            self.protocol.unlock_pages(self.tx, &self.keys);
         }
-        drop(state);
-        self.protocol.unlocked.notify_all();
     }
 }
 
@@ -163,30 +164,56 @@ impl Protocol {
     }
 
     /// Drop the kernel's cached pages of `ino` and wait until it has.
-    fn invalidate(&self, ino: Ino, pages: &[u64]) {
-        if !self
+    /// Drop the kernel's cached pages of `ino` and wait until it has (a dirty one is
+    /// written back first, against the base it was read at); then forget those bases.
+    pub fn invalidate(&self, ino: Ino, dataset: DatasetId, pages: &[u64]) {
+        let cached = self
             .cached_inos
             .lock()
             .expect("cached inos lock")
-            .contains(&ino)
-        {
-            return;
-        }
-        if let Some(invalidator) = self.invalidator.get() {
-            for page in pages {
-                invalidator.invalidate(ino, page * PAGE_BYTES as u64, PAGE_BYTES as u64);
+            .contains(&ino);
+        if cached {
+            if let Some(invalidator) = self.invalidator.get() {
+                for page in pages {
+                    invalidator.invalidate(ino, page * PAGE_BYTES as u64, PAGE_BYTES as u64);
+                }
+                invalidator.flush();
             }
-            invalidator.flush();
+        }
+        let mut table = self.table();
+        for page in pages {
+            table.forget_served((dataset, *page));
         }
     }
 
     // ----- owner -----
 
-    /// Wait until `keys` are free and take them, or give up after LOCK_WAIT.
-    fn lock_pages(&self, keys: &[PageKey]) -> Result<(Unlock<'_>, BTreeSet<NodeId>), FsError> {
+    /// Take `keys` for commit `tx` (keys it already holds are kept). `wait`: wait, bounded,
+    /// for other commits to finish (MRSW); otherwise a key held by another commit is refused
+    /// at once with Busy (MRMW: the committer backs off and retries).
+    pub(super) fn lock_pages(
+        &self,
+        tx: TxKey,
+        keys: &[PageKey],
+        wait: bool,
+    ) -> Result<Unlock<'_>, FsError> {
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
-        while keys.iter().any(|key| state.locked.contains(key)) {
+        loop {
+            let held = keys.iter().find_map(|key| {
+                state
+                    .locked
+                    .get(key)
+                    .filter(|holder| **holder != tx)
+                    .map(|holder| (*key, *holder))
+            });
+            let Some((key, holder)) = held else { break };
+            if !wait {
+                return Err(FsError::Busy(format!(
+                    "page {} of dataset {} is in commit {:?}",
+                    key.1, key.0, holder
+                )));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(FsError::Io(
@@ -199,18 +226,34 @@ impl Protocol {
                 .expect("owner state lock")
                 .0;
         }
-        let mut holders = BTreeSet::new();
         for key in keys {
-            state.locked.insert(*key);
-            holders.extend(state.holders.get(key).into_iter().flatten().copied());
+            state.locked.insert(*key, tx);
         }
-        Ok((
-            Unlock {
-                protocol: self,
-                keys: keys.to_vec(),
-            },
-            holders,
-        ))
+        Ok(Unlock {
+            protocol: self,
+            tx,
+            keys: keys.to_vec(),
+            armed: true,
+        })
+    }
+
+    /// Release the keys `tx` holds.
+    pub(super) fn unlock_pages(&self, tx: TxKey, keys: &[PageKey]) {
+        let mut state = self.owner_state();
+        for key in keys {
+            if state.locked.get(key) == Some(&tx) {
+                state.locked.remove(key);
+            }
+        }
+        drop(state);
+        self.unlocked.notify_all();
+    }
+
+    fn holders_of(&self, keys: &[PageKey]) -> BTreeSet<NodeId> {
+        let state = self.owner_state();
+        keys.iter()
+            .flat_map(|key| state.holders.get(key).into_iter().flatten().copied())
+            .collect()
     }
 
     /// `Fetch` at the owner: the committed page; `from` becomes a holder. The holder set and
@@ -220,7 +263,7 @@ impl Protocol {
         let key = (dataset, page);
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
-        while state.locked.contains(&key) {
+        while state.locked.contains_key(&key) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return NodeReply::Failed(FsError::Io(format!(
@@ -287,8 +330,25 @@ impl Protocol {
         committer_prepared: bool,
         pages: &[PageWrite],
     ) -> Result<Vec<u64>, FsError> {
+        let tx = self.next_tx();
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
-        let (_unlock, holders) = self.lock_pages(&keys)?;
+        let _unlock = self.lock_pages(tx, &keys, true)?;
+        self.commit_locked(tx, dataset, ino, committer, committer_prepared, pages)
+    }
+
+    /// Steps 2–6 of a commit whose pages `tx` holds: targets, Prepare, the local apply (the
+    /// decision), Decide, holders. Returns the new versions.
+    pub(super) fn commit_locked(
+        &self,
+        tx: TxKey,
+        dataset: &Dataset,
+        ino: Ino,
+        committer: NodeId,
+        committer_prepared: bool,
+        pages: &[PageWrite],
+    ) -> Result<Vec<u64>, FsError> {
+        let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
+        let holders = self.holders_of(&keys);
         let (targets, need) = self.targets(dataset, holders, committer);
         if targets.len() < need {
             return Err(FsError::Io(format!(
@@ -298,7 +358,6 @@ impl Protocol {
                 targets.len() + 1
             )));
         }
-        let tx: TxKey = self.next_tx();
         // Copies count from every target; messages go to those without a copy prepared.
         let counted = targets.clone();
         let targets: Vec<NodeId> = targets
@@ -347,6 +406,9 @@ impl Protocol {
                         current,
                     } => stale(dataset.id, page, base, current),
                     CommitError::Pm(error) => pm_error(error),
+                    CommitError::BadRuns { page, reason } => {
+                        FsError::Invalid(format!("page {page}: {reason}"))
+                    }
                 });
             }
         };
@@ -354,6 +416,7 @@ impl Protocol {
         if committer != self.id {
             self.invalidate(
                 ino,
+                dataset.id,
                 &pages.iter().map(|write| write.page).collect::<Vec<_>>(),
             );
         }
@@ -487,8 +550,16 @@ impl Protocol {
 
     pub fn serve_decide(&self, tx: TxKey, ino: Option<Ino>) -> NodeReply {
         let decided = self.table().decide_copies(tx);
-        if let (Some((_, pages)), Some(ino)) = (decided, ino) {
-            self.invalidate(ino, &pages);
+        match (decided, ino) {
+            (Some((dataset, pages)), Some(ino)) => self.invalidate(ino, dataset, &pages),
+            // The committer: its kernel holds the committed bytes; the base moves with them.
+            (Some((dataset, pages)), None) => {
+                let mut table = self.table();
+                for page in pages {
+                    table.serve_committed((dataset, page));
+                }
+            }
+            (None, _) => {}
         }
         NodeReply::Done
     }

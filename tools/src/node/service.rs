@@ -33,5 +33,18 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
         } => protocol.serve_prepare(tx, dataset, committer, &pages),
         NodeRequest::Decide { tx, ino } => protocol.serve_decide(tx, ino),
         NodeRequest::Abort { tx } => protocol.serve_abort(tx),
+        NodeRequest::Lock { tx, dataset, pages } => protocol.serve_lock(tx, dataset, &pages),
+        NodeRequest::Unlock { tx, dataset, pages } => protocol.serve_unlock(tx, dataset, &pages),
+        NodeRequest::CommitRuns {
+            tx,
+            dataset,
+            ino,
+            committer,
+            pages,
+            release,
+        } => match protocol.commit_runs(tx, &dataset, ino, committer, &pages, release) {
+            Ok(versions) => NodeReply::Committed { versions },
+            Err(error) => NodeReply::Failed(error),
+        },
     }
 }

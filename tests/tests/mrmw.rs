@@ -1,0 +1,167 @@
+//! MRMW on three nodes: byte merging of concurrent writers of one page, a conflict storm
+//! with per-commit stamps, and all-or-nothing commits across three owners.
+
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Barrier};
+
+use hotpot_tests::*;
+
+const PAGES: u64 = 16;
+
+#[test]
+fn three_writers_of_disjoint_thirds_of_the_same_pages_all_keep_their_bytes() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::up(3, "256MiB");
+    cluster.create(1, "merged", "64KiB", "mrmw", 2);
+    let third = 4096 / 3;
+    let rounds = 200u32;
+    let barrier = Arc::new(Barrier::new(3));
+    std::thread::scope(|scope| {
+        for node in 1..=3u32 {
+            let file = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open(cluster.mount(node).join("merged"))
+                .unwrap();
+            let barrier = barrier.clone();
+            scope.spawn(move || {
+                let mut map = Mapping::new(&file, (PAGES * 4096) as usize);
+                for round in 1..=rounds {
+                    for page in 0..PAGES as usize {
+                        let start = page * 4096 + (node as usize - 1) * third;
+                        map.bytes()[start..start + third].fill((round % 251) as u8 + node as u8);
+                    }
+                    barrier.wait();
+                    map.msync()
+                        .unwrap_or_else(|error| panic!("node {node} round {round}: msync {error}"));
+                }
+            });
+        }
+    });
+    // Every node sees all three parts at the last round's values.
+    for reader in 1..=3u32 {
+        let file = std::fs::File::open(cluster.mount(reader).join("merged")).unwrap();
+        let mut page = vec![0u8; 4096];
+        for index in 0..PAGES {
+            file.read_exact_at(&mut page, index * 4096).unwrap();
+            for writer in 1..=3usize {
+                let part = &page[(writer - 1) * third..writer * third];
+                let want = (rounds % 251) as u8 + writer as u8;
+                assert!(
+                    part.iter().all(|byte| *byte == want),
+                    "node {reader} page {index}: writer {writer}'s third is not {want}"
+                );
+            }
+        }
+    }
+}
+
+/// A commit stamp: (node, sequence) written at the start of every page of a commit.
+fn stamp(node: u32, sequence: u32) -> [u8; 8] {
+    (u64::from(node) << 32 | u64::from(sequence)).to_le_bytes()
+}
+
+#[test]
+fn a_conflict_storm_loses_no_commit_and_applies_none_by_halves() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::up(3, "256MiB");
+    // One-page chunks: owners rotate page by page, so every commit spans several owners and
+    // runs the three phases (lock in node-id order, merge, unlock) with refusals and retries.
+    let path = cluster.create_chunked(1, "storm", "48KiB", "mrmw", 2, "4KiB");
+    let owners = cluster.stat_json(&path)["chunk_owners"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(owners, 12, "one owner entry per one-page chunk");
+    let commits = 1000u32;
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for node in 1..=3u32 {
+            let file = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open(cluster.mount(node).join("storm"))
+                .unwrap();
+            scope.spawn(move || {
+                let mut map = Mapping::new(&file, 48 << 10);
+                for sequence in 1..=commits {
+                    // Overlapping page sets: every node writes page 0 and two of the others,
+                    // each in its own 8-byte slot so merged commits keep every node's stamp.
+                    for page in [0usize, node as usize, (node as usize % 3) + 4] {
+                        let at = page * 4096 + node as usize * 8;
+                        map.bytes()[at..at + 8].copy_from_slice(&stamp(node, sequence));
+                    }
+                    map.msync()
+                        .unwrap_or_else(|error| panic!("node {node} commit {sequence}: {error}"));
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    println!("{} commits from 3 nodes in {elapsed:?}", 3 * commits);
+    // Quiescent: every node's last stamp is in every page it wrote, on every node.
+    for reader in 1..=3u32 {
+        let file = std::fs::File::open(cluster.mount(reader).join("storm")).unwrap();
+        let mut slot = [0u8; 8];
+        for node in 1..=3u32 {
+            for page in [0u64, u64::from(node), u64::from(node % 3) + 4] {
+                file.read_exact_at(&mut slot, page * 4096 + u64::from(node) * 8)
+                    .unwrap();
+                assert_eq!(
+                    slot,
+                    stamp(node, commits),
+                    "node {reader} sees page {page} of writer {node}"
+                );
+            }
+        }
+    }
+    assert!(
+        elapsed < std::time::Duration::from_secs(240),
+        "storm took {elapsed:?}"
+    );
+}
+
+#[test]
+fn a_commit_across_three_owners_is_all_or_nothing_for_later_readers() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::up(3, "256MiB");
+    let path = cluster.create(1, "atomic", "12MiB", "mrmw", 2);
+    let owners: Vec<u64> = cluster.stat_json(&path)["chunk_owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|owner| owner.as_u64().unwrap())
+        .collect();
+    assert_eq!(owners.len(), 3);
+    let pages = [3u64, 1024 + 3, 2048 + 3]; // one per owner
+    let writer = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut map = Mapping::new(&writer, 12 << 20);
+    for round in 1..=500u32 {
+        for page in pages {
+            let at = page as usize * 4096;
+            map.bytes()[at..at + 8].copy_from_slice(&stamp(1, round));
+        }
+        map.msync().expect("msync returns 0");
+        let reader_node = 2 + round % 2;
+        let reader = std::fs::File::open(cluster.mount(reader_node).join("atomic")).unwrap();
+        let mut slot = [0u8; 8];
+        for page in pages {
+            reader.read_exact_at(&mut slot, page * 4096).unwrap();
+            assert_eq!(
+                slot,
+                stamp(1, round),
+                "round {round}: node {reader_node} page {page}"
+            );
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! MRMW at the owner: locks that refuse instead of waiting (phase 1), merging a committer's
+//! byte runs into the current pages and replicating them (phase 2), unlocking (phase 3).
+//! Must survive: two committers racing for the same pages (one is refused and retries), a
+//! committer that locks some owners and then gives up (it unlocks them), malformed runs
+//! (refused, nothing applied).
+
+use hotpot_core::page::{apply_runs, Run, TxKey};
+use hotpot_core::pm::{PageKey, PAGE_BYTES};
+use hotpot_core::proto::messages::{NodeReply, PageWrite};
+use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
+
+use super::protocol::Protocol;
+
+impl Protocol {
+    pub fn serve_lock(&self, tx: TxKey, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
+        match self.lock_pages(tx, &keys, false) {
+            Ok(mut held) => {
+                held.armed = false; // held until Unlock or CommitRuns{release}
+                NodeReply::Done
+            }
+            Err(error) => NodeReply::Failed(error),
+        }
+    }
+
+    pub fn serve_unlock(&self, tx: TxKey, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
+        self.unlock_pages(tx, &keys);
+        NodeReply::Done
+    }
+
+    /// Phase 2 at the owner. Returns the new versions.
+    pub fn commit_runs(
+        &self,
+        tx: TxKey,
+        dataset: &Dataset,
+        ino: Ino,
+        committer: NodeId,
+        pages: &[(u64, Vec<Run>)],
+        release: bool,
+    ) -> Result<Vec<u64>, FsError> {
+        let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset.id, *page)).collect();
+        let mut held = self.lock_pages(tx, &keys, false)?;
+        held.armed = release;
+        // The pages are ours: nobody changes them between this merge and the apply.
+        let mut writes = Vec::with_capacity(pages.len());
+        for (page, runs) in pages {
+            let (version, mut bytes) = self
+                .owned_copy(dataset.id, *page)?
+                .unwrap_or((0, vec![0u8; PAGE_BYTES]));
+            apply_runs(&mut bytes, runs)
+                .map_err(|reason| FsError::Invalid(format!("page {page}: {reason}")))?;
+            writes.push(PageWrite {
+                page: *page,
+                base_version: version,
+                bytes,
+            });
+        }
+        self.commit_locked(tx, dataset, ino, committer, false, &writes)
+    }
+}
