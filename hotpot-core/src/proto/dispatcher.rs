@@ -45,6 +45,18 @@ pub struct DispatcherState {
     /// MRSW write leases: dataset → the node that may write it.
     #[serde(default)]
     leases: BTreeMap<DatasetId, NodeId>,
+    /// User-level locks and barriers: volatile by design (a program holding one across a
+    /// dispatcher restart sees it gone; a dead node's locks are reclaimed).
+    #[serde(skip)]
+    user_locks: BTreeMap<String, (NodeId, u64)>,
+    #[serde(skip)]
+    barriers: BTreeMap<String, BarrierRound>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct BarrierRound {
+    round: u64,
+    arrived: std::collections::BTreeSet<(NodeId, u64)>,
 }
 
 impl DispatcherState {
@@ -74,6 +86,8 @@ impl DispatcherState {
             inodes: BTreeMap::from([(ROOT_INO, root)]),
             nodes: BTreeMap::new(),
             leases: BTreeMap::new(),
+            user_locks: BTreeMap::new(),
+            barriers: BTreeMap::new(),
         }
     }
 
@@ -349,6 +363,55 @@ impl DispatcherState {
                     (DispatcherReply::Done, true)
                 } else {
                     (DispatcherReply::Done, false)
+                }
+            }
+            R::LockAcquire { name, holder } => match self.user_locks.get(&name) {
+                Some(current) if *current != holder && self.node_live(current.0, now_ms) => {
+                    return Err(FsError::Busy(format!("lock {name} is held by {current:?}")))
+                }
+                _ => {
+                    self.user_locks.insert(name, holder);
+                    (DispatcherReply::Done, false)
+                }
+            },
+            R::LockRelease { name, holder } => {
+                if self.user_locks.get(&name) == Some(&holder) {
+                    self.user_locks.remove(&name);
+                    (DispatcherReply::Done, false)
+                } else {
+                    return Err(FsError::Invalid(format!(
+                        "lock {name} is not held by {holder:?}"
+                    )));
+                }
+            }
+            R::Barrier {
+                name,
+                parties,
+                member,
+                round,
+            } => {
+                if parties == 0 {
+                    return Err(FsError::Invalid(
+                        "a barrier needs at least one party".into(),
+                    ));
+                }
+                let barrier = self.barriers.entry(name).or_default();
+                if barrier.round > round {
+                    return Ok((DispatcherReply::Done, false));
+                }
+                if barrier.round < round {
+                    return Err(FsError::Invalid(format!(
+                        "barrier is at round {}, not {round}",
+                        barrier.round
+                    )));
+                }
+                barrier.arrived.insert(member);
+                if barrier.arrived.len() as u32 >= parties {
+                    barrier.round += 1;
+                    barrier.arrived.clear();
+                    (DispatcherReply::Done, false)
+                } else {
+                    (DispatcherReply::Waiting, false)
                 }
             }
             R::LiveDatasets => {
@@ -713,6 +776,49 @@ mod tests {
             state.handle(acquire(1), late, 0),
             (DispatcherReply::Done, true)
         );
+    }
+
+    #[test]
+    fn user_locks_exclude_and_barriers_release_all_parties_together() {
+        let mut state = joined(2);
+        let acquire = |node| R::LockAcquire {
+            name: "c0".into(),
+            holder: (node, 7),
+        };
+        assert_eq!(state.handle(acquire(1), 0, 0).0, DispatcherReply::Done);
+        assert!(matches!(
+            state.handle(acquire(2), 0, 0).0,
+            DispatcherReply::Failed(FsError::Busy(_))
+        ));
+        let release = R::LockRelease {
+            name: "c0".into(),
+            holder: (1, 7),
+        };
+        assert_eq!(state.handle(release.clone(), 0, 0).0, DispatcherReply::Done);
+        assert!(matches!(
+            state.handle(release, 0, 0).0,
+            DispatcherReply::Failed(FsError::Invalid(_))
+        ));
+        assert_eq!(state.handle(acquire(2), 0, 0).0, DispatcherReply::Done);
+        let arrive = |node, round| R::Barrier {
+            name: "b".into(),
+            parties: 2,
+            member: (node, 0),
+            round,
+        };
+        assert_eq!(state.handle(arrive(1, 0), 0, 0).0, DispatcherReply::Waiting);
+        assert_eq!(
+            state.handle(arrive(1, 0), 0, 0).0,
+            DispatcherReply::Waiting,
+            "asking again is safe"
+        );
+        assert_eq!(state.handle(arrive(2, 0), 0, 0).0, DispatcherReply::Done);
+        assert_eq!(
+            state.handle(arrive(1, 0), 0, 0).0,
+            DispatcherReply::Done,
+            "round 0 has passed"
+        );
+        assert_eq!(state.handle(arrive(1, 1), 0, 0).0, DispatcherReply::Waiting);
     }
 
     #[test]

@@ -92,6 +92,23 @@ pub enum DispatcherRequest {
         dataset: DatasetId,
         node: NodeId,
     },
+    /// User-level lock `name` for `holder` (a node and a program's own id); Busy if held.
+    LockAcquire {
+        name: String,
+        holder: (NodeId, u64),
+    },
+    LockRelease {
+        name: String,
+        holder: (NodeId, u64),
+    },
+    /// Arrive at round `round` of barrier `name` of `parties` members; `Waiting` until all
+    /// have, then `Done` (asking again is safe).
+    Barrier {
+        name: String,
+        parties: u32,
+        member: (NodeId, u64),
+        round: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +128,7 @@ pub enum DispatcherReply {
         nodes: Vec<NodeInfo>,
     },
     Datasets(Vec<DatasetId>),
+    Waiting,
     Done,
     Failed(FsError),
 }
