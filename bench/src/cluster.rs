@@ -58,7 +58,13 @@ impl LocalCluster {
     }
 
     /// Create a dataset on node 1's mount; returns the chunk owners.
-    pub fn create(&self, name: &str, size: &str, replicas: u8) -> anyhow::Result<Vec<u64>> {
+    pub fn create(
+        &self,
+        name: &str,
+        size: &str,
+        mode: &str,
+        replicas: u8,
+    ) -> anyhow::Result<Vec<u64>> {
         let path = self.mount(1).join(name);
         let path = path.to_string_lossy();
         self.hotpot(&[
@@ -67,7 +73,7 @@ impl LocalCluster {
             "--size",
             size,
             "--mode",
-            "mrsw",
+            mode,
             "--replicas",
             &replicas.to_string(),
         ])?;

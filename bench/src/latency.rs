@@ -105,11 +105,13 @@ pub fn fault_latency(file: &File, len: usize, pages: &[u64]) -> anyhow::Result<P
     Ok(Percentiles::of(&histogram))
 }
 
-/// msync(MS_SYNC) latency after dirtying `dirty` random pages out of `pages`, `rounds` times.
+/// msync(MS_SYNC) latency after writing `area_bytes` into each of `dirty` random pages out
+/// of `pages`, `rounds` times.
 pub fn msync_latency(
     map: &Map,
     pages: &[u64],
     dirty: usize,
+    area_bytes: usize,
     rounds: u32,
 ) -> anyhow::Result<Percentiles> {
     let mut rng = rand::rng();
@@ -117,8 +119,8 @@ pub fn msync_latency(
     for round in 0..rounds {
         for _ in 0..dirty {
             let page = pages[rng.random_range(0..pages.len())] as usize;
-            // SAFETY: inside the mapping.
-            unsafe { *map.ptr.add(page * 4096 + 8) = round as u8 };
+            // SAFETY: inside the mapping (area_bytes ≤ 4088).
+            unsafe { std::ptr::write_bytes(map.ptr.add(page * 4096 + 8), round as u8, area_bytes) };
         }
         let start = Instant::now();
         map.msync()?;
@@ -151,8 +153,8 @@ pub fn measure(dir: &Path, pages: u64, rounds: u32) -> anyhow::Result<Results> {
     let strided: Vec<u64> = (0..pages).step_by(FAULT_STRIDE_PAGES as usize).collect();
     let fault = fault_latency(&file, len, &strided)?;
     let map = Map::new(&file, len)?;
-    let msync_1 = msync_latency(&map, &all, 1, rounds)?;
-    let msync_64 = msync_latency(&map, &all, 64, rounds)?;
+    let msync_1 = msync_latency(&map, &all, 1, 1, rounds)?;
+    let msync_64 = msync_latency(&map, &all, 64, 1, rounds)?;
     drop(map);
     std::fs::remove_file(&path)?;
     Ok(Results {

@@ -77,12 +77,8 @@ fn cluster_run(hotpot: &std::path::Path, rounds: u32) -> anyhow::Result<()> {
         "read fault, remote owner",
         result.remote_fault.show()
     );
-    for (replicas, pages, latency) in &result.commits {
-        println!(
-            "{:<40} {:>20}",
-            format!("MRSW commit {pages} pages, replicas {replicas}"),
-            latency.show()
-        );
+    for (case, latency) in &result.commits {
+        println!("{:<40} {:>20}", format!("commit {case}"), latency.show());
     }
     let floor = result.raw.p50 + result.local_fault.p50;
     println!(
@@ -93,11 +89,25 @@ fn cluster_run(hotpot: &std::path::Path, rounds: u32) -> anyhow::Result<()> {
         "ratio hotpot-net-rpc/raw-rtt p50 {:.2}",
         result.transport.p50 / result.raw.p50
     );
-    for (replicas, pages, latency) in &result.commits {
-        println!(
-            "ratio commit-{pages}p-r{replicas}/raw-rtt p50 {:.2}",
-            latency.p50 / result.raw.p50
-        );
+    let p50 = |case: &str| {
+        result
+            .commits
+            .iter()
+            .find(|(name, _)| name == case)
+            .map(|(_, latency)| latency.p50)
+    };
+    for (case, latency) in &result.commits {
+        if case.ends_with("owner remote: 1 page") {
+            println!(
+                "ratio commit-1p/raw-rtt {case} p50 {:.2}",
+                latency.p50 / result.raw.p50
+            );
+        }
+        if let Some(rest) = case.strip_prefix("mrmw ") {
+            if let Some(mrsw) = p50(&format!("mrsw {rest}")) {
+                println!("ratio mrmw/mrsw {rest} p50 {:.2}", latency.p50 / mrsw);
+            }
+        }
     }
     Ok(())
 }

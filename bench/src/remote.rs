@@ -76,8 +76,8 @@ pub struct ClusterResults {
     pub transport: Percentiles,
     pub local_fault: Percentiles,
     pub remote_fault: Percentiles,
-    /// (replicas, pages, latency)
-    pub commits: Vec<(u8, usize, Percentiles)>,
+    /// (case, latency)
+    pub commits: Vec<(String, Percentiles)>,
 }
 
 pub fn measure(cluster: &LocalCluster, rounds: u32) -> anyhow::Result<ClusterResults> {
@@ -85,7 +85,7 @@ pub fn measure(cluster: &LocalCluster, rounds: u32) -> anyhow::Result<ClusterRes
     let transport = transport_round_trip(rounds)?;
     // Faults: a dataset with one copy per page, written on node 3; read on node 3 (local,
     // the owner) and on node 2 (remote: nothing there, every fault is a fetch).
-    let owners = cluster.create("faults", "12MiB", 1)?;
+    let owners = cluster.create("faults", "12MiB", "mrsw", 1)?;
     let len = 12 << 20;
     let owned_by_3 = pages_of_chunk(&owners, 3)?;
     let writer = File::options()
@@ -101,24 +101,36 @@ pub fn measure(cluster: &LocalCluster, rounds: u32) -> anyhow::Result<ClusterRes
     let local_fault = fault_latency(&writer, len, &strided)?;
     let reader = File::open(cluster.mount(2).join("faults"))?;
     let remote_fault = fault_latency(&reader, len, &strided)?;
-    // Commits from node 1 to pages owned by node 2.
+    // Commits from node 1: pages owned by node 2 (remote) or by node 1 itself (local).
     let mut commits = Vec::new();
-    for replicas in [2u8, 3] {
-        let name = format!("commits-r{replicas}");
-        let owners = cluster.create(&name, "12MiB", replicas)?;
-        let remote = pages_of_chunk(&owners, 2)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(cluster.mount(1).join(&name))?;
-        let map = Map::new(&file, len)?;
-        fill(&map, &remote)?;
-        for dirty in [1usize, 32] {
-            commits.push((
-                replicas,
-                dirty,
-                msync_latency(&map, &remote, dirty, rounds)?,
-            ));
+    for mode in ["mrsw", "mrmw"] {
+        for replicas in [1u8, 2, 3] {
+            let name = format!("commits-{mode}-r{replicas}");
+            let owners = cluster.create(&name, "12MiB", mode, replicas)?;
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(cluster.mount(1).join(&name))?;
+            let map = Map::new(&file, len)?;
+            for owner in [2u64, 1] {
+                let pages = pages_of_chunk(&owners, owner)?;
+                fill(&map, &pages)?;
+                let place = if owner == 1 { "local" } else { "remote" };
+                let cases: &[(usize, usize, &str)] = if owner == 1 {
+                    &[(1, 1, "1 page")]
+                } else {
+                    &[
+                        (1, 1, "1 page"),
+                        (32, 1024, "32 x 1 KiB"),
+                        (256, 64, "256 pages"),
+                    ]
+                };
+                for (dirty, area, what) in cases {
+                    let samples = if *dirty > 32 { rounds / 10 } else { rounds };
+                    let latency = msync_latency(&map, &pages, *dirty, *area, samples.max(10))?;
+                    commits.push((format!("{mode} r{replicas} owner {place}: {what}"), latency));
+                }
+            }
         }
     }
     Ok(ClusterResults {
