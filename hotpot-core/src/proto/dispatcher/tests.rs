@@ -1,0 +1,293 @@
+//! The dispatcher's state machine under test: namespace rules, owners, leases, locks.
+
+use super::*;
+use DispatcherRequest as R;
+
+fn params() -> DatasetParams {
+    DatasetParams {
+        mode: Mode::Mrmw,
+        replicas: 2,
+        chunk_pages: DEFAULT_CHUNK_PAGES,
+    }
+}
+
+fn attr(reply: DispatcherReply) -> Attr {
+    match reply {
+        DispatcherReply::Attr(attr) => attr,
+        other => panic!("expected attr, got {other:?}"),
+    }
+}
+
+fn create(state: &mut DispatcherState, parent: Ino, name: &str) -> DispatcherReply {
+    state
+        .handle(
+            R::Create {
+                parent,
+                name: name.into(),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                params: None,
+                exclusive: true,
+            },
+            0,
+            0,
+        )
+        .0
+}
+
+fn joined(nodes: u32) -> DispatcherState {
+    let mut state = DispatcherState::new(7, params(), 0);
+    for node in 1..=nodes {
+        state.handle(
+            R::Join {
+                node,
+                addr: format!("127.0.0.1:{node}"),
+                mount: String::new(),
+                pm_cluster: None,
+            },
+            0,
+            0,
+        );
+    }
+    state
+}
+
+#[test]
+fn create_assigns_owners_round_robin_over_live_nodes() {
+    let mut state = joined(3);
+    let file = attr(create(&mut state, ROOT_INO, "a"));
+    let dataset = file.dataset.unwrap();
+    let owners: Vec<NodeId> = (0..6).map(|chunk| dataset.owner_of_chunk(chunk)).collect();
+    assert_eq!(owners[0..3], owners[3..6]);
+    let mut sorted = owners[0..3].to_vec();
+    sorted.sort();
+    assert_eq!(sorted, vec![1, 2, 3]);
+}
+
+#[test]
+fn join_with_a_pm_file_of_another_cluster_is_refused() {
+    let mut state = joined(0);
+    let join = |pm_cluster| R::Join {
+        node: 1,
+        addr: "a".into(),
+        mount: "m".into(),
+        pm_cluster,
+    };
+    let (reply, changed) = state.handle(join(Some(8)), 0, 0);
+    assert!(matches!(
+        reply,
+        DispatcherReply::Failed(FsError::Invalid(_))
+    ));
+    assert!(!changed);
+    let (reply, _) = state.handle(join(Some(7)), 0, 0);
+    assert_eq!(reply, DispatcherReply::Joined { cluster_id: 7 });
+}
+
+#[test]
+fn one_node_at_a_time_holds_a_write_lease() {
+    let mut state = joined(2);
+    let acquire = |node| R::AcquireLease { dataset: 5, node };
+    assert_eq!(
+        state.handle(acquire(1), 0, 0),
+        (DispatcherReply::Done, true)
+    );
+    assert_eq!(
+        state.handle(acquire(1), 0, 0),
+        (DispatcherReply::Done, false)
+    );
+    let (reply, _) = state.handle(acquire(2), 0, 0);
+    assert!(
+        matches!(reply, DispatcherReply::Failed(FsError::Busy(ref why)) if why.contains("node 1"))
+    );
+    state.handle(
+        R::ReleaseLease {
+            dataset: 5,
+            node: 1,
+        },
+        0,
+        0,
+    );
+    assert_eq!(
+        state.handle(acquire(2), 0, 0),
+        (DispatcherReply::Done, true)
+    );
+    // A holder that stops heartbeating loses the lease.
+    state.handle(
+        R::Heartbeat {
+            node: 1,
+            usage: NodeUsage::default(),
+        },
+        10_000,
+        0,
+    );
+    let late = NODE_TIMEOUT_MS + 20_000;
+    state.handle(
+        R::Heartbeat {
+            node: 1,
+            usage: NodeUsage::default(),
+        },
+        late,
+        0,
+    );
+    assert_eq!(
+        state.handle(acquire(1), late, 0),
+        (DispatcherReply::Done, true)
+    );
+}
+
+#[test]
+fn user_locks_exclude_and_barriers_release_all_parties_together() {
+    let mut state = joined(2);
+    let acquire = |node| R::LockAcquire {
+        name: "c0".into(),
+        holder: (node, 7),
+    };
+    assert_eq!(state.handle(acquire(1), 0, 0).0, DispatcherReply::Done);
+    assert!(matches!(
+        state.handle(acquire(2), 0, 0).0,
+        DispatcherReply::Failed(FsError::Busy(_))
+    ));
+    let release = R::LockRelease {
+        name: "c0".into(),
+        holder: (1, 7),
+    };
+    assert_eq!(state.handle(release.clone(), 0, 0).0, DispatcherReply::Done);
+    assert!(matches!(
+        state.handle(release, 0, 0).0,
+        DispatcherReply::Failed(FsError::Invalid(_))
+    ));
+    assert_eq!(state.handle(acquire(2), 0, 0).0, DispatcherReply::Done);
+    let arrive = |node, round| R::Barrier {
+        name: "b".into(),
+        parties: 2,
+        member: (node, 0),
+        round,
+    };
+    assert_eq!(state.handle(arrive(1, 0), 0, 0).0, DispatcherReply::Waiting);
+    assert_eq!(
+        state.handle(arrive(1, 0), 0, 0).0,
+        DispatcherReply::Waiting,
+        "asking again is safe"
+    );
+    assert_eq!(state.handle(arrive(2, 0), 0, 0).0, DispatcherReply::Done);
+    assert_eq!(
+        state.handle(arrive(1, 0), 0, 0).0,
+        DispatcherReply::Done,
+        "round 0 has passed"
+    );
+    assert_eq!(state.handle(arrive(1, 1), 0, 0).0, DispatcherReply::Waiting);
+}
+
+#[test]
+fn create_without_live_nodes_fails() {
+    let mut state = DispatcherState::new(7, params(), 0);
+    assert!(matches!(
+        create(&mut state, ROOT_INO, "a"),
+        DispatcherReply::Failed(FsError::Io(_))
+    ));
+}
+
+#[test]
+fn long_names_are_refused() {
+    let mut state = joined(1);
+    let long = "x".repeat(256);
+    assert_eq!(
+        create(&mut state, ROOT_INO, &long),
+        DispatcherReply::Failed(FsError::NameTooLong)
+    );
+    assert!(matches!(
+        create(&mut state, ROOT_INO, &"x".repeat(255)),
+        DispatcherReply::Attr(_)
+    ));
+}
+
+#[test]
+fn rename_over_a_file_drops_its_dataset_and_state_round_trips() {
+    let mut state = joined(1);
+    let a = attr(create(&mut state, ROOT_INO, "a"));
+    let b = attr(create(&mut state, ROOT_INO, "b"));
+    let (reply, changed) = state.handle(
+        R::Rename {
+            parent: ROOT_INO,
+            name: "a".into(),
+            new_parent: ROOT_INO,
+            new_name: "b".into(),
+        },
+        0,
+        0,
+    );
+    assert!(changed);
+    assert_eq!(reply, DispatcherReply::Removed { dropped: b.dataset });
+    let found = attr(state.handle(R::Resolve { path: "b".into() }, 0, 0).0);
+    assert_eq!(found.ino, a.ino);
+    let json = serde_json::to_string(&state).unwrap();
+    let back: DispatcherState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.inodes, state.inodes);
+}
+
+#[test]
+fn directory_rules_hold() {
+    let mut state = joined(1);
+    let dir = attr(
+        state
+            .handle(
+                R::Mkdir {
+                    parent: ROOT_INO,
+                    name: "d".into(),
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+                0,
+                0,
+            )
+            .0,
+    );
+    create(&mut state, dir.ino, "f");
+    let (reply, _) = state.handle(
+        R::Rmdir {
+            parent: ROOT_INO,
+            name: "d".into(),
+        },
+        0,
+        0,
+    );
+    assert_eq!(reply, DispatcherReply::Failed(FsError::NotEmpty));
+    let (reply, _) = state.handle(
+        R::Rename {
+            parent: ROOT_INO,
+            name: "d".into(),
+            new_parent: dir.ino,
+            new_name: "x".into(),
+        },
+        0,
+        0,
+    );
+    assert!(matches!(
+        reply,
+        DispatcherReply::Failed(FsError::Invalid(_))
+    ));
+    let (reply, _) = state.handle(
+        R::Unlink {
+            parent: dir.ino,
+            name: "f".into(),
+        },
+        0,
+        0,
+    );
+    assert!(matches!(
+        reply,
+        DispatcherReply::Removed { dropped: Some(_) }
+    ));
+    let (reply, _) = state.handle(
+        R::Rmdir {
+            parent: ROOT_INO,
+            name: "d".into(),
+        },
+        0,
+        0,
+    );
+    assert_eq!(reply, DispatcherReply::Removed { dropped: None });
+}
