@@ -161,20 +161,8 @@ impl PageTable {
                 self.forget_dirty(key, true);
                 continue;
             }
-            let Some(current) = self.pool.page(key).map(|found| found.record) else {
-                continue;
-            };
             let later = diff_runs(&snapshot.bytes, self.pool.frame(dirty.frame));
-            let mut rebased = self.pool.frame(current.frame).to_vec();
-            apply_runs(&mut rebased, &later).expect("runs of a local diff fit the page");
-            self.pool.frame_mut(dirty.frame).copy_from_slice(&rebased);
-            self.pool.ref_frame(current.frame);
-            if let Some(old) = dirty.twin.frame {
-                self.pool.unref_frame(old);
-            }
-            let entry = self.dirty.get_mut(&key).expect("dirty page present");
-            entry.twin.frame = Some(current.frame);
-            entry.twin.version = current.version;
+            self.replay_on_committed(key, &later);
         }
     }
 
@@ -191,13 +179,25 @@ impl PageTable {
         if dirty.twin.frame == Some(current.frame) {
             return;
         }
-        let mine = self.pool.frame(dirty.frame).to_vec();
+        let mine = self.pool.frame(dirty.frame);
         let runs = match dirty.twin.frame {
-            Some(twin) => diff_runs(self.pool.frame(twin), &mine),
-            None => diff_runs(&[0u8; PAGE_BYTES], &mine),
+            Some(twin) => diff_runs(self.pool.frame(twin), mine),
+            None => diff_runs(&[0u8; PAGE_BYTES], mine),
+        };
+        self.replay_on_committed(key, &runs);
+    }
+
+    /// Make the Dirty page of `key` the committed copy with `runs` on top, and the committed
+    /// copy its twin. No-op without a Dirty page or a committed copy.
+    fn replay_on_committed(&mut self, key: PageKey, runs: &[Run]) {
+        let (Some(dirty), Some(current)) = (
+            self.dirty.get(&key).copied(),
+            self.pool.page(key).map(|found| found.record),
+        ) else {
+            return;
         };
         let mut rebased = self.pool.frame(current.frame).to_vec();
-        apply_runs(&mut rebased, &runs).expect("runs of a local diff fit the page");
+        apply_runs(&mut rebased, runs).expect("runs of a local diff fit the page");
         self.pool.frame_mut(dirty.frame).copy_from_slice(&rebased);
         self.pool.ref_frame(current.frame);
         if let Some(old) = dirty.twin.frame {
