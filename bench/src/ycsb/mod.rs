@@ -2,4 +2,6 @@
 //! choosers and the report format. The runner that drives a database with them builds on these.
 
 pub mod generator;
+pub mod lmdb;
 pub mod report;
+pub mod runner;
