@@ -2,6 +2,7 @@
 //! datasets, and inspect the live cluster.
 
 mod admin;
+mod bench_ycsb;
 mod cluster;
 mod demo;
 mod dispatcher;
@@ -46,6 +47,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks: `hotpot bench ycsb` runs YCSB on hotpot, tmpfs and a FUSE passthrough.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Show a dataset: chunk owners, per-node page states and versions, copies per page.
     Stat {
         /// A file inside a hotpot mount.
@@ -57,6 +61,13 @@ enum Command {
         #[arg(long)]
         secret: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// YCSB workloads A–F on LMDB (write-map) on a 3-node cluster, tmpfs and a FUSE
+    /// passthrough; prints ops/s, p99 and ratios; writes reports, a CSV and an SVG chart.
+    Ycsb(bench_ycsb::YcsbArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +126,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Bench(BenchCommand::Ycsb(args)) => bench_ycsb::run(args),
         Command::Dispatcher(args) => dispatcher::run(args),
         Command::Node(args) => node::run(args),
         Command::Cluster(ClusterCommand::Up(args)) => cluster::up(args),
