@@ -262,6 +262,7 @@ impl Filesystem for Passthrough {
                 .read(true)
                 .write(true)
                 .create(true)
+                .truncate(false)
                 .open(&path)
                 .map_err(errno)?;
             let _ = std::fs::set_permissions(
