@@ -23,7 +23,7 @@ fn a_ycsb_run_on_the_cluster_completes_without_errors_and_verifies_on_another_no
     assert_eq!(loaded["INSERT"].ok, RECORDS);
     for name in ['a', 'd', 'e', 'f'] {
         let workload = runner::Workload::core(name).unwrap();
-        let (run_ms, operations) = runner::run(&db, workload, RECORDS, 600, 2);
+        let (run_ms, operations) = runner::run(&db, workload, RECORDS, 600, 2, &|| {});
         let text = report::render(run_ms, &operations);
         println!("workload {name}:\n{text}");
         let errors: u64 = operations.values().map(|stats| stats.errors).sum();

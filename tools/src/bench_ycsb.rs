@@ -151,8 +151,14 @@ fn run_target(
             db = fresh_db(&root, "db-e", args.records)?;
         }
         progress.set_message(format!("workload {}", workload.name));
-        let (run_ms, operations) =
-            runner::run(&db, *workload, args.records, args.operations, args.threads);
+        let (run_ms, operations) = runner::run(
+            &db,
+            *workload,
+            args.records,
+            args.operations,
+            args.threads,
+            &|| {},
+        );
         let text = report::render(run_ms, &operations);
         let file = args.results.join(format!(
             "ycsb-{target_name}-{}-t{}.txt",

@@ -1,5 +1,6 @@
-//! `hotpot demo`: the main job in one command. Starts a local 3-node cluster, runs a workload
-//! on node 1 that commits pages through mmap + msync (as a database engine does), reads every
+//! `hotpot demo`: the main job in one command. Starts a local 3-node cluster, runs a short
+//! YCSB A and B on LMDB in node 1's mount and reads the database from nodes 2 and 3, runs a
+//! workload on node 1 that commits pages through mmap + msync, reads every
 //! committed page through the other nodes' mounts, crashes node 1 with SIGKILL, restarts it on
 //! its PM file, verifies every committed byte again, prints a report and cleans up.
 
@@ -52,6 +53,68 @@ impl Drop for Teardown {
     }
 }
 
+struct YcsbSummary {
+    ops_per_sec: [f64; 2],
+    errors: u64,
+    verified: u64,
+}
+
+const YCSB_RECORDS: u64 = 2_000;
+const YCSB_OPERATIONS: u64 = 3_000;
+
+/// A short YCSB A and B on LMDB (write-map, commits by msync) in node 1's mount, with a live
+/// progress bar; then readers on nodes 2 and 3 open the same database and check every record.
+fn ycsb_phase(dir: &std::path::Path) -> anyhow::Result<YcsbSummary> {
+    use hotpot_bench::ycsb::{generator, lmdb::Lmdb, report, runner};
+    const MAP_BYTES: usize = 256 << 20;
+    println!("== YCSB on LMDB in node 1's mount: load {YCSB_RECORDS} records, run A and B");
+    let db_dir = dir.join("n1").join("mnt").join("ycsb");
+    std::fs::create_dir(&db_dir)?;
+    let db = Lmdb::open(&db_dir, MAP_BYTES, false).map_err(|e| anyhow::anyhow!(e))?;
+    runner::load(&db, YCSB_RECORDS).map_err(|e| anyhow::anyhow!("load: {e}"))?;
+    let mut summary = YcsbSummary {
+        ops_per_sec: [0.0; 2],
+        errors: 0,
+        verified: 0,
+    };
+    for (index, name) in ['a', 'b'].into_iter().enumerate() {
+        let progress = ProgressBar::new(YCSB_OPERATIONS).with_style(
+            ProgressStyle::with_template("  workload {prefix} {bar:40} {pos}/{len} ops {per_sec}")
+                .expect("progress template"),
+        );
+        progress.set_prefix(name.to_ascii_uppercase().to_string());
+        let workload = runner::Workload::core(name).expect("core workload");
+        let (run_ms, operations) =
+            runner::run(&db, workload, YCSB_RECORDS, YCSB_OPERATIONS, 2, &|| {
+                progress.inc(1)
+            });
+        progress.finish();
+        print!("{}", report::render(run_ms, &operations));
+        summary.ops_per_sec[index] = YCSB_OPERATIONS as f64 * 1000.0 / run_ms.max(1) as f64;
+        summary.errors += operations.values().map(|stats| stats.errors).sum::<u64>();
+    }
+    drop(db);
+    for node in [2, 3] {
+        let reader = Lmdb::open(
+            &dir.join(format!("n{node}")).join("mnt").join("ycsb"),
+            MAP_BYTES,
+            true,
+        )
+        .map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
+        for number in 0..YCSB_RECORDS {
+            let record = reader
+                .get(generator::key_name(number).as_bytes())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            if !record.as_deref().is_some_and(runner::well_formed) {
+                bail!("record {number} is missing or damaged on node {node}");
+            }
+            summary.verified += 1;
+        }
+    }
+    println!("  nodes 2 and 3 read all {YCSB_RECORDS} records of node 1's database");
+    Ok(summary)
+}
+
 /// Read every committed page through `path`; returns how many are wrong.
 fn verify(path: &std::path::Path, latest: &BTreeMap<u64, u32>) -> anyhow::Result<u64> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -99,6 +162,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         dir: dir.clone(),
         keep: args.keep,
     };
+    let ycsb = ycsb_phase(&dir)?;
     let path = dir.join("n1").join("mnt").join("orders");
     let file = std::fs::File::options()
         .read(true)
@@ -172,6 +236,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     crate::admin::stat(&path, None, false)?;
     println!();
     println!("report");
+    println!(
+        "  YCSB on LMDB (node 1)       A {:.0} ops/s, B {:.0} ops/s, {} errors; {} records read on nodes 2 and 3",
+        ycsb.ops_per_sec[0], ycsb.ops_per_sec[1], ycsb.errors, ycsb.verified
+    );
     println!("  commits acknowledged        {}", args.commits);
     println!("  pages committed (distinct)  {}", latest.len());
     println!(

@@ -132,13 +132,15 @@ pub fn load(db: &Lmdb, records: u64) -> Result<BTreeMap<String, OperationStats>,
 }
 
 /// Run `operations` operations of `workload` on `threads` threads over `records` loaded
-/// records. Returns the run time in ms and the statistics per operation.
+/// records; `done` is called after each operation (progress). Returns the run time in ms and
+/// the statistics per operation.
 pub fn run(
     db: &Lmdb,
     workload: Workload,
     records: u64,
     operations: u64,
     threads: u32,
+    done: &(dyn Fn() + Sync),
 ) -> (u64, BTreeMap<String, OperationStats>) {
     let threads = threads.max(1);
     // YCSB sizes the zipfian over the keys the run may insert too.
@@ -203,6 +205,7 @@ pub fn run(
                                 .unwrap_or(false);
                             record_op(&mut stats, "READ-MODIFY-WRITE", op_started, ok);
                         }
+                        done();
                     }
                     stats
                 })
