@@ -23,7 +23,17 @@ fn a_ycsb_run_on_the_cluster_completes_without_errors_and_verifies_on_another_no
     assert_eq!(loaded["INSERT"].ok, RECORDS);
     for name in ['a', 'd', 'e', 'f'] {
         let workload = runner::Workload::core(name).unwrap();
-        let (run_ms, operations) = runner::run(&db, workload, RECORDS, 600, 2, &|| {});
+        let (run_ms, operations) = runner::run(
+            &db,
+            workload,
+            RECORDS,
+            600,
+            &runner::Pace {
+                threads: 2,
+                target_ops_per_sec: None,
+                done: &|| {},
+            },
+        );
         let text = report::render(run_ms, &operations);
         println!("workload {name}:\n{text}");
         let errors: u64 = operations.values().map(|stats| stats.errors).sum();
@@ -32,6 +42,24 @@ fn a_ycsb_run_on_the_cluster_completes_without_errors_and_verifies_on_another_no
         assert_eq!(done, 600, "workload {name} ran every operation");
         report::parse(&text).expect("the report parses");
     }
+    // A target rate holds the run to it: 200 operations at 1,000 ops/s take ≥ 0.2 s.
+    let started = std::time::Instant::now();
+    let pace = runner::Pace {
+        threads: 2,
+        target_ops_per_sec: Some(1_000.0),
+        done: &|| {},
+    };
+    runner::run(
+        &db,
+        runner::Workload::core('c').unwrap(),
+        RECORDS,
+        200,
+        &pace,
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(190),
+        "the target rate paced the run"
+    );
     drop(db);
     // Node 2 opens the same files read-only: every loaded record is there and well formed.
     let _ = Command::new("sync").status();

@@ -37,6 +37,12 @@ pub struct YcsbArgs {
     /// Client threads.
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
+    /// Total operations per second to aim for (YCSB's target); default: as fast as possible.
+    #[arg(long)]
+    pub target: Option<f64>,
+    /// Operations run before each workload's measured run, reported apart (YCSB has none).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
     /// Directory for the reports, CSV and chart.
     #[arg(long, default_value = "ycsb-results")]
     pub results: PathBuf,
@@ -150,15 +156,25 @@ fn run_target(
             drop(db);
             db = fresh_db(&root, "db-e", args.records)?;
         }
+        let pace = runner::Pace {
+            threads: args.threads,
+            target_ops_per_sec: args.target,
+            done: &|| {},
+        };
+        if args.warmup > 0 {
+            progress.set_message(format!("warm-up {}", workload.name));
+            let (warm_ms, warm) = runner::run(&db, *workload, args.records, args.warmup, &pace);
+            let file = args.results.join(format!(
+                "ycsb-{target_name}-{}-t{}-warmup.txt",
+                workload.name.to_ascii_lowercase(),
+                args.threads
+            ));
+            std::fs::write(&file, report::render(warm_ms, &warm))
+                .with_context(|| format!("writing {}", file.display()))?;
+        }
         progress.set_message(format!("workload {}", workload.name));
-        let (run_ms, operations) = runner::run(
-            &db,
-            *workload,
-            args.records,
-            args.operations,
-            args.threads,
-            &|| {},
-        );
+        let (run_ms, operations) =
+            runner::run(&db, *workload, args.records, args.operations, &pace);
         let text = report::render(run_ms, &operations);
         let file = args.results.join(format!(
             "ycsb-{target_name}-{}-t{}.txt",

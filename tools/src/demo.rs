@@ -84,10 +84,17 @@ fn ycsb_phase(dir: &std::path::Path) -> anyhow::Result<YcsbSummary> {
         );
         progress.set_prefix(name.to_ascii_uppercase().to_string());
         let workload = runner::Workload::core(name).expect("core workload");
-        let (run_ms, operations) =
-            runner::run(&db, workload, YCSB_RECORDS, YCSB_OPERATIONS, 2, &|| {
-                progress.inc(1)
-            });
+        let (run_ms, operations) = runner::run(
+            &db,
+            workload,
+            YCSB_RECORDS,
+            YCSB_OPERATIONS,
+            &runner::Pace {
+                threads: 2,
+                target_ops_per_sec: None,
+                done: &|| progress.inc(1),
+            },
+        );
         progress.finish();
         print!("{}", report::render(run_ms, &operations));
         summary.ops_per_sec[index] = YCSB_OPERATIONS as f64 * 1000.0 / run_ms.max(1) as f64;

@@ -131,17 +131,32 @@ pub fn load(db: &Lmdb, records: u64) -> Result<BTreeMap<String, OperationStats>,
     Ok(stats)
 }
 
-/// Run `operations` operations of `workload` on `threads` threads over `records` loaded
-/// records; `done` is called after each operation (progress). Returns the run time in ms and
-/// the statistics per operation.
+/// How a run is paced and observed.
+pub struct Pace<'a> {
+    pub threads: u32,
+    /// Total operations per second over all threads (YCSB's `target`); `None`: as fast as
+    /// possible.
+    pub target_ops_per_sec: Option<f64>,
+    /// Called after each operation (progress).
+    pub done: &'a (dyn Fn() + Sync),
+}
+
+/// Run `operations` operations of `workload` over `records` loaded records. Returns the run
+/// time in ms and the statistics per operation.
 pub fn run(
     db: &Lmdb,
     workload: Workload,
     records: u64,
     operations: u64,
-    threads: u32,
-    done: &(dyn Fn() + Sync),
+    pace: &Pace<'_>,
 ) -> (u64, BTreeMap<String, OperationStats>) {
+    let threads = pace.threads;
+    let done = pace.done;
+    // Each thread keeps its share of the target: one operation every `interval`.
+    let interval = pace
+        .target_ops_per_sec
+        .filter(|rate| *rate > 0.0)
+        .map(|rate| std::time::Duration::from_secs_f64(f64::from(threads.max(1)) / rate));
     let threads = threads.max(1);
     // YCSB sizes the zipfian over the keys the run may insert too.
     let key_space = records + (operations as f64 * workload.insert * 2.0) as u64;
@@ -157,7 +172,14 @@ pub fn run(
                     let mut latest = Latest::new(records);
                     let mut stats = BTreeMap::new();
                     let share = operations / u64::from(threads) + u64::from(u64::from(thread) < operations % u64::from(threads));
-                    for _ in 0..share {
+                    let thread_started = Instant::now();
+                    for index in 0..share {
+                        if let Some(interval) = interval {
+                            let due = thread_started + interval * index as u32;
+                            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
                         let known = inserts.limit();
                         let mut choose = |rng: &mut rand::rngs::StdRng| loop {
                             let number = if workload.latest { latest.next(known - 1, rng) } else { zipfian.next(rng) };
