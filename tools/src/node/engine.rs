@@ -208,8 +208,9 @@ impl NodeEngine {
     }
 
     /// Commit every page this node staged for `dataset`: a snapshot of the staged pages,
-    /// grouped by chunk owner and committed owner by owner in node-id order. Each owner's
-    /// group is atomic; pages of an owner that failed stay staged and the call fails.
+    /// grouped by chunk owner. MRSW: each owner's group is atomic, all owners at once; MRMW:
+    /// three phases in node-id order. Pages of an owner that failed stay staged and the call
+    /// fails.
     fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
         let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
         let snapshots = self.table().snapshot_dirty(dataset.id);
@@ -241,8 +242,9 @@ impl NodeEngine {
                 .or_default()
                 .push(snapshot);
         }
-        let mut committed = 0;
-        for (owner, group) in by_owner {
+        // Owners commit their groups independently (MRSW is atomic per owner), so they run
+        // at once: an msync touching three owners waits for the slowest, not for the sum.
+        let commit_group = |owner: NodeId, group: &[hotpot_core::page::DirtySnapshot]| {
             let pages: Vec<PageWrite> = group
                 .iter()
                 .map(|s| PageWrite {
@@ -253,19 +255,62 @@ impl NodeEngine {
                 .collect();
             if owner == self.id {
                 self.protocol
-                    .owner_commit(dataset, ino, self.id, false, &pages)?;
+                    .owner_commit(dataset, ino, self.id, false, &pages)
+                    .map(|_| ())
             } else {
-                self.commit_at(owner, dataset, ino, pages)?;
+                self.commit_at(owner, dataset, ino, pages)
             }
-            // One writer (MRSW): this kernel's copies are the committed bytes; only their
-            // base moves.
-            let mut table = self.table();
-            for snapshot in &group {
-                table.serve_committed((dataset.id, snapshot.page));
+        };
+        let outcomes: Vec<(Vec<hotpot_core::page::DirtySnapshot>, Result<(), FsError>)> =
+            if by_owner.len() == 1 {
+                by_owner
+                    .into_iter()
+                    .map(|(owner, group)| {
+                        let outcome = commit_group(owner, &group);
+                        (group, outcome)
+                    })
+                    .collect()
+            } else {
+                std::thread::scope(|scope| {
+                    let running: Vec<_> = by_owner
+                        .into_iter()
+                        .map(|(owner, group)| {
+                            let commit_group = &commit_group;
+                            scope.spawn(move || {
+                                let outcome = commit_group(owner, &group);
+                                (group, outcome)
+                            })
+                        })
+                        .collect();
+                    running
+                        .into_iter()
+                        .map(|commit| commit.join().expect("owner commit thread"))
+                        .collect()
+                })
+            };
+        let mut committed = 0;
+        let mut first_error = None;
+        for (group, outcome) in outcomes {
+            match outcome {
+                Ok(()) => {
+                    // One writer (MRSW): this kernel's copies are the committed bytes; only
+                    // their base moves.
+                    let mut table = self.table();
+                    for snapshot in &group {
+                        table.serve_committed((dataset.id, snapshot.page));
+                    }
+                    let done: Vec<&hotpot_core::page::DirtySnapshot> = group.iter().collect();
+                    table.finish_commit(dataset.id, &done);
+                    committed += done.len();
+                }
+                // The pages of a failed owner stay staged; the msync reports the failure.
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
             }
-            let done: Vec<&hotpot_core::page::DirtySnapshot> = group.iter().collect();
-            table.finish_commit(dataset.id, &done);
-            committed += done.len();
+        }
+        if let Some(error) = first_error {
+            return Err(error);
         }
         Ok(committed)
     }
