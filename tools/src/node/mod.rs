@@ -159,7 +159,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
 
     let rebuilding = report.formatted && !live_datasets_empty;
-    let protocol = Arc::new(Protocol::new(args.id, table, Peers::new(secret.clone())));
+    let protocol = Arc::new(Protocol::new(
+        args.id,
+        table,
+        Peers::new(secret.clone(), dispatcher.clone()),
+    ));
     if rebuilding {
         tracing::warn!(
             "new PM file in a cluster with datasets: owned pages come from other nodes' copies"

@@ -1,9 +1,11 @@
 //! The other nodes of the cluster as this node knows them: address, liveness (from the
-//! dispatcher's heartbeat replies) and one RPC client each.
+//! dispatcher's heartbeat replies) and one RPC client each. A node that joined after the last
+//! heartbeat is looked up at the dispatcher when first needed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
 use hotpot_core::proto::types::{NodeId, NodeInfo};
 use hotpot_net::{Client, Secret};
 
@@ -15,14 +17,28 @@ struct Peer {
 
 pub struct Peers {
     secret: Secret,
+    dispatcher: Arc<Client>,
     map: RwLock<BTreeMap<NodeId, Peer>>,
 }
 
 impl Peers {
-    pub fn new(secret: Secret) -> Peers {
+    pub fn new(secret: Secret, dispatcher: Arc<Client>) -> Peers {
         Peers {
             secret,
+            dispatcher,
             map: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Ask the dispatcher for the current node list now (not waiting for a heartbeat).
+    fn refresh(&self) {
+        match self
+            .dispatcher
+            .call::<_, DispatcherReply>(&DispatcherRequest::Status, hotpot_net::DEFAULT_TIMEOUT)
+        {
+            Ok(DispatcherReply::Status { nodes, .. }) => self.update(&nodes),
+            Ok(other) => tracing::warn!(?other, "unexpected reply to a peer refresh"),
+            Err(error) => tracing::warn!(%error, "cannot refresh the peer list"),
         }
     }
 
@@ -47,11 +63,18 @@ impl Peers {
     }
 
     pub fn client(&self, id: NodeId) -> Option<Arc<Client>> {
-        self.map
-            .read()
-            .expect("peers lock")
-            .get(&id)
-            .map(|peer| peer.client.clone())
+        let known = |peers: &Self| {
+            peers
+                .map
+                .read()
+                .expect("peers lock")
+                .get(&id)
+                .map(|peer| peer.client.clone())
+        };
+        known(self).or_else(|| {
+            self.refresh();
+            known(self)
+        })
     }
 
     /// Ids of the nodes currently live, in id order.
