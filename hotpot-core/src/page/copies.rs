@@ -217,6 +217,7 @@ impl PageTable {
         pages: &[(u64, &[Run])],
     ) -> Result<Vec<(u64, Vec<u8>)>, CommitError> {
         let mut merged = Vec::with_capacity(pages.len());
+        let mut bases = Vec::with_capacity(pages.len());
         for (page, runs) in pages {
             let (version, mut bytes) = self
                 .read_persisted((dataset, *page))
@@ -225,31 +226,21 @@ impl PageTable {
                 page: *page,
                 reason,
             })?;
+            bases.push(version);
             merged.push((version + 1, bytes));
         }
-        let borrowed: Vec<(u64, &[u8])> = pages
+        // The merged pages commit like any owner's pages, on the versions just read.
+        let owned: Vec<OwnedPage<'_>> = pages
             .iter()
+            .zip(&bases)
             .zip(&merged)
-            .map(|((page, _), (_, bytes))| (*page, bytes.as_slice()))
-            .collect();
-        let frames = self.frames_from(&borrowed)?;
-        let changes: Vec<SlotChange> = pages
-            .iter()
-            .zip(&merged)
-            .zip(&frames)
-            .map(|(((page, _), (version, _)), frame)| SlotChange::Put {
-                page: (dataset, *page),
-                version: *version,
-                frame: *frame,
-                state: CopyState::Committed,
+            .map(|(((page, _), base), (_, bytes))| OwnedPage {
+                page: *page,
+                base_version: *base,
+                bytes,
             })
             .collect();
-        if let Err(error) = self.pool.commit(&changes) {
-            for frame in frames {
-                self.pool.unref_frame(frame);
-            }
-            return Err(error.into());
-        }
+        self.apply_owned(dataset, &owned)?;
         Ok(merged)
     }
 
