@@ -7,6 +7,7 @@
 
 use crate::page::merge::{apply_runs, diff_runs, Run};
 use crate::page::PageTable;
+use crate::pm::layout::TxTag;
 use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
 use crate::proto::types::{DatasetId, NodeId};
 
@@ -47,6 +48,17 @@ pub struct PreparedCopies {
     pages: Vec<u64>,
     frames: Vec<u32>,
     record: Prepared,
+    since: std::time::Instant,
+}
+
+/// A prepared commit waiting for its decision, as the protocol sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingCopies {
+    pub tx: TxKey,
+    pub tag: TxTag,
+    pub dataset: DatasetId,
+    pub pages: Vec<u64>,
+    pub age: std::time::Duration,
 }
 
 impl PageTable {
@@ -112,10 +124,12 @@ impl PageTable {
 
     /// The owner's own step of a commit: every page becomes current at `base + 1`, all
     /// atomically, or nothing changes. Returns the new versions in order.
+    /// `tag`: a leader of a multi-owner commit keeps its outcome (see `TxRole::Leader`).
     pub fn apply_owned(
         &mut self,
         dataset: DatasetId,
         pages: &[OwnedPage<'_>],
+        tag: TxTag,
     ) -> Result<Vec<u64>, CommitError> {
         for page in pages {
             let current = self.version_of((dataset, page.page));
@@ -139,7 +153,7 @@ impl PageTable {
                 state: CopyState::Committed,
             })
             .collect();
-        if let Err(error) = self.pool.commit(&changes) {
+        if let Err(error) = self.pool.commit(&changes, tag) {
             for frame in frames {
                 self.pool.unref_frame(frame);
             }
@@ -240,18 +254,20 @@ impl PageTable {
                 bytes,
             })
             .collect();
-        self.apply_owned(dataset, &owned)?;
+        self.apply_owned(dataset, &owned, TxTag::default())?;
         Ok(merged)
     }
 
-    /// A holder's or replica's first step: the new bytes durable in a Prepared record.
-    /// `committer`: this node made the commit (its copy is read locally: Committed).
+    /// A holder's or replica's first step (or a follower owner's): the new bytes durable
+    /// in a Prepared record. `readable`: the copy is read on this node (the committer's, an
+    /// owner's): Committed. `tag`: the record's part in a multi-owner commit.
     pub fn prepare_copies(
         &mut self,
         tx: TxKey,
         dataset: DatasetId,
         pages: &[(u64, u64, &[u8])],
-        committer: bool,
+        readable: bool,
+        tag: TxTag,
     ) -> Result<(), PmError> {
         if self.prepared.contains_key(&tx) {
             return Ok(()); // a retried Prepare
@@ -273,7 +289,7 @@ impl PageTable {
                     page: (dataset, *page),
                     version: *version,
                     frame: *frame,
-                    state: if committer || held_for_reading {
+                    state: if readable || held_for_reading {
                         CopyState::Committed
                     } else {
                         CopyState::Redundant
@@ -281,7 +297,7 @@ impl PageTable {
                 }
             })
             .collect();
-        match self.pool.prepare(&changes) {
+        match self.pool.prepare(&changes, tag) {
             Ok(record) => {
                 self.prepared.insert(
                     tx,
@@ -290,6 +306,7 @@ impl PageTable {
                         pages: pages.iter().map(|(page, _, _)| *page).collect(),
                         frames,
                         record,
+                        since: std::time::Instant::now(),
                     },
                 );
                 Ok(())
@@ -309,6 +326,59 @@ impl PageTable {
         let prepared = self.prepared.remove(&tx)?;
         self.pool.decide(prepared.record);
         Some((prepared.dataset, prepared.pages))
+    }
+
+    /// A follower record found at recovery waits again for its decision.
+    pub(super) fn adopt_recovered(&mut self, record: Prepared) {
+        let puts = record.puts();
+        let Some(((dataset, _), _, _)) = puts.first().copied() else {
+            self.pool.abort(record);
+            return;
+        };
+        self.prepared.insert(
+            record.tag().tx,
+            PreparedCopies {
+                dataset,
+                pages: puts.iter().map(|((_, page), _, _)| *page).collect(),
+                frames: puts.iter().map(|(_, _, frame)| *frame).collect(),
+                record,
+                since: std::time::Instant::now(),
+            },
+        );
+    }
+
+    /// Prepared commits still waiting for a decision.
+    pub fn pending(&self) -> Vec<PendingCopies> {
+        self.prepared
+            .iter()
+            .map(|(tx, prepared)| PendingCopies {
+                tx: *tx,
+                tag: *prepared.record.tag(),
+                dataset: prepared.dataset,
+                pages: prepared.pages.clone(),
+                age: prepared.since.elapsed(),
+            })
+            .collect()
+    }
+
+    /// As a leader: whether this node decided multi-owner commit `tx` (outcome kept).
+    pub fn outcome_decided(&self, tx: TxKey) -> bool {
+        self.pool.outcome_decided(tx)
+    }
+
+    /// As a leader: follower `node` has decided `tx`.
+    pub fn confirm_outcome(&mut self, tx: TxKey, node: NodeId) {
+        self.pool.confirm_outcome(tx, node);
+    }
+
+    /// As a leader: kept outcomes and the followers (bitmap) that have not confirmed.
+    pub fn outcomes_waiting(&self) -> Vec<(TxKey, u64)> {
+        self.pool.outcomes_waiting()
+    }
+
+    /// Whether `tx` is prepared here and waiting.
+    pub fn is_pending(&self, tx: TxKey) -> bool {
+        self.prepared.contains_key(&tx)
     }
 
     /// The owner gave up: nothing of the prepared copies remains.
@@ -343,7 +413,7 @@ impl PageTable {
             frame: frames[0],
             state: CopyState::Committed,
         };
-        if let Err(error) = self.pool.commit(&[change]) {
+        if let Err(error) = self.pool.commit(&[change], TxTag::default()) {
             self.pool.unref_frame(frames[0]);
             return Err(error);
         }
@@ -364,7 +434,9 @@ impl PageTable {
                 bytes: &s.bytes,
             })
             .collect();
-        let versions = self.apply_owned(dataset, &owned).expect("local commit");
+        let versions = self
+            .apply_owned(dataset, &owned, TxTag::default())
+            .expect("local commit");
         let done: Vec<&DirtySnapshot> = snapshots.iter().collect();
         self.finish_commit(dataset, &done);
         versions
@@ -394,7 +466,10 @@ mod tests {
             base_version: 0,
             bytes: &snapshots[0].bytes,
         }];
-        assert_eq!(table.apply_owned(1, &owned).unwrap(), vec![1]);
+        assert_eq!(
+            table.apply_owned(1, &owned, TxTag::default()).unwrap(),
+            vec![1]
+        );
         table.finish_commit(1, &[&snapshots[0]]);
         assert_eq!(
             table.state((1, 0)),
@@ -426,7 +501,7 @@ mod tests {
         assert_eq!(merged[0].0, 1);
         // The owner's commit reaches the holder, whose Dirty page is rebased on it.
         holder
-            .prepare_copies((9, 1), 1, &[(0, 1, &merged[0].1)], false)
+            .prepare_copies((9, 1), 1, &[(0, 1, &merged[0].1)], false, TxTag::default())
             .unwrap();
         holder.decide_copies((9, 1));
         holder.forget_served((1, 0)); // the holder's kernel copy was invalidated
@@ -457,7 +532,7 @@ mod tests {
             .apply_merged(1, &[(0, &diff_runs(&[0u8; PAGE_BYTES], &other))])
             .unwrap();
         holder
-            .prepare_copies((3, 1), 1, &[(0, 1, &merged[0].1)], false)
+            .prepare_copies((3, 1), 1, &[(0, 1, &merged[0].1)], false, TxTag::default())
             .unwrap();
         holder.decide_copies((3, 1));
         // The holder's program wrote bytes 0..8 in its (old) kernel copy, which the kernel
@@ -496,6 +571,7 @@ mod tests {
                 base_version: 0,
                 bytes: &page,
             }],
+            TxTag::default(),
         );
         assert!(matches!(error, Err(CommitError::Stale { current: 1, .. })));
         assert_eq!(table.version_of((1, 3)), 1);
@@ -508,7 +584,7 @@ mod tests {
         let v5 = vec![5u8; PAGE_BYTES];
         let v6 = vec![6u8; PAGE_BYTES];
         table
-            .prepare_copies((2, 1), 9, &[(0, 6, &v6)], false)
+            .prepare_copies((2, 1), 9, &[(0, 6, &v6)], false, TxTag::default())
             .unwrap();
         assert_eq!(table.version_of((9, 0)), 0);
         assert!(
@@ -525,7 +601,13 @@ mod tests {
             "older than what is held"
         );
         table
-            .prepare_copies((2, 2), 9, &[(0, 7, &v5), (1, 1, &v5)], false)
+            .prepare_copies(
+                (2, 2),
+                9,
+                &[(0, 7, &v5), (1, 1, &v5)],
+                false,
+                TxTag::default(),
+            )
             .unwrap();
         table.abort_copies((2, 2));
         assert_eq!(table.version_of((9, 0)), 6);

@@ -5,6 +5,6 @@ pub mod copies;
 pub mod merge;
 pub mod table;
 
-pub use copies::{CommitError, DirtySnapshot, OwnedPage, TxKey};
+pub use copies::{CommitError, DirtySnapshot, OwnedPage, PendingCopies, TxKey};
 pub use merge::{apply_runs, diff_runs, Run};
 pub use table::{PageState, PageTable, ReadOutcome};

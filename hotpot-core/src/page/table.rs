@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::pm::layout::TxTag;
 use crate::pm::{
     CopyState, PageKey, PmError, Pool, RecoveryReport, Region, SlotChange, PAGE_BYTES,
 };
@@ -66,18 +67,20 @@ impl PageTable {
         node: u32,
         cluster_id: u64,
     ) -> Result<(PageTable, RecoveryReport), PmError> {
-        let (pool, report) = Pool::open(region, node, cluster_id)?;
-        Ok((
-            PageTable {
-                pool,
-                dirty: HashMap::new(),
-                dirty_by_dataset: HashMap::new(),
-                next_generation: 1,
-                served: HashMap::new(),
-                prepared: HashMap::new(),
-            },
-            report,
-        ))
+        let (mut pool, report) = Pool::open(region, node, cluster_id)?;
+        let recovered = pool.take_recovered();
+        let mut table = PageTable {
+            pool,
+            dirty: HashMap::new(),
+            dirty_by_dataset: HashMap::new(),
+            next_generation: 1,
+            served: HashMap::new(),
+            prepared: HashMap::new(),
+        };
+        for record in recovered {
+            table.adopt_recovered(record);
+        }
+        Ok((table, report))
     }
 
     pub fn pool(&self) -> &Pool {
@@ -286,7 +289,7 @@ impl PageTable {
                 self.pool.frame_mut(frame)[tail..].fill(0);
             }
         }
-        if let Err(error) = self.pool.commit(&changes) {
+        if let Err(error) = self.pool.commit(&changes, TxTag::default()) {
             for change in &changes {
                 if let SlotChange::Put { frame, .. } = change {
                     self.pool.unref_frame(*frame);
@@ -319,7 +322,7 @@ impl PageTable {
                 page: (dataset, page.record.page),
             })
             .collect();
-        self.pool.commit(&changes).map(|_| ())
+        self.pool.commit(&changes, TxTag::default()).map(|_| ())
     }
 
     /// This node's copies of `dataset`'s pages, for `hotpot stat`.

@@ -58,7 +58,7 @@ fn commit_pages(
             state: CopyState::Committed,
         });
     }
-    pool.commit(&changes)
+    pool.commit(&changes, TxTag::default())
 }
 
 /// Which version every page of the commit holds after recovery; panics on a mix.
@@ -236,7 +236,7 @@ proptest! {
                     _ => {}
                 }
             }
-            pool.commit(&changes).unwrap();
+            pool.commit(&changes, TxTag::default()).unwrap();
             model = next;
             models.push(model.clone());
         }
@@ -272,7 +272,7 @@ fn prepared_commits_are_invisible_until_decided_and_abort_leaves_nothing() {
             state: CopyState::Redundant,
         });
     }
-    let prepared = pool.prepare(&changes).unwrap();
+    let prepared = pool.prepare(&changes, TxTag::default()).unwrap();
     assert_eq!(
         pool.page((4, 1)).unwrap().record.version,
         1,
@@ -297,4 +297,92 @@ fn prepared_commits_are_invisible_until_decided_and_abort_leaves_nothing() {
     assert_eq!(pool.frames_free(), free - 1);
     assert!(pool.page((4, 2)).is_none());
     assert_eq!(pool.page((4, 1)).unwrap().record.version, 1);
+}
+
+fn puts(pool: &mut Pool, dataset: u64, pages: &[u64], version: u64) -> Vec<SlotChange> {
+    pages
+        .iter()
+        .map(|&page| {
+            let frame = pool.alloc_frame().unwrap();
+            pool.frame_mut(frame)
+                .copy_from_slice(&page_bytes(version, page));
+            SlotChange::Put {
+                page: (dataset, page),
+                version,
+                frame,
+                state: CopyState::Committed,
+            }
+        })
+        .collect()
+}
+
+fn reopen(region: &SimRegion) -> (Pool, RecoveryReport, &'static SimRegion) {
+    let region: &'static SimRegion =
+        Box::leak(Box::new(SimRegion::from_image(region.crash_image())));
+    let (pool, report) = Pool::open(Box::new(RegionRef(region)), 1, 7).unwrap();
+    (pool, report, region)
+}
+
+#[test]
+fn a_follower_record_survives_a_crash_with_its_frames_and_slots_held() {
+    let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+    commit_pages(&mut pool, 4, &[0], 1).unwrap();
+    let tag = TxTag {
+        role: TxRole::Follower,
+        tx: (3, 77),
+        leader: 2,
+        participants: 0,
+    };
+    let changes = puts(&mut pool, 4, &[0, 5], 2);
+    let _prepared = pool.prepare(&changes, tag).unwrap();
+    let (mut recovered, report, _) = reopen(region);
+    assert_eq!(report.records_pending, 1);
+    let mut kept = recovered.take_recovered();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].tag(), &tag);
+    // Not current yet; its frames and the new page's slot are not handed out again.
+    assert_eq!(recovered.page((4, 0)).unwrap().record.version, 1);
+    assert!(recovered.page((4, 5)).is_none());
+    let held: Vec<u32> = kept[0].puts().iter().map(|(_, _, frame)| *frame).collect();
+    for _ in 0..recovered.frames_free() {
+        let frame = recovered.alloc_frame().unwrap();
+        assert!(!held.contains(&frame), "a held frame was handed out");
+    }
+    let versions = recovered.decide(kept.remove(0));
+    assert!(versions > 0);
+    assert_eq!(recovered.page((4, 0)).unwrap().record.version, 2);
+    assert_eq!(recovered.page((4, 5)).unwrap().record.version, 2);
+}
+
+#[test]
+fn a_leader_outcome_is_kept_until_every_follower_confirms_even_across_crashes() {
+    let (mut pool, region) = open(vec![0u8; POOL_BYTES]);
+    let tx = (3, 78);
+    let tag = TxTag {
+        role: TxRole::Leader,
+        tx,
+        leader: 1,
+        participants: TxTag::bitmap(&[2, 5]).unwrap(),
+    };
+    let changes = puts(&mut pool, 4, &[1], 1);
+    pool.commit(&changes, tag).unwrap();
+    assert!(pool.outcome_decided(tx));
+    let (mut recovered, report, region) = reopen(region);
+    assert_eq!(report.outcomes_kept, 1);
+    assert!(recovered.outcome_decided(tx));
+    assert_eq!(recovered.page((4, 1)).unwrap().record.version, 1);
+    recovered.confirm_outcome(tx, 5);
+    let (mut again, _, again_region) = reopen(region);
+    assert_eq!(
+        again.outcomes_waiting(),
+        vec![(tx, TxTag::bitmap(&[2]).unwrap())]
+    );
+    // A later commit of the same page is not undone by the kept outcome at a recovery.
+    let later = puts(&mut again, 4, &[1], 2);
+    again.commit(&later, TxTag::default()).unwrap();
+    again.confirm_outcome(tx, 2);
+    assert!(!again.outcome_decided(tx));
+    let (last, report, _) = reopen(again_region);
+    assert_eq!(report.outcomes_kept, 0);
+    assert_eq!(last.page((4, 1)).unwrap().record.version, 2);
 }

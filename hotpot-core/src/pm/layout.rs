@@ -6,11 +6,11 @@ use crate::pm::PmError;
 
 pub const PAGE_BYTES: usize = 4096;
 pub const MAGIC: [u8; 8] = *b"HOTPOTPM";
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 pub const SUPERBLOCK_BYTES: usize = PAGE_BYTES;
 pub const SLOT_BYTES: usize = 64;
 pub const REDO_BLOCK_BYTES: usize = PAGE_BYTES;
-pub const REDO_HEADER_BYTES: usize = 32;
+pub const REDO_HEADER_BYTES: usize = 64;
 pub const REDO_ENTRY_BYTES: usize = 40;
 pub const REDO_MAGIC: u32 = u32::from_le_bytes(*b"REDO");
 /// Slots per frame: room for pages that share a frame (merging, pinned versions).
@@ -327,26 +327,78 @@ impl RedoEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RedoPhase {
     Free = 0,
-    /// Written and persisted, not decided: discarded at recovery.
+    /// Written and persisted, not decided: discarded at recovery, unless it is a follower's
+    /// part of a multi-owner commit (kept, and resolved with the commit's leader).
     Prepared = 1,
     /// Decided: recovery applies it.
     Decided = 2,
+    /// A leader's decided and applied multi-owner commit, kept (not replayed) so followers
+    /// can learn the outcome until each has said it decided too.
+    Outcome = 3,
+}
+
+/// A redo record's part in a cluster commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TxRole {
+    /// A commit of this node alone, or a replica's copy: nothing to resolve after a crash.
+    #[default]
+    Local = 0,
+    /// A follower owner's prepared pages of a multi-owner commit: resolved with the leader.
+    Follower = 1,
+    /// The leader owner's pages: deciding them decides the whole multi-owner commit.
+    Leader = 2,
+}
+
+/// The cluster identity of a redo record (bytes 32..64 of its header).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxTag {
+    pub role: TxRole,
+    /// The commit's cluster-wide name: the committing node and its sequence number.
+    pub tx: (u32, u64),
+    pub leader: u32,
+    /// Bit `id - 1` for every owner in the commit (node ids 1..=64).
+    pub participants: u64,
+}
+
+impl TxTag {
+    pub fn participant_ids(&self) -> Vec<u32> {
+        (0..64)
+            .filter(|bit| self.participants & (1u64 << bit) != 0)
+            .map(|bit| bit + 1)
+            .collect()
+    }
+
+    /// The bitmap for `nodes`; `None` if one is outside 1..=64.
+    pub fn bitmap(nodes: &[u32]) -> Option<u64> {
+        nodes.iter().try_fold(0u64, |bits, node| {
+            (1..=64).contains(node).then(|| bits | 1u64 << (node - 1))
+        })
+    }
 }
 
 pub const REDO_AT_PHASE: usize = 8;
+/// The leader's bitmap of followers that have not confirmed (outside the checksum: it is
+/// rewritten, one aligned 8-byte store, as they confirm).
+pub const REDO_AT_WAITING: usize = 56;
 
 pub fn redo_record_bytes(entries: usize) -> usize {
     REDO_HEADER_BYTES + entries * REDO_ENTRY_BYTES
 }
 
 /// Encode a record (header and entries) with phase Prepared.
-pub fn encode_redo(txid: u64, entries: &[RedoEntry], bytes: &mut [u8]) {
+pub fn encode_redo(txid: u64, tag: &TxTag, entries: &[RedoEntry], bytes: &mut [u8]) {
     let blocks = redo_record_bytes(entries.len()).div_ceil(REDO_BLOCK_BYTES) as u32;
     put_u32(bytes, 0, REDO_MAGIC);
     put_u32(bytes, 4, blocks);
     put_u64(bytes, REDO_AT_PHASE, RedoPhase::Prepared as u64);
     put_u64(bytes, 16, txid);
     put_u32(bytes, 24, entries.len() as u32);
+    bytes[32..REDO_HEADER_BYTES].fill(0);
+    bytes[32] = tag.role as u8;
+    put_u32(bytes, 36, tag.tx.0);
+    put_u64(bytes, 40, tag.tx.1);
+    put_u32(bytes, 48, tag.leader);
+    put_u64(bytes, 56, tag.participants);
     for (index, entry) in entries.iter().enumerate() {
         let at = REDO_HEADER_BYTES + index * REDO_ENTRY_BYTES;
         entry.encode_into(&mut bytes[at..at + REDO_ENTRY_BYTES]);
@@ -359,6 +411,7 @@ fn redo_crc(bytes: &[u8], entries: usize) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&bytes[0..8]);
     hasher.update(&bytes[16..28]);
+    hasher.update(&bytes[32..REDO_AT_WAITING]);
     hasher.update(&bytes[REDO_HEADER_BYTES..redo_record_bytes(entries)]);
     hasher.finalize()
 }
@@ -369,6 +422,7 @@ pub struct RedoRecord {
     pub blocks: u32,
     pub phase: RedoPhase,
     pub txid: u64,
+    pub tag: TxTag,
     pub entries: Vec<RedoEntry>,
 }
 
@@ -382,6 +436,7 @@ pub fn decode_redo(bytes: &[u8], geometry: &Geometry) -> Result<Option<RedoRecor
         0 => return Ok(None),
         1 => RedoPhase::Prepared,
         2 => RedoPhase::Decided,
+        3 => RedoPhase::Outcome,
         other => {
             return Err(PmError::Corrupt {
                 what: format!("redo record phase word {other}"),
@@ -398,6 +453,7 @@ pub fn decode_redo(bytes: &[u8], geometry: &Geometry) -> Result<Option<RedoRecor
                 blocks: 1,
                 phase,
                 txid: 0,
+                tag: TxTag::default(),
                 entries: Vec::new(),
             }));
         }
@@ -411,6 +467,7 @@ pub fn decode_redo(bytes: &[u8], geometry: &Geometry) -> Result<Option<RedoRecor
                 blocks,
                 phase,
                 txid: 0,
+                tag: TxTag::default(),
                 entries: Vec::new(),
             }));
         }
@@ -418,6 +475,22 @@ pub fn decode_redo(bytes: &[u8], geometry: &Geometry) -> Result<Option<RedoRecor
             what: "decided redo record checksum mismatch".into(),
         });
     }
+    let role = match bytes[32] {
+        0 => TxRole::Local,
+        1 => TxRole::Follower,
+        2 => TxRole::Leader,
+        other => {
+            return Err(PmError::Corrupt {
+                what: format!("redo record role {other}"),
+            })
+        }
+    };
+    let tag = TxTag {
+        role,
+        tx: (le_u32(bytes, 36), le_u64(bytes, 40)),
+        leader: le_u32(bytes, 48),
+        participants: le_u64(bytes, 56),
+    };
     let txid = le_u64(bytes, 16);
     let decoded = (0..entries)
         .map(|index| {
@@ -429,6 +502,7 @@ pub fn decode_redo(bytes: &[u8], geometry: &Geometry) -> Result<Option<RedoRecor
         blocks,
         phase,
         txid,
+        tag,
         entries: decoded,
     }))
 }

@@ -7,7 +7,7 @@ pub mod region;
 #[cfg(test)]
 mod crash_tests;
 
-pub use layout::{CopyState, PAGE_BYTES};
+pub use layout::{CopyState, TxRole, TxTag, PAGE_BYTES};
 pub use pool::{PageKey, PersistedPage, Pool, PoolUsage, Prepared, RecoveryReport, SlotChange};
 pub use region::{create_file, Durability, MappedRegion, Region, SimRegion};
 

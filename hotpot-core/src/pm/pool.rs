@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use crate::pm::layout::{
     self, decode_redo, encode_redo, redo_record_bytes, CopyState, Geometry, RedoEntry, RedoPhase,
-    SlotRecord, Superblock, PAGE_BYTES, REDO_AT_PHASE, REDO_BLOCK_BYTES, SLOT_BYTES,
+    SlotRecord, Superblock, TxRole, TxTag, PAGE_BYTES, REDO_AT_PHASE, REDO_AT_WAITING,
+    REDO_BLOCK_BYTES, SLOT_BYTES,
 };
 use crate::pm::region::Region;
 use crate::pm::PmError;
@@ -48,6 +49,7 @@ pub struct PoolUsage {
 #[derive(Debug)]
 pub struct Prepared {
     txid: u64,
+    tag: TxTag,
     first_block: u32,
     entries: Vec<RedoEntry>,
     keys: Vec<PageKey>,
@@ -57,6 +59,27 @@ impl Prepared {
     pub fn txid(&self) -> u64 {
         self.txid
     }
+
+    pub fn tag(&self) -> &TxTag {
+        &self.tag
+    }
+
+    /// The pages, versions and frames the record would make current (a recovered follower
+    /// record is rebuilt from these).
+    pub fn puts(&self) -> Vec<(PageKey, u64, u32)> {
+        self.entries
+            .iter()
+            .filter_map(|entry| entry.record)
+            .map(|record| ((record.dataset, record.page), record.version, record.frame))
+            .collect()
+    }
+}
+
+/// A leader's kept outcome: where its record is and which followers have not confirmed.
+#[derive(Clone, Copy, Debug)]
+struct Outcome {
+    first_block: u32,
+    waiting: u64,
 }
 
 /// What recovery did at open.
@@ -65,6 +88,10 @@ pub struct RecoveryReport {
     pub records_replayed: u32,
     pub records_discarded: u32,
     pub pages: u64,
+    /// Follower records of multi-owner commits kept for resolution with their leader.
+    pub records_pending: u32,
+    /// Outcomes of multi-owner commits this node led, kept until every follower confirms.
+    pub outcomes_kept: u32,
     /// The file was new: this open formatted it.
     pub formatted: bool,
 }
@@ -81,6 +108,10 @@ pub struct Pool {
     /// Slots held for pages of prepared commits that have no slot yet: (slot, holders).
     reserved: HashMap<PageKey, (u32, u32)>,
     next_txid: u64,
+    /// Decided multi-owner commits this node led, by cluster tx.
+    outcomes: HashMap<(u32, u64), Outcome>,
+    /// Follower records found at recovery, until the caller takes them.
+    recovered: Vec<Prepared>,
 }
 
 impl Pool {
@@ -123,6 +154,8 @@ impl Pool {
             pages: HashMap::new(),
             reserved: HashMap::new(),
             next_txid: 1,
+            outcomes: HashMap::new(),
+            recovered: Vec::new(),
             region,
             geometry,
             superblock,
@@ -191,6 +224,7 @@ impl Pool {
     fn recover(&mut self) -> Result<RecoveryReport, PmError> {
         let mut report = RecoveryReport::default();
         let redo_area = self.geometry.redo_blocks as usize * REDO_BLOCK_BYTES;
+        let mut kept = Vec::new();
         let mut block = 0u32;
         while block < self.geometry.redo_blocks {
             let at = self.geometry.redo_block_at(block);
@@ -199,18 +233,50 @@ impl Pool {
                 block += 1;
                 continue;
             };
-            match record.phase {
-                RedoPhase::Decided => {
+            self.next_txid = self.next_txid.max(record.txid + 1);
+            let blocks = block as usize..block as usize + record.blocks as usize;
+            match (record.phase, record.tag.role) {
+                (RedoPhase::Decided, role) => {
                     for entry in &record.entries {
                         self.write_slot(entry.slot, entry.record.as_ref());
                     }
+                    self.region.fence();
                     report.records_replayed += 1;
-                    self.next_txid = self.next_txid.max(record.txid + 1);
+                    if role == TxRole::Leader {
+                        self.store_phase(at, RedoPhase::Outcome);
+                        self.redo_used[blocks].fill(true);
+                        self.keep_outcome(block, &record.tag, at);
+                        report.outcomes_kept += 1;
+                    } else {
+                        self.free_redo_record(block);
+                    }
                 }
-                RedoPhase::Prepared | RedoPhase::Free => report.records_discarded += 1,
+                (RedoPhase::Outcome, _) => {
+                    self.redo_used[blocks].fill(true);
+                    self.keep_outcome(block, &record.tag, at);
+                    report.outcomes_kept += 1;
+                }
+                (RedoPhase::Prepared, TxRole::Follower) => {
+                    self.redo_used[blocks].fill(true);
+                    kept.push(Prepared {
+                        txid: record.txid,
+                        tag: record.tag,
+                        first_block: block,
+                        keys: record
+                            .entries
+                            .iter()
+                            .filter_map(|entry| entry.record)
+                            .map(|r| (r.dataset, r.page))
+                            .collect(),
+                        entries: record.entries,
+                    });
+                    report.records_pending += 1;
+                }
+                (RedoPhase::Prepared | RedoPhase::Free, _) => {
+                    report.records_discarded += 1;
+                    self.free_redo_record(block);
+                }
             }
-            self.region.fence();
-            self.free_redo_record(block);
             block += record.blocks;
         }
         for slot in 0..self.geometry.slot_count {
@@ -245,8 +311,33 @@ impl Pool {
             self.pages.insert(key, PersistedPage { slot, record });
         }
         report.pages = self.pages.len() as u64;
-        let used_slots: std::collections::HashSet<u32> =
-            self.pages.values().map(|page| page.slot).collect();
+        // A kept follower record holds its frames and the slots it will write.
+        for prepared in &kept {
+            for entry in &prepared.entries {
+                let Some(record) = entry.record else { continue };
+                let frame_crc = layout::crc(self.frame(record.frame));
+                if frame_crc != record.data_crc {
+                    return Err(PmError::Corrupt {
+                        what: format!(
+                            "prepared page {}:{} in frame {}: data checksum {frame_crc:08x}, record says {:08x}",
+                            record.dataset, record.page, record.frame, record.data_crc
+                        ),
+                    });
+                }
+                self.frame_refs[record.frame as usize] += 1;
+                let key = (record.dataset, record.page);
+                let owned_slot = self.pages.get(&key).map(|page| page.slot);
+                if owned_slot != Some(entry.slot) {
+                    self.reserved.entry(key).or_insert((entry.slot, 0)).1 += 1;
+                }
+            }
+        }
+        let used_slots: std::collections::HashSet<u32> = self
+            .pages
+            .values()
+            .map(|page| page.slot)
+            .chain(self.reserved.values().map(|(slot, _)| *slot))
+            .collect();
         self.free_slots = (0..self.geometry.slot_count)
             .rev()
             .filter(|slot| !used_slots.contains(slot))
@@ -255,7 +346,68 @@ impl Pool {
             .rev()
             .filter(|frame| self.frame_refs[*frame as usize] == 0)
             .collect();
+        self.recovered = kept;
         Ok(report)
+    }
+
+    fn keep_outcome(&mut self, block: u32, tag: &TxTag, record_at: usize) {
+        let waiting = u64::from_le_bytes(
+            self.bytes(record_at + REDO_AT_WAITING, 8)
+                .try_into()
+                .expect("8 bytes"),
+        );
+        if waiting == 0 {
+            self.free_redo_record(block);
+            return;
+        }
+        self.outcomes.insert(
+            tag.tx,
+            Outcome {
+                first_block: block,
+                waiting,
+            },
+        );
+    }
+
+    /// Follower records of multi-owner commits found at recovery (taken once).
+    pub fn take_recovered(&mut self) -> Vec<Prepared> {
+        std::mem::take(&mut self.recovered)
+    }
+
+    /// Whether this node led cluster commit `tx` and decided it (its outcome is kept).
+    pub fn outcome_decided(&self, tx: (u32, u64)) -> bool {
+        self.outcomes.contains_key(&tx)
+    }
+
+    /// Follower `node` has decided `tx`; the outcome is freed once all have.
+    pub fn confirm_outcome(&mut self, tx: (u32, u64), node: u32) {
+        let Some(outcome) = self.outcomes.get_mut(&tx) else {
+            return;
+        };
+        let Some(bit) = TxTag::bitmap(&[node]) else {
+            return;
+        };
+        outcome.waiting &= !bit;
+        let Outcome {
+            first_block,
+            waiting,
+        } = *outcome;
+        let at = self.geometry.redo_block_at(first_block) + REDO_AT_WAITING;
+        self.bytes_mut(at, 8)
+            .copy_from_slice(&waiting.to_le_bytes());
+        self.region.persist(at, 8);
+        if waiting == 0 {
+            self.outcomes.remove(&tx);
+            self.free_redo_record(first_block);
+        }
+    }
+
+    /// Outcomes still waiting for followers: (tx, followers).
+    pub fn outcomes_waiting(&self) -> Vec<((u32, u64), u64)> {
+        self.outcomes
+            .iter()
+            .map(|(tx, outcome)| (*tx, outcome.waiting))
+            .collect()
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -339,18 +491,19 @@ impl Pool {
     /// Apply `changes` atomically: after a crash at any point either all or none hold.
     /// Each `Put` frame carries one reference from the caller, which the slot takes over.
     /// Returns the commit's transaction id (0 for an empty commit).
-    pub fn commit(&mut self, changes: &[SlotChange]) -> Result<u64, PmError> {
+    pub fn commit(&mut self, changes: &[SlotChange], tag: TxTag) -> Result<u64, PmError> {
         if changes.is_empty() {
             return Ok(0);
         }
-        let prepared = self.prepare(changes)?;
+        let prepared = self.prepare(changes, tag)?;
         Ok(self.decide(prepared))
     }
 
     /// Steps 1 and 2 of a commit: the new frames and a Prepared redo record are durable,
     /// nothing is current yet. A crash now discards it. The pages' slots are reserved, so a
     /// page is never given two slots while the record waits for `decide` or `abort`.
-    pub fn prepare(&mut self, changes: &[SlotChange]) -> Result<Prepared, PmError> {
+    /// `tag` names the record's part in a cluster commit (see `TxRole`).
+    pub fn prepare(&mut self, changes: &[SlotChange], tag: TxTag) -> Result<Prepared, PmError> {
         let txid = self.next_txid;
         self.next_txid += 1;
         let mut entries = Vec::with_capacity(changes.len());
@@ -436,6 +589,7 @@ impl Pool {
         let Some(first_block) = self.alloc_redo(blocks) else {
             let prepared = Prepared {
                 txid,
+                tag,
                 first_block: u32::MAX,
                 entries,
                 keys,
@@ -444,11 +598,12 @@ impl Pool {
             return Err(PmError::LogFull { blocks });
         };
         let at = self.geometry.redo_block_at(first_block);
-        encode_redo(txid, &entries, self.bytes_mut(at, record_bytes));
+        encode_redo(txid, &tag, &entries, self.bytes_mut(at, record_bytes));
         self.region.flush(at, record_bytes);
         self.region.fence();
         Ok(Prepared {
             txid,
+            tag,
             first_block,
             entries,
             keys,
@@ -466,8 +621,20 @@ impl Pool {
             self.write_slot(entry.slot, entry.record.as_ref());
         }
         self.region.fence();
-        // 5. Record freed; in-memory index and references follow the slots.
-        self.free_redo_record(prepared.first_block);
+        // 5. Record freed (a leader's kept as the outcome); in-memory index and references
+        // follow the slots.
+        if prepared.tag.role == TxRole::Leader && prepared.tag.participants != 0 {
+            self.store_phase(at, RedoPhase::Outcome);
+            self.outcomes.insert(
+                prepared.tag.tx,
+                Outcome {
+                    first_block: prepared.first_block,
+                    waiting: prepared.tag.participants,
+                },
+            );
+        } else {
+            self.free_redo_record(prepared.first_block);
+        }
         for (entry, key) in prepared.entries.iter().zip(&prepared.keys) {
             let old = match entry.record {
                 Some(record) => self.pages.insert(

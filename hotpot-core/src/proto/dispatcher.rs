@@ -421,12 +421,14 @@ impl DispatcherState {
                 }
             }
             R::LiveDatasets => {
-                let ids = self
+                let mut datasets: Vec<Dataset> = self
                     .inodes
                     .values()
-                    .filter_map(|inode| inode.attr.dataset.as_ref().map(|d| d.id))
+                    .filter_map(|inode| inode.attr.dataset.clone())
                     .collect();
-                (DispatcherReply::Datasets(ids), false)
+                datasets.sort_by_key(|dataset| dataset.id);
+                datasets.dedup_by_key(|dataset| dataset.id);
+                (DispatcherReply::Datasets(datasets), false)
             }
         })
     }

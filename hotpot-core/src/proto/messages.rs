@@ -81,7 +81,8 @@ pub enum DispatcherRequest {
         path: String,
     },
     Status,
-    /// Which datasets exist (a restarted node drops pages of the others).
+    /// Which datasets exist, with their owners (a restarted node drops pages of the others
+    /// and re-registers its copies with their owners).
     LiveDatasets,
     /// MRSW: ask for the single-writer lease of a dataset (granted again to its holder).
     AcquireLease {
@@ -127,7 +128,7 @@ pub enum DispatcherReply {
         cluster_id: u64,
         nodes: Vec<NodeInfo>,
     },
-    Datasets(Vec<DatasetId>),
+    Datasets(Vec<Dataset>),
     Waiting,
     Done,
     Failed(FsError),
@@ -170,8 +171,11 @@ pub enum NodeRequest {
         dataset: DatasetId,
         page: u64,
     },
-    /// To the owner: commit these pages of `dataset` for `committer`.
+    /// To the owner: commit these pages of `dataset` for `committer`. `followers`: the other
+    /// owners of a multi-owner commit `tx` (this owner leads: its decision is the commit's).
     Commit {
+        tx: (NodeId, u64),
+        followers: Vec<NodeId>,
         dataset: Dataset,
         ino: Ino,
         committer: NodeId,
@@ -183,6 +187,8 @@ pub enum NodeRequest {
     /// Owner to holders and replicas: persist these new versions, not yet current.
     Prepare {
         tx: (NodeId, u64),
+        /// The owner that decides (a copy left waiting asks it).
+        owner: NodeId,
         dataset: DatasetId,
         committer: bool,
         pages: Vec<VersionedPage>,
@@ -208,6 +214,8 @@ pub enum NodeRequest {
     /// them at the end (the one-owner fast path: all three phases in one message).
     CommitRuns {
         tx: (NodeId, u64),
+        /// As in `Commit`: the other owners, when this owner leads a multi-owner commit.
+        followers: Vec<NodeId>,
         dataset: Dataset,
         ino: Ino,
         committer: NodeId,
@@ -220,6 +228,59 @@ pub enum NodeRequest {
         dataset: DatasetId,
         pages: Vec<u64>,
     },
+    /// Multi-owner commit, phase 1 at a follower owner: lock the pages (MRMW: Busy if held;
+    /// MRSW: wait), build them, prepare them at holders and replicas and here (a Follower
+    /// record naming `leader`), keep the locks.
+    OwnerPrepare {
+        tx: (NodeId, u64),
+        dataset: Dataset,
+        ino: Ino,
+        committer: NodeId,
+        leader: NodeId,
+        pages: OwnerPages,
+    },
+    /// Phase 3 at a follower: the leader decided; make the pages current, tell holders, unlock.
+    OwnerDecide {
+        tx: (NodeId, u64),
+    },
+    /// The commit failed before the leader decided: drop the prepared pages, unlock.
+    OwnerAbort {
+        tx: (NodeId, u64),
+    },
+    /// To a leader: did `tx` commit? An undecided `tx` is aborted for good by the question.
+    Outcome {
+        tx: (NodeId, u64),
+    },
+    /// To a leader: follower `node` has decided these commits (their outcomes may go).
+    Confirm {
+        txs: Vec<(NodeId, u64)>,
+        node: NodeId,
+    },
+    /// To a follower: is `tx` still waiting for its decision here?
+    Pending {
+        tx: (NodeId, u64),
+    },
+    /// To an owner, from a node that restarted or whose prepared copies waited too long:
+    /// `from` holds these pages at these versions; the owner registers it as a holder and
+    /// answers with its copies that are newer (or differ). Busy while `tx` still runs.
+    Register {
+        dataset: DatasetId,
+        from: NodeId,
+        pages: Vec<(u64, u64)>,
+        tx: Option<(NodeId, u64)>,
+    },
+    /// Keep these copies (an owner re-replicating pages that fell below their copy count).
+    Install {
+        dataset: DatasetId,
+        pages: Vec<VersionedPage>,
+    },
+}
+
+/// The pages a committer sends a follower owner: whole pages (MRSW) or byte runs (MRMW).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OwnerPages {
+    Writes(Vec<PageWrite>),
+    Runs(Vec<(u64, Vec<Run>)>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,7 +288,12 @@ pub enum NodeReply {
     PageCopies(Vec<PageCopy>),
     Page(VersionedPage),
     Copy(Option<VersionedPage>),
-    Committed { versions: Vec<u64> },
+    Committed {
+        versions: Vec<u64>,
+    },
+    /// Answer to `Outcome` (true: committed) and `Pending` (true: still waiting).
+    Decision(bool),
+    Pages(Vec<VersionedPage>),
     Done,
     Failed(FsError),
 }

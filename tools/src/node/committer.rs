@@ -1,18 +1,25 @@
-//! The committing node's side of an MRMW commit: phase 1 locks the pages at every owner in
-//! node-id order (a refusal unlocks what was taken, backs off for a random, growing time and
-//! starts over), phase 2 sends each owner the byte runs to merge, phase 3 unlocks. With one
-//! owner the three phases travel in one message. A conflict never reaches the program: it
-//! is retried until COMMIT_RETRY_LIMIT, then the msync fails with EIO.
+//! The committing node's side of a commit (docs/design.md, "Commit across owners").
+//! One owner: one message (MRSW `Commit` after this node prepared its own copy; MRMW
+//! `CommitRuns` with lock, merge and unlock in one). Several owners: the lowest-id owner
+//! leads. Phase 1 prepares every follower (MRMW: the leader's pages are locked first and
+//! followers go in node-id order, a refusal undoes everything, backs off for a random,
+//! growing time and starts over; MRSW: followers at once, locks wait); phase 2 is the
+//! leader's commit, whose local apply decides; phase 3 tells the followers, which unlock.
+//! A conflict never reaches the program: it is retried until COMMIT_RETRY_LIMIT, then EIO.
+//! Must survive: this node dying between any two steps (followers ask the leader, whose
+//! answer is final), an owner refusing (nothing of the commit stays), an owner that does not
+//! answer the decision (EIO here; the owners settle the outcome among themselves).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use hotpot_core::page::Run;
-use hotpot_core::proto::messages::{NodeReply, NodeRequest};
+use hotpot_core::page::TxKey;
+use hotpot_core::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite};
 use hotpot_core::proto::types::{Dataset, FsError, Ino, NodeId};
 use rand::Rng;
 
-use super::protocol::Protocol;
+use super::fault;
+use super::protocol::{pm_error, Protocol};
 use super::service;
 
 const COMMIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
@@ -37,6 +44,29 @@ fn ask(protocol: &Protocol, node: NodeId, request: NodeRequest) -> Result<NodeRe
     }
 }
 
+/// `ask` every node at once; the answers in the same order.
+fn ask_all(
+    protocol: &Protocol,
+    requests: Vec<(NodeId, NodeRequest)>,
+) -> Vec<(NodeId, Result<NodeReply, FsError>)> {
+    if requests.len() == 1 {
+        return requests
+            .into_iter()
+            .map(|(node, request)| (node, ask(protocol, node, request)))
+            .collect();
+    }
+    std::thread::scope(|scope| {
+        let running: Vec<_> = requests
+            .into_iter()
+            .map(|(node, request)| (node, scope.spawn(move || ask(protocol, node, request))))
+            .collect();
+        running
+            .into_iter()
+            .map(|(node, call)| (node, call.join().expect("commit call thread")))
+            .collect()
+    })
+}
+
 fn backoff(attempt: u32) {
     let ceiling =
         (Duration::from_micros(100) * 2u32.saturating_pow(attempt.min(10))).min(BACKOFF_MAX);
@@ -44,17 +74,26 @@ fn backoff(attempt: u32) {
     std::thread::sleep(Duration::from_micros(pause));
 }
 
-pub fn commit_runs(
+/// Commit `groups` (pages by owner, all whole pages or all runs). Returns once every
+/// owner has decided, or fails with nothing of the commit left behind (or, when an owner
+/// did not answer the decision, with the owners settling it).
+pub fn commit(
     protocol: &Protocol,
     dataset: &Dataset,
     ino: Ino,
-    groups: &BTreeMap<NodeId, Vec<(u64, Vec<Run>)>>,
+    groups: &BTreeMap<NodeId, OwnerPages>,
 ) -> Result<(), FsError> {
     let started = Instant::now();
     let mut attempt = 0u32;
     loop {
         let tx = protocol.next_tx();
-        match try_once(protocol, dataset, ino, groups, tx) {
+        let outcome = match (groups.len(), groups.iter().next()) {
+            (1, Some((owner, OwnerPages::Writes(writes)))) => {
+                one_owner_writes(protocol, tx, *owner, dataset, ino, writes)
+            }
+            _ => across_owners(protocol, tx, dataset, ino, groups),
+        };
+        match outcome {
             Err(FsError::Busy(why)) => {
                 if started.elapsed() > COMMIT_RETRY_LIMIT {
                     return Err(FsError::Io(format!(
@@ -69,70 +108,205 @@ pub fn commit_runs(
     }
 }
 
-fn try_once(
+/// MRSW, one owner: this node's own copy first, durable but not current: the owner counts
+/// it as one of the copies, and its answer is this node's decision.
+fn one_owner_writes(
     protocol: &Protocol,
+    tx: TxKey,
+    owner: NodeId,
     dataset: &Dataset,
     ino: Ino,
-    groups: &BTreeMap<NodeId, Vec<(u64, Vec<Run>)>>,
-    tx: (NodeId, u64),
+    pages: &[PageWrite],
 ) -> Result<(), FsError> {
-    let commit = |owner: NodeId, pages: &Vec<(u64, Vec<Run>)>, release: bool| {
-        ask(
-            protocol,
-            owner,
-            NodeRequest::CommitRuns {
-                tx,
-                dataset: dataset.clone(),
-                ino,
-                committer: protocol.id,
-                pages: pages.clone(),
-                release,
-            },
-        )
-    };
-    if groups.len() == 1 {
-        let (owner, pages) = groups.iter().next().expect("one group");
-        return commit(*owner, pages, true).map(|_| ());
+    if owner == protocol.id {
+        return protocol
+            .owner_commit(tx, &[], dataset, ino, protocol.id, false, pages)
+            .map(|_| ());
     }
-    let unlock = |owners: &[NodeId]| {
-        for owner in owners {
-            let pages = groups[owner].iter().map(|(page, _)| *page).collect();
-            let request = NodeRequest::Unlock {
-                tx,
-                dataset: dataset.id,
-                pages,
-            };
-            if let Err(error) = ask(protocol, *owner, request) {
-                tracing::warn!(owner, %error, "unlock failed; the owner's lock waits for recovery");
+    let copies: Vec<(u64, u64, &[u8])> = pages
+        .iter()
+        .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
+        .collect();
+    protocol
+        .table()
+        .prepare_copies(tx, dataset.id, &copies, true, Default::default())
+        .map_err(pm_error)?;
+    fault::point("committer.prepared");
+    let request = NodeRequest::Commit {
+        tx,
+        followers: Vec::new(),
+        dataset: dataset.clone(),
+        ino,
+        committer: protocol.id,
+        committer_prepared: true,
+        pages: pages.to_vec(),
+    };
+    let outcome = match ask(protocol, owner, request) {
+        Ok(NodeReply::Committed { .. }) => Ok(()),
+        Ok(other) => Err(FsError::Io(format!(
+            "owner {owner} answered a commit with {other:?}"
+        ))),
+        Err(error) => Err(error),
+    };
+    fault::point("committer.answered");
+    let mut table = protocol.table();
+    match outcome {
+        Ok(()) => {
+            table.decide_copies(tx);
+            Ok(())
+        }
+        Err(error) => {
+            table.abort_copies(tx);
+            Err(error)
+        }
+    }
+}
+
+fn across_owners(
+    protocol: &Protocol,
+    tx: TxKey,
+    dataset: &Dataset,
+    ino: Ino,
+    groups: &BTreeMap<NodeId, OwnerPages>,
+) -> Result<(), FsError> {
+    let mut owners = groups.iter();
+    let (leader, leader_pages) = owners.next().expect("a commit has an owner");
+    let followers: Vec<NodeId> = owners.map(|(owner, _)| *owner).collect();
+    let runs = matches!(leader_pages, OwnerPages::Runs(_));
+    let pages_of = |pages: &OwnerPages| -> Vec<u64> {
+        match pages {
+            OwnerPages::Writes(writes) => writes.iter().map(|write| write.page).collect(),
+            OwnerPages::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),
+        }
+    };
+    let unlock_leader = || {
+        let request = NodeRequest::Unlock {
+            tx,
+            dataset: dataset.id,
+            pages: pages_of(leader_pages),
+        };
+        if let Err(error) = ask(protocol, *leader, request) {
+            tracing::warn!(leader, %error, "unlock failed; the leader's lock waits for recovery");
+        }
+    };
+    let abort = |asked: &[NodeId]| {
+        let requests = asked
+            .iter()
+            .map(|node| (*node, NodeRequest::OwnerAbort { tx }))
+            .collect();
+        for (node, result) in ask_all(protocol, requests) {
+            if let Err(error) = result {
+                tracing::warn!(node, %error, "abort not delivered; the follower asks the leader");
             }
         }
     };
-    // Phase 1, in node-id order (BTreeMap).
-    let mut locked = Vec::new();
-    for (owner, pages) in groups {
-        let request = NodeRequest::Lock {
-            tx,
-            dataset: dataset.id,
-            pages: pages.iter().map(|(page, _)| *page).collect(),
-        };
-        if let Err(error) = ask(protocol, *owner, request) {
-            unlock(&locked);
-            return Err(error);
+    let prepare = |owner: NodeId| NodeRequest::OwnerPrepare {
+        tx,
+        dataset: dataset.clone(),
+        ino,
+        committer: protocol.id,
+        leader: *leader,
+        pages: groups[&owner].clone(),
+    };
+    // Phase 1.
+    if runs {
+        ask(
+            protocol,
+            *leader,
+            NodeRequest::Lock {
+                tx,
+                dataset: dataset.id,
+                pages: pages_of(leader_pages),
+            },
+        )?;
+        let mut asked = Vec::new();
+        for follower in &followers {
+            asked.push(*follower);
+            if let Err(error) = ask(protocol, *follower, prepare(*follower)) {
+                abort(&asked);
+                unlock_leader();
+                return Err(error);
+            }
         }
-        locked.push(*owner);
+    } else {
+        let requests = followers
+            .iter()
+            .map(|node| (*node, prepare(*node)))
+            .collect();
+        let failed: Vec<String> = ask_all(protocol, requests)
+            .into_iter()
+            .filter_map(|(node, result)| result.err().map(|error| format!("owner {node}: {error}")))
+            .collect();
+        if !failed.is_empty() {
+            abort(&followers);
+            return Err(FsError::Io(format!(
+                "commit not prepared, nothing applied: {}",
+                failed.join("; ")
+            )));
+        }
     }
-    // Phase 2.
-    for (owner, pages) in groups {
-        if let Err(error) = commit(*owner, pages, false) {
-            unlock(&locked);
-            // A refusal here is not a conflict any more (the locks were ours): report it.
+    fault::point("committer.followers_prepared");
+    // Phase 2: the leader decides.
+    let request = match leader_pages {
+        OwnerPages::Runs(pages) => NodeRequest::CommitRuns {
+            tx,
+            followers: followers.clone(),
+            dataset: dataset.clone(),
+            ino,
+            committer: protocol.id,
+            pages: pages.clone(),
+            release: true,
+        },
+        OwnerPages::Writes(pages) => NodeRequest::Commit {
+            tx,
+            followers: followers.clone(),
+            dataset: dataset.clone(),
+            ino,
+            committer: protocol.id,
+            committer_prepared: false,
+            pages: pages.clone(),
+        },
+    };
+    let leader_call = if *leader == protocol.id {
+        Ok(service::handle(protocol, request))
+    } else {
+        match protocol.peers.client(*leader) {
+            Some(client) => client
+                .call::<_, NodeReply>(&request, hotpot_net::DEFAULT_TIMEOUT)
+                .map_err(|error| error.to_string()),
+            None => Err(format!("leader {leader} is not known")),
+        }
+    };
+    match leader_call {
+        Ok(NodeReply::Committed { .. }) => {}
+        Ok(NodeReply::Failed(error)) => {
+            abort(&followers);
+            // The leader's refusal after phase 1 is not a conflict any more: report it.
             return Err(match error {
                 FsError::Busy(why) => FsError::Io(why),
                 other => other,
             });
         }
+        Ok(other) => {
+            abort(&followers);
+            return Err(FsError::Io(format!("leader {leader} answered {other:?}")));
+        }
+        Err(why) => {
+            return Err(FsError::Io(format!(
+                "leader {leader} did not answer the decision ({why}): the owners settle it"
+            )));
+        }
     }
+    fault::point("committer.leader_decided");
     // Phase 3.
-    unlock(&locked);
+    let requests = followers
+        .iter()
+        .map(|node| (*node, NodeRequest::OwnerDecide { tx }))
+        .collect();
+    for (node, result) in ask_all(protocol, requests) {
+        if let Err(error) = result {
+            tracing::warn!(node, %error, "a follower missed the decision; it asks the leader");
+        }
+    }
     Ok(())
 }

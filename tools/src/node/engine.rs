@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::{PageTable, ReadOutcome};
 use hotpot_core::pm::PAGE_BYTES;
-use hotpot_core::proto::messages::{
-    DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, PageWrite,
-};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, OwnerPages, PageWrite};
 use hotpot_core::proto::types::*;
 use hotpot_fs::{Engine, Invalidator, Space};
 use hotpot_net::{Client, NetError};
@@ -217,152 +215,49 @@ impl NodeEngine {
         if snapshots.is_empty() {
             return Ok(0);
         }
-        if dataset.params.mode == Mode::Mrmw {
-            let mut groups: BTreeMap<NodeId, Vec<(u64, Vec<hotpot_core::page::Run>)>> =
-                BTreeMap::new();
-            for snapshot in &snapshots {
-                groups
-                    .entry(dataset.owner_of_page(snapshot.page))
-                    .or_default()
-                    .push((snapshot.page, snapshot.runs.clone()));
+        let mut groups: BTreeMap<NodeId, OwnerPages> = BTreeMap::new();
+        for snapshot in &snapshots {
+            let owner = dataset.owner_of_page(snapshot.page);
+            match dataset.params.mode {
+                Mode::Mrmw => {
+                    let group = groups
+                        .entry(owner)
+                        .or_insert_with(|| OwnerPages::Runs(Vec::new()));
+                    if let OwnerPages::Runs(runs) = group {
+                        runs.push((snapshot.page, snapshot.runs.clone()));
+                    }
+                }
+                Mode::Mrsw => {
+                    let group = groups
+                        .entry(owner)
+                        .or_insert_with(|| OwnerPages::Writes(Vec::new()));
+                    if let OwnerPages::Writes(writes) = group {
+                        writes.push(PageWrite {
+                            page: snapshot.page,
+                            base_version: snapshot.base_version,
+                            bytes: snapshot.bytes.clone(),
+                        });
+                    }
+                }
             }
-            super::committer::commit_runs(&self.protocol, dataset, ino, &groups)?;
+        }
+        super::committer::commit(&self.protocol, dataset, ino, &groups)?;
+        let done: Vec<&hotpot_core::page::DirtySnapshot> = snapshots.iter().collect();
+        let pages: Vec<u64> = snapshots.iter().map(|s| s.page).collect();
+        if dataset.params.mode == Mode::Mrmw {
             // The merge may hold other writers' bytes this kernel has not seen: its copies
             // went at the Decide (or below, for pages this node owns); rebuild on top.
-            let pages: Vec<u64> = snapshots.iter().map(|s| s.page).collect();
             self.protocol.invalidate(ino, dataset.id, &pages);
-            let done: Vec<&hotpot_core::page::DirtySnapshot> = snapshots.iter().collect();
-            self.table().finish_commit(dataset.id, &done);
-            return Ok(done.len());
-        }
-        let mut by_owner: BTreeMap<NodeId, Vec<_>> = BTreeMap::new();
-        for snapshot in snapshots {
-            by_owner
-                .entry(dataset.owner_of_page(snapshot.page))
-                .or_default()
-                .push(snapshot);
-        }
-        // Owners commit their groups independently (MRSW is atomic per owner), so they run
-        // at once: an msync touching three owners waits for the slowest, not for the sum.
-        let commit_group = |owner: NodeId, group: &[hotpot_core::page::DirtySnapshot]| {
-            let pages: Vec<PageWrite> = group
-                .iter()
-                .map(|s| PageWrite {
-                    page: s.page,
-                    base_version: s.base_version,
-                    bytes: s.bytes.clone(),
-                })
-                .collect();
-            if owner == self.id {
-                self.protocol
-                    .owner_commit(dataset, ino, self.id, false, &pages)
-                    .map(|_| ())
-            } else {
-                self.commit_at(owner, dataset, ino, pages)
-            }
-        };
-        let outcomes: Vec<(Vec<hotpot_core::page::DirtySnapshot>, Result<(), FsError>)> =
-            if by_owner.len() == 1 {
-                by_owner
-                    .into_iter()
-                    .map(|(owner, group)| {
-                        let outcome = commit_group(owner, &group);
-                        (group, outcome)
-                    })
-                    .collect()
-            } else {
-                std::thread::scope(|scope| {
-                    let running: Vec<_> = by_owner
-                        .into_iter()
-                        .map(|(owner, group)| {
-                            let commit_group = &commit_group;
-                            scope.spawn(move || {
-                                let outcome = commit_group(owner, &group);
-                                (group, outcome)
-                            })
-                        })
-                        .collect();
-                    running
-                        .into_iter()
-                        .map(|commit| commit.join().expect("owner commit thread"))
-                        .collect()
-                })
-            };
-        let mut committed = 0;
-        let mut first_error = None;
-        for (group, outcome) in outcomes {
-            match outcome {
-                Ok(()) => {
-                    // One writer (MRSW): this kernel's copies are the committed bytes; only
-                    // their base moves.
-                    let mut table = self.table();
-                    for snapshot in &group {
-                        table.serve_committed((dataset.id, snapshot.page));
-                    }
-                    let done: Vec<&hotpot_core::page::DirtySnapshot> = group.iter().collect();
-                    table.finish_commit(dataset.id, &done);
-                    committed += done.len();
-                }
-                // The pages of a failed owner stay staged; the msync reports the failure.
-                Err(error) => {
-                    first_error.get_or_insert(error);
-                }
+        } else {
+            // One writer (MRSW): this kernel's copies are the committed bytes; only their
+            // base moves.
+            let mut table = self.table();
+            for page in &pages {
+                table.serve_committed((dataset.id, *page));
             }
         }
-        if let Some(error) = first_error {
-            return Err(error);
-        }
-        Ok(committed)
-    }
-
-    fn commit_at(
-        &self,
-        owner: NodeId,
-        dataset: &Dataset,
-        ino: Ino,
-        pages: Vec<PageWrite>,
-    ) -> Result<(), FsError> {
-        let client = self
-            .protocol
-            .peers
-            .client(owner)
-            .ok_or_else(|| io_error(format!("owner node {owner} is not known")))?;
-        // Our own copy first, durable but not current: the owner counts it as one of the
-        // copies, and its answer is our decision.
-        let tx = self.protocol.next_tx();
-        let copies: Vec<(u64, u64, &[u8])> = pages
-            .iter()
-            .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
-            .collect();
-        self.table()
-            .prepare_copies(tx, dataset.id, &copies, true)
-            .map_err(pm_error)?;
-        let request = NodeRequest::Commit {
-            dataset: dataset.clone(),
-            ino,
-            committer: self.id,
-            committer_prepared: true,
-            pages,
-        };
-        let outcome = match client.call::<_, NodeReply>(&request, self.call_timeout) {
-            Ok(NodeReply::Committed { .. }) => Ok(()),
-            Ok(NodeReply::Failed(error)) => Err(error),
-            Ok(other) => Err(io_error(format!(
-                "owner {owner} answered a commit with {other:?}"
-            ))),
-            Err(error) => Err(io_error(format!("commit at owner {owner}: {error}"))),
-        };
-        let mut table = self.table();
-        match outcome {
-            Ok(()) => {
-                table.decide_copies(tx);
-                Ok(())
-            }
-            Err(error) => {
-                table.abort_copies(tx);
-                Err(error)
-            }
-        }
+        self.table().finish_commit(dataset.id, &done);
+        Ok(done.len())
     }
 }
 
@@ -590,7 +485,7 @@ impl Engine for NodeEngine {
 
     fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let (dataset, file_size) = self.dataset_of(ino)?;
-        self.protocol.note_cached(ino);
+        self.protocol.note_cached(ino, dataset.id);
         if offset >= file_size {
             return Ok(Vec::new());
         }
@@ -627,7 +522,7 @@ impl Engine for NodeEngine {
 
     fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         let (dataset, file_size) = self.dataset_of(ino)?;
-        self.protocol.note_cached(ino);
+        self.protocol.note_cached(ino, dataset.id);
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("write past the largest offset".into()))?;

@@ -4,9 +4,12 @@
 
 mod committer;
 pub mod engine;
+mod fault;
 mod mrmw;
+mod multi;
 mod peers;
 mod protocol;
+mod recovery;
 pub(crate) mod service;
 
 use std::net::TcpListener;
@@ -137,28 +140,29 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         pages = report.pages,
         replayed = report.records_replayed,
         discarded = report.records_discarded,
+        pending = report.records_pending,
+        outcomes = report.outcomes_kept,
         "PM recovered"
     );
-    let live_datasets_empty;
-    match call_with_retry(&dispatcher, &DispatcherRequest::LiveDatasets)? {
+    let datasets = match call_with_retry(&dispatcher, &DispatcherRequest::LiveDatasets)? {
         DispatcherReply::Datasets(live) => {
-            live_datasets_empty = live.is_empty();
-            let live: std::collections::BTreeSet<u64> = live.into_iter().collect();
+            let ids: std::collections::BTreeSet<u64> = live.iter().map(|d| d.id).collect();
             for orphan in table
                 .pool()
                 .datasets()
-                .difference(&live)
+                .difference(&ids)
                 .copied()
                 .collect::<Vec<_>>()
             {
                 tracing::info!(dataset = orphan, "dropping pages of a deleted dataset");
                 table.drop_dataset(orphan)?;
             }
+            live
         }
         other => bail!("dispatcher answered LiveDatasets with {other:?}"),
-    }
+    };
 
-    let rebuilding = report.formatted && !live_datasets_empty;
+    let rebuilding = report.formatted && !datasets.is_empty();
     let protocol = Arc::new(Protocol::new(
         args.id,
         table,
@@ -184,7 +188,18 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         16,
         move |request: NodeRequest| -> NodeReply { service::handle(&serving, request) },
     )?;
-    spawn_heartbeat(args.id, dispatcher, protocol);
+    spawn_heartbeat(args.id, dispatcher, protocol.clone());
+    protocol.rejoin(&datasets);
+    protocol.set_ready();
+    for (name, role) in [
+        ("resolver", Protocol::run_resolver as fn(&Protocol)),
+        ("confirmations", Protocol::run_confirmations),
+    ] {
+        let protocol = protocol.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || role(&protocol))?;
+    }
 
     let session = hotpot_fs::mount(
         engine,

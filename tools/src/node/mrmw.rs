@@ -13,6 +13,9 @@ use super::protocol::Protocol;
 
 impl Protocol {
     pub fn serve_lock(&self, tx: TxKey, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        if let Err(error) = self.wait_ready() {
+            return NodeReply::Failed(error);
+        }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
         match self.lock_pages(tx, &keys, false) {
             Ok(mut held) => {
@@ -29,20 +32,33 @@ impl Protocol {
         NodeReply::Done
     }
 
-    /// Phase 2 at the owner. Returns the new versions.
+    /// Phase 2 at the owner (the leader, with `followers`). Returns the new versions.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit_runs(
         &self,
         tx: TxKey,
+        followers: &[NodeId],
         dataset: &Dataset,
         ino: Ino,
         committer: NodeId,
         pages: &[(u64, Vec<Run>)],
         release: bool,
     ) -> Result<Vec<u64>, FsError> {
+        self.wait_ready()?;
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset.id, *page)).collect();
         let mut held = self.lock_pages(tx, &keys, false)?;
         held.armed = release;
-        // The pages are ours: nobody changes them between this merge and the apply.
+        let writes = self.merge_runs(dataset, pages)?;
+        self.commit_locked(tx, followers, dataset, ino, committer, false, &writes)
+    }
+
+    /// The committer's runs on this owner's current pages (which the caller has locked, so
+    /// nobody changes them between this merge and the apply).
+    pub(super) fn merge_runs(
+        &self,
+        dataset: &Dataset,
+        pages: &[(u64, Vec<Run>)],
+    ) -> Result<Vec<PageWrite>, FsError> {
         let mut writes = Vec::with_capacity(pages.len());
         for (page, runs) in pages {
             let (version, mut bytes) = self
@@ -56,6 +72,6 @@ impl Protocol {
                 bytes,
             });
         }
-        self.commit_locked(tx, dataset, ino, committer, false, &writes)
+        Ok(writes)
     }
 }

@@ -62,6 +62,10 @@ impl Peers {
         }
     }
 
+    pub fn dispatcher(&self) -> &Client {
+        &self.dispatcher
+    }
+
     pub fn client(&self, id: NodeId) -> Option<Arc<Client>> {
         let known = |peers: &Self| {
             peers

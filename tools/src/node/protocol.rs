@@ -11,19 +11,22 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
-use hotpot_core::pm::{PageKey, PmError, PAGE_BYTES};
+use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
 use hotpot_fs::Invalidator;
 use hotpot_net::{multicall, Client, NetError};
 
+use super::fault;
 use super::peers::Peers;
 
 mod reader;
 
 /// How long a fetch or a commit waits for a page another commit holds.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
-const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long owner requests wait for a restarting node to finish rejoining.
+const READY_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct OwnerState {
@@ -47,6 +50,22 @@ pub struct Protocol {
     rebuilding: AtomicBool,
     /// Files whose pages the kernel of this node may cache; others need no invalidation.
     cached_inos: Mutex<HashSet<Ino>>,
+    /// The file of each dataset this node's kernel may cache (copies installed outside a
+    /// commit's Decide drop those pages through it).
+    ino_of: Mutex<HashMap<DatasetId, Ino>>,
+    /// As a leader: commits this node promised never to decide (a follower asked for their
+    /// outcome first). Held while the leader decides, so the two cannot interleave.
+    pub(super) aborted: Mutex<HashSet<TxKey>>,
+    /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
+    pub(super) followers: Mutex<HashMap<TxKey, super::multi::FollowerTx>>,
+    /// As a holder or replica: the owner that will decide each prepared copy.
+    pub(super) deciders: Mutex<HashMap<TxKey, NodeId>>,
+    /// Followers' confirmations to send to leaders (see multi.rs).
+    pub(super) confirmations: crossbeam_channel::Sender<(NodeId, TxKey)>,
+    confirm_queue: crossbeam_channel::Receiver<(NodeId, TxKey)>,
+    /// False while the node rejoins (recovery.rs): owner requests wait.
+    ready: Mutex<bool>,
+    became_ready: Condvar,
 }
 
 pub fn pm_error(error: PmError) -> FsError {
@@ -83,17 +102,63 @@ impl Drop for Unlock<'_> {
 
 impl Protocol {
     pub fn new(id: NodeId, table: PageTable, peers: Peers) -> Protocol {
+        // Commit names must not repeat across restarts (a leader keeps outcomes by name):
+        // the sequence starts at the start time in microseconds.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_micros() as u64)
+            .unwrap_or(1);
+        let (confirmations, confirm_queue) = crossbeam_channel::unbounded();
         Protocol {
             id,
             table: Mutex::new(table),
             peers,
             owner: Mutex::new(OwnerState::default()),
             unlocked: Condvar::new(),
-            next_tx: AtomicU64::new(1),
+            next_tx: AtomicU64::new(start),
             invalidator: OnceLock::new(),
             rebuilding: AtomicBool::new(false),
             cached_inos: Mutex::new(HashSet::new()),
+            ino_of: Mutex::new(HashMap::new()),
+            aborted: Mutex::new(HashSet::new()),
+            followers: Mutex::new(HashMap::new()),
+            deciders: Mutex::new(HashMap::new()),
+            confirmations,
+            confirm_queue,
+            ready: Mutex::new(false),
+            became_ready: Condvar::new(),
         }
+    }
+
+    pub(super) fn confirm_queue(&self) -> &crossbeam_channel::Receiver<(NodeId, TxKey)> {
+        &self.confirm_queue
+    }
+
+    /// The node has rejoined: owner requests proceed.
+    pub fn set_ready(&self) {
+        *self.ready.lock().expect("ready lock") = true;
+        self.became_ready.notify_all();
+    }
+
+    /// Owner requests wait (bounded) until the node has rejoined.
+    pub(super) fn wait_ready(&self) -> Result<(), FsError> {
+        let ready = self.ready.lock().expect("ready lock");
+        let (ready, _) = self
+            .became_ready
+            .wait_timeout_while(ready, READY_WAIT, |ready| !*ready)
+            .expect("ready lock");
+        if *ready {
+            Ok(())
+        } else {
+            Err(FsError::Io(format!(
+                "node {} is still rejoining the cluster",
+                self.id
+            )))
+        }
+    }
+
+    pub fn is_rebuilding(&self) -> bool {
+        self.rebuilding.load(Ordering::Relaxed)
     }
 
     /// A cluster-wide name for a new commit run by this node.
@@ -102,10 +167,33 @@ impl Protocol {
     }
 
     /// The kernel may now cache pages of `ino` on this node (it read or wrote them here).
-    pub fn note_cached(&self, ino: Ino) {
+    pub fn note_cached(&self, ino: Ino, dataset: DatasetId) {
         let mut cached = self.cached_inos.lock().expect("cached inos lock");
         if !cached.contains(&ino) {
             cached.insert(ino);
+            self.ino_of
+                .lock()
+                .expect("ino map lock")
+                .insert(dataset, ino);
+        }
+    }
+
+    /// Drop this node's cached copies of `pages` of `dataset`, whatever file shows them.
+    pub(super) fn invalidate_dataset(&self, dataset: DatasetId, pages: &[u64]) {
+        let ino = self
+            .ino_of
+            .lock()
+            .expect("ino map lock")
+            .get(&dataset)
+            .copied();
+        match ino {
+            Some(ino) => self.invalidate(ino, dataset, pages),
+            None => {
+                let mut table = self.table();
+                for page in pages {
+                    table.forget_served((dataset, *page));
+                }
+            }
         }
     }
 
@@ -251,7 +339,28 @@ impl Protocol {
         self.unlocked.notify_all();
     }
 
-    fn holders_of(&self, keys: &[PageKey]) -> BTreeSet<NodeId> {
+    /// Record `node` as holding `keys` (`replace`: the only pages of `dataset` it holds).
+    pub(super) fn set_holder(
+        &self,
+        node: NodeId,
+        dataset: DatasetId,
+        keys: &[PageKey],
+        replace: bool,
+    ) {
+        let mut state = self.owner_state();
+        if replace {
+            for (key, holders) in state.holders.iter_mut() {
+                if key.0 == dataset {
+                    holders.remove(&node);
+                }
+            }
+        }
+        for key in keys {
+            state.holders.entry(*key).or_default().insert(node);
+        }
+    }
+
+    pub(super) fn holders_of(&self, keys: &[PageKey]) -> BTreeSet<NodeId> {
         let state = self.owner_state();
         keys.iter()
             .flat_map(|key| state.holders.get(key).into_iter().flatten().copied())
@@ -262,26 +371,10 @@ impl Protocol {
     /// the lock change under one mutex, so a commit either sees the new holder or finishes
     /// before the copy is read.
     pub fn serve_fetch(&self, dataset: DatasetId, page: u64, from: NodeId) -> NodeReply {
-        let key = (dataset, page);
-        let deadline = Instant::now() + LOCK_WAIT;
-        let mut state = self.owner_state();
-        while state.locked.contains_key(&key) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return NodeReply::Failed(FsError::Io(format!(
-                    "page {page} stayed locked for 10 s"
-                )));
-            }
-            state = self
-                .unlocked
-                .wait_timeout(state, left)
-                .expect("owner state lock")
-                .0;
+        if let Err(error) = self.wait_ready() {
+            return NodeReply::Failed(error);
         }
-        state.holders.entry(key).or_default().insert(from);
-        let copy = self.owned_copy(dataset, page);
-        drop(state);
-        match copy {
+        match self.register_holder((dataset, page), from) {
             Err(error) => NodeReply::Failed(error),
             Ok(Some((version, bytes))) => NodeReply::Page(VersionedPage {
                 page,
@@ -294,6 +387,40 @@ impl Protocol {
                 bytes: Vec::new(),
             }),
         }
+    }
+
+    /// Wait (bounded) until no commit holds `key`, make `from` a holder and read this
+    /// owner's copy, under one lock: a commit either sees the new holder or finishes before
+    /// the copy is read.
+    pub(super) fn register_holder(
+        &self,
+        key: PageKey,
+        from: NodeId,
+    ) -> Result<Option<(u64, Vec<u8>)>, FsError> {
+        let deadline = Instant::now() + LOCK_WAIT;
+        let mut state = self.owner_state();
+        while state.locked.contains_key(&key) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FsError::Io(format!(
+                    "page {} stayed locked for 10 s",
+                    key.1
+                )));
+            }
+            state = self
+                .unlocked
+                .wait_timeout(state, left)
+                .expect("owner state lock")
+                .0;
+        }
+        state.holders.entry(key).or_default().insert(from);
+        self.owned_copy(key.0, key.1)
+    }
+
+    /// Whether commit `tx` holds any of `keys` here.
+    pub(super) fn holds_any(&self, tx: TxKey, keys: &[PageKey]) -> bool {
+        let state = self.owner_state();
+        keys.iter().any(|key| state.locked.get(key) == Some(&tx))
     }
 
     /// The nodes that must hold the new bytes: every live holder, the committer, and more
@@ -324,31 +451,114 @@ impl Protocol {
     }
 
     /// A commit at the owner (design.md, steps 1–6). Returns the new versions.
+    #[allow(clippy::too_many_arguments)]
     pub fn owner_commit(
         &self,
+        tx: TxKey,
+        followers: &[NodeId],
         dataset: &Dataset,
         ino: Ino,
         committer: NodeId,
         committer_prepared: bool,
         pages: &[PageWrite],
     ) -> Result<Vec<u64>, FsError> {
-        let tx = self.next_tx();
+        self.wait_ready()?;
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let _unlock = self.lock_pages(tx, &keys, true)?;
-        self.commit_locked(tx, dataset, ino, committer, committer_prepared, pages)
+        self.commit_locked(
+            tx,
+            followers,
+            dataset,
+            ino,
+            committer,
+            committer_prepared,
+            pages,
+        )
     }
 
     /// Steps 2–6 of a commit whose pages `tx` holds: targets, Prepare, the local apply (the
-    /// decision), Decide, holders. Returns the new versions.
+    /// decision), Decide, holders. Returns the new versions. With `followers`, this owner
+    /// leads a multi-owner commit: its apply decides the whole commit and keeps the outcome.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn commit_locked(
         &self,
         tx: TxKey,
+        followers: &[NodeId],
         dataset: &Dataset,
         ino: Ino,
         committer: NodeId,
         committer_prepared: bool,
         pages: &[PageWrite],
     ) -> Result<Vec<u64>, FsError> {
+        let replicated = self.replicate(tx, dataset, committer, committer_prepared, pages)?;
+        fault::point("owner.targets_prepared");
+        let owned: Vec<OwnedPage<'_>> = pages
+            .iter()
+            .map(|write| OwnedPage {
+                page: write.page,
+                base_version: write.base_version,
+                bytes: &write.bytes,
+            })
+            .collect();
+        let tag = if followers.is_empty() {
+            TxTag::default()
+        } else {
+            TxTag {
+                role: TxRole::Leader,
+                tx,
+                leader: self.id,
+                participants: TxTag::bitmap(followers).ok_or_else(|| {
+                    FsError::Invalid("multi-owner commits need node ids 1..=64".into())
+                })?,
+            }
+        };
+        let applied = {
+            let aborted = self.aborted.lock().expect("aborted lock");
+            if aborted.contains(&tx) {
+                Err(FsError::Io(format!(
+                    "commit {tx:?} was already given up by its followers (it took too long)"
+                )))
+            } else {
+                self.table()
+                    .apply_owned(dataset.id, &owned, tag)
+                    .map_err(|error| match error {
+                        CommitError::Stale {
+                            page,
+                            base,
+                            current,
+                        } => stale(dataset.id, page, base, current),
+                        CommitError::Pm(error) => pm_error(error),
+                        CommitError::BadRuns { page, reason } => {
+                            FsError::Invalid(format!("page {page}: {reason}"))
+                        }
+                    })
+            }
+        };
+        let versions = match applied {
+            Ok(versions) => versions,
+            Err(error) => {
+                self.send_to(&replicated.targets, &NodeRequest::Abort { tx });
+                return Err(error);
+            }
+        };
+        // The commit is decided here.
+        fault::point("owner.decided");
+        let pages: Vec<u64> = pages.iter().map(|write| write.page).collect();
+        self.announce(tx, dataset.id, ino, committer, &pages, &replicated);
+        fault::point("owner.announced");
+        Ok(versions)
+    }
+
+    /// Steps 2–3 of a commit at an owner: choose the targets, check the bases, persist the
+    /// new copies at every target as Prepared records.
+    pub(super) fn replicate(
+        &self,
+        tx: TxKey,
+        dataset: &Dataset,
+        committer: NodeId,
+        committer_prepared: bool,
+        pages: &[PageWrite],
+    ) -> Result<Replicated, FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let holders = self.holders_of(&keys);
         let (targets, need) = self.targets(dataset, holders, committer);
@@ -369,7 +579,6 @@ impl Protocol {
         for write in pages {
             self.owned_copy(dataset.id, write.page)?;
         }
-        // Versions the commit will produce; the local apply checks the bases again.
         let table_versions: Vec<u64> = {
             let table = self.table();
             keys.iter().map(|key| table.version_of(*key)).collect()
@@ -388,58 +597,55 @@ impl Protocol {
             })
             .collect();
         self.prepare_targets(tx, dataset.id, committer, &targets, copies)?;
-        let owned: Vec<OwnedPage<'_>> = pages
-            .iter()
-            .map(|write| OwnedPage {
-                page: write.page,
-                base_version: write.base_version,
-                bytes: &write.bytes,
-            })
-            .collect();
-        let applied = self.table().apply_owned(dataset.id, &owned);
-        let versions = match applied {
-            Ok(versions) => versions,
-            Err(error) => {
-                self.send_to(&targets, &NodeRequest::Abort { tx });
-                return Err(match error {
-                    CommitError::Stale {
-                        page,
-                        base,
-                        current,
-                    } => stale(dataset.id, page, base, current),
-                    CommitError::Pm(error) => pm_error(error),
-                    CommitError::BadRuns { page, reason } => {
-                        FsError::Invalid(format!("page {page}: {reason}"))
-                    }
-                });
-            }
-        };
-        // The commit is decided here. Holders learn it before the committer's msync returns.
+        Ok(Replicated {
+            targets,
+            counted,
+            keys,
+        })
+    }
+
+    /// Step 5–6 after the decision: the committer's kernel keeps its pages, every other
+    /// node's cached copies go (here first), targets decide, holders are recorded.
+    pub(super) fn announce(
+        &self,
+        tx: TxKey,
+        dataset: DatasetId,
+        ino: Ino,
+        committer: NodeId,
+        pages: &[u64],
+        replicated: &Replicated,
+    ) {
         if committer != self.id {
-            self.invalidate(
-                ino,
-                dataset.id,
-                &pages.iter().map(|write| write.page).collect::<Vec<_>>(),
-            );
+            self.invalidate(ino, dataset, pages);
         }
-        for node in &targets {
-            let request = NodeRequest::Decide {
-                tx,
-                ino: (*node != committer).then_some(ino),
-            };
-            if let Err(error) = self.call(*node, &request) {
-                tracing::warn!(node, %error, "a target missed the decision; its prepared copy waits for recovery");
+        let decide = |node: &NodeId| NodeRequest::Decide {
+            tx,
+            ino: (*node != committer).then_some(ino),
+        };
+        if let [node] = replicated.targets.as_slice() {
+            if let Err(error) = self.call(*node, &decide(node)) {
+                tracing::warn!(node, %error, "a target missed the decision; it will ask");
             }
+        } else if !replicated.targets.is_empty() {
+            std::thread::scope(|scope| {
+                for node in &replicated.targets {
+                    let request = decide(node);
+                    scope.spawn(move || {
+                        if let Err(error) = self.call(*node, &request) {
+                            tracing::warn!(node, %error, "a target missed the decision; it will ask");
+                        }
+                    });
+                }
+            });
         }
         let mut state = self.owner_state();
-        for key in &keys {
+        for key in &replicated.keys {
             state
                 .holders
                 .entry(*key)
                 .or_default()
-                .extend(counted.iter().copied());
+                .extend(replicated.counted.iter().copied());
         }
-        Ok(versions)
     }
 
     fn prepare_targets(
@@ -461,12 +667,14 @@ impl Protocol {
         let mut results = Vec::with_capacity(targets.len());
         let plain = NodeRequest::Prepare {
             tx,
+            owner: self.id,
             dataset,
             committer: false,
             pages: copies.clone(),
         };
         let for_committer = NodeRequest::Prepare {
             tx,
+            owner: self.id,
             dataset,
             committer: true,
             pages: copies,
@@ -516,7 +724,7 @@ impl Protocol {
         )))
     }
 
-    fn send_to(&self, nodes: &[NodeId], request: &NodeRequest) {
+    pub(super) fn send_to(&self, nodes: &[NodeId], request: &NodeRequest) {
         let clients: Vec<Arc<Client>> = nodes
             .iter()
             .filter_map(|node| self.peers.client(*node))
@@ -533,6 +741,7 @@ impl Protocol {
     pub fn serve_prepare(
         &self,
         tx: TxKey,
+        owner: NodeId,
         dataset: DatasetId,
         committer: bool,
         pages: &[VersionedPage],
@@ -541,16 +750,23 @@ impl Protocol {
             .iter()
             .map(|copy| (copy.page, copy.version, copy.bytes.as_slice()))
             .collect();
-        match self
-            .table()
-            .prepare_copies(tx, dataset, &borrowed, committer)
-        {
-            Ok(()) => NodeReply::Done,
+        let prepared =
+            self.table()
+                .prepare_copies(tx, dataset, &borrowed, committer, TxTag::default());
+        match prepared {
+            Ok(()) => {
+                self.deciders
+                    .lock()
+                    .expect("deciders lock")
+                    .insert(tx, owner);
+                NodeReply::Done
+            }
             Err(error) => NodeReply::Failed(pm_error(error)),
         }
     }
 
     pub fn serve_decide(&self, tx: TxKey, ino: Option<Ino>) -> NodeReply {
+        self.deciders.lock().expect("deciders lock").remove(&tx);
         let decided = self.table().decide_copies(tx);
         match (decided, ino) {
             (Some((dataset, pages)), Some(ino)) => self.invalidate(ino, dataset, &pages),
@@ -567,9 +783,19 @@ impl Protocol {
     }
 
     pub fn serve_abort(&self, tx: TxKey) -> NodeReply {
+        self.deciders.lock().expect("deciders lock").remove(&tx);
         self.table().abort_copies(tx);
         NodeReply::Done
     }
+}
+
+/// Where a commit's new copies were prepared (see `Protocol::replicate`).
+pub(super) struct Replicated {
+    /// Nodes that got a Prepare (and get the Decide or Abort).
+    pub targets: Vec<NodeId>,
+    /// Nodes that hold the new version once decided (targets and a prepared committer).
+    pub counted: Vec<NodeId>,
+    pub keys: Vec<PageKey>,
 }
 
 fn stale(dataset: DatasetId, page: u64, base: u64, current: u64) -> FsError {

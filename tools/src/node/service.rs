@@ -16,35 +16,75 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
         } => protocol.serve_fetch(dataset, page, from),
         NodeRequest::FetchCopy { dataset, page } => protocol.serve_copy(dataset, page),
         NodeRequest::Commit {
+            tx,
+            followers,
             dataset,
             ino,
             committer,
             committer_prepared,
             pages,
-        } => match protocol.owner_commit(&dataset, ino, committer, committer_prepared, &pages) {
+        } => match protocol.owner_commit(
+            tx,
+            &followers,
+            &dataset,
+            ino,
+            committer,
+            committer_prepared,
+            &pages,
+        ) {
             Ok(versions) => NodeReply::Committed { versions },
             Err(error) => NodeReply::Failed(error),
         },
         NodeRequest::Prepare {
             tx,
+            owner,
             dataset,
             committer,
             pages,
-        } => protocol.serve_prepare(tx, dataset, committer, &pages),
+        } => protocol.serve_prepare(tx, owner, dataset, committer, &pages),
         NodeRequest::Decide { tx, ino } => protocol.serve_decide(tx, ino),
         NodeRequest::Abort { tx } => protocol.serve_abort(tx),
         NodeRequest::Lock { tx, dataset, pages } => protocol.serve_lock(tx, dataset, &pages),
         NodeRequest::Unlock { tx, dataset, pages } => protocol.serve_unlock(tx, dataset, &pages),
         NodeRequest::CommitRuns {
             tx,
+            followers,
             dataset,
             ino,
             committer,
             pages,
             release,
-        } => match protocol.commit_runs(tx, &dataset, ino, committer, &pages, release) {
-            Ok(versions) => NodeReply::Committed { versions },
-            Err(error) => NodeReply::Failed(error),
-        },
+        } => {
+            match protocol.commit_runs(tx, &followers, &dataset, ino, committer, &pages, release) {
+                Ok(versions) => NodeReply::Committed { versions },
+                Err(error) => NodeReply::Failed(error),
+            }
+        }
+        NodeRequest::OwnerPrepare {
+            tx,
+            dataset,
+            ino,
+            committer,
+            leader,
+            pages,
+        } => protocol.serve_owner_prepare(tx, &dataset, ino, committer, leader, pages),
+        NodeRequest::OwnerDecide { tx } => {
+            protocol.finish_follower(tx, true);
+            NodeReply::Done
+        }
+        NodeRequest::OwnerAbort { tx } => {
+            protocol.finish_follower(tx, false);
+            NodeReply::Done
+        }
+        NodeRequest::Outcome { tx } => protocol.serve_outcome(tx),
+        NodeRequest::Confirm { txs, node } => protocol.serve_confirm(&txs, node),
+        NodeRequest::Pending { tx } => protocol.serve_pending(tx),
+        NodeRequest::Register {
+            dataset,
+            from,
+            pages,
+            tx,
+        } => protocol.serve_register(dataset, from, &pages, tx),
+        NodeRequest::Install { dataset, pages } => protocol.serve_install(dataset, &pages),
     }
 }

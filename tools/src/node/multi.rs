@@ -1,0 +1,233 @@
+//! Multi-owner commits at the owners (docs/design.md, "Recovery"): the lowest-id owner
+//! leads, and its local apply decides the whole commit; the other owners (followers)
+//! prepare first and decide after it. A follower left waiting asks the leader, whose answer
+//! is final: a kept outcome record says committed, anything else is aborted for good.
+//! Must survive: a committer lost between any two steps (followers resolve with the
+//! leader), a leader or follower restarted with its PM (its records say where it was), a
+//! follower's question racing the leader's decision (one lock orders them).
+
+use std::collections::BTreeMap;
+
+use hotpot_core::page::TxKey;
+use hotpot_core::pm::{PageKey, TxRole, TxTag};
+use hotpot_core::proto::messages::{NodeReply, NodeRequest, OwnerPages};
+use hotpot_core::proto::types::{Dataset, FsError, Ino, Mode, NodeId};
+
+use super::fault;
+use super::protocol::{pm_error, Protocol, Replicated, RPC_TIMEOUT};
+
+/// A follower's prepared part of a multi-owner commit, while its process lives.
+pub struct FollowerTx {
+    dataset: Dataset,
+    ino: Ino,
+    committer: NodeId,
+    leader: NodeId,
+    pages: Vec<u64>,
+    replicated: Replicated,
+}
+
+impl Protocol {
+    /// Phase 1 at a follower owner.
+    #[allow(clippy::too_many_arguments)]
+    pub fn serve_owner_prepare(
+        &self,
+        tx: TxKey,
+        dataset: &Dataset,
+        ino: Ino,
+        committer: NodeId,
+        leader: NodeId,
+        pages: OwnerPages,
+    ) -> NodeReply {
+        match self.owner_prepare(tx, dataset, ino, committer, leader, pages) {
+            Ok(()) => NodeReply::Done,
+            Err(error) => NodeReply::Failed(error),
+        }
+    }
+
+    fn owner_prepare(
+        &self,
+        tx: TxKey,
+        dataset: &Dataset,
+        ino: Ino,
+        committer: NodeId,
+        leader: NodeId,
+        pages: OwnerPages,
+    ) -> Result<(), FsError> {
+        self.wait_ready()?;
+        let page_ids: Vec<u64> = match &pages {
+            OwnerPages::Writes(writes) => writes.iter().map(|write| write.page).collect(),
+            OwnerPages::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),
+        };
+        let keys: Vec<PageKey> = page_ids.iter().map(|page| (dataset.id, *page)).collect();
+        let mut held = self.lock_pages(tx, &keys, dataset.params.mode == Mode::Mrsw)?;
+        let writes = match pages {
+            OwnerPages::Writes(writes) => writes,
+            OwnerPages::Runs(runs) => self.merge_runs(dataset, &runs)?,
+        };
+        let replicated = self.replicate(tx, dataset, committer, false, &writes)?;
+        let copies: Vec<(u64, u64, &[u8])> = writes
+            .iter()
+            .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
+            .collect();
+        let tag = TxTag {
+            role: TxRole::Follower,
+            tx,
+            leader,
+            participants: 0,
+        };
+        let prepared = self
+            .table()
+            .prepare_copies(tx, dataset.id, &copies, true, tag);
+        if let Err(error) = prepared {
+            self.send_to(&replicated.targets, &NodeRequest::Abort { tx });
+            return Err(pm_error(error));
+        }
+        held.armed = false; // held until the decision
+        self.followers.lock().expect("followers lock").insert(
+            tx,
+            FollowerTx {
+                dataset: dataset.clone(),
+                ino,
+                committer,
+                leader,
+                pages: page_ids,
+                replicated,
+            },
+        );
+        fault::point("follower.prepared");
+        Ok(())
+    }
+
+    /// Phase 3 at a follower (`commit`), or the abort of phase 1; also the end of a
+    /// resolution. Idempotent: a second call finds nothing to do.
+    pub fn finish_follower(&self, tx: TxKey, commit: bool) {
+        let live = self.followers.lock().expect("followers lock").remove(&tx);
+        let pending = {
+            let mut table = self.table();
+            let pending = table
+                .pending()
+                .into_iter()
+                .find(|pending| pending.tx == tx && pending.tag.role == TxRole::Follower);
+            if commit {
+                table.decide_copies(tx);
+            } else {
+                table.abort_copies(tx);
+            }
+            pending
+        };
+        match (live, &pending) {
+            (Some(follower), _) => {
+                if commit {
+                    fault::point("follower.decided");
+                    self.announce(
+                        tx,
+                        follower.dataset.id,
+                        follower.ino,
+                        follower.committer,
+                        &follower.pages,
+                        &follower.replicated,
+                    );
+                } else {
+                    self.send_to(&follower.replicated.targets, &NodeRequest::Abort { tx });
+                }
+                let keys: Vec<PageKey> = follower
+                    .pages
+                    .iter()
+                    .map(|page| (follower.dataset.id, *page))
+                    .collect();
+                self.unlock_pages(tx, &keys);
+                if commit {
+                    let _ = self.confirmations.send((follower.leader, tx));
+                }
+            }
+            // A record recovered after a restart: its targets are unknown, so the decided
+            // pages go to the current holders as copies (they drop their cached pages).
+            (None, Some(recovered)) => {
+                let keys: Vec<PageKey> = recovered
+                    .pages
+                    .iter()
+                    .map(|page| (recovered.dataset, *page))
+                    .collect();
+                if commit {
+                    self.push_to_holders(recovered.dataset, &keys);
+                    let _ = self.confirmations.send((recovered.tag.leader, tx));
+                }
+                self.unlock_pages(tx, &keys);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// At the leader: the final answer for `tx`.
+    pub fn serve_outcome(&self, tx: TxKey) -> NodeReply {
+        let mut aborted = self.aborted.lock().expect("aborted lock");
+        if self.table().outcome_decided(tx) {
+            return NodeReply::Decision(true);
+        }
+        aborted.insert(tx);
+        NodeReply::Decision(false)
+    }
+
+    pub fn serve_confirm(&self, txs: &[TxKey], node: NodeId) -> NodeReply {
+        let mut table = self.table();
+        for tx in txs {
+            table.confirm_outcome(*tx, node);
+        }
+        NodeReply::Done
+    }
+
+    pub fn serve_pending(&self, tx: TxKey) -> NodeReply {
+        NodeReply::Decision(self.table().is_pending(tx))
+    }
+
+    /// Send followers' confirmations to their leaders, batched (runs on its own thread).
+    pub fn run_confirmations(&self) {
+        let queue = self.confirm_queue().clone();
+        while let Ok(first) = queue.recv() {
+            let mut by_leader: BTreeMap<NodeId, Vec<TxKey>> = BTreeMap::new();
+            for (leader, tx) in std::iter::once(first).chain(queue.try_iter()) {
+                by_leader.entry(leader).or_default().push(tx);
+            }
+            for (leader, txs) in by_leader {
+                let request = NodeRequest::Confirm { txs, node: self.id };
+                let outcome = if leader == self.id {
+                    Ok(super::service::handle(self, request))
+                } else {
+                    match self.peers.client(leader) {
+                        Some(client) => client.call::<_, NodeReply>(&request, RPC_TIMEOUT),
+                        None => continue,
+                    }
+                };
+                if let Err(error) = outcome {
+                    // The leader asks again later (recovery.rs); nothing is lost.
+                    tracing::debug!(leader, %error, "confirmation not delivered");
+                }
+            }
+        }
+    }
+
+    /// Ask `leader` how `tx` ended: `None` if it cannot answer now.
+    pub(super) fn ask_outcome(&self, leader: NodeId, tx: TxKey) -> Option<bool> {
+        if leader == self.id {
+            return match self.serve_outcome(tx) {
+                NodeReply::Decision(decided) => Some(decided),
+                _ => None,
+            };
+        }
+        match self
+            .peers
+            .client(leader)?
+            .call::<_, NodeReply>(&NodeRequest::Outcome { tx }, RPC_TIMEOUT)
+        {
+            Ok(NodeReply::Decision(decided)) => Some(decided),
+            Ok(other) => {
+                tracing::warn!(leader, ?other, "unexpected answer to an outcome question");
+                None
+            }
+            Err(error) => {
+                tracing::debug!(leader, %error, "leader cannot say yet");
+                None
+            }
+        }
+    }
+}

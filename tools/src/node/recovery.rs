@@ -1,0 +1,470 @@
+//! After a crash (docs/design.md, "Recovery"): rejoining at start, before owner requests are
+//! served, and a resolver that settles what a crash left waiting.
+//!
+//! Rejoin: recovered follower records take their pages' locks again; every live peer says
+//! which copies of this node's pages it holds (the holder sets were volatile) and, for a node
+//! on a new PM file, the newest copy of each owned page is fetched; this node's copies of
+//! other owners' pages are registered with those owners, which send back what is newer.
+//! Resolver (every ROUND): a follower record older than RESOLVE_AFTER asks its leader; a
+//! holder's prepared copy older than that asks its owner for the current pages; a leader's
+//! kept outcome asks followers that never confirmed; pages that fell below their copy count
+//! are copied to more live nodes.
+//! Must survive: any peer unreachable during any of this (the step is retried next round),
+//! commits running meanwhile (every step takes the pages' locks or the holder lock).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use hotpot_core::page::TxKey;
+use hotpot_core::pm::{PageKey, TxRole, PAGE_BYTES};
+use hotpot_core::proto::messages::{
+    DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
+};
+use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId};
+
+use super::protocol::{pm_error, Protocol, RPC_TIMEOUT};
+
+/// A prepared record waits this long for its decision before it asks.
+const RESOLVE_AFTER: Duration = Duration::from_secs(2);
+const ROUND: Duration = Duration::from_millis(500);
+const REREPLICATE_EVERY: Duration = Duration::from_secs(2);
+/// Pages per Install message (4 MiB of page bytes).
+const INSTALL_BATCH: usize = 1024;
+
+impl Protocol {
+    fn ask(&self, node: NodeId, request: &NodeRequest) -> Result<NodeReply, FsError> {
+        let client = self
+            .peers
+            .client(node)
+            .ok_or_else(|| FsError::Io(format!("node {node} is not known")))?;
+        match client.call::<_, NodeReply>(request, RPC_TIMEOUT) {
+            Ok(NodeReply::Failed(error)) => Err(error),
+            Ok(reply) => Ok(reply),
+            Err(error) => Err(FsError::Io(format!("node {node}: {error}"))),
+        }
+    }
+
+    /// Everything of the rejoin before this node serves as an owner (see the module doc).
+    pub fn rejoin(&self, datasets: &[Dataset]) {
+        let started = Instant::now();
+        for pending in self.table().pending() {
+            if pending.tag.role == TxRole::Follower {
+                let keys: Vec<PageKey> = pending
+                    .pages
+                    .iter()
+                    .map(|page| (pending.dataset, *page))
+                    .collect();
+                match self.lock_pages(pending.tx, &keys, false) {
+                    Ok(mut held) => held.armed = false,
+                    Err(error) => {
+                        tracing::error!(%error, "a recovered commit cannot lock its pages")
+                    }
+                }
+            }
+        }
+        let peers: Vec<NodeId> = self
+            .peers
+            .live()
+            .into_iter()
+            .filter(|node| *node != self.id)
+            .collect();
+        let mut fetched = 0usize;
+        let mut caught_up = 0usize;
+        for dataset in datasets {
+            let mut newest: HashMap<u64, (u64, NodeId)> = HashMap::new();
+            for peer in &peers {
+                let copies = match self.ask(
+                    *peer,
+                    &NodeRequest::PageCopies {
+                        dataset: dataset.id,
+                    },
+                ) {
+                    Ok(NodeReply::PageCopies(copies)) => copies,
+                    Ok(other) => {
+                        tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
+                        continue;
+                    }
+                };
+                let mine: Vec<PageKey> = copies
+                    .iter()
+                    .filter(|copy| dataset.owner_of_page(copy.page) == self.id)
+                    .map(|copy| (dataset.id, copy.page))
+                    .collect();
+                for copy in copies
+                    .iter()
+                    .filter(|c| dataset.owner_of_page(c.page) == self.id)
+                {
+                    let best = newest.entry(copy.page).or_insert((copy.version, *peer));
+                    if copy.version > best.0 {
+                        *best = (copy.version, *peer);
+                    }
+                }
+                self.set_holder(*peer, dataset.id, &mine, true);
+            }
+            if self.is_rebuilding() {
+                fetched += self.take_newest(dataset.id, &newest);
+            }
+            let mut by_owner: BTreeMap<NodeId, Vec<(u64, u64)>> = dataset
+                .owners
+                .iter()
+                .filter(|owner| **owner != self.id)
+                .map(|owner| (*owner, Vec::new()))
+                .collect();
+            for copy in self.table().pool().pages_of(dataset.id) {
+                let owner = dataset.owner_of_page(copy.record.page);
+                if owner != self.id {
+                    by_owner
+                        .entry(owner)
+                        .or_default()
+                        .push((copy.record.page, copy.record.version));
+                }
+            }
+            for (owner, pages) in by_owner {
+                match self.register_with(owner, dataset.id, pages, None) {
+                    Ok(newer) => caught_up += newer,
+                    Err(error) => {
+                        tracing::warn!(owner, %error, "cannot register copies with their owner yet")
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            datasets = datasets.len(),
+            fetched,
+            caught_up,
+            ms = started.elapsed().as_millis() as u64,
+            "rejoined"
+        );
+    }
+
+    /// A node on a new PM file: the newest copy of each owned page, from whoever has it.
+    fn take_newest(&self, dataset: DatasetId, newest: &HashMap<u64, (u64, NodeId)>) -> usize {
+        let mut taken = 0;
+        for (page, (version, peer)) in newest {
+            if self.table().version_of((dataset, *page)) >= *version {
+                continue;
+            }
+            match self.ask(
+                *peer,
+                &NodeRequest::FetchCopy {
+                    dataset,
+                    page: *page,
+                },
+            ) {
+                Ok(NodeReply::Copy(Some(copy))) if copy.bytes.len() == PAGE_BYTES => {
+                    match self
+                        .table()
+                        .install_copy((dataset, *page), copy.version, &copy.bytes)
+                    {
+                        Ok(_) => taken += 1,
+                        Err(error) => tracing::error!(%error, "cannot keep a rebuilt page"),
+                    }
+                }
+                Ok(other) => tracing::warn!(peer, ?other, "no copy after all"),
+                Err(error) => tracing::warn!(peer, %error, "copy not fetched; it comes on demand"),
+            }
+        }
+        taken
+    }
+
+    /// Tell `owner` which of its pages this node holds; keep what it sends back (newer).
+    /// Returns how many pages were replaced.
+    fn register_with(
+        &self,
+        owner: NodeId,
+        dataset: DatasetId,
+        pages: Vec<(u64, u64)>,
+        tx: Option<TxKey>,
+    ) -> Result<usize, FsError> {
+        let request = NodeRequest::Register {
+            dataset,
+            from: self.id,
+            pages,
+            tx,
+        };
+        let newer = match self.ask(owner, &request)? {
+            NodeReply::Pages(newer) => newer,
+            other => return Err(FsError::Io(format!("owner {owner} answered {other:?}"))),
+        };
+        if let Some(tx) = tx {
+            self.deciders.lock().expect("deciders lock").remove(&tx);
+            self.table().abort_copies(tx);
+        }
+        let installed = self.install(dataset, &newer)?;
+        Ok(installed.len())
+    }
+
+    /// Keep copies sent by an owner (only newer versions replace ours) and drop the
+    /// kernel's cached pages of those that did.
+    fn install(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Result<Vec<u64>, FsError> {
+        let mut installed = Vec::new();
+        {
+            let mut table = self.table();
+            for copy in copies {
+                let zeros;
+                let bytes = if copy.bytes.is_empty() {
+                    zeros = vec![0u8; PAGE_BYTES];
+                    &zeros
+                } else {
+                    &copy.bytes
+                };
+                if bytes.len() != PAGE_BYTES {
+                    return Err(FsError::Io(format!("a copy of {} bytes", bytes.len())));
+                }
+                if table
+                    .install_copy((dataset, copy.page), copy.version, bytes)
+                    .map_err(pm_error)?
+                {
+                    installed.push(copy.page);
+                }
+            }
+        }
+        if !installed.is_empty() {
+            self.invalidate_dataset(dataset, &installed);
+        }
+        Ok(installed)
+    }
+
+    pub fn serve_install(&self, dataset: DatasetId, pages: &[VersionedPage]) -> NodeReply {
+        match self.install(dataset, pages) {
+            Ok(_) => NodeReply::Done,
+            Err(error) => NodeReply::Failed(error),
+        }
+    }
+
+    /// At the owner: `from` holds `pages` at those versions. Without `tx` that is all it
+    /// holds of this dataset (a rejoin); with it, the copies of a commit it waited for.
+    pub fn serve_register(
+        &self,
+        dataset: DatasetId,
+        from: NodeId,
+        pages: &[(u64, u64)],
+        tx: Option<TxKey>,
+    ) -> NodeReply {
+        if let Err(error) = self.wait_ready() {
+            return NodeReply::Failed(error);
+        }
+        let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset, *page)).collect();
+        if let Some(tx) = tx {
+            if self.holds_any(tx, &keys) {
+                return NodeReply::Failed(FsError::Busy(format!("commit {tx:?} is still running")));
+            }
+        } else {
+            self.set_holder(from, dataset, &[], true);
+        }
+        let mut newer = Vec::new();
+        for (key, (page, version)) in keys.iter().zip(pages) {
+            match self.register_holder(*key, from) {
+                Ok(Some((current, bytes))) if current != *version => newer.push(VersionedPage {
+                    page: *page,
+                    version: current,
+                    bytes,
+                }),
+                Ok(_) => {}
+                Err(error) => return NodeReply::Failed(error),
+            }
+        }
+        NodeReply::Pages(newer)
+    }
+
+    /// Copies of `keys` (locked by the caller) to every live holder: a follower's commit
+    /// decided after a restart, when the holders that prepared it are not known.
+    pub(super) fn push_to_holders(&self, dataset: DatasetId, keys: &[PageKey]) {
+        let live = self.peers.live();
+        let copies: Vec<VersionedPage> = {
+            let table = self.table();
+            keys.iter()
+                .filter_map(|key| {
+                    table
+                        .read_persisted(*key)
+                        .map(|(version, bytes)| VersionedPage {
+                            page: key.1,
+                            version,
+                            bytes,
+                        })
+                })
+                .collect()
+        };
+        self.invalidate_dataset(dataset, &keys.iter().map(|key| key.1).collect::<Vec<_>>());
+        for node in self.holders_of(keys) {
+            if node == self.id || !live.contains(&node) {
+                continue;
+            }
+            let request = NodeRequest::Install {
+                dataset,
+                pages: copies.clone(),
+            };
+            if let Err(error) = self.ask(node, &request) {
+                tracing::warn!(node, %error, "a holder missed a recovered commit; it catches up when it rejoins");
+            }
+        }
+    }
+
+    /// The resolver loop (own thread).
+    pub fn run_resolver(&self) {
+        let mut outcome_seen: HashMap<TxKey, Instant> = HashMap::new();
+        let mut last_copy_round = Instant::now();
+        loop {
+            std::thread::sleep(ROUND);
+            self.resolve_pending();
+            self.resolve_outcomes(&mut outcome_seen);
+            if last_copy_round.elapsed() >= REREPLICATE_EVERY {
+                last_copy_round = Instant::now();
+                if let Err(error) = self.rereplicate() {
+                    tracing::warn!(%error, "re-replication round failed; retrying");
+                }
+            }
+        }
+    }
+
+    fn resolve_pending(&self) {
+        let waiting: Vec<_> = self
+            .table()
+            .pending()
+            .into_iter()
+            .filter(|pending| pending.age >= RESOLVE_AFTER)
+            .collect();
+        for pending in waiting {
+            if pending.tag.role == TxRole::Follower {
+                if let Some(decided) = self.ask_outcome(pending.tag.leader, pending.tx) {
+                    tracing::info!(tx = ?pending.tx, decided, "resolved a follower commit with its leader");
+                    self.finish_follower(pending.tx, decided);
+                }
+                continue;
+            }
+            let owner = self
+                .deciders
+                .lock()
+                .expect("deciders lock")
+                .get(&pending.tx)
+                .copied();
+            // No owner recorded: this node's own prepared copy; its commit call decides it.
+            let Some(owner) = owner else { continue };
+            let versions: Vec<(u64, u64)> = {
+                let table = self.table();
+                pending
+                    .pages
+                    .iter()
+                    .map(|page| (*page, table.version_of((pending.dataset, *page))))
+                    .collect()
+            };
+            match self.register_with(owner, pending.dataset, versions, Some(pending.tx)) {
+                Ok(newer) => {
+                    tracing::info!(tx = ?pending.tx, owner, newer, "a copy left waiting asked its owner")
+                }
+                Err(error) => {
+                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet")
+                }
+            }
+        }
+    }
+
+    fn resolve_outcomes(&self, seen: &mut HashMap<TxKey, Instant>) {
+        let waiting = self.table().outcomes_waiting();
+        seen.retain(|tx, _| waiting.iter().any(|(kept, _)| kept == tx));
+        for (tx, followers) in waiting {
+            let first = *seen.entry(tx).or_insert_with(Instant::now);
+            if first.elapsed() < RESOLVE_AFTER {
+                continue;
+            }
+            for follower in (1..=64u32).filter(|node| followers & (1u64 << (node - 1)) != 0) {
+                let still = if follower == self.id {
+                    Ok(NodeReply::Decision(self.table().is_pending(tx)))
+                } else {
+                    self.ask(follower, &NodeRequest::Pending { tx })
+                };
+                if let Ok(NodeReply::Decision(false)) = still {
+                    self.table().confirm_outcome(tx, follower);
+                }
+            }
+        }
+    }
+
+    fn datasets(&self) -> Result<Vec<Dataset>, FsError> {
+        match self
+            .peers
+            .dispatcher()
+            .call::<_, DispatcherReply>(&DispatcherRequest::LiveDatasets, RPC_TIMEOUT)
+        {
+            Ok(DispatcherReply::Datasets(datasets)) => Ok(datasets),
+            Ok(other) => Err(FsError::Io(format!("dispatcher answered {other:?}"))),
+            Err(error) => Err(FsError::Io(format!("dispatcher: {error}"))),
+        }
+    }
+
+    /// Owned pages with fewer live copies than their dataset asks for get more.
+    fn rereplicate(&self) -> Result<(), FsError> {
+        let live = self.peers.live();
+        for dataset in self.datasets()? {
+            let copies = usize::from(dataset.params.replicas.max(1)).min(live.len().max(1));
+            let mut wanted: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+            let owned: Vec<u64> = self
+                .table()
+                .pool()
+                .pages_of(dataset.id)
+                .into_iter()
+                .map(|copy| copy.record.page)
+                .filter(|page| dataset.owner_of_page(*page) == self.id)
+                .collect();
+            for page in owned {
+                let holders = self.holders_of(&[(dataset.id, page)]);
+                let have = holders
+                    .iter()
+                    .filter(|node| **node != self.id && live.contains(node))
+                    .count();
+                let mut more = (copies - 1).saturating_sub(have);
+                let after = live.iter().filter(|node| **node > self.id);
+                let before = live.iter().filter(|node| **node < self.id);
+                for node in after.chain(before) {
+                    if more == 0 {
+                        break;
+                    }
+                    if !holders.contains(node) {
+                        wanted.entry(*node).or_default().push(page);
+                        more -= 1;
+                    }
+                }
+            }
+            for (node, pages) in wanted {
+                for batch in pages.chunks(INSTALL_BATCH) {
+                    self.copy_to(node, dataset.id, batch)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy owned `pages` to `node` under their locks, then count it as a holder.
+    fn copy_to(&self, node: NodeId, dataset: DatasetId, pages: &[u64]) -> Result<(), FsError> {
+        let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
+        let _held = self.lock_pages(self.next_tx(), &keys, true)?;
+        let copies: Vec<VersionedPage> = {
+            let table = self.table();
+            keys.iter()
+                .filter_map(|key| {
+                    table
+                        .read_persisted(*key)
+                        .map(|(version, bytes)| VersionedPage {
+                            page: key.1,
+                            version,
+                            bytes,
+                        })
+                })
+                .collect()
+        };
+        self.ask(
+            node,
+            &NodeRequest::Install {
+                dataset,
+                pages: copies,
+            },
+        )?;
+        self.set_holder(node, dataset, &keys, false);
+        tracing::info!(node, dataset, pages = pages.len(), "re-replicated");
+        Ok(())
+    }
+}
