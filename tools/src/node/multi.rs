@@ -64,7 +64,7 @@ impl Protocol {
             OwnerPages::Writes(writes) => writes,
             OwnerPages::Runs(runs) => self.merge_runs(dataset, &runs)?,
         };
-        let replicated = self.replicate(tx, dataset, committer, false, &writes)?;
+        let replicated = self.replicate(dataset, committer, false, &writes)?;
         let copies: Vec<(u64, u64, &[u8])> = writes
             .iter()
             .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
@@ -79,7 +79,10 @@ impl Protocol {
             .table()
             .prepare_copies(tx, dataset.id, &copies, true, tag);
         if let Err(error) = prepared {
-            self.send_to(&replicated.targets, &NodeRequest::Abort { tx });
+            let abort = NodeRequest::Abort {
+                tx: replicated.target_tx,
+            };
+            self.send_to(&replicated.targets, &abort);
             return Err(pm_error(error));
         }
         held.armed = false; // held until the decision
@@ -120,7 +123,6 @@ impl Protocol {
                 if commit {
                     fault::point("follower.decided");
                     self.announce(
-                        tx,
                         follower.dataset.id,
                         follower.ino,
                         follower.committer,
@@ -128,7 +130,10 @@ impl Protocol {
                         &follower.replicated,
                     );
                 } else {
-                    self.send_to(&follower.replicated.targets, &NodeRequest::Abort { tx });
+                    let abort = NodeRequest::Abort {
+                        tx: follower.replicated.target_tx,
+                    };
+                    self.send_to(&follower.replicated.targets, &abort);
                 }
                 let keys: Vec<PageKey> = follower
                     .pages

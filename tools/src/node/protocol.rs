@@ -417,10 +417,10 @@ impl Protocol {
         self.owned_copy(key.0, key.1)
     }
 
-    /// Whether commit `tx` holds any of `keys` here.
-    pub(super) fn holds_any(&self, tx: TxKey, keys: &[PageKey]) -> bool {
+    /// Whether a commit holds any of `keys` here.
+    pub(super) fn holds_any(&self, keys: &[PageKey]) -> bool {
         let state = self.owner_state();
-        keys.iter().any(|key| state.locked.get(key) == Some(&tx))
+        keys.iter().any(|key| state.locked.contains_key(key))
     }
 
     /// The nodes that must hold the new bytes: every live holder, the committer, and more
@@ -490,7 +490,7 @@ impl Protocol {
         committer_prepared: bool,
         pages: &[PageWrite],
     ) -> Result<Vec<u64>, FsError> {
-        let replicated = self.replicate(tx, dataset, committer, committer_prepared, pages)?;
+        let replicated = self.replicate(dataset, committer, committer_prepared, pages)?;
         fault::point("owner.targets_prepared");
         let owned: Vec<OwnedPage<'_>> = pages
             .iter()
@@ -537,14 +537,17 @@ impl Protocol {
         let versions = match applied {
             Ok(versions) => versions,
             Err(error) => {
-                self.send_to(&replicated.targets, &NodeRequest::Abort { tx });
+                let abort = NodeRequest::Abort {
+                    tx: replicated.target_tx,
+                };
+                self.send_to(&replicated.targets, &abort);
                 return Err(error);
             }
         };
         // The commit is decided here.
         fault::point("owner.decided");
         let pages: Vec<u64> = pages.iter().map(|write| write.page).collect();
-        self.announce(tx, dataset.id, ino, committer, &pages, &replicated);
+        self.announce(dataset.id, ino, committer, &pages, &replicated);
         fault::point("owner.announced");
         Ok(versions)
     }
@@ -553,7 +556,6 @@ impl Protocol {
     /// new copies at every target as Prepared records.
     pub(super) fn replicate(
         &self,
-        tx: TxKey,
         dataset: &Dataset,
         committer: NodeId,
         committer_prepared: bool,
@@ -596,8 +598,12 @@ impl Protocol {
                 bytes: write.bytes.clone(),
             })
             .collect();
-        self.prepare_targets(tx, dataset.id, committer, &targets, copies)?;
+        // Targets know the copies under this owner's own name for them: one commit across
+        // owners reaches a node from several owners, and each set is decided by its owner.
+        let target_tx = self.next_tx();
+        self.prepare_targets(target_tx, dataset.id, committer, &targets, copies)?;
         Ok(Replicated {
+            target_tx,
             targets,
             counted,
             keys,
@@ -608,7 +614,6 @@ impl Protocol {
     /// node's cached copies go (here first), targets decide, holders are recorded.
     pub(super) fn announce(
         &self,
-        tx: TxKey,
         dataset: DatasetId,
         ino: Ino,
         committer: NodeId,
@@ -619,7 +624,7 @@ impl Protocol {
             self.invalidate(ino, dataset, pages);
         }
         let decide = |node: &NodeId| NodeRequest::Decide {
-            tx,
+            tx: replicated.target_tx,
             ino: (*node != committer).then_some(ino),
         };
         if let [node] = replicated.targets.as_slice() {
@@ -791,6 +796,8 @@ impl Protocol {
 
 /// Where a commit's new copies were prepared (see `Protocol::replicate`).
 pub(super) struct Replicated {
+    /// The name the targets know these copies by.
+    pub target_tx: TxKey,
     /// Nodes that got a Prepare (and get the Decide or Abort).
     pub targets: Vec<NodeId>,
     /// Nodes that hold the new version once decided (targets and a prepared committer).

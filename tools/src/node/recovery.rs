@@ -250,8 +250,10 @@ impl Protocol {
         }
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset, *page)).collect();
         if let Some(tx) = tx {
-            if self.holds_any(tx, &keys) {
-                return NodeReply::Failed(FsError::Busy(format!("commit {tx:?} is still running")));
+            if self.holds_any(&keys) {
+                return NodeReply::Failed(FsError::Busy(format!(
+                    "the commit of {tx:?} (or a later one) is still running"
+                )));
             }
         } else {
             self.set_holder(from, dataset, &[], true);
