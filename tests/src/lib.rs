@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The `hotpot` binary of this workspace, built once per test process.
+/// The `hotpot` binary of this workspace, built once per test process, with the crash points
+/// of the recovery tests compiled in (inert unless armed).
 pub fn hotpot_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -21,7 +22,16 @@ pub fn hotpot_bin() -> PathBuf {
             .unwrap_or_else(|| workspace.join("target"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "hotpot-tools", "--bin", "hotpot"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "hotpot-tools",
+                "--bin",
+                "hotpot",
+                "--features",
+                "fault-injection",
+            ])
             .current_dir(&workspace)
             .status()
             .expect("run cargo build for the hotpot binary");
@@ -88,17 +98,32 @@ pub fn run_ok(command: &mut Command) -> String {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: u32,
+    /// Environment for every node this cluster starts (and restarts).
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     pub fn up(nodes: u32, pm_size: &str) -> Cluster {
+        Cluster::up_with_env(nodes, pm_size, &[])
+    }
+
+    /// `up`, with `env` set for every node process (now and at restarts).
+    pub fn up_with_env(nodes: u32, pm_size: &str, env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("hotpot-test-")
             .tempdir()
             .expect("temp dir");
-        let cluster = Cluster { dir, nodes };
+        let cluster = Cluster {
+            dir,
+            nodes,
+            env: env
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        };
         run_ok(
             Command::new(hotpot_bin())
+                .envs(cluster.env.iter().map(|(k, v)| (k, v)))
                 .args([
                     "cluster",
                     "up",
@@ -220,6 +245,7 @@ impl Cluster {
     pub fn start(&self, node: u32) {
         run_ok(
             Command::new(hotpot_bin())
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .args([
                     "cluster",
                     "start-node",
@@ -229,6 +255,40 @@ impl Cluster {
                 ])
                 .arg(self.dir.path()),
         );
+    }
+
+    /// Make node `node` crash (SIGKILL itself) the next time it reaches `point`.
+    pub fn arm_fault(&self, node: u32, point: &str) {
+        run_ok(
+            Command::new(hotpot_bin())
+                .args([
+                    "cluster",
+                    "arm-fault",
+                    "--node",
+                    &node.to_string(),
+                    "--point",
+                    point,
+                    "--dir",
+                ])
+                .arg(self.dir.path()),
+        );
+    }
+
+    /// Whether node `node`'s process (as cluster.json records it) is alive.
+    pub fn is_running(&self, node: u32) -> bool {
+        let info = self.info();
+        let pid = info["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|entry| entry["id"] == node)
+            .and_then(|entry| entry["pid"].as_u64())
+            .expect("node pid") as i32;
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        alive && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.contains(") Z "))
+            .unwrap_or(true)
     }
 
     pub fn node_log(&self, node: u32) -> String {

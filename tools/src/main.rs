@@ -100,6 +100,18 @@ enum ClusterCommand {
         #[arg(long)]
         node: u32,
     },
+    /// Test builds only (cargo feature fault-injection): make a running node crash, as
+    /// kill -9 would, the next time it reaches a named point (docs/design.md, "Recovery").
+    ArmFault {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node id.
+        #[arg(long)]
+        node: u32,
+        /// Point name, e.g. follower.prepared.
+        #[arg(long)]
+        point: String,
+    },
 }
 
 /// The cluster secret from `--secret FILE`, or none (with a warning).
@@ -136,6 +148,9 @@ fn main() {
         }
         Command::Cluster(ClusterCommand::StartNode { dir, node }) => {
             cluster::start_node(&dir, node)
+        }
+        Command::Cluster(ClusterCommand::ArmFault { dir, node, point }) => {
+            cluster::arm_fault(&dir, node, &point)
         }
         Command::Create(args) => admin::create(args),
         Command::Status { target, json } => admin::status(target, json),

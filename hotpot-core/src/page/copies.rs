@@ -201,6 +201,15 @@ impl PageTable {
         self.replay_on_committed(key, &runs);
     }
 
+    /// Rebase every Dirty page of `dataset` whose committed copy moved (a commit of this
+    /// node's whose outcome it learned later, another writer's): a snapshot taken next is
+    /// based on the current versions.
+    pub fn rebase_dataset(&mut self, dataset: DatasetId) {
+        for page in self.dirty_pages(dataset) {
+            self.rebase_dirty((dataset, page));
+        }
+    }
+
     /// Make the Dirty page of `key` the committed copy with `runs` on top, and the committed
     /// copy its twin. No-op without a Dirty page or a committed copy.
     fn replay_on_committed(&mut self, key: PageKey, runs: &[Run]) {

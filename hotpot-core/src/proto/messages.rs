@@ -189,6 +189,9 @@ pub enum NodeRequest {
         tx: (NodeId, u64),
         /// The owner that decides (a copy left waiting asks it).
         owner: NodeId,
+        /// Part of multi-owner commit `.0` led by `.1`: a copy left waiting asks the leader,
+        /// whose answer is final even when this owner is gone.
+        commit: Option<((NodeId, u64), NodeId)>,
         dataset: DatasetId,
         committer: bool,
         pages: Vec<VersionedPage>,
@@ -258,6 +261,14 @@ pub enum NodeRequest {
     },
     /// To a follower: is `tx` still waiting for its decision here?
     Pending {
+        tx: (NodeId, u64),
+    },
+    /// Test builds (feature `fault-injection`): crash at the named point when next reached.
+    ArmFault {
+        point: String,
+    },
+    /// To any node, from a leader that lost its PM: did you decide copies of commit `tx`?
+    DecidedCommit {
         tx: (NodeId, u64),
     },
     /// To an owner, from a node that restarted or whose prepared copies waited too long:

@@ -211,7 +211,11 @@ impl NodeEngine {
     /// fails.
     fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
         let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
-        let snapshots = self.table().snapshot_dirty(dataset.id);
+        let snapshots = {
+            let mut table = self.table();
+            table.rebase_dataset(dataset.id);
+            table.snapshot_dirty(dataset.id)
+        };
         if snapshots.is_empty() {
             return Ok(0);
         }

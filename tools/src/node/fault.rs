@@ -1,48 +1,33 @@
 //! Named crash points for the recovery tests, compiled in only with the cargo feature
-//! `fault-injection`. `HOTPOT_FAULT=<point>` (or `<point>@<n>`: the n-th time it is reached)
-//! makes the node kill itself with SIGKILL there, exactly as `kill -9` would: no unwinding,
-//! no unmount, PM left as the crash leaves it. The points are listed in docs/design.md
-//! ("Recovery", fault injection).
+//! `fault-injection`. A point is armed by `HOTPOT_FAULT=<point>` at start or by
+//! `hotpot cluster arm-fault` on a running node; the first time the node reaches it, it kills
+//! itself with SIGKILL, exactly as `kill -9` would: no unwinding, no unmount, PM left as the
+//! crash leaves it. The points are listed in docs/design.md ("Recovery").
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
+    use std::sync::Mutex;
 
-    struct Armed {
-        point: String,
-        at_hit: u64,
-        hits: AtomicU64,
+    static ARMED: Mutex<Option<String>> = Mutex::new(None);
+    static FROM_ENV: std::sync::Once = std::sync::Once::new();
+
+    fn armed() -> std::sync::MutexGuard<'static, Option<String>> {
+        FROM_ENV.call_once(|| {
+            if let Ok(point) = std::env::var("HOTPOT_FAULT") {
+                *ARMED.lock().expect("fault lock") = Some(point);
+            }
+        });
+        ARMED.lock().expect("fault lock")
     }
 
-    fn armed() -> Option<&'static Armed> {
-        static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
-        ARMED
-            .get_or_init(|| {
-                let spec = std::env::var("HOTPOT_FAULT").ok()?;
-                let (point, at_hit) = match spec.split_once('@') {
-                    Some((point, n)) => (point.to_string(), n.parse().unwrap_or(1)),
-                    None => (spec, 1),
-                };
-                Some(Armed {
-                    point,
-                    at_hit,
-                    hits: AtomicU64::new(0),
-                })
-            })
-            .as_ref()
+    pub fn arm(point: &str) -> Result<(), String> {
+        *armed() = Some(point.to_string());
+        Ok(())
     }
 
     pub fn point(name: &str) {
-        let Some(armed) = armed() else { return };
-        if armed.point != name {
-            return;
-        }
-        if armed.hits.fetch_add(1, Ordering::SeqCst) + 1 == armed.at_hit {
-            eprintln!(
-                "fault injection: node {} crashes at {name}",
-                std::process::id()
-            );
+        if armed().as_deref() == Some(name) {
+            eprintln!("fault injection: crashing at {name}");
             // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught.
             unsafe {
                 libc::kill(libc::getpid(), libc::SIGKILL);
@@ -52,7 +37,12 @@ mod enabled {
 }
 
 #[cfg(feature = "fault-injection")]
-pub use enabled::point;
+pub use enabled::{arm, point};
+
+#[cfg(not(feature = "fault-injection"))]
+pub fn arm(_point: &str) -> Result<(), String> {
+    Err("this hotpot was built without the fault-injection feature".into())
+}
 
 /// Without the feature a point costs nothing.
 #[cfg(not(feature = "fault-injection"))]

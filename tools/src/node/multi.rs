@@ -64,7 +64,7 @@ impl Protocol {
             OwnerPages::Writes(writes) => writes,
             OwnerPages::Runs(runs) => self.merge_runs(dataset, &runs)?,
         };
-        let replicated = self.replicate(dataset, committer, false, &writes)?;
+        let replicated = self.replicate(dataset, committer, false, &writes, Some((tx, leader)))?;
         let copies: Vec<(u64, u64, &[u8])> = writes
             .iter()
             .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
@@ -104,6 +104,9 @@ impl Protocol {
     /// Phase 3 at a follower (`commit`), or the abort of phase 1; also the end of a
     /// resolution. Idempotent: a second call finds nothing to do.
     pub fn finish_follower(&self, tx: TxKey, commit: bool) {
+        if commit {
+            self.note_decided_commit(tx);
+        }
         let live = self.followers.lock().expect("followers lock").remove(&tx);
         let pending = {
             let mut table = self.table();
@@ -163,11 +166,39 @@ impl Protocol {
         }
     }
 
-    /// At the leader: the final answer for `tx`.
+    /// At the leader: the final answer for `tx`. A leader that lost its PM asks the live
+    /// nodes whether any decided copies of `tx` (its own replicas did, if it had decided).
     pub fn serve_outcome(&self, tx: TxKey) -> NodeReply {
         let mut aborted = self.aborted.lock().expect("aborted lock");
-        if self.table().outcome_decided(tx) {
+        if self.table().outcome_decided(tx) || self.decided_commit(tx) {
             return NodeReply::Decision(true);
+        }
+        if self.is_rebuilding() && !aborted.contains(&tx) {
+            let others: Vec<NodeId> = self
+                .peers
+                .live()
+                .into_iter()
+                .filter(|node| *node != self.id)
+                .collect();
+            for node in others {
+                let Some(client) = self.peers.client(node) else {
+                    continue;
+                };
+                match client.call::<_, NodeReply>(&NodeRequest::DecidedCommit { tx }, RPC_TIMEOUT)
+                {
+                    Ok(NodeReply::Decision(true)) => {
+                        self.note_decided_commit(tx);
+                        return NodeReply::Decision(true);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        // Cannot be sure: ask again later rather than abort a decided commit.
+                        return NodeReply::Failed(FsError::Io(format!(
+                            "rebuilding leader cannot reach node {node}: {error}"
+                        )));
+                    }
+                }
+            }
         }
         aborted.insert(tx);
         NodeReply::Decision(false)

@@ -58,8 +58,11 @@ pub struct Protocol {
     pub(super) aborted: Mutex<HashSet<TxKey>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
     pub(super) followers: Mutex<HashMap<TxKey, super::multi::FollowerTx>>,
-    /// As a holder or replica: the owner that will decide each prepared copy.
-    pub(super) deciders: Mutex<HashMap<TxKey, NodeId>>,
+    /// As a holder or replica: who decides each prepared copy.
+    pub(super) deciders: Mutex<HashMap<TxKey, Decider>>,
+    /// Multi-owner commits this node decided copies of, newest last (bounded): a leader
+    /// that lost its PM asks for them.
+    decided_commits: Mutex<(HashSet<TxKey>, std::collections::VecDeque<TxKey>)>,
     /// Followers' confirmations to send to leaders (see multi.rs).
     pub(super) confirmations: crossbeam_channel::Sender<(NodeId, TxKey)>,
     confirm_queue: crossbeam_channel::Receiver<(NodeId, TxKey)>,
@@ -123,6 +126,7 @@ impl Protocol {
             aborted: Mutex::new(HashSet::new()),
             followers: Mutex::new(HashMap::new()),
             deciders: Mutex::new(HashMap::new()),
+            decided_commits: Mutex::new(Default::default()),
             confirmations,
             confirm_queue,
             ready: Mutex::new(false),
@@ -138,6 +142,10 @@ impl Protocol {
     pub fn set_ready(&self) {
         *self.ready.lock().expect("ready lock") = true;
         self.became_ready.notify_all();
+    }
+
+    pub(super) fn is_ready(&self) -> bool {
+        *self.ready.lock().expect("ready lock")
     }
 
     /// Owner requests wait (bounded) until the node has rejoined.
@@ -490,7 +498,8 @@ impl Protocol {
         committer_prepared: bool,
         pages: &[PageWrite],
     ) -> Result<Vec<u64>, FsError> {
-        let replicated = self.replicate(dataset, committer, committer_prepared, pages)?;
+        let commit = (!followers.is_empty()).then_some((tx, self.id));
+        let replicated = self.replicate(dataset, committer, committer_prepared, pages, commit)?;
         fault::point("owner.targets_prepared");
         let owned: Vec<OwnedPage<'_>> = pages
             .iter()
@@ -554,12 +563,14 @@ impl Protocol {
 
     /// Steps 2–3 of a commit at an owner: choose the targets, check the bases, persist the
     /// new copies at every target as Prepared records.
+    /// `commit`: the multi-owner commit and its leader, when there is one.
     pub(super) fn replicate(
         &self,
         dataset: &Dataset,
         committer: NodeId,
         committer_prepared: bool,
         pages: &[PageWrite],
+        commit: Option<(TxKey, NodeId)>,
     ) -> Result<Replicated, FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let holders = self.holders_of(&keys);
@@ -601,7 +612,7 @@ impl Protocol {
         // Targets know the copies under this owner's own name for them: one commit across
         // owners reaches a node from several owners, and each set is decided by its owner.
         let target_tx = self.next_tx();
-        self.prepare_targets(target_tx, dataset.id, committer, &targets, copies)?;
+        self.prepare_targets(target_tx, commit, dataset.id, committer, &targets, copies)?;
         Ok(Replicated {
             target_tx,
             targets,
@@ -656,6 +667,7 @@ impl Protocol {
     fn prepare_targets(
         &self,
         tx: TxKey,
+        commit: Option<(TxKey, NodeId)>,
         dataset: DatasetId,
         committer: NodeId,
         targets: &[NodeId],
@@ -673,6 +685,7 @@ impl Protocol {
         let plain = NodeRequest::Prepare {
             tx,
             owner: self.id,
+            commit,
             dataset,
             committer: false,
             pages: copies.clone(),
@@ -680,6 +693,7 @@ impl Protocol {
         let for_committer = NodeRequest::Prepare {
             tx,
             owner: self.id,
+            commit,
             dataset,
             committer: true,
             pages: copies,
@@ -747,6 +761,7 @@ impl Protocol {
         &self,
         tx: TxKey,
         owner: NodeId,
+        commit: Option<(TxKey, NodeId)>,
         dataset: DatasetId,
         committer: bool,
         pages: &[VersionedPage],
@@ -763,7 +778,7 @@ impl Protocol {
                 self.deciders
                     .lock()
                     .expect("deciders lock")
-                    .insert(tx, owner);
+                    .insert(tx, Decider { owner, commit });
                 NodeReply::Done
             }
             Err(error) => NodeReply::Failed(pm_error(error)),
@@ -771,7 +786,10 @@ impl Protocol {
     }
 
     pub fn serve_decide(&self, tx: TxKey, ino: Option<Ino>) -> NodeReply {
-        self.deciders.lock().expect("deciders lock").remove(&tx);
+        let decider = self.deciders.lock().expect("deciders lock").remove(&tx);
+        if let Some((commit, _)) = decider.and_then(|decider| decider.commit) {
+            self.note_decided_commit(commit);
+        }
         let decided = self.table().decide_copies(tx);
         match (decided, ino) {
             (Some((dataset, pages)), Some(ino)) => self.invalidate(ino, dataset, &pages),
@@ -787,12 +805,43 @@ impl Protocol {
         NodeReply::Done
     }
 
+    pub(super) fn note_decided_commit(&self, commit: TxKey) {
+        let mut decided = self.decided_commits.lock().expect("decided commits lock");
+        if decided.0.insert(commit) {
+            decided.1.push_back(commit);
+            if decided.1.len() > DECIDED_COMMITS_KEPT {
+                if let Some(oldest) = decided.1.pop_front() {
+                    decided.0.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    pub fn decided_commit(&self, commit: TxKey) -> bool {
+        self.decided_commits
+            .lock()
+            .expect("decided commits lock")
+            .0
+            .contains(&commit)
+    }
+
     pub fn serve_abort(&self, tx: TxKey) -> NodeReply {
         self.deciders.lock().expect("deciders lock").remove(&tx);
         self.table().abort_copies(tx);
         NodeReply::Done
     }
 }
+
+/// Who decides a holder's prepared copy: its owner, and for a multi-owner commit, the
+/// commit and its leader.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Decider {
+    pub owner: NodeId,
+    pub commit: Option<(TxKey, NodeId)>,
+}
+
+/// How many decided multi-owner commits a node remembers for leaders that lost their PM.
+const DECIDED_COMMITS_KEPT: usize = 65_536;
 
 /// Where a commit's new copies were prepared (see `Protocol::replicate`).
 pub(super) struct Replicated {

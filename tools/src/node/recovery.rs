@@ -5,7 +5,7 @@
 //! which copies of this node's pages it holds (the holder sets were volatile) and, for a node
 //! on a new PM file, the newest copy of each owned page is fetched; this node's copies of
 //! other owners' pages are registered with those owners, which send back what is newer.
-//! Resolver (every ROUND): a follower record older than RESOLVE_AFTER asks its leader; a
+//! Resolver (every ROUND): a follower record older than resolve_after() asks its leader; a
 //! holder's prepared copy older than that asks its owner for the current pages; a leader's
 //! kept outcome asks followers that never confirmed; pages that fell below their copy count
 //! are copied to more live nodes.
@@ -24,10 +24,22 @@ use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 use super::protocol::{pm_error, Protocol, RPC_TIMEOUT};
 
-/// A prepared record waits this long for its decision before it asks.
-const RESOLVE_AFTER: Duration = Duration::from_secs(2);
+/// A prepared record waits this long for its decision before it asks (HOTPOT_RESOLVE_AFTER_MS
+/// overrides it; the recovery tests use a short one).
+fn resolve_after() -> Duration {
+    static AFTER: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *AFTER.get_or_init(|| {
+        std::env::var("HOTPOT_RESOLVE_AFTER_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(2))
+    })
+}
 const ROUND: Duration = Duration::from_millis(500);
 const REREPLICATE_EVERY: Duration = Duration::from_secs(2);
+/// How long a rejoining node keeps asking an owner to confirm its copies.
+const REGISTER_PATIENCE: Duration = Duration::from_secs(60);
 /// Pages per Install message (4 MiB of page bytes).
 const INSTALL_BATCH: usize = 1024;
 
@@ -70,8 +82,10 @@ impl Protocol {
             .collect();
         let mut fetched = 0usize;
         let mut caught_up = 0usize;
+        let mut pushed = 0usize;
         for dataset in datasets {
             let mut newest: HashMap<u64, (u64, NodeId)> = HashMap::new();
+            let mut held: BTreeMap<NodeId, Vec<(u64, u64)>> = BTreeMap::new();
             for peer in &peers {
                 let copies = match self.ask(
                     *peer,
@@ -98,6 +112,7 @@ impl Protocol {
                     .iter()
                     .filter(|c| dataset.owner_of_page(c.page) == self.id)
                 {
+                    held.entry(*peer).or_default().push((copy.page, copy.version));
                     let best = newest.entry(copy.page).or_insert((copy.version, *peer));
                     if copy.version > best.0 {
                         *best = (copy.version, *peer);
@@ -107,6 +122,34 @@ impl Protocol {
             }
             if self.is_rebuilding() {
                 fetched += self.take_newest(dataset.id, &newest);
+            }
+            // Holders behind this owner (they missed a decision while it was down) get its
+            // copies now, before anything reads them.
+            for (peer, pages) in held {
+                let behind: Vec<VersionedPage> = {
+                    let table = self.table();
+                    pages
+                        .iter()
+                        .filter_map(|(page, version)| {
+                            let (mine, bytes) = table.read_persisted((dataset.id, *page))?;
+                            (mine > *version).then_some(VersionedPage {
+                                page: *page,
+                                version: mine,
+                                bytes,
+                            })
+                        })
+                        .collect()
+                };
+                for batch in behind.chunks(INSTALL_BATCH) {
+                    let request = NodeRequest::Install {
+                        dataset: dataset.id,
+                        pages: batch.to_vec(),
+                    };
+                    match self.ask(peer, &request) {
+                        Ok(_) => pushed += batch.len(),
+                        Err(error) => tracing::warn!(peer, %error, "holder behind not updated"),
+                    }
+                }
             }
             let mut by_owner: BTreeMap<NodeId, Vec<(u64, u64)>> = dataset
                 .owners
@@ -124,10 +167,23 @@ impl Protocol {
                 }
             }
             for (owner, pages) in by_owner {
-                match self.register_with(owner, dataset.id, pages, None) {
-                    Ok(newer) => caught_up += newer,
-                    Err(error) => {
-                        tracing::warn!(owner, %error, "cannot register copies with their owner yet")
+                // Until the owner has confirmed them, these copies may be stale: keep asking
+                // (its pages may be in a commit a resolver is settling) before serving.
+                let deadline = Instant::now() + REGISTER_PATIENCE;
+                loop {
+                    match self.register_with(owner, dataset.id, pages.clone(), None) {
+                        Ok(newer) => {
+                            caught_up += newer;
+                            break;
+                        }
+                        Err(error) if Instant::now() > deadline => {
+                            tracing::error!(owner, %error, "copies not confirmed by their owner; serving them anyway");
+                            break;
+                        }
+                        Err(error) => {
+                            tracing::debug!(owner, %error, "owner cannot confirm copies yet");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
                     }
                 }
             }
@@ -136,6 +192,7 @@ impl Protocol {
             datasets = datasets.len(),
             fetched,
             caught_up,
+            pushed,
             ms = started.elapsed().as_millis() as u64,
             "rejoined"
         );
@@ -245,21 +302,25 @@ impl Protocol {
         pages: &[(u64, u64)],
         tx: Option<TxKey>,
     ) -> NodeReply {
-        if let Err(error) = self.wait_ready() {
-            return NodeReply::Failed(error);
+        // Never wait here: the sender may be a resolver this node's own commits wait for.
+        if !self.is_ready() {
+            return NodeReply::Failed(FsError::Busy(format!("node {} is rejoining", self.id)));
         }
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset, *page)).collect();
-        if let Some(tx) = tx {
-            if self.holds_any(&keys) {
-                return NodeReply::Failed(FsError::Busy(format!(
-                    "the commit of {tx:?} (or a later one) is still running"
-                )));
-            }
-        } else {
+        if self.holds_any(&keys) {
+            return NodeReply::Failed(FsError::Busy(
+                "pages are in a commit; ask again".to_string(),
+            ));
+        }
+        if tx.is_none() {
             self.set_holder(from, dataset, &[], true);
         }
         let mut newer = Vec::new();
         for (key, (page, version)) in keys.iter().zip(pages) {
+            // An owner that lost its PM catches up from a holder that is ahead of it.
+            if self.is_rebuilding() && *version > self.table().version_of(*key) {
+                self.catch_up_from(from, dataset, *page);
+            }
             match self.register_holder(*key, from) {
                 Ok(Some((current, bytes))) if current != *version => newer.push(VersionedPage {
                     page: *page,
@@ -271,6 +332,21 @@ impl Protocol {
             }
         }
         NodeReply::Pages(newer)
+    }
+
+    fn catch_up_from(&self, node: NodeId, dataset: DatasetId, page: u64) {
+        match self.ask(node, &NodeRequest::FetchCopy { dataset, page }) {
+            Ok(NodeReply::Copy(Some(copy))) if copy.bytes.len() == PAGE_BYTES => {
+                if let Err(error) =
+                    self.table()
+                        .install_copy((dataset, page), copy.version, &copy.bytes)
+                {
+                    tracing::error!(%error, "cannot keep a page caught up from a holder");
+                }
+            }
+            Ok(other) => tracing::warn!(node, ?other, "holder has no copy after all"),
+            Err(error) => tracing::warn!(node, %error, "cannot catch up from a holder"),
+        }
     }
 
     /// Copies of `keys` (locked by the caller) to every live holder: a follower's commit
@@ -310,8 +386,9 @@ impl Protocol {
     pub fn run_resolver(&self) {
         let mut outcome_seen: HashMap<TxKey, Instant> = HashMap::new();
         let mut last_copy_round = Instant::now();
+        let round = (resolve_after() / 4).min(ROUND);
         loop {
-            std::thread::sleep(ROUND);
+            std::thread::sleep(round);
             self.resolve_pending();
             self.resolve_outcomes(&mut outcome_seen);
             if last_copy_round.elapsed() >= REREPLICATE_EVERY {
@@ -328,7 +405,7 @@ impl Protocol {
             .table()
             .pending()
             .into_iter()
-            .filter(|pending| pending.age >= RESOLVE_AFTER)
+            .filter(|pending| pending.age >= resolve_after())
             .collect();
         for pending in waiting {
             if pending.tag.role == TxRole::Follower {
@@ -338,14 +415,30 @@ impl Protocol {
                 }
                 continue;
             }
-            let owner = self
+            let decider = self
                 .deciders
                 .lock()
                 .expect("deciders lock")
                 .get(&pending.tx)
                 .copied();
-            // No owner recorded: this node's own prepared copy; its commit call decides it.
-            let Some(owner) = owner else { continue };
+            // No decider recorded: this node's own prepared copy; its commit call decides it.
+            let Some(decider) = decider else { continue };
+            // Part of a multi-owner commit: the leader's answer is final, even if the owner
+            // that prepared this copy is gone.
+            if let Some((commit, leader)) = decider.commit {
+                let Some(decided) = self.ask_outcome(leader, commit) else {
+                    continue;
+                };
+                self.deciders.lock().expect("deciders lock").remove(&pending.tx);
+                if decided {
+                    self.note_decided_commit(commit);
+                    self.table().decide_copies(pending.tx);
+                    self.invalidate_dataset(pending.dataset, &pending.pages);
+                } else {
+                    self.table().abort_copies(pending.tx);
+                }
+                tracing::info!(?commit, decided, "a copy left waiting asked the leader");
+            }
             let versions: Vec<(u64, u64)> = {
                 let table = self.table();
                 pending
@@ -354,12 +447,17 @@ impl Protocol {
                     .map(|page| (*page, table.version_of((pending.dataset, *page))))
                     .collect()
             };
+            let owner = decider.owner;
             match self.register_with(owner, pending.dataset, versions, Some(pending.tx)) {
                 Ok(newer) => {
                     tracing::info!(tx = ?pending.tx, owner, newer, "a copy left waiting asked its owner")
                 }
                 Err(error) => {
-                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet")
+                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet");
+                    if decider.commit.is_some() {
+                        // Settled already; the owner learns this copy when it rejoins.
+                        self.deciders.lock().expect("deciders lock").remove(&pending.tx);
+                    }
                 }
             }
         }
@@ -370,7 +468,7 @@ impl Protocol {
         seen.retain(|tx, _| waiting.iter().any(|(kept, _)| kept == tx));
         for (tx, followers) in waiting {
             let first = *seen.entry(tx).or_insert_with(Instant::now);
-            if first.elapsed() < RESOLVE_AFTER {
+            if first.elapsed() < resolve_after() {
                 continue;
             }
             for follower in (1..=64u32).filter(|node| followers & (1u64 << (node - 1)) != 0) {

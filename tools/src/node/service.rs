@@ -38,10 +38,11 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
         NodeRequest::Prepare {
             tx,
             owner,
+            commit,
             dataset,
             committer,
             pages,
-        } => protocol.serve_prepare(tx, owner, dataset, committer, &pages),
+        } => protocol.serve_prepare(tx, owner, commit, dataset, committer, &pages),
         NodeRequest::Decide { tx, ino } => protocol.serve_decide(tx, ino),
         NodeRequest::Abort { tx } => protocol.serve_abort(tx),
         NodeRequest::Lock { tx, dataset, pages } => protocol.serve_lock(tx, dataset, &pages),
@@ -79,6 +80,11 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
         NodeRequest::Outcome { tx } => protocol.serve_outcome(tx),
         NodeRequest::Confirm { txs, node } => protocol.serve_confirm(&txs, node),
         NodeRequest::Pending { tx } => protocol.serve_pending(tx),
+        NodeRequest::ArmFault { point } => match super::fault::arm(&point) {
+            Ok(()) => NodeReply::Done,
+            Err(why) => NodeReply::Failed(hotpot_core::proto::types::FsError::Invalid(why)),
+        },
+        NodeRequest::DecidedCommit { tx } => NodeReply::Decision(protocol.decided_commit(tx)),
         NodeRequest::Register {
             dataset,
             from,

@@ -1,0 +1,377 @@
+//! Crash recovery with real processes (issue: recovery). Three nodes, replicas 2. For each
+//! named crash point of every commit phase (MRSW and MRMW, commits across three owners and
+//! within one, on the committing node, the leader owner and a follower owner), 20 runs:
+//! arm the point, commit stamped pages from a writer process until the node dies there,
+//! restart it (PM kept, or PM deleted: the node lost), then check on every node that every
+//! acknowledged commit is fully present and every other one is fully present or fully
+//! absent, and that the next commit succeeds (nothing stays locked). After the lost-node
+//! runs every committed page has two copies again.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hotpot_tests::{fuse_available, require_program, Cluster};
+
+const RUNS: usize = 2;
+const COMMITS_PER_RUN: u64 = 3;
+/// Fresh pages per commit and the page count of each dataset.
+const DATASET_PAGES: u64 = 4096;
+const SETTLE: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Span {
+    /// Every commit touches pages of all three owners.
+    Across,
+    /// Every commit touches pages of one owner.
+    One,
+}
+
+struct Case {
+    mode: &'static str,
+    span: Span,
+    point: &'static str,
+    /// Which role's node crashes: "committer", "leader" or "follower".
+    role: &'static str,
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for mode in ["mrsw", "mrmw"] {
+        for (point, role) in [
+            ("committer.followers_prepared", "committer"),
+            ("committer.leader_decided", "committer"),
+            ("follower.prepared", "follower"),
+            ("follower.decided", "follower"),
+            ("owner.targets_prepared", "leader"),
+            ("owner.decided", "leader"),
+            ("owner.announced", "leader"),
+        ] {
+            cases.push(Case {
+                mode,
+                span: Span::Across,
+                point,
+                role,
+            });
+        }
+        for (point, role) in [
+            ("owner.targets_prepared", "leader"),
+            ("owner.decided", "leader"),
+            ("owner.announced", "leader"),
+        ] {
+            cases.push(Case {
+                mode,
+                span: Span::One,
+                point,
+                role,
+            });
+        }
+    }
+    for point in ["committer.prepared", "committer.answered"] {
+        cases.push(Case {
+            mode: "mrsw",
+            span: Span::One,
+            point,
+            role: "committer",
+        });
+    }
+    cases
+}
+
+/// One dataset per (mode, span), its owners, and the next fresh commit id.
+struct Dataset {
+    name: String,
+    owners: Vec<u32>,
+    next_commit: u64,
+    next_fresh: BTreeMap<u32, u64>,
+    /// Commit id -> (pages, acknowledged).
+    commits: BTreeMap<u64, (Vec<u64>, bool)>,
+}
+
+impl Dataset {
+    fn owner_of(&self, page: u64) -> u32 {
+        self.owners[(page % self.owners.len() as u64) as usize]
+    }
+
+    /// The next page (past the first three) owned by `owner`.
+    fn fresh_page(&mut self, owner: u32) -> u64 {
+        let mut page = *self.next_fresh.get(&owner).unwrap_or(&3);
+        while self.owner_of(page) != owner {
+            page += 1;
+        }
+        assert!(page < DATASET_PAGES, "dataset {} is full", self.name);
+        self.next_fresh.insert(owner, page + 1);
+        page
+    }
+
+    /// Pages of the next commit: one fresh page of each owner (across) or two of `owner`.
+    fn plan(&mut self, span: Span, owner: u32, count: u64) -> Vec<(u64, Vec<u64>)> {
+        (0..count)
+            .map(|_| {
+                let id = self.next_commit;
+                self.next_commit += 1;
+                let pages = match span {
+                    Span::Across => {
+                        let owners = self.owners.clone();
+                        owners.iter().map(|o| self.fresh_page(*o)).collect()
+                    }
+                    Span::One => vec![self.fresh_page(owner), self.fresh_page(owner)],
+                };
+                (id, pages)
+            })
+            .collect()
+    }
+}
+
+fn writer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/commit_writer.py")
+}
+
+/// Run the writer on `mount`'s file; returns the ids it acknowledged.
+fn write_commits(file: &Path, plan: &[(u64, Vec<u64>)]) -> Vec<u64> {
+    let plan_json = serde_json::to_string(plan).unwrap();
+    let mut child = Command::new("python3")
+        .arg(writer_script())
+        .arg(file)
+        .arg((DATASET_PAGES * 4096).to_string())
+        .arg(&plan_json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the commit writer (python3)");
+    let mut acked = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        if let Some(id) = line.strip_prefix("ack ") {
+            acked.push(id.trim().parse().unwrap());
+        }
+    }
+    let _ = child.wait();
+    acked
+}
+
+/// The (commit, page) stamp of every page of the dataset as node `node` reads it.
+fn stamps(cluster: &Cluster, node: u32, name: &str) -> Result<Vec<(u64, u64)>, String> {
+    let path = cluster.mount(node).join(name);
+    let file = std::fs::File::open(&path).map_err(|e| format!("open on node {node}: {e}"))?;
+    let mut bytes = vec![0u8; (DATASET_PAGES * 4096) as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| format!("read on node {node}: {e}"))?;
+    Ok(bytes
+        .chunks(4096)
+        .map(|page| {
+            (
+                u64::from_le_bytes(page[0..8].try_into().unwrap()),
+                u64::from_le_bytes(page[8..16].try_into().unwrap()),
+            )
+        })
+        .collect())
+}
+
+/// Every acknowledged commit fully present on every node; every other fully present or
+/// fully absent, the same on every node but the committer, whose failed commits stay staged
+/// there (its own writes, retried by its next msync) and so read as present.
+fn check(cluster: &Cluster, dataset: &Dataset, committer: u32) -> Result<(u64, u64), String> {
+    let mut present_on_first: Option<BTreeMap<u64, bool>> = None;
+    for node in 1..=3 {
+        let stamps = stamps(cluster, node, &dataset.name)?;
+        let mut present = BTreeMap::new();
+        for (id, (pages, acked)) in &dataset.commits {
+            let here: Vec<bool> = pages
+                .iter()
+                .map(|page| stamps[*page as usize] == (*id, *page))
+                .collect();
+            let all = here.iter().all(|p| *p);
+            let none = here.iter().all(|p| !*p);
+            if !all && !none {
+                return Err(format!(
+                    "commit {id} is partly present on node {node}: pages {pages:?} present {here:?}"
+                ));
+            }
+            if *acked && !all {
+                return Err(format!("acknowledged commit {id} is missing on node {node}"));
+            }
+            present.insert(*id, all);
+        }
+        if node == committer {
+            continue;
+        }
+        match &present_on_first {
+            None => present_on_first = Some(present),
+            Some(first) if *first != present => {
+                let differ: Vec<_> = first
+                    .iter()
+                    .filter(|(id, p)| present.get(id) != Some(p))
+                    .collect();
+                return Err(format!("node {node} disagrees with another node on {differ:?}"));
+            }
+            Some(_) => {}
+        }
+    }
+    let present = present_on_first.unwrap_or_default();
+    let acked = dataset.commits.values().filter(|(_, a)| *a).count() as u64;
+    Ok((acked, present.values().filter(|p| **p).count() as u64))
+}
+
+fn settle(cluster: &Cluster, dataset: &Dataset, committer: u32, what: &str) {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match check(cluster, dataset, committer) {
+            Ok(_) => return,
+            Err(why) if Instant::now() > deadline => fail(cluster, &format!("{what}: {why}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Fail with the nodes' log tails (full logs copied to a kept directory).
+fn fail(cluster: &Cluster, why: &str) -> ! {
+    let kept = std::env::temp_dir().join("hotpot-recovery-failure");
+    let _ = std::fs::create_dir_all(&kept);
+    for node in 1..=3 {
+        let _ = std::fs::write(kept.join(format!("n{node}.log")), cluster.node_log(node));
+    }
+    panic!(
+        "{why}\n(full node logs copied to {})\n--- node 1 log tail ---\n{}\n--- node 2 ---\n{}\n--- node 3 ---\n{}",
+        kept.display(),
+        tail(&cluster.node_log(1)),
+        tail(&cluster.node_log(2)),
+        tail(&cluster.node_log(3))
+    )
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+fn crash_matrix(wipe: bool) {
+    if !fuse_available() {
+        return;
+    }
+    require_program("python3", "apt-get install python3");
+    let cluster = Cluster::up_with_env(3, "256MiB", &[("HOTPOT_RESOLVE_AFTER_MS", "300")]);
+    // Committer node 3; the leader of a commit across owners is node 1, a follower node 2.
+    let committer = 3u32;
+    let mut datasets: BTreeMap<(&str, bool), Dataset> = BTreeMap::new();
+    for mode in ["mrsw", "mrmw"] {
+        for across in [true, false] {
+            let name = format!("{mode}-{}", if across { "across" } else { "one" });
+            let path = cluster.create_chunked(
+                committer,
+                &name,
+                &format!("{}KiB", DATASET_PAGES * 4),
+                mode,
+                2,
+                "4KiB",
+            );
+            let stat = cluster.stat_json(&path);
+            let owners: Vec<u32> = stat["chunk_owners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .take(3)
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            datasets.insert(
+                (mode, across),
+                Dataset {
+                    name,
+                    owners,
+                    next_commit: 1,
+                    next_fresh: BTreeMap::new(),
+                    commits: BTreeMap::new(),
+                },
+            );
+        }
+    }
+    let mut crashes = 0;
+    for case in cases() {
+        let dataset = datasets
+            .get_mut(&(case.mode, case.span == Span::Across))
+            .unwrap();
+        let victim = match case.role {
+            "committer" => committer,
+            "leader" => 1,
+            _ => 2,
+        };
+        for run in 0..RUNS {
+            let what = format!(
+                "{} {:?} crash of node {victim} at {} (run {run}, PM {})",
+                case.mode,
+                case.span,
+                case.point,
+                if wipe { "deleted" } else { "kept" }
+            );
+            cluster.arm_fault(victim, case.point);
+            // Single-owner commits go to the leader's pages (node 1 owns, 3 commits).
+            let plan = dataset.plan(case.span, 1, COMMITS_PER_RUN);
+            let file = cluster.mount(committer).join(&dataset.name);
+            let acked = write_commits(&file, &plan);
+            for (id, pages) in &plan {
+                dataset
+                    .commits
+                    .insert(*id, (pages.clone(), acked.contains(id)));
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while cluster.is_running(victim) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if cluster.is_running(victim) {
+                fail(&cluster, &format!("{what}: the node never reached the point"));
+            }
+            crashes += 1;
+            if wipe {
+                std::fs::remove_file(cluster.pm_file(victim)).expect("delete the PM file");
+            }
+            cluster.start(victim);
+            settle(&cluster, dataset, committer, &what);
+            // Nothing stays locked: the next commit succeeds.
+            let next = dataset.plan(case.span, 1, 1);
+            let acked = write_commits(&file, &next);
+            if acked != vec![next[0].0] {
+                fail(&cluster, &format!("{what}: the commit after recovery failed"));
+            }
+            dataset.commits.insert(next[0].0, (next[0].1.clone(), true));
+            settle(&cluster, dataset, committer, &what);
+        }
+        let (acked, present) = check(&cluster, dataset, committer).unwrap();
+        eprintln!(
+            "{} {:?} {} on node {victim}: {RUNS} crashes; {acked} commits acknowledged, all present; {present} present in all",
+            case.mode, case.span, case.point
+        );
+    }
+    eprintln!("{crashes} crashes, PM {}", if wipe { "deleted" } else { "kept" });
+    if wipe {
+        // Every committed page has two copies again (re-replication is periodic).
+        for dataset in datasets.values() {
+            let path = cluster.mount(1).join(&dataset.name);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let stat = cluster.stat_json(&path);
+                if stat["min_copies"].as_u64().unwrap_or(0) >= 2 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "pages of {} stayed below 2 copies: {stat}",
+                    dataset.name
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_crash_point_with_the_pm_kept_loses_no_acknowledged_commit_and_splits_none() {
+    crash_matrix(false);
+}
+
+#[test]
+fn every_crash_point_with_the_node_lost_loses_no_acknowledged_commit_and_splits_none() {
+    crash_matrix(true);
+}
