@@ -123,9 +123,10 @@ impl Protocol {
         };
         match (live, &pending) {
             (Some(follower), _) => {
+                let mut settled = false;
                 if commit {
                     fault::point("follower.decided");
-                    self.announce(
+                    settled = self.announce(
                         follower.dataset.id,
                         follower.ino,
                         follower.committer,
@@ -144,7 +145,9 @@ impl Protocol {
                     .map(|page| (follower.dataset.id, *page))
                     .collect();
                 self.unlock_pages(tx, &keys);
-                if commit {
+                // Confirmed only once its targets decided too (else the leader keeps the
+                // outcome for them to ask, and frees it when nobody waits any more).
+                if settled {
                     let _ = self.confirmations.send((follower.leader, tx));
                 }
             }
@@ -156,8 +159,7 @@ impl Protocol {
                     .iter()
                     .map(|page| (recovered.dataset, *page))
                     .collect();
-                if commit {
-                    self.push_to_holders(recovered.dataset, &keys);
+                if commit && self.push_to_holders(recovered.dataset, &keys) {
                     let _ = self.confirmations.send((recovered.tag.leader, tx));
                 }
                 self.unlock_pages(tx, &keys);
@@ -212,8 +214,16 @@ impl Protocol {
         NodeReply::Done
     }
 
+    /// Whether anything here still waits for the outcome of commit `tx`: a follower's
+    /// record, or a holder's copy of it.
     pub fn serve_pending(&self, tx: TxKey) -> NodeReply {
-        NodeReply::Decision(self.table().is_pending(tx))
+        let copy_waits = self
+            .deciders
+            .lock()
+            .expect("deciders lock")
+            .values()
+            .any(|decider| decider.commit.is_some_and(|(commit, _)| commit == tx));
+        NodeReply::Decision(copy_waits || self.table().is_pending(tx))
     }
 
     /// Send followers' confirmations to their leaders, batched (runs on its own thread).

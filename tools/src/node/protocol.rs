@@ -512,11 +512,15 @@ impl Protocol {
         let tag = if followers.is_empty() {
             TxTag::default()
         } else {
+            // The leader waits for itself too: its own targets must have decided before the
+            // outcome may be forgotten.
+            let mut participants = followers.to_vec();
+            participants.push(self.id);
             TxTag {
                 role: TxRole::Leader,
                 tx,
                 leader: self.id,
-                participants: TxTag::bitmap(followers).ok_or_else(|| {
+                participants: TxTag::bitmap(&participants).ok_or_else(|| {
                     FsError::Invalid("multi-owner commits need node ids 1..=64".into())
                 })?,
             }
@@ -556,7 +560,10 @@ impl Protocol {
         // The commit is decided here.
         fault::point("owner.decided");
         let pages: Vec<u64> = pages.iter().map(|write| write.page).collect();
-        self.announce(dataset.id, ino, committer, &pages, &replicated);
+        let delivered = self.announce(dataset.id, ino, committer, &pages, &replicated);
+        if delivered && !followers.is_empty() {
+            self.table().confirm_outcome(tx, self.id);
+        }
         fault::point("owner.announced");
         Ok(versions)
     }
@@ -622,7 +629,8 @@ impl Protocol {
     }
 
     /// Step 5–6 after the decision: the committer's kernel keeps its pages, every other
-    /// node's cached copies go (here first), targets decide, holders are recorded.
+    /// node's cached copies go (here first), targets decide, holders are recorded. Returns
+    /// whether every target got the decision.
     pub(super) fn announce(
         &self,
         dataset: DatasetId,
@@ -630,7 +638,7 @@ impl Protocol {
         committer: NodeId,
         pages: &[u64],
         replicated: &Replicated,
-    ) {
+    ) -> bool {
         if committer != self.id {
             self.invalidate(ino, dataset, pages);
         }
@@ -638,22 +646,32 @@ impl Protocol {
             tx: replicated.target_tx,
             ino: (*node != committer).then_some(ino),
         };
-        if let [node] = replicated.targets.as_slice() {
-            if let Err(error) = self.call(*node, &decide(node)) {
+        let delivered = |node: &NodeId, result: Result<NodeReply, NetError>| match result {
+            Ok(_) => true,
+            Err(error) => {
                 tracing::warn!(node, %error, "a target missed the decision; it will ask");
+                false
             }
+        };
+        let all_delivered = if let [node] = replicated.targets.as_slice() {
+            delivered(node, self.call(*node, &decide(node)))
         } else if !replicated.targets.is_empty() {
             std::thread::scope(|scope| {
-                for node in &replicated.targets {
-                    let request = decide(node);
-                    scope.spawn(move || {
-                        if let Err(error) = self.call(*node, &request) {
-                            tracing::warn!(node, %error, "a target missed the decision; it will ask");
-                        }
-                    });
-                }
-            });
-        }
+                let calls: Vec<_> = replicated
+                    .targets
+                    .iter()
+                    .map(|node| {
+                        let request = decide(node);
+                        (node, scope.spawn(move || self.call(*node, &request)))
+                    })
+                    .collect();
+                calls.into_iter().fold(true, |all, (node, call)| {
+                    delivered(node, call.join().expect("decide thread")) && all
+                })
+            })
+        } else {
+            true
+        };
         let mut state = self.owner_state();
         for key in &replicated.keys {
             state
@@ -662,6 +680,7 @@ impl Protocol {
                 .or_default()
                 .extend(replicated.counted.iter().copied());
         }
+        all_delivered
     }
 
     fn prepare_targets(

@@ -351,7 +351,8 @@ impl Protocol {
 
     /// Copies of `keys` (locked by the caller) to every live holder: a follower's commit
     /// decided after a restart, when the holders that prepared it are not known.
-    pub(super) fn push_to_holders(&self, dataset: DatasetId, keys: &[PageKey]) {
+    /// Returns whether every live holder got them.
+    pub(super) fn push_to_holders(&self, dataset: DatasetId, keys: &[PageKey]) -> bool {
         let live = self.peers.live();
         let copies: Vec<VersionedPage> = {
             let table = self.table();
@@ -368,6 +369,7 @@ impl Protocol {
                 .collect()
         };
         self.invalidate_dataset(dataset, &keys.iter().map(|key| key.1).collect::<Vec<_>>());
+        let mut all = true;
         for node in self.holders_of(keys) {
             if node == self.id || !live.contains(&node) {
                 continue;
@@ -378,8 +380,10 @@ impl Protocol {
             };
             if let Err(error) = self.ask(node, &request) {
                 tracing::warn!(node, %error, "a holder missed a recovered commit; it catches up when it rejoins");
+                all = false;
             }
         }
+        all
     }
 
     /// The resolver loop (own thread).
@@ -463,22 +467,38 @@ impl Protocol {
         }
     }
 
+    /// A kept outcome nobody confirmed in time (a participant crashed, a target missed a
+    /// decision) is freed once every participant is live and no live node waits for it.
     fn resolve_outcomes(&self, seen: &mut HashMap<TxKey, Instant>) {
         let waiting = self.table().outcomes_waiting();
         seen.retain(|tx, _| waiting.iter().any(|(kept, _)| kept == tx));
-        for (tx, followers) in waiting {
+        for (tx, participants) in waiting {
             let first = *seen.entry(tx).or_insert_with(Instant::now);
             if first.elapsed() < resolve_after() {
                 continue;
             }
-            for follower in (1..=64u32).filter(|node| followers & (1u64 << (node - 1)) != 0) {
-                let still = if follower == self.id {
-                    Ok(NodeReply::Decision(self.table().is_pending(tx)))
+            let live = self.peers.live();
+            let participants: Vec<NodeId> = (1..=64u32)
+                .filter(|node| participants & (1u64 << (node - 1)) != 0)
+                .collect();
+            if participants
+                .iter()
+                .any(|node| *node != self.id && !live.contains(node))
+            {
+                continue;
+            }
+            let nobody_waits = live.iter().all(|node| {
+                let answer = if *node == self.id {
+                    Ok(self.serve_pending(tx))
                 } else {
-                    self.ask(follower, &NodeRequest::Pending { tx })
+                    self.ask(*node, &NodeRequest::Pending { tx })
                 };
-                if let Ok(NodeReply::Decision(false)) = still {
-                    self.table().confirm_outcome(tx, follower);
+                matches!(answer, Ok(NodeReply::Decision(false)))
+            });
+            if nobody_waits {
+                let mut table = self.table();
+                for node in participants {
+                    table.confirm_outcome(tx, node);
                 }
             }
         }
