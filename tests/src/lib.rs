@@ -243,18 +243,31 @@ impl Cluster {
     }
 
     pub fn start(&self, node: u32) {
-        run_ok(
-            Command::new(hotpot_bin())
-                .envs(self.env.iter().map(|(k, v)| (k, v)))
-                .args([
-                    "cluster",
-                    "start-node",
-                    "--node",
-                    &node.to_string(),
-                    "--dir",
-                ])
-                .arg(self.dir.path()),
-        );
+        if let Err(why) = self.try_start(node) {
+            panic!("{why}");
+        }
+    }
+
+    /// `start`, returning what went wrong instead of panicking.
+    pub fn try_start(&self, node: u32) -> Result<(), String> {
+        let output = run(Command::new(hotpot_bin())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args([
+                "cluster",
+                "start-node",
+                "--node",
+                &node.to_string(),
+                "--dir",
+            ])
+            .arg(self.dir.path()));
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "restarting node {node} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
     }
 
     /// Make node `node` crash (SIGKILL itself) the next time it reaches `point`.

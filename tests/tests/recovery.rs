@@ -234,6 +234,29 @@ fn fail(cluster: &Cluster, why: &str) -> ! {
     for node in 1..=3 {
         let _ = std::fs::write(kept.join(format!("n{node}.log")), cluster.node_log(node));
     }
+    let _ = std::fs::copy(cluster.dir.path().join("cluster.json"), kept.join("cluster.json"));
+    // Where each node process's threads are (a hung restart shows here).
+    let mut states = String::new();
+    for entry in cluster.info()["nodes"].as_array().cloned().unwrap_or_default() {
+        let pid = entry["pid"].as_u64().unwrap_or(0);
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten();
+        for task in tasks.flatten() {
+            let path = task.path();
+            let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+            states.push_str(&format!(
+                "node {} pid {pid} task {}: {} wchan {}\n",
+                entry["id"],
+                task.file_name().to_string_lossy(),
+                read("stat").split(' ').nth(2).unwrap_or("?"),
+                read("wchan")
+            ));
+        }
+    }
+    let _ = std::fs::write(kept.join("processes.txt"), states);
+    let _ = std::fs::copy(
+        cluster.dir.path().join("dispatcher.log"),
+        kept.join("dispatcher.log"),
+    );
     panic!(
         "{why}\n(full node logs copied to {})\n--- node 1 log tail ---\n{}\n--- node 2 ---\n{}\n--- node 3 ---\n{}",
         kept.display(),
@@ -289,7 +312,12 @@ fn crash_matrix(wipe: bool) {
         }
     }
     let mut crashes = 0;
+    // HOTPOT_RECOVERY_CASES=<text>: only the cases whose "mode span point" contains it.
+    let only = std::env::var("HOTPOT_RECOVERY_CASES").unwrap_or_default();
     for case in cases() {
+        if !format!("{} {:?} {}", case.mode, case.span, case.point).contains(&only) {
+            continue;
+        }
         let dataset = datasets
             .get_mut(&(case.mode, case.span == Span::Across))
             .unwrap();
@@ -327,7 +355,9 @@ fn crash_matrix(wipe: bool) {
             if wipe {
                 std::fs::remove_file(cluster.pm_file(victim)).expect("delete the PM file");
             }
-            cluster.start(victim);
+            if let Err(why) = cluster.try_start(victim) {
+                fail(&cluster, &format!("{what}: {why}"));
+            }
             settle(&cluster, dataset, committer, &what);
             // Nothing stays locked: the next commit succeeds.
             let next = dataset.plan(case.span, 1, 1);

@@ -19,7 +19,7 @@ use hotpot_core::proto::types::{Dataset, FsError, Ino, NodeId};
 use rand::Rng;
 
 use super::fault;
-use super::protocol::{pm_error, Protocol};
+use super::protocol::{pm_error, Decider, Protocol};
 use super::service;
 
 const COMMIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
@@ -141,22 +141,43 @@ fn one_owner_writes(
         committer_prepared: true,
         pages: pages.to_vec(),
     };
-    let outcome = match ask(protocol, owner, request) {
-        Ok(NodeReply::Committed { .. }) => Ok(()),
-        Ok(other) => Err(FsError::Io(format!(
-            "owner {owner} answered a commit with {other:?}"
-        ))),
-        Err(error) => Err(error),
-    };
+    let client = protocol
+        .peers
+        .client(owner)
+        .ok_or_else(|| FsError::Io(format!("owner node {owner} is not known")));
+    let reply = client.and_then(|client| {
+        client
+            .call::<_, NodeReply>(&request, hotpot_net::DEFAULT_TIMEOUT)
+            .map_err(|error| FsError::Io(format!("node {owner}: {error}")))
+    });
     fault::point("committer.answered");
     let mut table = protocol.table();
-    match outcome {
-        Ok(()) => {
+    match reply {
+        Ok(NodeReply::Committed { .. }) => {
             table.decide_copies(tx);
             Ok(())
         }
-        Err(error) => {
+        Ok(NodeReply::Failed(error)) => {
             table.abort_copies(tx);
+            Err(error)
+        }
+        Ok(other) => {
+            table.abort_copies(tx);
+            Err(FsError::Io(format!(
+                "owner {owner} answered a commit with {other:?}"
+            )))
+        }
+        // The owner may have decided before it went silent: the copy waits, and is settled
+        // with the owner (recovery.rs) before this node's next commit of the dataset.
+        Err(error) => {
+            drop(table);
+            protocol.deciders.lock().expect("deciders lock").insert(
+                tx,
+                Decider {
+                    owner,
+                    commit: None,
+                },
+            );
             Err(error)
         }
     }

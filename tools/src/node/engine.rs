@@ -211,6 +211,7 @@ impl NodeEngine {
     /// fails.
     fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
         let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
+        self.protocol.settle_before_commit(dataset.id);
         let snapshots = {
             let mut table = self.table();
             table.rebase_dataset(dataset.id);

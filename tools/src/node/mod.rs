@@ -99,6 +99,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         (true, None) => {}
     }
 
+    tracing::info!(node = args.id, pm = %args.pm.display(), "node starting: opening its PM file");
     // The PM file is locked and checked before the node joins, so a refused start changes
     // nothing at the dispatcher or in the file.
     let region = MappedRegion::open(&args.pm, args.pm_durability)
@@ -134,6 +135,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         other => bail!("dispatcher answered the join with {other:?}"),
     };
 
+    tracing::info!(cluster = cluster_id, "joined the dispatcher; recovering the PM file");
     let (mut table, report) = PageTable::open(Box::new(region), args.id, cluster_id)
         .with_context(|| format!("PM file {}", args.pm.display()))?;
     tracing::info!(

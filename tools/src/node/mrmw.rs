@@ -17,9 +17,16 @@ impl Protocol {
             return NodeReply::Failed(error);
         }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
+        if self.aborted.lock().expect("aborted lock").contains(&tx) {
+            return NodeReply::Failed(FsError::Io(format!("commit {tx:?} was given up")));
+        }
         match self.lock_pages(tx, &keys, false) {
             Ok(mut held) => {
                 held.armed = false; // held until Unlock or CommitRuns{release}
+                self.phase1_locks
+                    .lock()
+                    .expect("phase 1 locks")
+                    .insert(tx, (keys, std::time::Instant::now()));
                 NodeReply::Done
             }
             Err(error) => NodeReply::Failed(error),
@@ -27,6 +34,7 @@ impl Protocol {
     }
 
     pub fn serve_unlock(&self, tx: TxKey, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        self.phase1_locks.lock().expect("phase 1 locks").remove(&tx);
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
         self.unlock_pages(tx, &keys);
         NodeReply::Done
@@ -45,6 +53,7 @@ impl Protocol {
         release: bool,
     ) -> Result<Vec<u64>, FsError> {
         self.wait_ready()?;
+        self.phase1_locks.lock().expect("phase 1 locks").remove(&tx);
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset.id, *page)).collect();
         let mut held = self.lock_pages(tx, &keys, false)?;
         held.armed = release;
@@ -73,5 +82,28 @@ impl Protocol {
             });
         }
         Ok(writes)
+    }
+}
+
+impl Protocol {
+    /// Phase-1 locks whose committer went silent (no phase 2 or unlock for `after`) are
+    /// released, and the commit is given up for good: a late phase 2 is refused.
+    pub(super) fn expire_phase1_locks(&self, after: std::time::Duration) {
+        let expired: Vec<(TxKey, Vec<PageKey>)> = {
+            let mut locks = self.phase1_locks.lock().expect("phase 1 locks");
+            let old: Vec<TxKey> = locks
+                .iter()
+                .filter(|(_, (_, since))| since.elapsed() >= after)
+                .map(|(tx, _)| *tx)
+                .collect();
+            old.into_iter()
+                .filter_map(|tx| locks.remove(&tx).map(|(keys, _)| (tx, keys)))
+                .collect()
+        };
+        for (tx, keys) in expired {
+            self.aborted.lock().expect("aborted lock").insert(tx);
+            self.unlock_pages(tx, &keys);
+            tracing::warn!(?tx, "phase-1 locks of a silent committer released; commit given up");
+        }
     }
 }

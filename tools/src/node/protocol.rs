@@ -56,6 +56,8 @@ pub struct Protocol {
     /// As a leader: commits this node promised never to decide (a follower asked for their
     /// outcome first). Held while the leader decides, so the two cannot interleave.
     pub(super) aborted: Mutex<HashSet<TxKey>>,
+    /// As an MRMW leader: pages locked in phase 1, by commit, and since when.
+    pub(super) phase1_locks: Mutex<HashMap<TxKey, (Vec<PageKey>, Instant)>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
     pub(super) followers: Mutex<HashMap<TxKey, super::multi::FollowerTx>>,
     /// As a holder or replica: who decides each prepared copy.
@@ -125,6 +127,7 @@ impl Protocol {
             ino_of: Mutex::new(HashMap::new()),
             aborted: Mutex::new(HashSet::new()),
             followers: Mutex::new(HashMap::new()),
+            phase1_locks: Mutex::new(HashMap::new()),
             deciders: Mutex::new(HashMap::new()),
             decided_commits: Mutex::new(Default::default()),
             confirmations,

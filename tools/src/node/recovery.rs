@@ -39,7 +39,7 @@ fn resolve_after() -> Duration {
 const ROUND: Duration = Duration::from_millis(500);
 const REREPLICATE_EVERY: Duration = Duration::from_secs(2);
 /// How long a rejoining node keeps asking an owner to confirm its copies.
-const REGISTER_PATIENCE: Duration = Duration::from_secs(60);
+const REGISTER_PATIENCE: Duration = Duration::from_secs(20);
 /// Pages per Install message (4 MiB of page bytes).
 const INSTALL_BATCH: usize = 1024;
 
@@ -393,8 +393,9 @@ impl Protocol {
         let round = (resolve_after() / 4).min(ROUND);
         loop {
             std::thread::sleep(round);
-            self.resolve_pending();
+            self.resolve_pending(None);
             self.resolve_outcomes(&mut outcome_seen);
+            self.expire_phase1_locks(resolve_after() * 2);
             if last_copy_round.elapsed() >= REREPLICATE_EVERY {
                 last_copy_round = Instant::now();
                 if let Err(error) = self.rereplicate() {
@@ -404,12 +405,25 @@ impl Protocol {
         }
     }
 
-    fn resolve_pending(&self) {
+    /// Settle copies of `dataset` left waiting by commits this node made (a commit whose
+    /// outcome it never heard): its next snapshot must build on the outcome.
+    pub fn settle_before_commit(&self, dataset: DatasetId) {
+        let waiting = self.deciders.lock().expect("deciders lock").len();
+        if waiting > 0 {
+            self.resolve_pending(Some(dataset));
+        }
+    }
+
+    /// `only`: settle the waiting copies of one dataset at once, whatever their age.
+    fn resolve_pending(&self, only: Option<DatasetId>) {
         let waiting: Vec<_> = self
             .table()
             .pending()
             .into_iter()
-            .filter(|pending| pending.age >= resolve_after())
+            .filter(|pending| match only {
+                Some(dataset) => pending.dataset == dataset && pending.tag.role != TxRole::Follower,
+                None => pending.age >= resolve_after(),
+            })
             .collect();
         for pending in waiting {
             if pending.tag.role == TxRole::Follower {
@@ -561,7 +575,10 @@ impl Protocol {
     /// Copy owned `pages` to `node` under their locks, then count it as a holder.
     fn copy_to(&self, node: NodeId, dataset: DatasetId, pages: &[u64]) -> Result<(), FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
-        let _held = self.lock_pages(self.next_tx(), &keys, true)?;
+        // Never wait: pages in a commit may wait for this very thread to resolve it.
+        let Ok(_held) = self.lock_pages(self.next_tx(), &keys, false) else {
+            return Ok(()); // next round
+        };
         let copies: Vec<VersionedPage> = {
             let table = self.table();
             keys.iter()
