@@ -3,8 +3,10 @@
 usage: commit_writer.py FILE SIZE PLAN
 PLAN is a JSON list of [commit_id, [page, ...]]. For each commit the first 16 bytes of each
 of its pages become (commit_id, page) as two little-endian u64s, then msync(MS_SYNC) of the
-whole mapping. Prints "ack ID" when msync returned 0, "fail ID ERROR" and stops at the first
-failure (the node may be gone: its mapping is not touched again).
+whole mapping. Prints "try ID" before writing a commit's stamps, "ack ID" when msync
+returned 0, "fail ID ERROR" and stops at the first failure (the node may be gone: its
+mapping is not touched again). A "try" without an answer means the writer died while
+writing the stamps (SIGBUS: a page it could not bring in), so that commit was never whole.
 """
 import json
 import mmap
@@ -18,6 +20,7 @@ def main():
     fd = os.open(path, os.O_RDWR)
     mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     for commit, pages in plan:
+        print(f"try {commit}", flush=True)
         try:
             for page in pages:
                 at = page * 4096

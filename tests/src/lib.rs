@@ -299,9 +299,10 @@ impl Cluster {
             .expect("node pid") as i32;
         // SAFETY: signal 0 only checks that the process exists.
         let alive = unsafe { libc::kill(pid, 0) } == 0;
-        alive && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| stat.contains(") Z "))
-            .unwrap_or(true)
+        alive
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| stat.contains(") Z "))
+                .unwrap_or(true)
     }
 
     pub fn node_log(&self, node: u32) -> String {

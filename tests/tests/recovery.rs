@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_tests::{fuse_available, require_program, Cluster};
 
-const RUNS: usize = 2;
+const RUNS: usize = 20;
 const COMMITS_PER_RUN: u64 = 3;
 /// Fresh pages per commit and the page count of each dataset.
 const DATASET_PAGES: u64 = 4096;
@@ -87,8 +87,8 @@ struct Dataset {
     owners: Vec<u32>,
     next_commit: u64,
     next_fresh: BTreeMap<u32, u64>,
-    /// Commit id -> (pages, acknowledged).
-    commits: BTreeMap<u64, (Vec<u64>, bool)>,
+    /// Commit id -> (pages, what the writer said).
+    commits: BTreeMap<u64, (Vec<u64>, Outcome)>,
 }
 
 impl Dataset {
@@ -130,8 +130,19 @@ fn writer_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/commit_writer.py")
 }
 
-/// Run the writer on `mount`'s file; returns the ids it acknowledged.
-fn write_commits(file: &Path, plan: &[(u64, Vec<u64>)]) -> Vec<u64> {
+/// What the writer said of each commit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Outcome {
+    /// msync returned 0: must be present everywhere.
+    Acked,
+    /// msync failed, or was never reached: all or nothing.
+    NotAcked,
+    /// The writer died while writing its stamps (SIGBUS): never a whole commit, not checked.
+    Torn,
+}
+
+/// Run the writer on `file`; what became of each commit of `plan`.
+fn write_commits(file: &Path, plan: &[(u64, Vec<u64>)]) -> BTreeMap<u64, Outcome> {
     let plan_json = serde_json::to_string(plan).unwrap();
     let mut child = Command::new("python3")
         .arg(writer_script())
@@ -142,33 +153,51 @@ fn write_commits(file: &Path, plan: &[(u64, Vec<u64>)]) -> Vec<u64> {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the commit writer (python3)");
-    let mut acked = Vec::new();
+    let mut outcomes: BTreeMap<u64, Outcome> = plan
+        .iter()
+        .map(|(id, _)| (*id, Outcome::NotAcked))
+        .collect();
     for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap_or_default();
-        if let Some(id) = line.strip_prefix("ack ") {
-            acked.push(id.trim().parse().unwrap());
-        }
+        let mut words = line.split_whitespace();
+        let (Some(word), Some(id)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let id: u64 = id.parse().unwrap();
+        let outcome = match word {
+            "try" => Outcome::Torn,
+            "ack" => Outcome::Acked,
+            _ => Outcome::NotAcked,
+        };
+        outcomes.insert(id, outcome);
     }
     let _ = child.wait();
-    acked
+    outcomes
 }
 
-/// The (commit, page) stamp of every page of the dataset as node `node` reads it.
-fn stamps(cluster: &Cluster, node: u32, name: &str) -> Result<Vec<(u64, u64)>, String> {
+/// The (commit, page) stamp of each of `pages` as node `node` reads it.
+fn stamps(
+    cluster: &Cluster,
+    node: u32,
+    name: &str,
+    pages: &[u64],
+) -> Result<BTreeMap<u64, (u64, u64)>, String> {
     let path = cluster.mount(node).join(name);
     let file = std::fs::File::open(&path).map_err(|e| format!("open on node {node}: {e}"))?;
-    let mut bytes = vec![0u8; (DATASET_PAGES * 4096) as usize];
-    file.read_exact_at(&mut bytes, 0)
-        .map_err(|e| format!("read on node {node}: {e}"))?;
-    Ok(bytes
-        .chunks(4096)
-        .map(|page| {
+    let mut bytes = [0u8; 16];
+    let mut stamps = BTreeMap::new();
+    for page in pages {
+        file.read_exact_at(&mut bytes, page * 4096)
+            .map_err(|e| format!("read of page {page} on node {node}: {e}"))?;
+        stamps.insert(
+            *page,
             (
-                u64::from_le_bytes(page[0..8].try_into().unwrap()),
-                u64::from_le_bytes(page[8..16].try_into().unwrap()),
-            )
-        })
-        .collect())
+                u64::from_le_bytes(bytes[0..8].try_into().unwrap()),
+                u64::from_le_bytes(bytes[8..16].try_into().unwrap()),
+            ),
+        );
+    }
+    Ok(stamps)
 }
 
 /// Every acknowledged commit fully present on every node; every other fully present or
@@ -176,13 +205,23 @@ fn stamps(cluster: &Cluster, node: u32, name: &str) -> Result<Vec<(u64, u64)>, S
 /// there (its own writes, retried by its next msync) and so read as present.
 fn check(cluster: &Cluster, dataset: &Dataset, committer: u32) -> Result<(u64, u64), String> {
     let mut present_on_first: Option<BTreeMap<u64, bool>> = None;
+    let pages: Vec<u64> = dataset
+        .commits
+        .values()
+        .filter(|(_, outcome)| *outcome != Outcome::Torn)
+        .flat_map(|(pages, _)| pages.iter().copied())
+        .collect();
     for node in 1..=3 {
-        let stamps = stamps(cluster, node, &dataset.name)?;
+        let stamps = stamps(cluster, node, &dataset.name, &pages)?;
         let mut present = BTreeMap::new();
-        for (id, (pages, acked)) in &dataset.commits {
+        for (id, (pages, outcome)) in &dataset.commits {
+            if *outcome == Outcome::Torn {
+                continue;
+            }
+            let acked = *outcome == Outcome::Acked;
             let here: Vec<bool> = pages
                 .iter()
-                .map(|page| stamps[*page as usize] == (*id, *page))
+                .map(|page| stamps[page] == (*id, *page))
                 .collect();
             let all = here.iter().all(|p| *p);
             let none = here.iter().all(|p| !*p);
@@ -191,8 +230,10 @@ fn check(cluster: &Cluster, dataset: &Dataset, committer: u32) -> Result<(u64, u
                     "commit {id} is partly present on node {node}: pages {pages:?} present {here:?}"
                 ));
             }
-            if *acked && !all {
-                return Err(format!("acknowledged commit {id} is missing on node {node}"));
+            if acked && !all {
+                return Err(format!(
+                    "acknowledged commit {id} is missing on node {node}"
+                ));
             }
             present.insert(*id, all);
         }
@@ -206,13 +247,19 @@ fn check(cluster: &Cluster, dataset: &Dataset, committer: u32) -> Result<(u64, u
                     .iter()
                     .filter(|(id, p)| present.get(id) != Some(p))
                     .collect();
-                return Err(format!("node {node} disagrees with another node on {differ:?}"));
+                return Err(format!(
+                    "node {node} disagrees with another node on {differ:?}"
+                ));
             }
             Some(_) => {}
         }
     }
     let present = present_on_first.unwrap_or_default();
-    let acked = dataset.commits.values().filter(|(_, a)| *a).count() as u64;
+    let acked = dataset
+        .commits
+        .values()
+        .filter(|(_, outcome)| *outcome == Outcome::Acked)
+        .count() as u64;
     Ok((acked, present.values().filter(|p| **p).count() as u64))
 }
 
@@ -234,12 +281,21 @@ fn fail(cluster: &Cluster, why: &str) -> ! {
     for node in 1..=3 {
         let _ = std::fs::write(kept.join(format!("n{node}.log")), cluster.node_log(node));
     }
-    let _ = std::fs::copy(cluster.dir.path().join("cluster.json"), kept.join("cluster.json"));
+    let _ = std::fs::copy(
+        cluster.dir.path().join("cluster.json"),
+        kept.join("cluster.json"),
+    );
     // Where each node process's threads are (a hung restart shows here).
     let mut states = String::new();
-    for entry in cluster.info()["nodes"].as_array().cloned().unwrap_or_default() {
+    for entry in cluster.info()["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         let pid = entry["pid"].as_u64().unwrap_or(0);
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
         for task in tasks.flatten() {
             let path = task.path();
             let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
@@ -276,7 +332,7 @@ fn crash_matrix(wipe: bool) {
         return;
     }
     require_program("python3", "apt-get install python3");
-    let cluster = Cluster::up_with_env(3, "256MiB", &[("HOTPOT_RESOLVE_AFTER_MS", "300")]);
+    let cluster = Cluster::up_with_env(3, "256MiB", &[("HOTPOT_RESOLVE_AFTER_MS", "200")]);
     // Committer node 3; the leader of a commit across owners is node 1, a follower node 2.
     let committer = 3u32;
     let mut datasets: BTreeMap<(&str, bool), Dataset> = BTreeMap::new();
@@ -338,18 +394,19 @@ fn crash_matrix(wipe: bool) {
             // Single-owner commits go to the leader's pages (node 1 owns, 3 commits).
             let plan = dataset.plan(case.span, 1, COMMITS_PER_RUN);
             let file = cluster.mount(committer).join(&dataset.name);
-            let acked = write_commits(&file, &plan);
+            let outcomes = write_commits(&file, &plan);
             for (id, pages) in &plan {
-                dataset
-                    .commits
-                    .insert(*id, (pages.clone(), acked.contains(id)));
+                dataset.commits.insert(*id, (pages.clone(), outcomes[id]));
             }
             let deadline = Instant::now() + Duration::from_secs(10);
             while cluster.is_running(victim) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if cluster.is_running(victim) {
-                fail(&cluster, &format!("{what}: the node never reached the point"));
+                fail(
+                    &cluster,
+                    &format!("{what}: the node never reached the point"),
+                );
             }
             crashes += 1;
             if wipe {
@@ -361,11 +418,16 @@ fn crash_matrix(wipe: bool) {
             settle(&cluster, dataset, committer, &what);
             // Nothing stays locked: the next commit succeeds.
             let next = dataset.plan(case.span, 1, 1);
-            let acked = write_commits(&file, &next);
-            if acked != vec![next[0].0] {
-                fail(&cluster, &format!("{what}: the commit after recovery failed"));
+            let outcome = write_commits(&file, &next)[&next[0].0];
+            if outcome != Outcome::Acked {
+                fail(
+                    &cluster,
+                    &format!("{what}: the commit after recovery failed ({outcome:?})"),
+                );
             }
-            dataset.commits.insert(next[0].0, (next[0].1.clone(), true));
+            dataset
+                .commits
+                .insert(next[0].0, (next[0].1.clone(), Outcome::Acked));
             settle(&cluster, dataset, committer, &what);
         }
         let (acked, present) = check(&cluster, dataset, committer).unwrap();
@@ -374,7 +436,10 @@ fn crash_matrix(wipe: bool) {
             case.mode, case.span, case.point
         );
     }
-    eprintln!("{crashes} crashes, PM {}", if wipe { "deleted" } else { "kept" });
+    eprintln!(
+        "{crashes} crashes, PM {}",
+        if wipe { "deleted" } else { "kept" }
+    );
     if wipe {
         // Every committed page has two copies again (re-replication is periodic).
         for dataset in datasets.values() {

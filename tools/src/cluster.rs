@@ -435,15 +435,15 @@ pub fn start_node(dir: &Path, id: u32) -> anyhow::Result<()> {
 pub fn arm_fault(dir: &Path, id: u32, point: &str) -> anyhow::Result<()> {
     let cluster = load(dir)?;
     let node = node_entry(&cluster, id)?;
-    let secret = hotpot_net::Secret::load(&secret_path(dir)).map_err(|error| anyhow::anyhow!(error))?;
+    let secret =
+        hotpot_net::Secret::load(&secret_path(dir)).map_err(|error| anyhow::anyhow!(error))?;
     let client = hotpot_net::Client::new(node.addr.clone(), secret);
     let request = hotpot_core::proto::messages::NodeRequest::ArmFault {
         point: point.to_string(),
     };
-    match client.call::<_, hotpot_core::proto::messages::NodeReply>(
-        &request,
-        Duration::from_secs(5),
-    )? {
+    match client
+        .call::<_, hotpot_core::proto::messages::NodeReply>(&request, Duration::from_secs(5))?
+    {
         hotpot_core::proto::messages::NodeReply::Done => {
             println!("node {id} crashes at {point} when it next reaches it");
             Ok(())

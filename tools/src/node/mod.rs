@@ -135,7 +135,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         other => bail!("dispatcher answered the join with {other:?}"),
     };
 
-    tracing::info!(cluster = cluster_id, "joined the dispatcher; recovering the PM file");
+    tracing::info!(
+        cluster = cluster_id,
+        "joined the dispatcher; recovering the PM file"
+    );
     let (mut table, report) = PageTable::open(Box::new(region), args.id, cluster_id)
         .with_context(|| format!("PM file {}", args.pm.display()))?;
     tracing::info!(

@@ -103,7 +103,10 @@ impl Protocol {
         for (tx, keys) in expired {
             self.aborted.lock().expect("aborted lock").insert(tx);
             self.unlock_pages(tx, &keys);
-            tracing::warn!(?tx, "phase-1 locks of a silent committer released; commit given up");
+            tracing::warn!(
+                ?tx,
+                "phase-1 locks of a silent committer released; commit given up"
+            );
         }
     }
 }

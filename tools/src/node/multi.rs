@@ -186,8 +186,7 @@ impl Protocol {
                 let Some(client) = self.peers.client(node) else {
                     continue;
                 };
-                match client.call::<_, NodeReply>(&NodeRequest::DecidedCommit { tx }, RPC_TIMEOUT)
-                {
+                match client.call::<_, NodeReply>(&NodeRequest::DecidedCommit { tx }, RPC_TIMEOUT) {
                     Ok(NodeReply::Decision(true)) => {
                         self.note_decided_commit(tx);
                         return NodeReply::Decision(true);

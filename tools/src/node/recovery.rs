@@ -112,7 +112,9 @@ impl Protocol {
                     .iter()
                     .filter(|c| dataset.owner_of_page(c.page) == self.id)
                 {
-                    held.entry(*peer).or_default().push((copy.page, copy.version));
+                    held.entry(*peer)
+                        .or_default()
+                        .push((copy.page, copy.version));
                     let best = newest.entry(copy.page).or_insert((copy.version, *peer));
                     if copy.version > best.0 {
                         *best = (copy.version, *peer);
@@ -447,7 +449,10 @@ impl Protocol {
                 let Some(decided) = self.ask_outcome(leader, commit) else {
                     continue;
                 };
-                self.deciders.lock().expect("deciders lock").remove(&pending.tx);
+                self.deciders
+                    .lock()
+                    .expect("deciders lock")
+                    .remove(&pending.tx);
                 if decided {
                     self.note_decided_commit(commit);
                     self.table().decide_copies(pending.tx);
@@ -474,7 +479,10 @@ impl Protocol {
                     tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet");
                     if decider.commit.is_some() {
                         // Settled already; the owner learns this copy when it rejoins.
-                        self.deciders.lock().expect("deciders lock").remove(&pending.tx);
+                        self.deciders
+                            .lock()
+                            .expect("deciders lock")
+                            .remove(&pending.tx);
                     }
                 }
             }
