@@ -4,6 +4,8 @@
 //! Prerequisites that are missing fail the test with what to install, unless the opt-out
 //! variable HOTPOT_SKIP_FUSE_TESTS=1 is set (then the test says it skipped).
 
+pub mod writer;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -287,7 +289,9 @@ impl Cluster {
         );
     }
 
-    /// Whether node `node`'s process (as cluster.json records it) is alive.
+    /// Whether node `node`'s process (as cluster.json records it) still has a thread that
+    /// has not exited: a killed process holds its files (the PM file's lock) until its last
+    /// thread is gone, even when its main thread is already a zombie.
     pub fn is_running(&self, node: u32) -> bool {
         let info = self.info();
         let pid = info["nodes"]
@@ -296,13 +300,19 @@ impl Cluster {
             .iter()
             .find(|entry| entry["id"] == node)
             .and_then(|entry| entry["pid"].as_u64())
-            .expect("node pid") as i32;
-        // SAFETY: signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0;
-        alive
-            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|stat| stat.contains(") Z "))
-                .unwrap_or(true)
+            .expect("node pid");
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().any(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, None | Some("Z") | Some("X"))
+        })
     }
 
     pub fn node_log(&self, node: u32) -> String {

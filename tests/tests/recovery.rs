@@ -8,12 +8,9 @@
 //! runs every committed page has two copies again.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hotpot_tests::writer::{stamps, write_commits, Outcome};
 use hotpot_tests::{fuse_available, require_program, Cluster};
 
 const RUNS: usize = 20;
@@ -126,80 +123,6 @@ impl Dataset {
     }
 }
 
-fn writer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/commit_writer.py")
-}
-
-/// What the writer said of each commit.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Outcome {
-    /// msync returned 0: must be present everywhere.
-    Acked,
-    /// msync failed, or was never reached: all or nothing.
-    NotAcked,
-    /// The writer died while writing its stamps (SIGBUS): never a whole commit, not checked.
-    Torn,
-}
-
-/// Run the writer on `file`; what became of each commit of `plan`.
-fn write_commits(file: &Path, plan: &[(u64, Vec<u64>)]) -> BTreeMap<u64, Outcome> {
-    let plan_json = serde_json::to_string(plan).unwrap();
-    let mut child = Command::new("python3")
-        .arg(writer_script())
-        .arg(file)
-        .arg((DATASET_PAGES * 4096).to_string())
-        .arg(&plan_json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the commit writer (python3)");
-    let mut outcomes: BTreeMap<u64, Outcome> = plan
-        .iter()
-        .map(|(id, _)| (*id, Outcome::NotAcked))
-        .collect();
-    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap_or_default();
-        let mut words = line.split_whitespace();
-        let (Some(word), Some(id)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let id: u64 = id.parse().unwrap();
-        let outcome = match word {
-            "try" => Outcome::Torn,
-            "ack" => Outcome::Acked,
-            _ => Outcome::NotAcked,
-        };
-        outcomes.insert(id, outcome);
-    }
-    let _ = child.wait();
-    outcomes
-}
-
-/// The (commit, page) stamp of each of `pages` as node `node` reads it.
-fn stamps(
-    cluster: &Cluster,
-    node: u32,
-    name: &str,
-    pages: &[u64],
-) -> Result<BTreeMap<u64, (u64, u64)>, String> {
-    let path = cluster.mount(node).join(name);
-    let file = std::fs::File::open(&path).map_err(|e| format!("open on node {node}: {e}"))?;
-    let mut bytes = [0u8; 16];
-    let mut stamps = BTreeMap::new();
-    for page in pages {
-        file.read_exact_at(&mut bytes, page * 4096)
-            .map_err(|e| format!("read of page {page} on node {node}: {e}"))?;
-        stamps.insert(
-            *page,
-            (
-                u64::from_le_bytes(bytes[0..8].try_into().unwrap()),
-                u64::from_le_bytes(bytes[8..16].try_into().unwrap()),
-            ),
-        );
-    }
-    Ok(stamps)
-}
-
 /// Every acknowledged commit fully present on every node; every other fully present or
 /// fully absent, the same on every node but the committer, whose failed commits stay staged
 /// there (its own writes, retried by its next msync) and so read as present.
@@ -212,7 +135,8 @@ fn check(cluster: &Cluster, dataset: &Dataset, committer: u32) -> Result<(u64, u
         .flat_map(|(pages, _)| pages.iter().copied())
         .collect();
     for node in 1..=3 {
-        let stamps = stamps(cluster, node, &dataset.name, &pages)?;
+        let stamps = stamps(&cluster.mount(node).join(&dataset.name), &pages)
+            .map_err(|e| format!("node {node}: {e}"))?;
         let mut present = BTreeMap::new();
         for (id, (pages, outcome)) in &dataset.commits {
             if *outcome == Outcome::Torn {
@@ -394,7 +318,7 @@ fn crash_matrix(wipe: bool) {
             // Single-owner commits go to the leader's pages (node 1 owns, 3 commits).
             let plan = dataset.plan(case.span, 1, COMMITS_PER_RUN);
             let file = cluster.mount(committer).join(&dataset.name);
-            let outcomes = write_commits(&file, &plan);
+            let outcomes = write_commits(&file, DATASET_PAGES * 4096, &plan);
             for (id, pages) in &plan {
                 dataset.commits.insert(*id, (pages.clone(), outcomes[id]));
             }
@@ -418,7 +342,7 @@ fn crash_matrix(wipe: bool) {
             settle(&cluster, dataset, committer, &what);
             // Nothing stays locked: the next commit succeeds.
             let next = dataset.plan(case.span, 1, 1);
-            let outcome = write_commits(&file, &next)[&next[0].0];
+            let outcome = write_commits(&file, DATASET_PAGES * 4096, &next)[&next[0].0];
             if outcome != Outcome::Acked {
                 fail(
                     &cluster,

@@ -133,6 +133,11 @@ impl Superblock {
     }
 
     pub fn decode(bytes: &[u8], file_bytes: u64) -> Result<Superblock, PmError> {
+        if bytes.len() < 64 {
+            return Err(PmError::Corrupt {
+                what: format!("superblock of {} bytes, expected 64", bytes.len()),
+            });
+        }
         if bytes[0..8] != MAGIC {
             return Err(PmError::Foreign);
         }
@@ -227,6 +232,11 @@ impl SlotRecord {
 
     /// `Ok(None)` for a free slot (all zero), an error for a damaged one.
     pub fn decode(bytes: &[u8], frame_count: u32) -> Result<Option<SlotRecord>, PmError> {
+        if bytes.len() < SLOT_BYTES {
+            return Err(PmError::Corrupt {
+                what: format!("slot of {} bytes, expected {SLOT_BYTES}", bytes.len()),
+            });
+        }
         if bytes.iter().all(|byte| *byte == 0) {
             return Ok(None);
         }
@@ -429,7 +439,7 @@ pub struct RedoRecord {
 /// Decode the record starting at the front of `bytes` (which runs to the end of the redo
 /// area). `Ok(None)`: no live record starts here.
 pub fn decode_redo(bytes: &[u8], geometry: &Geometry) -> Result<Option<RedoRecord>, PmError> {
-    if le_u32(bytes, 0) != REDO_MAGIC {
+    if bytes.len() < REDO_HEADER_BYTES || le_u32(bytes, 0) != REDO_MAGIC {
         return Ok(None);
     }
     let phase = match le_u64(bytes, REDO_AT_PHASE) {
