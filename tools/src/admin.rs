@@ -210,8 +210,8 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
     }
     println!("cluster {cluster_id:016x}, dispatcher {}", client.addr());
     println!(
-        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  mount",
-        "node", "live", "address", "heartbeat", "PM used", "pages"
+        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  mount",
+        "node", "live", "address", "heartbeat", "PM used", "pages", "recovery"
     );
     for node in nodes {
         let beat = if node.last_heartbeat_ms_ago == u64::MAX {
@@ -221,14 +221,27 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
         };
         let used_mib = (node.usage.pm_frames_used * 4096) as f64 / (1 << 20) as f64;
         let total_mib = (node.usage.pm_frames_total * 4096) >> 20;
+        let recovery = &node.usage.recovery;
+        let mut said = vec![if recovery.state.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} ({} ms)", recovery.state, recovery.rejoin_ms)
+        }];
+        if recovery.commits_waiting > 0 {
+            said.push(format!("{} waiting", recovery.commits_waiting));
+        }
+        if recovery.pages_below_copies > 0 {
+            said.push(format!("{} under-copied", recovery.pages_below_copies));
+        }
         println!(
-            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {}",
+            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {}",
             node.id,
             if node.live { "yes" } else { "no" },
             node.addr,
             beat,
             format!("{used_mib:.1}/{total_mib} MiB"),
             node.usage.pages_persisted,
+            said.join(", "),
             node.mount
         );
     }

@@ -190,6 +190,26 @@ pub struct NodeUsage {
     /// Frame bytes this node has sent and received over every connection.
     pub wire_bytes_sent: u64,
     pub wire_bytes_received: u64,
+    pub recovery: RecoveryStatus,
+}
+
+/// Where a node is in its recovery work (docs/design.md, "Recovery").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// "rejoining" (not serving as an owner yet) or "ready".
+    pub state: String,
+    /// This node was started on a new PM file while datasets existed.
+    pub rebuilt: bool,
+    /// How long its last rejoin took.
+    pub rejoin_ms: u64,
+    /// Prepared copies and follower records waiting for a decision.
+    pub commits_waiting: u64,
+    /// Outcomes it keeps as a leader until every participant has confirmed.
+    pub outcomes_kept: u64,
+    /// Owned pages with fewer copies than their dataset asks, at the last re-replication round.
+    pub pages_below_copies: u64,
+    /// Pages this node has copied to other nodes to restore copy counts, since it started.
+    pub pages_rereplicated: u64,
 }
 
 /// One node as the dispatcher sees it.

@@ -280,6 +280,7 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
                     pages_persisted: pool_usage.pages_persisted,
                     wire_bytes_sent,
                     wire_bytes_received,
+                    recovery: protocol.recovery_status(),
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };

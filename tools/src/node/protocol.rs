@@ -68,6 +68,10 @@ pub struct Protocol {
     /// Followers' confirmations to send to leaders (see multi.rs).
     pub(super) confirmations: crossbeam_channel::Sender<(NodeId, TxKey)>,
     confirm_queue: crossbeam_channel::Receiver<(NodeId, TxKey)>,
+    /// Numbers for `hotpot status` (recovery.rs).
+    pub(super) rejoin_ms: AtomicU64,
+    pub(super) below_copies: AtomicU64,
+    pub(super) rereplicated: AtomicU64,
     /// False while the node rejoins (recovery.rs): owner requests wait.
     ready: Mutex<bool>,
     became_ready: Condvar,
@@ -132,6 +136,9 @@ impl Protocol {
             decided_commits: Mutex::new(Default::default()),
             confirmations,
             confirm_queue,
+            rejoin_ms: AtomicU64::new(0),
+            below_copies: AtomicU64::new(0),
+            rereplicated: AtomicU64::new(0),
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
         }
@@ -145,6 +152,28 @@ impl Protocol {
     pub fn set_ready(&self) {
         *self.ready.lock().expect("ready lock") = true;
         self.became_ready.notify_all();
+    }
+
+    /// What `hotpot status` shows of this node's recovery.
+    pub fn recovery_status(&self) -> hotpot_core::proto::types::RecoveryStatus {
+        let (waiting, outcomes) = {
+            let table = self.table();
+            (table.pending().len(), table.outcomes_waiting().len())
+        };
+        hotpot_core::proto::types::RecoveryStatus {
+            state: if self.is_ready() {
+                "ready"
+            } else {
+                "rejoining"
+            }
+            .to_string(),
+            rebuilt: self.is_rebuilding(),
+            rejoin_ms: self.rejoin_ms.load(Ordering::Relaxed),
+            commits_waiting: waiting as u64,
+            outcomes_kept: outcomes as u64,
+            pages_below_copies: self.below_copies.load(Ordering::Relaxed),
+            pages_rereplicated: self.rereplicated.load(Ordering::Relaxed),
+        }
     }
 
     pub(super) fn is_ready(&self) -> bool {

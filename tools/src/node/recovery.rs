@@ -190,6 +190,10 @@ impl Protocol {
                 }
             }
         }
+        self.rejoin_ms.store(
+            started.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         tracing::info!(
             datasets = datasets.len(),
             fetched,
@@ -541,6 +545,7 @@ impl Protocol {
     /// Owned pages with fewer live copies than their dataset asks for get more.
     fn rereplicate(&self) -> Result<(), FsError> {
         let live = self.peers.live();
+        let mut below = 0u64;
         for dataset in self.datasets()? {
             let copies = usize::from(dataset.params.replicas.max(1)).min(live.len().max(1));
             let mut wanted: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
@@ -559,6 +564,7 @@ impl Protocol {
                     .filter(|node| **node != self.id && live.contains(node))
                     .count();
                 let mut more = (copies - 1).saturating_sub(have);
+                below += (more > 0) as u64;
                 let after = live.iter().filter(|node| **node > self.id);
                 let before = live.iter().filter(|node| **node < self.id);
                 for node in after.chain(before) {
@@ -577,6 +583,8 @@ impl Protocol {
                 }
             }
         }
+        self.below_copies
+            .store(below, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -609,6 +617,8 @@ impl Protocol {
             },
         )?;
         self.set_holder(node, dataset, &keys, false);
+        self.rereplicated
+            .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(node, dataset, pages = pages.len(), "re-replicated");
         Ok(())
     }
