@@ -1,4 +1,4 @@
-//! A 1-node hotpot cluster for the benchmark, stopped when dropped.
+//! A local hotpot cluster for the benchmarks, stopped when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +12,11 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn up(hotpot: &Path, nodes: u32) -> anyhow::Result<LocalCluster> {
+        LocalCluster::up_with_pm(hotpot, nodes, "1GiB")
+    }
+
+    /// `up` with PM files of `pm_size` (e.g. "2GiB").
+    pub fn up_with_pm(hotpot: &Path, nodes: u32, pm_size: &str) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::Builder::new()
             .prefix("hotpot-bench-cluster-")
             .tempdir()?;
@@ -22,7 +27,7 @@ impl LocalCluster {
                 "--nodes",
                 &nodes.to_string(),
                 "--pm-size",
-                "1GiB",
+                pm_size,
                 "--dir",
             ])
             .arg(dir.path())
@@ -38,6 +43,10 @@ impl LocalCluster {
             hotpot: hotpot.to_path_buf(),
             dir,
         })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn mount(&self, node: u32) -> PathBuf {

@@ -3,9 +3,12 @@
 //! - `local`: 4 KiB read fault and msync of 1 and 64 dirty pages, hotpot (1 node) vs tmpfs.
 //! - `cluster`: raw TCP 4 KiB round trip vs remote read fault, and MRSW commits of 1 and 32
 //!   pages with replicas 2 and 3, on a 3-node cluster.
+//! - `recovery`: a node lost with its PM: time until it serves again and until every page has
+//!   two copies again.
 
 mod cluster;
 mod latency;
+mod recovery;
 mod remote;
 
 use std::path::PathBuf;
@@ -36,6 +39,13 @@ enum Which {
     },
     /// 3 nodes: raw TCP round trip vs remote fault; MRSW commit latency, replicas 2 and 3.
     Cluster,
+    /// 3 nodes: lose node 2 with its PM file under a filled dataset; time its rebuild and
+    /// the re-replication back to two copies of every page.
+    Recovery {
+        /// Dataset size in MiB (a multiple of 4).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +59,7 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Which::Local { pages } => local(&args.hotpot, pages, args.rounds),
         Which::Cluster => cluster_run(&args.hotpot, args.rounds),
+        Which::Recovery { size_mib } => recovery::run(&args.hotpot, size_mib << 20),
     }
 }
 

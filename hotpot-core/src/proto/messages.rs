@@ -171,6 +171,12 @@ pub enum NodeRequest {
         dataset: DatasetId,
         page: u64,
     },
+    /// To any node: its own persisted copies of these pages, those it has (a rebuilding owner
+    /// takes back what it owned).
+    FetchCopies {
+        dataset: DatasetId,
+        pages: Vec<u64>,
+    },
     /// To the owner: commit these pages of `dataset` for `committer`. `followers`: the other
     /// owners of a multi-owner commit `tx` (this owner leads: its decision is the commit's).
     Commit {

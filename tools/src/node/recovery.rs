@@ -204,31 +204,36 @@ impl Protocol {
         );
     }
 
-    /// A node on a new PM file: the newest copy of each owned page, from whoever has it.
+    /// A node on a new PM file: the newest copy of each owned page, from whoever has it
+    /// (batched per node).
     fn take_newest(&self, dataset: DatasetId, newest: &HashMap<u64, (u64, NodeId)>) -> usize {
-        let mut taken = 0;
-        for (page, (version, peer)) in newest {
-            if self.table().version_of((dataset, *page)) >= *version {
-                continue;
+        let mut by_peer: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        {
+            let table = self.table();
+            for (page, (version, peer)) in newest {
+                if table.version_of((dataset, *page)) < *version {
+                    by_peer.entry(*peer).or_default().push(*page);
+                }
             }
-            match self.ask(
-                *peer,
-                &NodeRequest::FetchCopy {
+        }
+        let mut taken = 0;
+        for (peer, mut pages) in by_peer {
+            pages.sort_unstable();
+            for batch in pages.chunks(INSTALL_BATCH) {
+                let request = NodeRequest::FetchCopies {
                     dataset,
-                    page: *page,
-                },
-            ) {
-                Ok(NodeReply::Copy(Some(copy))) if copy.bytes.len() == PAGE_BYTES => {
-                    match self
-                        .table()
-                        .install_copy((dataset, *page), copy.version, &copy.bytes)
-                    {
-                        Ok(_) => taken += 1,
-                        Err(error) => tracing::error!(%error, "cannot keep a rebuilt page"),
+                    pages: batch.to_vec(),
+                };
+                match self.ask(peer, &request) {
+                    Ok(NodeReply::Pages(copies)) => match self.install(dataset, &copies) {
+                        Ok(installed) => taken += installed.len(),
+                        Err(error) => tracing::error!(%error, "cannot keep rebuilt pages"),
+                    },
+                    Ok(other) => tracing::warn!(peer, ?other, "unexpected answer to FetchCopies"),
+                    Err(error) => {
+                        tracing::warn!(peer, %error, "copies not fetched; they come on demand")
                     }
                 }
-                Ok(other) => tracing::warn!(peer, ?other, "no copy after all"),
-                Err(error) => tracing::warn!(peer, %error, "copy not fetched; it comes on demand"),
             }
         }
         taken

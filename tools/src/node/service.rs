@@ -15,6 +15,7 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             from,
         } => protocol.serve_fetch(dataset, page, from),
         NodeRequest::FetchCopy { dataset, page } => protocol.serve_copy(dataset, page),
+        NodeRequest::FetchCopies { dataset, pages } => protocol.serve_copies(dataset, &pages),
         NodeRequest::Commit {
             tx,
             followers,

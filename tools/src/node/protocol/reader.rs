@@ -83,6 +83,24 @@ impl Protocol {
             })
     }
 
+    pub fn serve_copies(&self, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        let table = self.table();
+        NodeReply::Pages(
+            pages
+                .iter()
+                .filter_map(|page| {
+                    table
+                        .read_persisted((dataset, *page))
+                        .map(|(version, bytes)| VersionedPage {
+                            page: *page,
+                            version,
+                            bytes,
+                        })
+                })
+                .collect(),
+        )
+    }
+
     pub fn serve_copy(&self, dataset: DatasetId, page: u64) -> NodeReply {
         let copy = self.table().read_persisted((dataset, page));
         NodeReply::Copy(copy.map(|(version, bytes)| VersionedPage {
