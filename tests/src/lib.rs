@@ -272,6 +272,22 @@ impl Cluster {
         }
     }
 
+    pub fn kill_dispatcher(&self) {
+        run_ok(
+            Command::new(hotpot_bin())
+                .args(["cluster", "kill-dispatcher", "--dir"])
+                .arg(self.dir.path()),
+        );
+    }
+
+    pub fn start_dispatcher(&self) {
+        run_ok(
+            Command::new(hotpot_bin())
+                .args(["cluster", "start-dispatcher", "--dir"])
+                .arg(self.dir.path()),
+        );
+    }
+
     /// Make node `node` crash (SIGKILL itself) the next time it reaches `point`.
     pub fn arm_fault(&self, node: u32, point: &str) {
         run_ok(

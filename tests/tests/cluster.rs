@@ -261,3 +261,75 @@ fn a_wrong_secret_cannot_join_and_garbage_closes_only_its_connection() {
     let seen = std::fs::read(cluster.mount(3).join("after")).unwrap();
     assert_eq!(&seen[..13], b"still serving");
 }
+
+#[test]
+fn a_dispatcher_crash_stops_no_commit_and_its_state_survives_a_restart() {
+    if !fuse_available() {
+        return;
+    }
+    let cluster = Cluster::up(3, "256MiB");
+    let path = cluster.create(1, "kept", "12MiB", "mrsw", 2);
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut map = Mapping::new(&file, SIZE);
+    let reader = std::fs::File::open(cluster.mount(2).join("kept")).unwrap();
+    let pages = [0u64, 1024 + 3, 2048 + 7]; // one page per owner
+    let mut buffer = [0u8; 16];
+    for &page in &pages {
+        reader.read_exact_at(&mut buffer, page * 4096).unwrap();
+    }
+    cluster.kill_dispatcher();
+    // Commits, fetches and coherence need no dispatcher.
+    for round in 1..=20u64 {
+        for &page in &pages {
+            let at = page as usize * 4096;
+            map.bytes()[at..at + 16].copy_from_slice(&stamp(round, page));
+        }
+        map.msync().expect("msync returns 0 without a dispatcher");
+        for &page in &pages {
+            reader.read_exact_at(&mut buffer, page * 4096).unwrap();
+            assert_eq!(
+                buffer,
+                stamp(round, page),
+                "node 2 page {page} round {round}"
+            );
+        }
+    }
+    // A namespace call waits for the dispatcher and goes through once it is back.
+    let creator = {
+        let target = cluster.mount(3).join("made-while-down");
+        std::thread::spawn(move || std::fs::File::create(target).map(|_| ()))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !creator.is_finished(),
+        "create returned while the dispatcher was down"
+    );
+    cluster.start_dispatcher();
+    creator
+        .join()
+        .unwrap()
+        .expect("the create retried until the dispatcher came back");
+    // Its state survived: the dataset, its bytes, the new file; every node live again.
+    let stat = cluster.stat_json(&path);
+    assert_eq!(stat["pages_committed"], pages.len(), "{stat}");
+    assert!(cluster.mount(1).join("made-while-down").exists());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster.status_json();
+        let live = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|node| node["live"] == true)
+            .count();
+        if live == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes not live again: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

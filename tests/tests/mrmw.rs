@@ -86,6 +86,7 @@ fn a_conflict_storm_loses_no_commit_and_applies_none_by_halves() {
                 .write(true)
                 .open(cluster.mount(node).join("storm"))
                 .unwrap();
+            let cluster = &cluster;
             scope.spawn(move || {
                 let mut map = Mapping::new(&file, 48 << 10);
                 for sequence in 1..=commits {
@@ -95,8 +96,14 @@ fn a_conflict_storm_loses_no_commit_and_applies_none_by_halves() {
                         let at = page * 4096 + node as usize * 8;
                         map.bytes()[at..at + 8].copy_from_slice(&stamp(node, sequence));
                     }
-                    map.msync()
-                        .unwrap_or_else(|error| panic!("node {node} commit {sequence}: {error}"));
+                    map.msync().unwrap_or_else(|error| {
+                        let log = cluster.node_log(node);
+                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                        panic!(
+                            "node {node} commit {sequence}: {error}; its log ends:\n{}",
+                            tail.join("\n")
+                        )
+                    });
                 }
             });
         }

@@ -18,6 +18,9 @@ pub struct DispatcherEntry {
     pub pid: u32,
     pub data: PathBuf,
     pub log: PathBuf,
+    /// Its command line, for `cluster start-dispatcher`.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -297,6 +300,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             pid,
             data,
             log: log.clone(),
+            args: dispatcher_args.clone(),
         },
         nodes: Vec::new(),
     };
@@ -450,4 +454,46 @@ pub fn arm_fault(dir: &Path, id: u32, point: &str) -> anyhow::Result<()> {
         }
         other => bail!("node {id} answered {other:?}"),
     }
+}
+
+/// SIGKILL the dispatcher (a crash); its state directory is kept.
+pub fn kill_dispatcher(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("no cluster at {}", dir.display()))?;
+    let cluster = load(&dir)?;
+    let pid = cluster.dispatcher.pid;
+    if !ours(pid, &dir) {
+        bail!("the dispatcher (pid {pid}) is not running");
+    }
+    signal(pid, libc::SIGKILL);
+    if !wait_gone(pid, &dir, Duration::from_secs(10)) {
+        bail!("the dispatcher (pid {pid}) survived SIGKILL for 10 s");
+    }
+    println!("dispatcher killed (pid {pid})");
+    Ok(())
+}
+
+/// Restart the dispatcher on its state directory and address; returns when it listens.
+pub fn start_dispatcher(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("no cluster at {}", dir.display()))?;
+    let mut cluster = load(&dir)?;
+    if ours(cluster.dispatcher.pid, &dir) {
+        bail!(
+            "the dispatcher is already running (pid {})",
+            cluster.dispatcher.pid
+        );
+    }
+    if cluster.dispatcher.args.is_empty() {
+        bail!("this cluster was started by an older hotpot that did not record the dispatcher's command line");
+    }
+    let entry = cluster.dispatcher.clone();
+    let pid = spawn_logged(&entry.args, &entry.log)?;
+    cluster.dispatcher.pid = pid;
+    save(&cluster)?;
+    wait_for_port(&entry.addr, pid, &dir, &entry.log).context("dispatcher did not start")?;
+    println!("dispatcher started (pid {pid}) on {}", entry.addr);
+    Ok(())
 }

@@ -100,6 +100,16 @@ enum ClusterCommand {
         #[arg(long)]
         node: u32,
     },
+    /// SIGKILL the dispatcher (a crash); its state directory is kept.
+    KillDispatcher {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Restart the dispatcher on its state directory; returns when it listens.
+    StartDispatcher {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Test builds only (cargo feature fault-injection): make a running node crash, as
     /// kill -9 would, the next time it reaches a named point (docs/design.md, "Recovery").
     ArmFault {
@@ -148,6 +158,10 @@ fn main() {
         }
         Command::Cluster(ClusterCommand::StartNode { dir, node }) => {
             cluster::start_node(&dir, node)
+        }
+        Command::Cluster(ClusterCommand::KillDispatcher { dir }) => cluster::kill_dispatcher(&dir),
+        Command::Cluster(ClusterCommand::StartDispatcher { dir }) => {
+            cluster::start_dispatcher(&dir)
         }
         Command::Cluster(ClusterCommand::ArmFault { dir, node, point }) => {
             cluster::arm_fault(&dir, node, &point)

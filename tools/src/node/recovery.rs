@@ -452,6 +452,15 @@ impl Protocol {
                 .copied();
             // No decider recorded: this node's own prepared copy; its commit call decides it.
             let Some(decider) = decider else { continue };
+            // Before a commit, only this node's own earlier commits: asking a leader about
+            // another node's commit in flight would abort it.
+            let mine = match decider.commit {
+                Some((commit, _)) => commit.0 == self.id,
+                None => pending.tx.0 == self.id,
+            };
+            if only.is_some() && !mine {
+                continue;
+            }
             // Part of a multi-owner commit: the leader's answer is final, even if the owner
             // that prepared this copy is gone.
             if let Some((commit, leader)) = decider.commit {
