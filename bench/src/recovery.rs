@@ -89,7 +89,7 @@ fn min_copies(cluster: &LocalCluster, path: &Path) -> anyhow::Result<u64> {
 }
 
 pub fn run(hotpot: &Path, size: u64) -> anyhow::Result<()> {
-    if size % (4 << 20) != 0 || size == 0 {
+    if !size.is_multiple_of(4 << 20) || size == 0 {
         bail!("--size must be a positive multiple of 4 MiB");
     }
     let pm = format!("{}MiB", (size + size / 2 + (256 << 20)) >> 20);
