@@ -12,8 +12,10 @@ pub use tcp::{multicall, wire_bytes, Client, Server};
 
 use std::time::Duration;
 
-/// Largest frame either side accepts (a commit of many pages is split below this).
-pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Largest frame either side accepts. A commit travels as one message per owner, so this
+/// bounds what one msync may change per owner (about 65,000 pages); a larger one fails with
+/// an error that says so. Frames are only read after the connection proved the secret.
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
 /// Default RPC timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 

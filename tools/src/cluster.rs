@@ -162,18 +162,28 @@ fn log_tail(log: &Path) -> String {
 }
 
 /// Is `pid` a live hotpot process of this cluster (not a recycled pid)?
+/// Whether `pid` is a live process of this cluster. A killed process keeps its files, ports
+/// and mappings until its last thread has exited, even once its main thread is a zombie, so
+/// it counts as alive while any thread is not.
 fn ours(pid: u32, dir: &Path) -> bool {
-    if pid == 0 || std::fs::metadata(format!("/proc/{pid}")).is_err() {
+    if pid == 0 {
         return false;
     }
-    // Reads of /proc/<pid>/* can fail or come back empty while the process is in exec.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = status
-        .rsplit(')')
-        .next()
-        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let running = tasks.flatten().any(|task| {
+        // Reads under /proc can fail or come back empty while a thread exits or the process
+        // is in exec; such a thread counts as running.
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        !stat
+            .rsplit(')')
+            .next()
+            .map(str::trim_start)
+            .is_some_and(|state| state.starts_with('Z') || state.starts_with('X'))
+    });
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    !zombie
+    running
         && (cmdline.is_empty()
             || String::from_utf8_lossy(&cmdline).contains(&*dir.display().to_string()))
 }

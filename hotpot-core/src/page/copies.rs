@@ -408,25 +408,56 @@ impl PageTable {
         version: u64,
         bytes: &[u8],
     ) -> Result<bool, PmError> {
-        let pending = self
+        let installed = self.install_copies(page.0, &[(page.1, version, bytes)])?;
+        Ok(!installed.is_empty())
+    }
+
+    /// `install_copy` for many pages of `dataset` in one atomic local commit (rebuilds and
+    /// re-replication move thousands). Returns the pages stored.
+    pub fn install_copies(
+        &mut self,
+        dataset: DatasetId,
+        copies: &[(u64, u64, &[u8])],
+    ) -> Result<Vec<u64>, PmError> {
+        let pending: std::collections::HashSet<u64> = self
             .prepared
             .values()
-            .any(|prepared| prepared.dataset == page.0 && prepared.pages.contains(&page.1));
-        if pending || (self.pool.page(page).is_some() && self.version_of(page) >= version) {
-            return Ok(false);
+            .filter(|prepared| prepared.dataset == dataset)
+            .flat_map(|prepared| prepared.pages.iter().copied())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let wanted: Vec<(u64, u64, &[u8])> = copies
+            .iter()
+            .filter(|(page, version, _)| {
+                let key = (dataset, *page);
+                !pending.contains(page)
+                    && !(self.pool.page(key).is_some() && self.version_of(key) >= *version)
+                    && seen.insert(*page)
+            })
+            .copied()
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
         }
-        let frames = self.frames_from(&[(page.1, bytes)])?;
-        let change = SlotChange::Put {
-            page,
-            version,
-            frame: frames[0],
-            state: CopyState::Committed,
-        };
-        if let Err(error) = self.pool.commit(&[change], TxTag::default()) {
-            self.pool.unref_frame(frames[0]);
+        let bytes: Vec<(u64, &[u8])> = wanted.iter().map(|(page, _, b)| (*page, *b)).collect();
+        let frames = self.frames_from(&bytes)?;
+        let changes: Vec<SlotChange> = wanted
+            .iter()
+            .zip(&frames)
+            .map(|((page, version, _), frame)| SlotChange::Put {
+                page: (dataset, *page),
+                version: *version,
+                frame: *frame,
+                state: CopyState::Committed,
+            })
+            .collect();
+        if let Err(error) = self.pool.commit(&changes, TxTag::default()) {
+            for frame in frames {
+                self.pool.unref_frame(frame);
+            }
             return Err(error);
         }
-        Ok(true)
+        Ok(wanted.iter().map(|(page, _, _)| *page).collect())
     }
 }
 

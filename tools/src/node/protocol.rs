@@ -72,6 +72,8 @@ pub struct Protocol {
     pub(super) rejoin_ms: AtomicU64,
     pub(super) below_copies: AtomicU64,
     pub(super) rereplicated: AtomicU64,
+    /// A node rejoined (it may have lost copies): re-replicate at the next round.
+    pub(super) rereplicate_soon: AtomicBool,
     /// False while the node rejoins (recovery.rs): owner requests wait.
     ready: Mutex<bool>,
     became_ready: Condvar,
@@ -139,6 +141,7 @@ impl Protocol {
             rejoin_ms: AtomicU64::new(0),
             below_copies: AtomicU64::new(0),
             rereplicated: AtomicU64::new(0),
+            rereplicate_soon: AtomicBool::new(false),
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
         }

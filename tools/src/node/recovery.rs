@@ -269,28 +269,23 @@ impl Protocol {
     /// Keep copies sent by an owner (only newer versions replace ours) and drop the
     /// kernel's cached pages of those that did.
     fn install(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Result<Vec<u64>, FsError> {
-        let mut installed = Vec::new();
-        {
-            let mut table = self.table();
-            for copy in copies {
-                let zeros;
-                let bytes = if copy.bytes.is_empty() {
-                    zeros = vec![0u8; PAGE_BYTES];
-                    &zeros
-                } else {
-                    &copy.bytes
-                };
-                if bytes.len() != PAGE_BYTES {
-                    return Err(FsError::Io(format!("a copy of {} bytes", bytes.len())));
-                }
-                if table
-                    .install_copy((dataset, copy.page), copy.version, bytes)
-                    .map_err(pm_error)?
-                {
-                    installed.push(copy.page);
-                }
+        let zeros = vec![0u8; PAGE_BYTES];
+        let mut pages = Vec::with_capacity(copies.len());
+        for copy in copies {
+            let bytes = if copy.bytes.is_empty() {
+                &zeros
+            } else {
+                &copy.bytes
+            };
+            if bytes.len() != PAGE_BYTES {
+                return Err(FsError::Io(format!("a copy of {} bytes", bytes.len())));
             }
+            pages.push((copy.page, copy.version, bytes.as_slice()));
         }
+        let installed = self
+            .table()
+            .install_copies(dataset, &pages)
+            .map_err(pm_error)?;
         if !installed.is_empty() {
             self.invalidate_dataset(dataset, &installed);
         }
@@ -325,6 +320,8 @@ impl Protocol {
         }
         if tx.is_none() {
             self.set_holder(from, dataset, &[], true);
+            self.rereplicate_soon
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let mut newer = Vec::new();
         for (key, (page, version)) in keys.iter().zip(pages) {
@@ -407,7 +404,10 @@ impl Protocol {
             self.resolve_pending(None);
             self.resolve_outcomes(&mut outcome_seen);
             self.expire_phase1_locks(resolve_after() * 2);
-            if last_copy_round.elapsed() >= REREPLICATE_EVERY {
+            let soon = self
+                .rereplicate_soon
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            if soon || last_copy_round.elapsed() >= REREPLICATE_EVERY {
                 last_copy_round = Instant::now();
                 if let Err(error) = self.rereplicate() {
                     tracing::warn!(%error, "re-replication round failed; retrying");
