@@ -430,9 +430,8 @@ impl PageTable {
             .iter()
             .filter(|(page, version, _)| {
                 let key = (dataset, *page);
-                !pending.contains(page)
-                    && !(self.pool.page(key).is_some() && self.version_of(key) >= *version)
-                    && seen.insert(*page)
+                let have_as_new = self.pool.page(key).is_some() && self.version_of(key) >= *version;
+                !pending.contains(page) && !have_as_new && seen.insert(*page)
             })
             .copied()
             .collect();
