@@ -111,6 +111,11 @@ impl Cluster {
 
     /// `up`, with `env` set for every node process (now and at restarts).
     pub fn up_with_env(nodes: u32, pm_size: &str, env: &[(&str, &str)]) -> Cluster {
+        Cluster::up_with(nodes, pm_size, env, &[])
+    }
+
+    /// `up_with_env`, with more arguments for `hotpot cluster up` (e.g. promotion timing).
+    pub fn up_with(nodes: u32, pm_size: &str, env: &[(&str, &str)], up_args: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("hotpot-test-")
             .tempdir()
@@ -135,7 +140,8 @@ impl Cluster {
                     pm_size,
                     "--dir",
                 ])
-                .arg(cluster.dir.path()),
+                .arg(cluster.dir.path())
+                .args(up_args),
         );
         cluster
     }

@@ -197,14 +197,26 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
 
 pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
     let client = target.client()?;
-    let (cluster_id, nodes) = match ask(&client, DispatcherRequest::Status)? {
-        DispatcherReply::Status { cluster_id, nodes } => (cluster_id, nodes),
+    let (cluster_id, nodes, successors) = match ask(&client, DispatcherRequest::Status)? {
+        DispatcherReply::Status {
+            cluster_id,
+            nodes,
+            successors,
+        } => (cluster_id, nodes, successors),
         other => bail!("dispatcher sent {other:?} for status"),
     };
     if json {
+        let replaced: serde_json::Map<String, serde_json::Value> = successors
+            .iter()
+            .map(|(node, by)| (node.to_string(), serde_json::json!(by)))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({ "cluster_id": format!("{cluster_id:016x}"), "nodes": nodes })
+            serde_json::json!({
+                "cluster_id": format!("{cluster_id:016x}"),
+                "nodes": nodes,
+                "owners_replaced": replaced,
+            })
         );
         return Ok(());
     }
@@ -233,6 +245,9 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
         if recovery.pages_below_copies > 0 {
             said.push(format!("{} under-copied", recovery.pages_below_copies));
         }
+        if let Some(by) = successors.get(&node.id) {
+            said.push(format!("its chunks owned by node {by}"));
+        }
         println!(
             "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {}",
             node.id,
@@ -260,9 +275,16 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
             path.display()
         );
     };
-    let nodes = match ask(&client, DispatcherRequest::Status)? {
-        DispatcherReply::Status { nodes, .. } => nodes,
+    let (nodes, successors) = match ask(&client, DispatcherRequest::Status)? {
+        DispatcherReply::Status {
+            nodes, successors, ..
+        } => (nodes, successors),
         other => bail!("dispatcher sent {other:?} for status"),
+    };
+    // Chunks of a replaced node are owned by its successor.
+    let owner_of_chunk = |chunk: u64| {
+        let owner = dataset.owner_of_chunk(chunk);
+        successors.get(&owner).copied().unwrap_or(owner)
     };
     let live: Vec<&NodeInfo> = nodes.iter().filter(|node| node.live).collect();
     let clients: Vec<Arc<Client>> = live
@@ -297,9 +319,7 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
         }
     }
     if json {
-        let owners: Vec<NodeId> = (0..chunks)
-            .map(|chunk| dataset.owner_of_chunk(chunk))
-            .collect();
+        let owners: Vec<NodeId> = (0..chunks).map(owner_of_chunk).collect();
         let nodes_json: Vec<_> = per_node
             .iter()
             .map(|(id, copies)| serde_json::json!({ "node": id, "pages": copies }))
@@ -328,7 +348,7 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
     );
     let shown = chunks.min(16);
     let owners: Vec<String> = (0..shown)
-        .map(|chunk| format!("{chunk}→{}", dataset.owner_of_chunk(chunk)))
+        .map(|chunk| format!("{chunk}→{}", owner_of_chunk(chunk)))
         .collect();
     println!(
         "  chunk owners: {}{}",

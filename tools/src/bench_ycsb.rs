@@ -81,6 +81,7 @@ impl Target {
                     // LMDB is a single-writer engine: MRSW's write lease fits it.
                     mode: hotpot_core::proto::types::Mode::Mrsw,
                     pm_size: 2 << 30,
+                    promote_after_ms: 10_000,
                 })?;
                 Target::Hotpot { dir }
             }

@@ -59,6 +59,9 @@ pub struct UpArgs {
     /// PM file size of each node, e.g. 512MiB.
     #[arg(long, default_value = "512MiB", value_parser = crate::size::parse_size)]
     pub pm_size: u64,
+    /// The dispatcher replaces a node silent this long as an owner (0: never).
+    #[arg(long, default_value_t = 10_000)]
+    pub promote_after_ms: u64,
 }
 
 fn cluster_path(dir: &Path) -> PathBuf {
@@ -300,6 +303,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         replicas.to_string(),
         "--default-mode".into(),
         args.mode.to_string(),
+        "--promote-after-ms".into(),
+        args.promote_after_ms.to_string(),
     ];
     let pid = spawn_logged(&dispatcher_args, &log)?;
     let mut cluster = ClusterFile {

@@ -163,6 +163,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         replicas: 2,
         mode: hotpot_core::proto::types::Mode::Mrsw,
         pm_size: 512 << 20,
+        promote_after_ms: 10_000,
     })?;
     let dir = dir.canonicalize()?;
     let _teardown = Teardown {

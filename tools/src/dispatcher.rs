@@ -37,6 +37,10 @@ pub struct DispatcherArgs {
     /// dispatcher runs unauthenticated and says so.
     #[arg(long)]
     pub secret: Option<PathBuf>,
+    /// Replace a node as the owner of its chunks after it has sent no heartbeat for this
+    /// long: the next live node by id takes them over (0: never).
+    #[arg(long, default_value_t = 10_000)]
+    pub promote_after_ms: u64,
 }
 
 fn now_ns() -> u64 {
@@ -102,7 +106,8 @@ fn persist(data: &Path, state: &DispatcherState) -> anyhow::Result<()> {
 
 pub fn run(args: DispatcherArgs) -> anyhow::Result<()> {
     let stop = signals::block_stop_signals()?;
-    let state = load_or_create(&args)?;
+    let mut state = load_or_create(&args)?;
+    state.set_promote_after_ms(args.promote_after_ms);
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;

@@ -57,6 +57,12 @@ pub struct DispatcherState {
     user_locks: BTreeMap<String, (NodeId, u64)>,
     #[serde(skip)]
     barriers: BTreeMap<String, BarrierRound>,
+    /// Owner promotions: node → the node that owns its chunks now (values are never keys).
+    #[serde(default)]
+    successors: BTreeMap<NodeId, NodeId>,
+    /// A node silent this long is replaced as an owner (0: never). Set by the runtime.
+    #[serde(skip)]
+    promote_after_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -94,7 +100,51 @@ impl DispatcherState {
             leases: BTreeMap::new(),
             user_locks: BTreeMap::new(),
             barriers: BTreeMap::new(),
+            successors: BTreeMap::new(),
+            promote_after_ms: 0,
         }
+    }
+
+    /// Replace a node as the owner of its chunks once it has been silent for `ms` (0: never).
+    pub fn set_promote_after_ms(&mut self, ms: u64) {
+        self.promote_after_ms = ms;
+    }
+
+    /// Promote a successor for every node silent longer than `promote_after_ms` that still
+    /// owns chunks: the next live node by id (the one the commit rule gave its replicas).
+    /// Returns whether the map changed.
+    fn promote(&mut self, now_ms: u64) -> bool {
+        if self.promote_after_ms == 0 {
+            return false;
+        }
+        let live = self.live_nodes(now_ms);
+        let silent: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(id, node)| {
+                !self.successors.contains_key(id)
+                    && node
+                        .last_heartbeat_ms
+                        .is_some_and(|at| now_ms.saturating_sub(at) >= self.promote_after_ms)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut changed = false;
+        for dead in silent {
+            let after = live.iter().find(|node| **node > dead);
+            let Some(successor) = after.or(live.first()).copied() else {
+                continue; // nobody to promote
+            };
+            for value in self.successors.values_mut() {
+                if *value == dead {
+                    *value = successor;
+                }
+            }
+            self.successors.insert(dead, successor);
+            self.successors.retain(|node, owner| node != owner);
+            changed = true;
+        }
+        changed
     }
 
     pub fn cluster_id(&self) -> u64 {
@@ -165,8 +215,9 @@ impl DispatcherState {
                     .ok_or_else(|| FsError::Invalid(format!("node {node} has not joined")))?;
                 record.last_heartbeat_ms = Some(now_ms);
                 record.usage = usage;
-                // The reply tells the node who its peers are.
-                (self.status(now_ms), false)
+                let promoted = self.promote(now_ms);
+                // The reply tells the node who its peers are and who owns what.
+                (self.status(now_ms), promoted)
             }
             R::Lookup { parent, name } => {
                 check_name(&name)?;
@@ -458,6 +509,7 @@ impl DispatcherState {
         DispatcherReply::Status {
             cluster_id: self.cluster_id,
             nodes,
+            successors: self.successors.clone(),
         }
     }
 }

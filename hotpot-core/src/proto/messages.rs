@@ -127,6 +127,9 @@ pub enum DispatcherReply {
     Status {
         cluster_id: u64,
         nodes: Vec<NodeInfo>,
+        /// Owner promotions: the chunks of each key node (in every dataset) are owned by its
+        /// value node (docs/design.md, "Owner promotion").
+        successors: std::collections::BTreeMap<NodeId, NodeId>,
     },
     Datasets(Vec<Dataset>),
     Waiting,
@@ -256,9 +259,11 @@ pub enum NodeRequest {
     OwnerAbort {
         tx: (NodeId, u64),
     },
-    /// To a leader: did `tx` commit? An undecided `tx` is aborted for good by the question.
+    /// To a leader (or the node promoted in place of `leader`): did `tx` commit? An
+    /// undecided `tx` is aborted for good by the question.
     Outcome {
         tx: (NodeId, u64),
+        leader: NodeId,
     },
     /// To a leader: follower `node` has decided these commits (their outcomes may go).
     Confirm {

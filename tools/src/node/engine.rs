@@ -222,7 +222,7 @@ impl NodeEngine {
         }
         let mut groups: BTreeMap<NodeId, OwnerPages> = BTreeMap::new();
         for snapshot in &snapshots {
-            let owner = dataset.owner_of_page(snapshot.page);
+            let owner = self.protocol.owner_of(dataset, snapshot.page);
             match dataset.params.mode {
                 Mode::Mrmw => {
                     let group = groups
@@ -508,7 +508,7 @@ impl Engine for NodeEngine {
             match outcome {
                 ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
                 // The owner without a copy: the page was never written.
-                ReadOutcome::Absent if dataset.owner_of_page(page) == self.id => {
+                ReadOutcome::Absent if self.protocol.owner_of(&dataset, page) == self.id => {
                     match self.protocol.owned_copy(dataset.id, page)? {
                         Some((_, bytes)) => page_bytes = bytes,
                         None => page_bytes.fill(0),

@@ -259,8 +259,10 @@ fn call_with_retry(
 /// Learn the cluster's nodes before serving (the heartbeat keeps them current).
 fn refresh_peers(dispatcher: &Client, protocol: &Protocol) -> anyhow::Result<()> {
     match call_with_retry(dispatcher, &DispatcherRequest::Status)? {
-        DispatcherReply::Status { nodes, .. } => {
-            protocol.peers.update(&nodes);
+        DispatcherReply::Status {
+            nodes, successors, ..
+        } => {
+            protocol.peers.update(&nodes, successors);
             Ok(())
         }
         other => bail!("dispatcher answered Status with {other:?}"),
@@ -285,7 +287,9 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };
             match dispatcher.call::<_, DispatcherReply>(&beat, Duration::from_secs(2)) {
-                Ok(DispatcherReply::Status { nodes, .. }) => protocol.peers.update(&nodes),
+                Ok(DispatcherReply::Status {
+                    nodes, successors, ..
+                }) => protocol.peers.update(&nodes, successors),
                 Ok(other) => tracing::warn!(?other, "unexpected heartbeat reply"),
                 Err(error) => tracing::warn!(%error, "heartbeat not delivered"),
             }

@@ -168,14 +168,16 @@ impl Protocol {
         }
     }
 
-    /// At the leader: the final answer for `tx`. A leader that lost its PM asks the live
-    /// nodes whether any decided copies of `tx` (its own replicas did, if it had decided).
-    pub fn serve_outcome(&self, tx: TxKey) -> NodeReply {
+    /// At the leader: the final answer for `tx`. A leader that lost its PM, or a node
+    /// promoted in place of a lost leader, asks the live nodes whether any decided copies
+    /// of `tx` (the leader's replicas did, if it had decided).
+    pub fn serve_outcome(&self, tx: TxKey, leader: NodeId) -> NodeReply {
         let mut aborted = self.aborted.lock().expect("aborted lock");
         if self.table().outcome_decided(tx) || self.decided_commit(tx) {
             return NodeReply::Decision(true);
         }
-        if self.is_rebuilding() && !aborted.contains(&tx) {
+        let in_place_of_another = leader != self.id;
+        if (self.is_rebuilding() || in_place_of_another) && !aborted.contains(&tx) {
             let others: Vec<NodeId> = self
                 .peers
                 .live()
@@ -252,17 +254,19 @@ impl Protocol {
     }
 
     /// Ask `leader` how `tx` ended: `None` if it cannot answer now.
+    /// The question goes to the leader, or to the node promoted in its place.
     pub(super) fn ask_outcome(&self, leader: NodeId, tx: TxKey) -> Option<bool> {
-        if leader == self.id {
-            return match self.serve_outcome(tx) {
+        let asked = self.peers.resolve(leader);
+        if asked == self.id {
+            return match self.serve_outcome(tx, leader) {
                 NodeReply::Decision(decided) => Some(decided),
                 _ => None,
             };
         }
         match self
             .peers
-            .client(leader)?
-            .call::<_, NodeReply>(&NodeRequest::Outcome { tx }, RPC_TIMEOUT)
+            .client(asked)?
+            .call::<_, NodeReply>(&NodeRequest::Outcome { tx, leader }, RPC_TIMEOUT)
         {
             Ok(NodeReply::Decision(decided)) => Some(decided),
             Ok(other) => {

@@ -19,6 +19,8 @@ pub struct Peers {
     secret: Secret,
     dispatcher: Arc<Client>,
     map: RwLock<BTreeMap<NodeId, Peer>>,
+    /// Owner promotions, as the dispatcher last said: node → the node owning its chunks.
+    successors: RwLock<BTreeMap<NodeId, NodeId>>,
 }
 
 impl Peers {
@@ -27,6 +29,7 @@ impl Peers {
             secret,
             dispatcher,
             map: RwLock::new(BTreeMap::new()),
+            successors: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -36,14 +39,17 @@ impl Peers {
             .dispatcher
             .call::<_, DispatcherReply>(&DispatcherRequest::Status, hotpot_net::DEFAULT_TIMEOUT)
         {
-            Ok(DispatcherReply::Status { nodes, .. }) => self.update(&nodes),
+            Ok(DispatcherReply::Status {
+                nodes, successors, ..
+            }) => self.update(&nodes, successors),
             Ok(other) => tracing::warn!(?other, "unexpected reply to a peer refresh"),
             Err(error) => tracing::warn!(%error, "cannot refresh the peer list"),
         }
     }
 
     /// Take the dispatcher's view; a peer whose address changed (a restart) gets a new client.
-    pub fn update(&self, nodes: &[NodeInfo]) {
+    pub fn update(&self, nodes: &[NodeInfo], successors: BTreeMap<NodeId, NodeId>) {
+        *self.successors.write().expect("successors lock") = successors;
         let mut map = self.map.write().expect("peers lock");
         for node in nodes {
             match map.get_mut(&node.id) {
@@ -60,6 +66,28 @@ impl Peers {
                 }
             }
         }
+    }
+
+    /// `id` just talked to this node (a fetch, a registration): it is live, whatever the
+    /// last heartbeat reply said, so commits count it as a holder again at once.
+    pub fn mark_live(&self, id: NodeId) {
+        if let Some(peer) = self.map.write().expect("peers lock").get_mut(&id) {
+            peer.live = true;
+        }
+    }
+
+    /// The node that owns what `owner` was given (itself unless it was replaced).
+    pub fn resolve(&self, owner: NodeId) -> NodeId {
+        self.successors
+            .read()
+            .expect("successors lock")
+            .get(&owner)
+            .copied()
+            .unwrap_or(owner)
+    }
+
+    pub fn successors(&self) -> BTreeMap<NodeId, NodeId> {
+        self.successors.read().expect("successors lock").clone()
     }
 
     pub fn dispatcher(&self) -> &Client {

@@ -153,8 +153,15 @@ impl Protocol {
 
     /// The node has rejoined: owner requests proceed.
     pub fn set_ready(&self) {
-        *self.ready.lock().expect("ready lock") = true;
-        self.became_ready.notify_all();
+        self.set_ready_to(true);
+    }
+
+    /// `false`: owner requests wait (a take-over is running).
+    pub(super) fn set_ready_to(&self, ready: bool) {
+        *self.ready.lock().expect("ready lock") = ready;
+        if ready {
+            self.became_ready.notify_all();
+        }
     }
 
     /// What `hotpot status` shows of this node's recovery.
@@ -198,6 +205,11 @@ impl Protocol {
                 self.id
             )))
         }
+    }
+
+    /// The owner of `page` now: its chunk's owner, or the node promoted in its place.
+    pub fn owner_of(&self, dataset: &Dataset, page: u64) -> NodeId {
+        self.peers.resolve(dataset.owner_of_page(page))
     }
 
     pub fn is_rebuilding(&self) -> bool {
@@ -440,6 +452,9 @@ impl Protocol {
         key: PageKey,
         from: NodeId,
     ) -> Result<Option<(u64, Vec<u8>)>, FsError> {
+        if from != self.id {
+            self.peers.mark_live(from);
+        }
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
         while state.locked.contains_key(&key) {

@@ -84,83 +84,18 @@ impl Protocol {
         let mut caught_up = 0usize;
         let mut pushed = 0usize;
         for dataset in datasets {
-            let mut newest: HashMap<u64, (u64, NodeId)> = HashMap::new();
-            let mut held: BTreeMap<NodeId, Vec<(u64, u64)>> = BTreeMap::new();
-            for peer in &peers {
-                let copies = match self.ask(
-                    *peer,
-                    &NodeRequest::PageCopies {
-                        dataset: dataset.id,
-                    },
-                ) {
-                    Ok(NodeReply::PageCopies(copies)) => copies,
-                    Ok(other) => {
-                        tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
-                        continue;
-                    }
-                    Err(error) => {
-                        tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
-                        continue;
-                    }
-                };
-                let mine: Vec<PageKey> = copies
-                    .iter()
-                    .filter(|copy| dataset.owner_of_page(copy.page) == self.id)
-                    .map(|copy| (dataset.id, copy.page))
-                    .collect();
-                for copy in copies
-                    .iter()
-                    .filter(|c| dataset.owner_of_page(c.page) == self.id)
-                {
-                    held.entry(*peer)
-                        .or_default()
-                        .push((copy.page, copy.version));
-                    let best = newest.entry(copy.page).or_insert((copy.version, *peer));
-                    if copy.version > best.0 {
-                        *best = (copy.version, *peer);
-                    }
-                }
-                self.set_holder(*peer, dataset.id, &mine, true);
-            }
-            if self.is_rebuilding() {
-                fetched += self.take_newest(dataset.id, &newest);
-            }
-            // Holders behind this owner (they missed a decision while it was down) get its
-            // copies now, before anything reads them.
-            for (peer, pages) in held {
-                let behind: Vec<VersionedPage> = {
-                    let table = self.table();
-                    pages
-                        .iter()
-                        .filter_map(|(page, version)| {
-                            let (mine, bytes) = table.read_persisted((dataset.id, *page))?;
-                            (mine > *version).then_some(VersionedPage {
-                                page: *page,
-                                version: mine,
-                                bytes,
-                            })
-                        })
-                        .collect()
-                };
-                for batch in behind.chunks(INSTALL_BATCH) {
-                    let request = NodeRequest::Install {
-                        dataset: dataset.id,
-                        pages: batch.to_vec(),
-                    };
-                    match self.ask(peer, &request) {
-                        Ok(_) => pushed += batch.len(),
-                        Err(error) => tracing::warn!(peer, %error, "holder behind not updated"),
-                    }
-                }
-            }
+            let (taken, sent) = self.adopt(&peers, dataset, self.is_rebuilding());
+            fetched += taken;
+            pushed += sent;
             let mut by_owner: BTreeMap<NodeId, Vec<(u64, u64)>> = dataset
                 .owners
                 .iter()
-                .filter(|owner| **owner != self.id)
-                .map(|owner| (*owner, Vec::new()))
+                .map(|owner| self.peers.resolve(*owner))
+                .filter(|owner| *owner != self.id)
+                .map(|owner| (owner, Vec::new()))
                 .collect();
             for copy in self.table().pool().pages_of(dataset.id) {
-                let owner = dataset.owner_of_page(copy.record.page);
+                let owner = self.owner_of(dataset, copy.record.page);
                 if owner != self.id {
                     by_owner
                         .entry(owner)
@@ -202,6 +137,84 @@ impl Protocol {
             ms = started.elapsed().as_millis() as u64,
             "rejoined"
         );
+    }
+
+    /// As the owner of `dataset`'s pages (after a restart, or when promoted): learn their
+    /// holders from every live peer, take the newest copy of each if `take_newest` (this
+    /// node's own may be missing or behind), and bring holders that are behind up to date.
+    /// Returns (pages fetched, pages pushed).
+    fn adopt(&self, peers: &[NodeId], dataset: &Dataset, take_newest: bool) -> (usize, usize) {
+        let (mut fetched, mut pushed) = (0usize, 0usize);
+        let mut newest: HashMap<u64, (u64, NodeId)> = HashMap::new();
+        let mut held: BTreeMap<NodeId, Vec<(u64, u64)>> = BTreeMap::new();
+        for peer in peers {
+            let copies = match self.ask(
+                *peer,
+                &NodeRequest::PageCopies {
+                    dataset: dataset.id,
+                },
+            ) {
+                Ok(NodeReply::PageCopies(copies)) => copies,
+                Ok(other) => {
+                    tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
+                    continue;
+                }
+            };
+            let mine: Vec<PageKey> = copies
+                .iter()
+                .filter(|copy| self.owner_of(dataset, copy.page) == self.id)
+                .map(|copy| (dataset.id, copy.page))
+                .collect();
+            for copy in copies
+                .iter()
+                .filter(|c| self.owner_of(dataset, c.page) == self.id)
+            {
+                held.entry(*peer)
+                    .or_default()
+                    .push((copy.page, copy.version));
+                let best = newest.entry(copy.page).or_insert((copy.version, *peer));
+                if copy.version > best.0 {
+                    *best = (copy.version, *peer);
+                }
+            }
+            self.set_holder(*peer, dataset.id, &mine, true);
+        }
+        if take_newest {
+            fetched += self.take_newest(dataset.id, &newest);
+        }
+        // Holders behind this owner (they missed a decision while it was down) get its
+        // copies now, before anything reads them.
+        for (peer, pages) in held {
+            let behind: Vec<VersionedPage> = {
+                let table = self.table();
+                pages
+                    .iter()
+                    .filter_map(|(page, version)| {
+                        let (mine, bytes) = table.read_persisted((dataset.id, *page))?;
+                        (mine > *version).then_some(VersionedPage {
+                            page: *page,
+                            version: mine,
+                            bytes,
+                        })
+                    })
+                    .collect()
+            };
+            for batch in behind.chunks(INSTALL_BATCH) {
+                let request = NodeRequest::Install {
+                    dataset: dataset.id,
+                    pages: batch.to_vec(),
+                };
+                match self.ask(peer, &request) {
+                    Ok(_) => pushed += batch.len(),
+                    Err(error) => tracing::warn!(peer, %error, "holder behind not updated"),
+                }
+            }
+        }
+        (fetched, pushed)
     }
 
     /// A node on a new PM file: the newest copy of each owned page, from whoever has it
@@ -398,9 +411,22 @@ impl Protocol {
     pub fn run_resolver(&self) {
         let mut outcome_seen: HashMap<TxKey, Instant> = HashMap::new();
         let mut last_copy_round = Instant::now();
+        let mut successors = self.peers.successors();
         let round = (resolve_after() / 4).min(ROUND);
         loop {
             std::thread::sleep(round);
+            let now = self.peers.successors();
+            if now != successors {
+                let gained: Vec<NodeId> = now
+                    .iter()
+                    .filter(|(node, by)| **by == self.id && successors.get(node) != Some(by))
+                    .map(|(node, _)| *node)
+                    .collect();
+                successors = now;
+                if !gained.is_empty() {
+                    self.take_over(&gained);
+                }
+            }
             self.resolve_pending(None);
             self.resolve_outcomes(&mut outcome_seen);
             self.expire_phase1_locks(resolve_after() * 2);
@@ -414,6 +440,43 @@ impl Protocol {
                 }
             }
         }
+    }
+
+    /// Promoted in place of `lost`: become the owner of their chunks (owner requests wait
+    /// meanwhile): holders from every live peer, the newest copy of every page, holders
+    /// behind brought up to date.
+    fn take_over(&self, lost: &[NodeId]) {
+        let started = Instant::now();
+        let datasets = match self.datasets() {
+            Ok(datasets) => datasets,
+            Err(error) => {
+                tracing::error!(%error, "cannot list datasets to take over; next round");
+                return;
+            }
+        };
+        self.set_ready_to(false);
+        let peers: Vec<NodeId> = self
+            .peers
+            .live()
+            .into_iter()
+            .filter(|node| *node != self.id)
+            .collect();
+        let (mut fetched, mut pushed) = (0, 0);
+        for dataset in &datasets {
+            let (taken, sent) = self.adopt(&peers, dataset, true);
+            fetched += taken;
+            pushed += sent;
+        }
+        self.set_ready_to(true);
+        self.rereplicate_soon
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            ?lost,
+            fetched,
+            pushed,
+            ms = started.elapsed().as_millis() as u64,
+            "took over the chunks of lost nodes"
+        );
     }
 
     /// Settle copies of `dataset` left waiting by commits this node made (a commit whose
@@ -488,7 +551,8 @@ impl Protocol {
                     .map(|page| (*page, table.version_of((pending.dataset, *page))))
                     .collect()
             };
-            let owner = decider.owner;
+            // A lost owner's pages are settled with the node promoted in its place.
+            let owner = self.peers.resolve(decider.owner);
             match self.register_with(owner, pending.dataset, versions, Some(pending.tx)) {
                 Ok(newer) => {
                     tracing::info!(tx = ?pending.tx, owner, newer, "a copy left waiting asked its owner")
@@ -521,10 +585,12 @@ impl Protocol {
             let participants: Vec<NodeId> = (1..=64u32)
                 .filter(|node| participants & (1u64 << (node - 1)) != 0)
                 .collect();
-            if participants
-                .iter()
-                .any(|node| *node != self.id && !live.contains(node))
-            {
+            // A participant that is down may still hold a record that will ask; one replaced
+            // by a promotion owns nothing any more and does not count.
+            let replaced = self.peers.successors();
+            if participants.iter().any(|node| {
+                *node != self.id && !live.contains(node) && !replaced.contains_key(node)
+            }) {
                 continue;
             }
             let nobody_waits = live.iter().all(|node| {
@@ -569,7 +635,7 @@ impl Protocol {
                 .pages_of(dataset.id)
                 .into_iter()
                 .map(|copy| copy.record.page)
-                .filter(|page| dataset.owner_of_page(*page) == self.id)
+                .filter(|page| self.owner_of(&dataset, *page) == self.id)
                 .collect();
             for page in owned {
                 let holders = self.holders_of(&[(dataset.id, page)]);

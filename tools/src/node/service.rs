@@ -78,7 +78,7 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             protocol.finish_follower(tx, false);
             NodeReply::Done
         }
-        NodeRequest::Outcome { tx } => protocol.serve_outcome(tx),
+        NodeRequest::Outcome { tx, leader } => protocol.serve_outcome(tx, leader),
         NodeRequest::Confirm { txs, node } => protocol.serve_confirm(&txs, node),
         NodeRequest::Pending { tx } => protocol.serve_pending(tx),
         NodeRequest::ArmFault { point } => match super::fault::arm(&point) {

@@ -291,3 +291,64 @@ fn directory_rules_hold() {
     );
     assert_eq!(reply, DispatcherReply::Removed { dropped: None });
 }
+
+fn beat(state: &mut DispatcherState, node: NodeId, now_ms: u64) -> BTreeMap<NodeId, NodeId> {
+    match state
+        .handle(
+            R::Heartbeat {
+                node,
+                usage: NodeUsage::default(),
+            },
+            now_ms,
+            0,
+        )
+        .0
+    {
+        DispatcherReply::Status { successors, .. } => successors,
+        other => panic!("expected status, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_silent_node_is_replaced_by_the_next_live_one_and_stays_replaced() {
+    let mut state = joined(3);
+    state.set_promote_after_ms(5_000);
+    for now in [1_000, 2_000] {
+        for node in 1..=3 {
+            assert!(
+                beat(&mut state, node, now).is_empty(),
+                "nobody is silent yet"
+            );
+        }
+    }
+    // Node 2 stops; nodes 1 and 3 go on.
+    for now in (3_000..=8_000).step_by(1_000) {
+        beat(&mut state, 1, now);
+        beat(&mut state, 3, now);
+    }
+    assert_eq!(beat(&mut state, 1, 8_000), BTreeMap::from([(2, 3)]));
+    // Node 2 comes back: it stays replaced (node 3 holds the current pages now).
+    beat(&mut state, 2, 9_000);
+    assert_eq!(beat(&mut state, 1, 9_000), BTreeMap::from([(2, 3)]));
+    // Node 3 stops: its chunks, and node 2's, go to the next live node after 3: node 1.
+    for now in (10_000..=16_000).step_by(1_000) {
+        beat(&mut state, 1, now);
+        beat(&mut state, 2, now);
+    }
+    assert_eq!(
+        beat(&mut state, 1, 16_000),
+        BTreeMap::from([(2, 1), (3, 1)])
+    );
+    // The map is persisted state.
+    let saved = serde_json::to_string(&state).unwrap();
+    let restored: DispatcherState = serde_json::from_str(&saved).unwrap();
+    assert_eq!(restored.successors, BTreeMap::from([(2, 1), (3, 1)]));
+}
+
+#[test]
+fn promotion_is_off_unless_configured() {
+    let mut state = joined(2);
+    beat(&mut state, 1, 1_000);
+    beat(&mut state, 2, 1_000);
+    assert!(beat(&mut state, 1, 100_000).is_empty());
+}

@@ -15,7 +15,7 @@ impl Protocol {
     /// Bring a page this node lacks from its owner (or, if the owner is unreachable, the
     /// newest copy any live node has) and keep a Committed copy. Returns its bytes.
     pub fn fetch(&self, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
-        let owner = dataset.owner_of_page(page);
+        let owner = self.owner_of(dataset, page);
         let request = NodeRequest::Fetch {
             dataset: dataset.id,
             page,
