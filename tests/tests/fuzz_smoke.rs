@@ -111,6 +111,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             },
             ino: 5,
             committer: 3,
+            committer_prepared: false,
             leader: 1,
             pages: OwnerPages::Runs(vec![(
                 4,

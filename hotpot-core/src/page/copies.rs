@@ -331,7 +331,25 @@ impl PageTable {
 
     /// The owner decided: the prepared copies become current. Returns the dataset and pages
     /// (for cache invalidation); `None` if this node has no such prepared commit (a retry).
+    /// Never backwards: if a newer version of one of its pages is current already (a later
+    /// commit's copy decided first), the record is dropped instead and `None` returned; the
+    /// caller's owner then supplies what is current.
     pub fn decide_copies(&mut self, tx: TxKey) -> Option<(DatasetId, Vec<u64>)> {
+        let superseded = self
+            .prepared
+            .get(&tx)?
+            .record
+            .puts()
+            .iter()
+            .any(|(key, version, _)| {
+                self.pool
+                    .page(*key)
+                    .is_some_and(|found| found.record.version >= *version)
+            });
+        if superseded {
+            self.abort_copies(tx);
+            return None;
+        }
         let prepared = self.prepared.remove(&tx)?;
         self.pool.decide(prepared.record);
         Some((prepared.dataset, prepared.pages))
@@ -655,6 +673,28 @@ mod tests {
             table.pool().frames_free(),
             free - 1,
             "aborted frames are free again"
+        );
+    }
+
+    #[test]
+    fn a_late_decision_never_moves_a_page_back() {
+        let mut table = table();
+        let free = table.pool().frames_free();
+        let (v6, v7) = (vec![6u8; PAGE_BYTES], vec![7u8; PAGE_BYTES]);
+        table
+            .prepare_copies((1, 1), 9, &[(0, 6, &v6)], false, TxTag::default())
+            .unwrap();
+        table
+            .prepare_copies((3, 1), 9, &[(0, 7, &v7)], false, TxTag::default())
+            .unwrap();
+        assert_eq!(table.decide_copies((3, 1)), Some((9, vec![0])));
+        assert_eq!(table.decide_copies((1, 1)), None, "superseded: dropped");
+        let (version, bytes) = table.read_persisted((9, 0)).unwrap();
+        assert!(version == 7 && bytes == v7, "version {version} kept");
+        assert_eq!(
+            table.pool().frames_free(),
+            free - 1,
+            "the dropped copy's frame is free"
         );
     }
 }

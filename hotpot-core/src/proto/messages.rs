@@ -248,6 +248,8 @@ pub enum NodeRequest {
         dataset: Dataset,
         ino: Ino,
         committer: NodeId,
+        /// As in `Commit`: the committer persisted its own copy (MRSW), it needs no Prepare.
+        committer_prepared: bool,
         leader: NodeId,
         pages: OwnerPages,
     },

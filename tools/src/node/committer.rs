@@ -221,11 +221,39 @@ fn across_owners(
             }
         }
     };
+    // MRSW: this node persists its own copy of the other owners' pages first (like the
+    // one-owner path): every owner counts it and sends it no Prepare or Decide. Its own name
+    // (a node may be a follower of this very commit under `tx`).
+    let own_tx = protocol.next_tx();
+    let own_copy: Vec<(u64, u64, &[u8])> = groups
+        .iter()
+        .filter(|(owner, _)| **owner != protocol.id)
+        .flat_map(|(_, pages)| match pages {
+            OwnerPages::Writes(writes) => writes
+                .iter()
+                .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
+                .collect(),
+            OwnerPages::Runs(_) => Vec::new(),
+        })
+        .collect();
+    let committer_prepared = !runs && !own_copy.is_empty();
+    if committer_prepared {
+        protocol
+            .table()
+            .prepare_copies(own_tx, dataset.id, &own_copy, true, Default::default())
+            .map_err(pm_error)?;
+    }
+    let drop_own_copy = || {
+        if committer_prepared {
+            protocol.table().abort_copies(own_tx);
+        }
+    };
     let prepare = |owner: NodeId| NodeRequest::OwnerPrepare {
         tx,
         dataset: dataset.clone(),
         ino,
         committer: protocol.id,
+        committer_prepared,
         leader: *leader,
         pages: groups[&owner].clone(),
     };
@@ -260,6 +288,7 @@ fn across_owners(
             .collect();
         if !failed.is_empty() {
             abort(&followers);
+            drop_own_copy();
             return Err(FsError::Io(format!(
                 "commit not prepared, nothing applied: {}",
                 failed.join("; ")
@@ -284,7 +313,7 @@ fn across_owners(
             dataset: dataset.clone(),
             ino,
             committer: protocol.id,
-            committer_prepared: false,
+            committer_prepared,
             pages: pages.clone(),
         },
     };
@@ -302,6 +331,7 @@ fn across_owners(
         Ok(NodeReply::Committed { .. }) => {}
         Ok(NodeReply::Failed(error)) => {
             abort(&followers);
+            drop_own_copy();
             // The leader's refusal after phase 1 is not a conflict any more: report it.
             return Err(match error {
                 FsError::Busy(why) => FsError::Io(why),
@@ -310,9 +340,20 @@ fn across_owners(
         }
         Ok(other) => {
             abort(&followers);
+            drop_own_copy();
             return Err(FsError::Io(format!("leader {leader} answered {other:?}")));
         }
         Err(why) => {
+            // Decided or not, the leader will say: the own copy waits for its answer.
+            if committer_prepared {
+                protocol.deciders.lock().expect("deciders lock").insert(
+                    own_tx,
+                    Decider {
+                        owner: *leader,
+                        commit: Some((tx, *leader)),
+                    },
+                );
+            }
             return Err(FsError::Io(format!(
                 "leader {leader} did not answer the decision ({why}): the owners settle it"
             )));
@@ -328,6 +369,9 @@ fn across_owners(
         if let Err(error) = result {
             tracing::warn!(node, %error, "a follower missed the decision; it asks the leader");
         }
+    }
+    if committer_prepared {
+        protocol.table().decide_copies(own_tx);
     }
     Ok(())
 }

@@ -27,14 +27,14 @@ pub struct FollowerTx {
 }
 
 impl Protocol {
-    /// Phase 1 at a follower owner.
-    #[allow(clippy::too_many_arguments)]
+    /// Phase 1 at a follower owner. `committer`: the committing node and whether it
+    /// persisted its own copy already.
     pub fn serve_owner_prepare(
         &self,
         tx: TxKey,
         dataset: &Dataset,
         ino: Ino,
-        committer: NodeId,
+        committer: (NodeId, bool),
         leader: NodeId,
         pages: OwnerPages,
     ) -> NodeReply {
@@ -49,7 +49,7 @@ impl Protocol {
         tx: TxKey,
         dataset: &Dataset,
         ino: Ino,
-        committer: NodeId,
+        (committer, committer_prepared): (NodeId, bool),
         leader: NodeId,
         pages: OwnerPages,
     ) -> Result<(), FsError> {
@@ -64,7 +64,13 @@ impl Protocol {
             OwnerPages::Writes(writes) => writes,
             OwnerPages::Runs(runs) => self.merge_runs(dataset, &runs)?,
         };
-        let replicated = self.replicate(dataset, committer, false, &writes, Some((tx, leader)))?;
+        let replicated = self.replicate(
+            dataset,
+            committer,
+            committer_prepared,
+            &writes,
+            Some((tx, leader)),
+        )?;
         let copies: Vec<(u64, u64, &[u8])> = writes
             .iter()
             .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))

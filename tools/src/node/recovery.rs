@@ -542,6 +542,12 @@ impl Protocol {
                     self.table().abort_copies(pending.tx);
                 }
                 tracing::info!(?commit, decided, "a copy left waiting asked the leader");
+                // This node's own copy of its own commit: nothing else could change those
+                // pages meanwhile (it is their one writer and settles before committing).
+                // A copy an owner prepared here: the owner may have moved on; ask it next.
+                if pending.tx.0 == self.id {
+                    continue;
+                }
             }
             let versions: Vec<(u64, u64)> = {
                 let table = self.table();
@@ -558,14 +564,7 @@ impl Protocol {
                     tracing::info!(tx = ?pending.tx, owner, newer, "a copy left waiting asked its owner")
                 }
                 Err(error) => {
-                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet");
-                    if decider.commit.is_some() {
-                        // Settled already; the owner learns this copy when it rejoins.
-                        self.deciders
-                            .lock()
-                            .expect("deciders lock")
-                            .remove(&pending.tx);
-                    }
+                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet")
                 }
             }
         }

@@ -67,9 +67,17 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             dataset,
             ino,
             committer,
+            committer_prepared,
             leader,
             pages,
-        } => protocol.serve_owner_prepare(tx, &dataset, ino, committer, leader, pages),
+        } => protocol.serve_owner_prepare(
+            tx,
+            &dataset,
+            ino,
+            (committer, committer_prepared),
+            leader,
+            pages,
+        ),
         NodeRequest::OwnerDecide { tx } => {
             protocol.finish_follower(tx, true);
             NodeReply::Done
