@@ -372,6 +372,10 @@ fn across_owners(
     }
     if committer_prepared {
         protocol.table().decide_copies(own_tx);
+        // A participant of its own when it owns none of the pages (see commit_locked).
+        if !groups.contains_key(&protocol.id) {
+            let _ = protocol.confirmations.send((*leader, tx));
+        }
     }
     Ok(())
 }

@@ -566,6 +566,11 @@ impl Protocol {
             // outcome may be forgotten.
             let mut participants = followers.to_vec();
             participants.push(self.id);
+            // A committer that persisted its own copy and owns none of these pages waits
+            // for the outcome too, if it misses this answer: it confirms for that copy.
+            if committer_prepared && !participants.contains(&committer) {
+                participants.push(committer);
+            }
             TxTag {
                 role: TxRole::Leader,
                 tx,

@@ -479,6 +479,45 @@ impl Protocol {
         );
     }
 
+    /// The outcome of multi-owner commit `commit` is known: every copy here waiting for it is
+    /// decided or dropped. This node's own copy of its own commit, when it is no owner in it,
+    /// is a participant of its own: it confirms to the leader.
+    fn settle_copies_of(&self, commit: TxKey, decided: bool) {
+        let waiting: Vec<(TxKey, NodeId)> = {
+            let mut deciders = self.deciders.lock().expect("deciders lock");
+            let settled: Vec<(TxKey, NodeId)> = deciders
+                .iter()
+                .filter_map(|(tx, decider)| {
+                    decider
+                        .commit
+                        .filter(|(of, _)| *of == commit)
+                        .map(|(_, leader)| (*tx, leader))
+                })
+                .collect();
+            for (tx, _) in &settled {
+                deciders.remove(tx);
+            }
+            settled
+        };
+        for (tx, leader) in waiting {
+            let pages = if decided {
+                self.note_decided_commit(commit);
+                self.table().decide_copies(tx)
+            } else {
+                self.table().abort_copies(tx);
+                None
+            };
+            if let Some((dataset, pages)) = pages {
+                self.invalidate_dataset(dataset, &pages);
+            }
+            let own_copy = tx.0 == self.id && commit.0 == self.id;
+            let also_follower = self.table().is_pending(commit);
+            if decided && own_copy && !also_follower {
+                let _ = self.confirmations.send((leader, commit));
+            }
+        }
+    }
+
     /// Settle copies of `dataset` left waiting by commits this node made (a commit whose
     /// outcome it never heard): its next snapshot must build on the outcome.
     pub fn settle_before_commit(&self, dataset: DatasetId) {
@@ -500,9 +539,13 @@ impl Protocol {
             })
             .collect();
         for pending in waiting {
+            if !self.table().is_pending(pending.tx) {
+                continue; // settled with another entry of the same commit
+            }
             if pending.tag.role == TxRole::Follower {
                 if let Some(decided) = self.ask_outcome(pending.tag.leader, pending.tx) {
                     tracing::info!(tx = ?pending.tx, decided, "resolved a follower commit with its leader");
+                    self.settle_copies_of(pending.tx, decided);
                     self.finish_follower(pending.tx, decided);
                 }
                 continue;
@@ -530,18 +573,11 @@ impl Protocol {
                 let Some(decided) = self.ask_outcome(leader, commit) else {
                     continue;
                 };
-                self.deciders
-                    .lock()
-                    .expect("deciders lock")
-                    .remove(&pending.tx);
-                if decided {
-                    self.note_decided_commit(commit);
-                    self.table().decide_copies(pending.tx);
-                    self.invalidate_dataset(pending.dataset, &pending.pages);
-                } else {
-                    self.table().abort_copies(pending.tx);
-                }
                 tracing::info!(?commit, decided, "a copy left waiting asked the leader");
+                // Everything of that commit here at once, then this node's own part of it,
+                // so no confirmation frees the outcome while a copy here still needs it.
+                self.settle_copies_of(commit, decided);
+                self.finish_follower(commit, decided);
                 // This node's own copy of its own commit: nothing else could change those
                 // pages meanwhile (it is their one writer and settles before committing).
                 // A copy an owner prepared here: the owner may have moved on; ask it next.
