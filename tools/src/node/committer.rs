@@ -257,8 +257,8 @@ fn across_owners(
         leader: *leader,
         pages: groups[&owner].clone(),
     };
-    // Phase 1.
-    if runs {
+    // Phase 1. MRMW with one owner has none: its CommitRuns locks, merges and unlocks.
+    if runs && !followers.is_empty() {
         ask(
             protocol,
             *leader,
@@ -277,7 +277,7 @@ fn across_owners(
                 return Err(error);
             }
         }
-    } else {
+    } else if !runs {
         let requests = followers
             .iter()
             .map(|node| (*node, prepare(*node)))
