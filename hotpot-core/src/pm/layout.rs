@@ -371,9 +371,10 @@ pub struct TxTag {
 }
 
 impl TxTag {
-    pub fn participant_ids(&self) -> Vec<u32> {
+    /// The node ids of a participant bitmap.
+    pub fn ids(bitmap: u64) -> Vec<u32> {
         (0..64)
-            .filter(|bit| self.participants & (1u64 << bit) != 0)
+            .filter(|bit| bitmap & (1u64 << bit) != 0)
             .map(|bit| bit + 1)
             .collect()
     }

@@ -56,10 +56,6 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn txid(&self) -> u64 {
-        self.txid
-    }
-
     pub fn tag(&self) -> &TxTag {
         &self.tag
     }

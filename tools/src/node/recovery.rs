@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::TxKey;
-use hotpot_core::pm::{PageKey, TxRole, PAGE_BYTES};
+use hotpot_core::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
@@ -617,9 +617,7 @@ impl Protocol {
                 continue;
             }
             let live = self.peers.live();
-            let participants: Vec<NodeId> = (1..=64u32)
-                .filter(|node| participants & (1u64 << (node - 1)) != 0)
-                .collect();
+            let participants = TxTag::ids(participants);
             // A participant that is down may still hold a record that will ask; one replaced
             // by a promotion owns nothing any more and does not count.
             let replaced = self.peers.successors();
