@@ -5,10 +5,12 @@
 //! which copies of this node's pages it holds (the holder sets were volatile) and, for a node
 //! on a new PM file, the newest copy of each owned page is fetched; this node's copies of
 //! other owners' pages are registered with those owners, which send back what is newer.
-//! Resolver (every ROUND): a follower record older than resolve_after() asks its leader; a
-//! holder's prepared copy older than that asks its owner for the current pages; a leader's
-//! kept outcome asks followers that never confirmed; pages that fell below their copy count
-//! are copied to more live nodes.
+//! Resolver (every ROUND, or a quarter of resolve_after()): a follower record older than
+//! resolve_after() asks its leader (or the node promoted in its place); a holder's prepared
+//! copy asks the leader of its commit, or its owner for the current pages; a leader's kept
+//! outcome is freed once no live node waits for it; MRMW phase-1 locks of a silent committer
+//! expire; pages that fell below their copy count are copied to more live nodes; when this node
+//! is promoted in place of a lost one, it takes over its chunks.
 //! Must survive: any peer unreachable during any of this (the step is retried next round),
 //! commits running meanwhile (every step takes the pages' locks or the holder lock).
 
