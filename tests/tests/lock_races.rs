@@ -37,6 +37,7 @@ fn shared_counters_equal_the_private_tallies_on_every_node() {
                 let secret = secret.clone();
                 let dispatcher = dispatcher.clone();
                 let path = cluster.mount(node).join("counters");
+                let cluster = &cluster;
                 scope.spawn(move || {
                     let coordinator =
                         hotpot_client::Coordinator::connect(&dispatcher, secret, node, 0);
@@ -57,8 +58,12 @@ fn shared_counters_equal_the_private_tallies_on_every_node() {
                                 let _lock = coordinator.lock(&format!("c{counter}")).unwrap();
                                 let value = read_counter(&mut map, counter);
                                 write_counter(&mut map, counter, value + delta);
-                                map.msync()
-                                    .unwrap_or_else(|e| panic!("node {node} op {operation}: {e}"));
+                                map.msync().unwrap_or_else(|e| {
+                                    panic!(
+                                        "node {node} op {operation}: {e}\n{}",
+                                        tail(cluster, node)
+                                    )
+                                });
                                 tally[counter] += delta;
                             }
                             1 => {
@@ -73,8 +78,12 @@ fn shared_counters_equal_the_private_tallies_on_every_node() {
                                 let given = read_counter(&mut map, to);
                                 write_counter(&mut map, from, taken - amount);
                                 write_counter(&mut map, to, given + amount);
-                                map.msync()
-                                    .unwrap_or_else(|e| panic!("node {node} op {operation}: {e}"));
+                                map.msync().unwrap_or_else(|e| {
+                                    panic!(
+                                        "node {node} op {operation}: {e}\n{}",
+                                        tail(cluster, node)
+                                    )
+                                });
                                 tally[from] -= amount;
                                 tally[to] += amount;
                             }
@@ -108,4 +117,11 @@ fn shared_counters_equal_the_private_tallies_on_every_node() {
         assert_eq!(seen, expected, "node {node}'s view of the counters");
         assert_eq!(seen.iter().sum::<i64>(), expected.iter().sum::<i64>());
     }
+}
+
+/// The last lines of a node's log, for a failure message.
+fn tail(cluster: &Cluster, node: u32) -> String {
+    let log = cluster.node_log(node);
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }

@@ -332,9 +332,10 @@ fn across_owners(
         Ok(NodeReply::Failed(error)) => {
             abort(&followers);
             drop_own_copy();
-            // The leader's refusal after phase 1 is not a conflict any more: report it.
+            // A refusal after phase 1 is not a conflict any more (the locks were ours):
+            // report it. With one owner there was no phase 1: a conflict, retried.
             return Err(match error {
-                FsError::Busy(why) => FsError::Io(why),
+                FsError::Busy(why) if !followers.is_empty() => FsError::Io(why),
                 other => other,
             });
         }

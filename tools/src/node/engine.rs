@@ -556,7 +556,9 @@ impl Engine for NodeEngine {
     fn commit(&self, ino: Ino) -> Result<(), FsError> {
         let (dataset, _) = self.dataset_of(ino)?;
         let _span = tracing::debug_span!("commit", dataset = dataset.id).entered();
-        let pages = self.commit_dataset(&dataset, ino)?;
+        let pages = self.commit_dataset(&dataset, ino).inspect_err(|error| {
+            tracing::warn!(ino, %error, "commit failed; the writes stay staged");
+        })?;
         tracing::debug!(pages, "committed");
         let staged_size = {
             let mut files = self.files.lock().expect("files lock");
