@@ -3,7 +3,9 @@
 //! then decided or aborted), and copies fetched from an owner.
 //! Must survive: writes that arrive while their page is being committed (kept, rebased), a
 //! fetched copy racing a newer pushed one (the older never replaces the newer), a crash
-//! between prepare and decide (the Prepared record is discarded at recovery).
+//! between prepare and decide (a replica's Prepared record is discarded at recovery, a follower
+//! owner's is kept and resolved with its leader), a decision arriving after a newer version
+//! (never applied backwards).
 
 use crate::page::merge::{apply_runs, diff_runs, Run};
 use crate::page::PageTable;

@@ -1,7 +1,8 @@
 //! The persistent-memory pool: frames, the slots that name them, and the redo log that
 //! makes a set of slot changes atomic. Must survive power loss at any persist point: new
 //! frame bytes and the redo record are persisted before the 8-byte phase switch that decides
-//! a commit, and recovery replays decided records and discards the rest.
+//! a commit, and recovery replays decided records, keeps followers' prepared records and
+//! leaders' outcomes of commits across owners (docs/design.md, "Recovery"), discards the rest.
 
 use std::collections::HashMap;
 
@@ -496,7 +497,7 @@ impl Pool {
     }
 
     /// Steps 1 and 2 of a commit: the new frames and a Prepared redo record are durable,
-    /// nothing is current yet. A crash now discards it. The pages' slots are reserved, so a
+    /// nothing is current yet. A crash now discards it (a follower's record is kept). The pages' slots are reserved, so a
     /// page is never given two slots while the record waits for `decide` or `abort`.
     /// `tag` names the record's part in a cluster commit (see `TxRole`).
     pub fn prepare(&mut self, changes: &[SlotChange], tag: TxTag) -> Result<Prepared, PmError> {

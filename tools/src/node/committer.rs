@@ -1,4 +1,4 @@
-//! The committing node's side of a commit (docs/design.md, "Commit across owners").
+//! The committing node's side of a commit (docs/design.md, "Recovery": commits across owners).
 //! One owner: one message (MRSW `Commit` after this node prepared its own copy; MRMW
 //! `CommitRuns` with lock, merge and unlock in one). Several owners: the lowest-id owner
 //! leads. Phase 1 prepares every follower (MRMW: the leader's pages are locked first and
