@@ -377,20 +377,7 @@ impl Protocol {
     /// Returns whether every live holder got them.
     pub(super) fn push_to_holders(&self, dataset: DatasetId, keys: &[PageKey]) -> bool {
         let live = self.peers.live();
-        let copies: Vec<VersionedPage> = {
-            let table = self.table();
-            keys.iter()
-                .filter_map(|key| {
-                    table
-                        .read_persisted(*key)
-                        .map(|(version, bytes)| VersionedPage {
-                            page: key.1,
-                            version,
-                            bytes,
-                        })
-                })
-                .collect()
-        };
+        let copies = self.persisted_copies(keys);
         self.invalidate_dataset(dataset, &keys.iter().map(|key| key.1).collect::<Vec<_>>());
         let mut all = true;
         for node in self.holders_of(keys) {
@@ -710,20 +697,7 @@ impl Protocol {
         let Ok(_held) = self.lock_pages(self.next_tx(), &keys, false) else {
             return Ok(()); // next round
         };
-        let copies: Vec<VersionedPage> = {
-            let table = self.table();
-            keys.iter()
-                .filter_map(|key| {
-                    table
-                        .read_persisted(*key)
-                        .map(|(version, bytes)| VersionedPage {
-                            page: key.1,
-                            version,
-                            bytes,
-                        })
-                })
-                .collect()
-        };
+        let copies = self.persisted_copies(&keys);
         self.ask(
             node,
             &NodeRequest::Install {

@@ -84,21 +84,27 @@ impl Protocol {
     }
 
     pub fn serve_copies(&self, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        let keys: Vec<_> = pages.iter().map(|page| (dataset, *page)).collect();
+        NodeReply::Pages(self.persisted_copies(&keys))
+    }
+
+    /// This node's persisted copies of those of `keys` it has (never staged bytes).
+    pub(in crate::node) fn persisted_copies(
+        &self,
+        keys: &[hotpot_core::pm::PageKey],
+    ) -> Vec<VersionedPage> {
         let table = self.table();
-        NodeReply::Pages(
-            pages
-                .iter()
-                .filter_map(|page| {
-                    table
-                        .read_persisted((dataset, *page))
-                        .map(|(version, bytes)| VersionedPage {
-                            page: *page,
-                            version,
-                            bytes,
-                        })
-                })
-                .collect(),
-        )
+        keys.iter()
+            .filter_map(|key| {
+                table
+                    .read_persisted(*key)
+                    .map(|(version, bytes)| VersionedPage {
+                        page: key.1,
+                        version,
+                        bytes,
+                    })
+            })
+            .collect()
     }
 
     pub fn serve_copy(&self, dataset: DatasetId, page: u64) -> NodeReply {
