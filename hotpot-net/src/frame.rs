@@ -2,10 +2,79 @@
 //! and body. Reading refuses a frame over the bound before allocating for it.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{NetError, MAX_FRAME_BYTES};
 
 pub const HEADER_BYTES: usize = 12;
+/// The id of a connection's first frame when it asks to move to verbs (never a call's id:
+/// clients count up from 1).
+pub const UPGRADE_ID: u64 = u64::MAX;
+
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// Frame bytes this process has sent and received over every connection, any transport.
+pub fn wire_bytes() -> (u64, u64) {
+    (
+        BYTES_SENT.load(Ordering::Relaxed),
+        BYTES_RECEIVED.load(Ordering::Relaxed),
+    )
+}
+
+pub(crate) fn count_sent(bytes: usize) {
+    BYTES_SENT.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+pub(crate) fn count_received(bytes: usize) {
+    BYTES_RECEIVED.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+/// Cuts a byte stream that arrives in pieces (verbs messages) into frames.
+#[cfg(any(feature = "verbs", test))]
+#[derive(Default)]
+pub(crate) struct Reassembler {
+    buffer: Vec<u8>,
+}
+
+#[cfg(any(feature = "verbs", test))]
+impl Reassembler {
+    /// Take the next piece; returns the frames it completed, or an error for a frame over
+    /// the bound or below the header size (the connection must close).
+    pub(crate) fn push(&mut self, piece: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, FrameError> {
+        self.buffer.extend_from_slice(piece);
+        let mut frames = Vec::new();
+        let mut start = 0;
+        while self.buffer.len() - start >= 4 {
+            let length = u32::from_le_bytes(
+                self.buffer[start..start + 4]
+                    .try_into()
+                    .expect("4 bytes"),
+            ) as usize;
+            if length + 4 > MAX_FRAME_BYTES {
+                return Err(FrameError::TooLarge(length + 4));
+            }
+            if length < 8 {
+                return Err(FrameError::Malformed(format!(
+                    "frame length {length} below header size"
+                )));
+            }
+            if self.buffer.len() - start < 4 + length {
+                break;
+            }
+            let id = u64::from_le_bytes(
+                self.buffer[start + 4..start + 12]
+                    .try_into()
+                    .expect("8 bytes"),
+            );
+            frames.push((id, self.buffer[start + 12..start + 4 + length].to_vec()));
+            count_received(4 + length);
+            start += 4 + length;
+        }
+        self.buffer.drain(..start);
+        Ok(frames)
+    }
+}
 
 pub fn encode<T: serde::Serialize>(id: u64, message: &T) -> Result<Vec<u8>, NetError> {
     let buffer = vec![0u8; HEADER_BYTES];
@@ -81,5 +150,38 @@ mod tests {
             Err(FrameError::TooLarge(_))
         ));
         assert!(read_frame(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_reassembler_cuts_frames_out_of_any_split() {
+        let mut stream = Vec::new();
+        let mut sent = Vec::new();
+        for id in 1..40u64 {
+            let body = vec![id as u8; (id as usize * 997) % 9000];
+            stream.extend_from_slice(&encode(id, &body).unwrap());
+            sent.push((id, body));
+        }
+        for piece in [1, 7, 4096, 4608, stream.len()] {
+            let mut reassembler = Reassembler::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(piece) {
+                got.extend(reassembler.push(chunk).unwrap());
+            }
+            let decoded: Vec<(u64, Vec<u8>)> = got
+                .into_iter()
+                .map(|(id, body)| (id, postcard::from_bytes(&body).unwrap()))
+                .collect();
+            assert_eq!(decoded, sent, "pieces of {piece} bytes");
+        }
+        let mut bad = Reassembler::default();
+        assert!(matches!(
+            bad.push(&(MAX_FRAME_BYTES as u32).to_le_bytes()),
+            Err(FrameError::TooLarge(_))
+        ));
+        let mut short = Reassembler::default();
+        assert!(matches!(
+            short.push(&3u32.to_le_bytes()),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

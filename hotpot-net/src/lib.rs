@@ -1,14 +1,23 @@
 //! hotpot transports. One interface for every transport: a `Client` makes RPC calls with a
-//! request id and a timeout, `multicall` asks a set of peers at once, a server hands each
-//! request to a handler. TCP is the default transport; frames are length-prefixed postcard,
-//! size-bounded, and a frame that fails to decode closes only its own connection.
+//! request id and a timeout, `multicall` asks a set of peers at once, a `Server` hands each
+//! request to a handler. A `Transport` only moves frames (length-prefixed postcard,
+//! size-bounded; a frame that fails to decode closes only its own connection): TCP always,
+//! RDMA verbs with the cargo feature `verbs` (see `verbs`).
 
 pub mod auth;
+mod client;
 pub mod frame;
+mod server;
 pub mod tcp;
+mod upgrade;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 pub use auth::Secret;
-pub use tcp::{multicall, wire_bytes, Client, Server};
+pub use client::{multicall, Client, Inbox, Link, Transport};
+pub use frame::wire_bytes;
+pub use server::{Server, ServerConfig};
+pub use tcp::Tcp;
 
 use std::time::Duration;
 
@@ -19,7 +28,8 @@ pub const MAX_FRAME_BYTES: usize = 256 << 20;
 /// Default RPC timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Transport errors: typed so callers can tell a dead peer from a slow one.
+/// Transport errors: typed so callers can tell a dead peer from a slow one, the same for
+/// every transport.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{addr} refused us: the cluster secret does not match")]
@@ -40,4 +50,8 @@ pub enum NetError {
     Decode { addr: String, reason: String },
     #[error("cannot encode a message: {0}")]
     Encode(String),
+    #[error("this transport does not support {what}")]
+    Unsupported { what: &'static str },
+    #[error("RDMA device: {0}")]
+    Device(String),
 }

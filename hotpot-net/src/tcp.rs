@@ -1,113 +1,39 @@
-//! TCP transport. A `Client` keeps one connection per peer with many requests in flight,
-//! matched to replies by request id; a reader thread completes waiting callers and fails
-//! them all when the connection drops. A `Server` reads frames per connection and runs the
-//! handler on a bounded pool of worker threads.
+//! TCP transport: one connection per peer, many requests in flight on it. A reader thread
+//! hands reply frames to the client's inbox and closes it when the connection drops. The
+//! server side of every connection starts here too (see `server.rs`).
 
-use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Sender};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-
 use crate::auth::{self, AuthError, Secret};
+use crate::client::{Inbox, Link, Transport};
 use crate::frame::{self, FrameError};
+use crate::server::Service;
 use crate::NetError;
 
-/// How long a caller waits for its reply awake before it parks.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(60);
-
 /// How long a handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
-static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// The TCP transport.
+pub struct Tcp;
 
-/// Frame bytes this process has sent and received over every connection.
-pub fn wire_bytes() -> (u64, u64) {
-    (
-        BYTES_SENT.load(Ordering::Relaxed),
-        BYTES_RECEIVED.load(Ordering::Relaxed),
-    )
-}
-
-type Pending = Arc<Mutex<HashMap<u64, Sender<Vec<u8>>>>>;
-
-struct Connection {
-    writer: Mutex<BufWriter<TcpStream>>,
-    pending: Pending,
-    alive: Arc<AtomicBool>,
-}
-
-/// RPC client to one peer. Cheap to share (`Arc`); reconnects on the next call after a drop.
-pub struct Client {
-    addr: String,
-    secret: Secret,
-    connection: Mutex<Option<Arc<Connection>>>,
-    next_id: AtomicU64,
-}
-
-impl Client {
-    pub fn new(addr: impl Into<String>, secret: Secret) -> Client {
-        Client {
-            addr: addr.into(),
-            secret,
-            connection: Mutex::new(None),
-            next_id: AtomicU64::new(1),
-        }
+impl Transport for Tcp {
+    fn name(&self) -> &'static str {
+        "tcp"
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
-    }
-
-    fn connect(&self) -> Result<Arc<Connection>, NetError> {
-        let mut slot = self.connection.lock().expect("client lock");
-        if let Some(existing) = slot.as_ref() {
-            if existing.alive.load(Ordering::Acquire) {
-                return Ok(existing.clone());
-            }
-        }
+    fn connect(&self, addr: &str, secret: &Secret, inbox: Inbox) -> Result<Box<dyn Link>, NetError> {
+        let stream = open(addr, secret)?;
         let connect_error = |source| NetError::Connect {
-            addr: self.addr.clone(),
+            addr: addr.to_string(),
             source,
         };
-        let target = self
-            .addr
-            .to_socket_addrs()
-            .map_err(connect_error)?
-            .next()
-            .ok_or_else(|| connect_error(std::io::Error::other("address resolves to nothing")))?;
-        let mut stream =
-            TcpStream::connect_timeout(&target, Duration::from_secs(3)).map_err(connect_error)?;
-        stream.set_nodelay(true).map_err(connect_error)?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(connect_error)?;
-        match auth::client_handshake(&mut stream, &self.secret) {
-            Ok(()) => {}
-            Err(AuthError::WrongSecret) => {
-                tracing::error!(addr = %self.addr, "peer refused the cluster secret");
-                return Err(NetError::WrongSecret {
-                    addr: self.addr.clone(),
-                });
-            }
-            Err(AuthError::Io(source)) => return Err(connect_error(source)),
-        }
-        stream.set_read_timeout(None).map_err(connect_error)?;
         let reader = stream.try_clone().map_err(connect_error)?;
-        let connection = Arc::new(Connection {
-            writer: Mutex::new(BufWriter::new(stream)),
-            pending: Arc::new(Mutex::new(HashMap::new())),
-            alive: Arc::new(AtomicBool::new(true)),
-        });
-        let pending = connection.pending.clone();
-        let alive = connection.alive.clone();
-        let addr = self.addr.clone();
+        let closer = stream.try_clone().map_err(connect_error)?;
+        let delivering = inbox.clone();
+        let peer = addr.to_string();
         std::thread::Builder::new()
             .name(format!("rpc-reader {addr}"))
             .spawn(move || {
@@ -115,196 +41,98 @@ impl Client {
                 loop {
                     match frame::read_frame(&mut reader) {
                         Ok(Some((id, body))) => {
-                            BYTES_RECEIVED.fetch_add(body.len() as u64 + 12, Ordering::Relaxed);
-                            let waiter = pending.lock().expect("pending lock").remove(&id);
-                            if let Some(waiter) = waiter {
-                                let _ = waiter.send(body);
-                            }
+                            frame::count_received(body.len() + frame::HEADER_BYTES);
+                            delivering.deliver(id, body);
                         }
                         Ok(None) => break,
                         Err(error) => {
-                            tracing::debug!(%addr, %error, "connection closed");
+                            tracing::debug!(addr = %peer, %error, "connection closed");
                             break;
                         }
                     }
                 }
-                alive.store(false, Ordering::Release);
-                // Dropping the senders fails every waiting call with Disconnected.
-                pending.lock().expect("pending lock").clear();
+                delivering.close();
             })
             .map_err(connect_error)?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+        Ok(Box::new(TcpLink {
+            addr: addr.to_string(),
+            writer: Mutex::new(BufWriter::new(stream)),
+            closer,
+            inbox,
+        }))
     }
+}
 
-    /// Send `request` and wait up to `timeout` for its reply.
-    pub fn call<Req: Serialize, Resp: DeserializeOwned>(
-        &self,
-        request: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, NetError> {
-        let connection = self.connect()?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = frame::encode(id, request)?;
-        let (sender, receiver) = bounded(1);
-        connection
-            .pending
-            .lock()
-            .expect("pending lock")
-            .insert(id, sender);
+/// Connect to `addr` and prove `secret`; the stream comes back with no read timeout.
+pub(crate) fn open(addr: &str, secret: &Secret) -> Result<TcpStream, NetError> {
+    let connect_error = |source| NetError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let target = addr
+        .to_socket_addrs()
+        .map_err(connect_error)?
+        .next()
+        .ok_or_else(|| connect_error(std::io::Error::other("address resolves to nothing")))?;
+    let mut stream =
+        TcpStream::connect_timeout(&target, Duration::from_secs(3)).map_err(connect_error)?;
+    stream.set_nodelay(true).map_err(connect_error)?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(connect_error)?;
+    match auth::client_handshake(&mut stream, secret) {
+        Ok(()) => {}
+        Err(AuthError::WrongSecret) => {
+            tracing::error!(%addr, "peer refused the cluster secret");
+            return Err(NetError::WrongSecret {
+                addr: addr.to_string(),
+            });
+        }
+        Err(AuthError::Io(source)) => return Err(connect_error(source)),
+    }
+    stream.set_read_timeout(None).map_err(connect_error)?;
+    Ok(stream)
+}
+
+struct TcpLink {
+    addr: String,
+    writer: Mutex<BufWriter<TcpStream>>,
+    closer: TcpStream,
+    inbox: Inbox,
+}
+
+impl Link for TcpLink {
+    fn send(&self, frame: &[u8]) -> Result<(), NetError> {
         let written = {
-            let mut writer = connection.writer.lock().expect("writer lock");
-            frame::write_frame(&mut *writer, &frame).and_then(|()| writer.flush())
+            let mut writer = self.writer.lock().expect("writer lock");
+            frame::write_frame(&mut *writer, frame).and_then(|()| writer.flush())
         };
         if written.is_err() {
-            connection.alive.store(false, Ordering::Release);
-            connection.pending.lock().expect("pending lock").remove(&id);
+            self.close();
             return Err(NetError::Disconnected {
                 addr: self.addr.clone(),
             });
         }
-        BYTES_SENT.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        // Replies on a local network come back within tens of microseconds: wait for them
-        // awake for a bounded moment, because parking costs a cross-CPU wakeup of about the
-        // same size (measured: RPC p50 101 µs parking at once on a 2-vCPU VM).
-        let spin_until = std::time::Instant::now() + SPIN_BEFORE_PARK;
-        let early = loop {
-            match receiver.try_recv() {
-                Ok(body) => break Some(body),
-                Err(crossbeam_channel::TryRecvError::Disconnected) => break None,
-                Err(crossbeam_channel::TryRecvError::Empty)
-                    if std::time::Instant::now() < spin_until =>
-                {
-                    std::hint::spin_loop()
-                }
-                Err(crossbeam_channel::TryRecvError::Empty) => break None,
-            }
-        };
-        let waited = match early {
-            Some(body) => Ok(body),
-            None => receiver.recv_timeout(timeout),
-        };
-        match waited {
-            Ok(body) => postcard::from_bytes(&body).map_err(|error| NetError::Decode {
-                addr: self.addr.clone(),
-                reason: error.to_string(),
-            }),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                connection.pending.lock().expect("pending lock").remove(&id);
-                Err(NetError::Timeout {
-                    addr: self.addr.clone(),
-                    timeout,
-                })
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(NetError::Disconnected {
-                addr: self.addr.clone(),
-            }),
-        }
+        frame::count_sent(frame.len());
+        Ok(())
+    }
+
+    fn close(&self) {
+        let _ = self.closer.shutdown(Shutdown::Both);
+        self.inbox.close();
     }
 }
 
-/// Ask every client the same thing at once; replies in the clients' order.
-pub fn multicall<Req, Resp>(
-    clients: &[Arc<Client>],
-    request: &Req,
-    timeout: Duration,
-) -> Vec<Result<Resp, NetError>>
-where
-    Req: Serialize + Sync,
-    Resp: DeserializeOwned + Send,
-{
-    // One peer (the usual replica count): no thread to start.
-    if let [client] = clients {
-        return vec![client.call(request, timeout)];
-    }
-    std::thread::scope(|scope| {
-        let calls: Vec<_> = clients
-            .iter()
-            .map(|client| scope.spawn(move || client.call(request, timeout)))
-            .collect();
-        calls
-            .into_iter()
-            .map(|call| call.join().expect("multicall thread panicked"))
-            .collect()
-    })
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A running server; dropping it does not stop it (it lives as long as the process).
-pub struct Server {
-    local_addr: std::net::SocketAddr,
-}
-
-impl Server {
-    /// Serve `listener` with `handler` on `workers` threads; every connection must first
-    /// prove `secret`.
-    pub fn spawn<Req, Resp, H>(
-        listener: TcpListener,
-        secret: Secret,
-        workers: usize,
-        handler: H,
-    ) -> std::io::Result<Server>
-    where
-        Req: DeserializeOwned + Send + 'static,
-        Resp: Serialize + 'static,
-        H: Fn(Req) -> Resp + Send + Sync + 'static,
-    {
-        assert!(workers > 0);
-        let local_addr = listener.local_addr()?;
-        let handler = Arc::new(handler);
-        let (jobs, job_queue) = bounded::<Job>(workers * 64);
-        for index in 0..workers {
-            let job_queue = job_queue.clone();
-            std::thread::Builder::new()
-                .name(format!("rpc-worker-{index}"))
-                .spawn(move || {
-                    for job in job_queue {
-                        job();
-                    }
-                })?;
-        }
-        std::thread::Builder::new()
-            .name(format!("rpc-accept {local_addr}"))
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
-                    let handler = handler.clone();
-                    let jobs = jobs.clone();
-                    let secret = secret.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("rpc-conn".into())
-                        .spawn(move || serve_connection(stream, &secret, handler, jobs));
-                    if let Err(error) = spawned {
-                        tracing::warn!(%error, "cannot start a connection thread");
-                    }
-                }
-            })?;
-        Ok(Server { local_addr })
-    }
-
-    pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.local_addr
-    }
-}
-
-fn serve_connection<Req, Resp, H>(
-    mut stream: TcpStream,
-    secret: &Secret,
-    handler: Arc<H>,
-    jobs: Sender<Job>,
-) where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + 'static,
-    H: Fn(Req) -> Resp + Send + Sync + 'static,
-{
+/// Server side of one connection: prove the secret, then serve its frames, or move them to
+/// verbs when the first frame asks for it.
+pub(crate) fn serve_connection(mut stream: TcpStream, service: &Arc<Service>) {
     let peer = stream
         .peer_addr()
         .map(|addr| addr.to_string())
         .unwrap_or_else(|_| "unknown peer".into());
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    match auth::server_handshake(&mut stream, secret) {
+    match auth::server_handshake(&mut stream, &service.secret) {
         Ok(()) => {}
         Err(AuthError::WrongSecret) => {
             tracing::error!(%peer, "refused a connection: the peer does not know the cluster secret");
@@ -320,11 +148,17 @@ fn serve_connection<Req, Resp, H>(
         return;
     };
     let writer = Arc::new(Mutex::new(BufWriter::new(write_half)));
+    let reply: crate::server::Reply = Arc::new(move |frame: &[u8]| {
+        frame::count_sent(frame.len());
+        let mut writer = writer.lock().expect("writer lock");
+        let _ = frame::write_frame(&mut *writer, frame).and_then(|()| writer.flush());
+    });
     let mut reader = BufReader::new(stream);
+    let mut first = true;
     loop {
         let (id, body) = match frame::read_frame(&mut reader) {
             Ok(Some(frame)) => {
-                BYTES_RECEIVED.fetch_add(frame.1.len() as u64 + 12, Ordering::Relaxed);
+                frame::count_received(frame.1.len() + frame::HEADER_BYTES);
                 frame
             }
             Ok(None) => return,
@@ -334,28 +168,12 @@ fn serve_connection<Req, Resp, H>(
                 return;
             }
         };
-        let request: Req = match postcard::from_bytes(&body) {
-            Ok(request) => request,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "closing connection: undecodable request");
-                return;
-            }
-        };
-        let handler = handler.clone();
-        let writer = writer.clone();
-        let peer = peer.clone();
-        let job: Job = Box::new(move || {
-            let reply = handler(request);
-            match frame::encode(id, &reply) {
-                Ok(frame) => {
-                    BYTES_SENT.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                    let mut writer = writer.lock().expect("writer lock");
-                    let _ = frame::write_frame(&mut *writer, &frame).and_then(|()| writer.flush());
-                }
-                Err(error) => tracing::error!(%peer, %error, "cannot encode a reply"),
-            }
-        });
-        if jobs.send(job).is_err() {
+        if std::mem::take(&mut first) && id == frame::UPGRADE_ID {
+            crate::upgrade::serve(reader.into_inner(), &body, &peer, service, &reply);
+            return;
+        }
+        if let Err(error) = service.submit(id, &body, reply.clone()) {
+            tracing::warn!(%peer, %error, "closing connection: undecodable request");
             return;
         }
     }
@@ -364,6 +182,10 @@ fn serve_connection<Req, Resp, H>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::wire_bytes;
+    use crate::{Client, Server};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[test]
     fn concurrent_calls_get_their_own_replies() {
