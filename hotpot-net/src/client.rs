@@ -24,7 +24,8 @@ pub trait Transport: Send + Sync {
     /// Short name shown by `hotpot status` ("tcp", "verbs").
     fn name(&self) -> &'static str;
     /// Open a connection to `addr` that proved `secret`; replies go to `inbox`.
-    fn connect(&self, addr: &str, secret: &Secret, inbox: Inbox) -> Result<Box<dyn Link>, NetError>;
+    fn connect(&self, addr: &str, secret: &Secret, inbox: Inbox)
+        -> Result<Box<dyn Link>, NetError>;
 }
 
 /// One open connection of some transport.
@@ -205,6 +206,15 @@ impl Client {
                 addr: self.addr.clone(),
             }),
         }
+    }
+
+    /// Whether a connection is open now (never connects).
+    pub fn is_connected(&self) -> bool {
+        self.connection
+            .lock()
+            .expect("client lock")
+            .as_ref()
+            .is_some_and(|connection| connection.inbox.is_open())
     }
 
     /// Bytes the peer exposes to one-sided reads over the current connection (0 if none:

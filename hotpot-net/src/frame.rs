@@ -46,11 +46,9 @@ impl Reassembler {
         let mut frames = Vec::new();
         let mut start = 0;
         while self.buffer.len() - start >= 4 {
-            let length = u32::from_le_bytes(
-                self.buffer[start..start + 4]
-                    .try_into()
-                    .expect("4 bytes"),
-            ) as usize;
+            let length =
+                u32::from_le_bytes(self.buffer[start..start + 4].try_into().expect("4 bytes"))
+                    as usize;
             if length + 4 > MAX_FRAME_BYTES {
                 return Err(FrameError::TooLarge(length + 4));
             }

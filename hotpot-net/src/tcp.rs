@@ -24,7 +24,12 @@ impl Transport for Tcp {
         "tcp"
     }
 
-    fn connect(&self, addr: &str, secret: &Secret, inbox: Inbox) -> Result<Box<dyn Link>, NetError> {
+    fn connect(
+        &self,
+        addr: &str,
+        secret: &Secret,
+        inbox: Inbox,
+    ) -> Result<Box<dyn Link>, NetError> {
         let stream = open(addr, secret)?;
         let connect_error = |source| NetError::Connect {
             addr: addr.to_string(),

@@ -108,13 +108,19 @@ fn ten_thousand_rpcs_of_random_sizes_from_concurrent_callers_get_their_own_repli
             scope.spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(thread);
                 for _ in 0..1250 {
-                    let payload: Vec<u8> = (0..size(&mut rng, 1 << 20)).map(|_| rng.random()).collect();
+                    let payload: Vec<u8> = (0..size(&mut rng, 256 << 10))
+                        .map(|_| rng.random())
+                        .collect();
                     let mut expected = payload.clone();
                     expected.reverse();
                     let reply: Reply = client
                         .call(&Request::Echo(payload), Duration::from_secs(120))
                         .unwrap();
-                    assert_eq!(reply, Reply::Echo(expected), "a reply went to the wrong caller");
+                    assert_eq!(
+                        reply,
+                        Reply::Echo(expected),
+                        "a reply went to the wrong caller"
+                    );
                     bytes.fetch_add(reply_len(&reply), Ordering::Relaxed);
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -182,7 +188,10 @@ fn a_peer_that_dies_fails_pending_calls_with_a_typed_error_not_a_hang() {
     );
     let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let addr = loop {
-        let line = lines.next().expect("the child server printed its address").unwrap();
+        let line = lines
+            .next()
+            .expect("the child server printed its address")
+            .unwrap();
         if let Some(addr) = line.strip_prefix("listening ") {
             break addr.to_string();
         }
@@ -197,7 +206,8 @@ fn a_peer_that_dies_fails_pending_calls_with_a_typed_error_not_a_hang() {
             let client = client.clone();
             std::thread::spawn(move || {
                 let started = Instant::now();
-                let result = client.call::<_, Reply>(&Request::Sleep(60_000), Duration::from_secs(60));
+                let result =
+                    client.call::<_, Reply>(&Request::Sleep(60_000), Duration::from_secs(60));
                 (result, started.elapsed())
             })
         })
@@ -233,7 +243,9 @@ fn a_tcp_only_server_refuses_a_verbs_client_with_a_reason() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     let tcp = Client::new(server.local_addr().to_string(), secret());
-    let reply: Reply = tcp.call(&Request::Echo(vec![1, 2]), Duration::from_secs(5)).unwrap();
+    let reply: Reply = tcp
+        .call(&Request::Echo(vec![1, 2]), Duration::from_secs(5))
+        .unwrap();
     assert_eq!(reply, Reply::Echo(vec![2, 1]), "TCP clients still served");
 }
 

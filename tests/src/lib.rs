@@ -11,10 +11,21 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 /// The `hotpot` binary of this workspace, built once per test process, with the crash points
-/// of the recovery tests compiled in (inert unless armed).
+/// of the recovery tests compiled in (inert unless armed) and the verbs transport.
+/// `HOTPOT_TEST_BIN` names a binary built that way instead (the rxe guest of `.ci/run`, where
+/// cargo is slow, uses it).
 pub fn hotpot_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("HOTPOT_TEST_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.exists(),
+                "HOTPOT_TEST_BIN={} does not exist",
+                bin.display()
+            );
+            return bin;
+        }
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("workspace")
@@ -32,7 +43,7 @@ pub fn hotpot_bin() -> PathBuf {
                 "--bin",
                 "hotpot",
                 "--features",
-                "fault-injection",
+                "fault-injection,verbs",
             ])
             .current_dir(&workspace)
             .status()
@@ -96,6 +107,40 @@ pub fn run_ok(command: &mut Command) -> String {
     String::from_utf8_lossy(&output.stdout).to_string()
 }
 
+/// `hotpot cluster up` arguments for the transport the tests run on: TCP, unless
+/// `HOTPOT_TEST_TRANSPORT=verbs`, then verbs on `HOTPOT_RDMA_DEV` (or, in the rxe guest,
+/// `RXEVM_RXE_DEV` with its GID index).
+pub fn transport_args() -> Vec<String> {
+    match std::env::var("HOTPOT_TEST_TRANSPORT").as_deref() {
+        Err(_) | Ok("tcp") => Vec::new(),
+        Ok("verbs") => {
+            let device = std::env::var("HOTPOT_RDMA_DEV")
+                .or_else(|_| std::env::var("RXEVM_RXE_DEV"))
+                .expect("HOTPOT_TEST_TRANSPORT=verbs needs HOTPOT_RDMA_DEV (e.g. rxe0)");
+            let mut args = vec![
+                "--transport".into(),
+                "verbs".into(),
+                "--rdma-dev".into(),
+                device,
+            ];
+            if let Ok(index) = std::env::var("RXEVM_RXE_GID_INDEX") {
+                args.extend(["--rdma-gid-index".into(), index]);
+            }
+            args
+        }
+        Ok(other) => panic!("HOTPOT_TEST_TRANSPORT={other}: tcp or verbs"),
+    }
+}
+
+/// The transport name `hotpot status` should show for the links of a test cluster.
+pub fn expected_transport() -> &'static str {
+    if transport_args().is_empty() {
+        "tcp"
+    } else {
+        "verbs"
+    }
+}
+
 /// A running local cluster; stopped and removed on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -141,9 +186,47 @@ impl Cluster {
                     "--dir",
                 ])
                 .arg(cluster.dir.path())
-                .args(up_args),
+                .args(up_args)
+                .args(transport_args()),
         );
         cluster
+    }
+
+    /// Every node reports open links to its peers (within 5 s: heartbeats carry them), all
+    /// over `transport`.
+    pub fn assert_links_use(&self, transport: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let status = self.status_json();
+            let nodes = status["nodes"].as_array().expect("nodes").clone();
+            let links: Vec<(u64, String)> = nodes
+                .iter()
+                .flat_map(|node| {
+                    let id = node["id"].as_u64().expect("id");
+                    node["usage"]["links"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |link| (id, link["transport"].as_str().unwrap_or("").to_string()))
+                })
+                .collect();
+            let every_node_linked = nodes
+                .iter()
+                .all(|node| links.iter().any(|(id, _)| Some(*id) == node["id"].as_u64()));
+            if every_node_linked {
+                assert!(
+                    links.iter().all(|(_, used)| used == transport),
+                    "links not all over {transport}: {links:?}"
+                );
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not every node reports a link: {links:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 
     pub fn mount(&self, node: u32) -> PathBuf {

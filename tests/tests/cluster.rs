@@ -63,6 +63,7 @@ fn commits_on_one_node_are_seen_at_once_through_other_nodes_mappings() {
             );
         }
     }
+    cluster.assert_links_use(expected_transport());
 }
 
 #[test]

@@ -222,8 +222,8 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
     }
     println!("cluster {cluster_id:016x}, dispatcher {}", client.addr());
     println!(
-        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  mount",
-        "node", "live", "address", "heartbeat", "PM used", "pages", "recovery"
+        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  mount",
+        "node", "live", "address", "heartbeat", "PM used", "pages", "recovery", "links"
     );
     for node in nodes {
         let beat = if node.last_heartbeat_ms_ago == u64::MAX {
@@ -248,8 +248,18 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
         if let Some(by) = successors.get(&node.id) {
             said.push(format!("its chunks owned by node {by}"));
         }
+        // Each open connection to a peer: "2:verbs" ("+read": its PM is read one-sided).
+        let links: Vec<String> = node
+            .usage
+            .links
+            .iter()
+            .map(|link| {
+                let read = if link.one_sided { "+read" } else { "" };
+                format!("{}:{}{read}", link.peer, link.transport)
+            })
+            .collect();
         println!(
-            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {}",
+            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  {}",
             node.id,
             if node.live { "yes" } else { "no" },
             node.addr,
@@ -257,6 +267,11 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
             format!("{used_mib:.1}/{total_mib} MiB"),
             node.usage.pages_persisted,
             said.join(", "),
+            if links.is_empty() {
+                "-".to_string()
+            } else {
+                links.join(" ")
+            },
             node.mount
         );
     }

@@ -82,6 +82,7 @@ impl Target {
                     mode: hotpot_core::proto::types::Mode::Mrsw,
                     pm_size: 2 << 30,
                     promote_after_ms: 10_000,
+                    transport: Default::default(),
                 })?;
                 Target::Hotpot { dir }
             }

@@ -40,6 +40,9 @@ pub struct ClusterFile {
     pub replicas: u8,
     pub dispatcher: DispatcherEntry,
     pub nodes: Vec<NodeEntry>,
+    /// Arguments every node gets (its transport), at `up` and at every restart.
+    #[serde(default)]
+    pub node_args: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +65,9 @@ pub struct UpArgs {
     /// The dispatcher replaces a node silent this long as an owner (0: never).
     #[arg(long, default_value_t = 10_000)]
     pub promote_after_ms: u64,
+    /// How nodes talk to each other (every node the same).
+    #[command(flatten)]
+    pub transport: crate::node::transport::TransportArgs,
 }
 
 fn cluster_path(dir: &Path) -> PathBuf {
@@ -156,6 +162,9 @@ fn node_args(cluster: &ClusterFile, node: &NodeEntry) -> Vec<String> {
         "--mount".into(),
         node.mount.display().to_string(),
     ]
+    .into_iter()
+    .chain(cluster.node_args.iter().cloned())
+    .collect()
 }
 
 fn log_tail(log: &Path) -> String {
@@ -287,6 +296,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let every_node = args.transport.node_args()?;
     let data = dir.join("dispatcher");
     let log = dir.join("dispatcher.log");
     let addr = format!("127.0.0.1:{}", free_port()?);
@@ -318,6 +328,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             args: dispatcher_args.clone(),
         },
         nodes: Vec::new(),
+        node_args: every_node,
     };
     save(&cluster)?;
     wait_for_port(&addr, pid, &dir, &log).context("dispatcher did not start")?;

@@ -164,6 +164,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         mode: hotpot_core::proto::types::Mode::Mrsw,
         pm_size: 512 << 20,
         promote_after_ms: 10_000,
+        transport: Default::default(),
     })?;
     let dir = dir.canonicalize()?;
     let _teardown = Teardown {

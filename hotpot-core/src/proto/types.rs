@@ -191,6 +191,18 @@ pub struct NodeUsage {
     pub wire_bytes_sent: u64,
     pub wire_bytes_received: u64,
     pub recovery: RecoveryStatus,
+    /// Its open connections to other nodes.
+    pub links: Vec<PeerLink>,
+}
+
+/// One node's connection to a peer, as `hotpot status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLink {
+    pub peer: NodeId,
+    /// "tcp" or "verbs".
+    pub transport: String,
+    /// The peer's PM frames can be read one-sided over this link.
+    pub one_sided: bool,
 }
 
 /// Where a node is in its recovery work (docs/design.md, "Recovery").

@@ -111,9 +111,17 @@ impl Device {
         // SAFETY: the context is open.
         let pd = unsafe { ibv_alloc_pd(context) };
         if pd.is_null() {
-            return Err(close(format!("cannot allocate a protection domain on {name}")));
+            return Err(close(format!(
+                "cannot allocate a protection domain on {name}"
+            )));
         }
-        tracing::info!(device = name, gid_index, lid = port.lid, mtu = port.active_mtu, "RDMA device open");
+        tracing::info!(
+            device = name,
+            gid_index,
+            lid = port.lid,
+            mtu = port.active_mtu,
+            "RDMA device open"
+        );
         Ok(Arc::new(Device {
             name: name.to_string(),
             context,
@@ -137,8 +145,8 @@ impl Device {
     /// The memory must stay mapped for the life of the process: peers read it without this
     /// process's involvement.
     pub unsafe fn expose(&self, base: *mut u8, bytes: usize) -> Result<(), NetError> {
-        let access = ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
-            | ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
+        let access =
+            ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0 | ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
         // SAFETY: the caller keeps the memory mapped.
         let mr = unsafe { ibv_reg_mr(self.pd, base.cast(), bytes, access as i32) };
         if mr.is_null() {
@@ -148,14 +156,10 @@ impl Device {
                 std::io::Error::last_os_error()
             )));
         }
-        let previous = self
-            .exposed
-            .lock()
-            .expect("exposed lock")
-            .replace(Exposed {
-                mr,
-                bytes: bytes as u64,
-            });
+        let previous = self.exposed.lock().expect("exposed lock").replace(Exposed {
+            mr,
+            bytes: bytes as u64,
+        });
         if let Some(previous) = previous {
             // SAFETY: registered by an earlier call; connections made before keep a stale
             // rkey whose reads then fail, which they treat as "no one-sided reads".
@@ -171,7 +175,9 @@ impl Device {
             .expect("exposed lock")
             .as_ref()
             // SAFETY: the MR stays registered while it is the exposed one.
-            .map(|exposed| unsafe { ((*exposed.mr).addr as u64, exposed.bytes, (*exposed.mr).rkey) })
+            .map(|exposed| unsafe {
+                ((*exposed.mr).addr as u64, exposed.bytes, (*exposed.mr).rkey)
+            })
     }
 }
 

@@ -44,7 +44,12 @@ impl Transport for Verbs {
         "verbs"
     }
 
-    fn connect(&self, addr: &str, secret: &Secret, inbox: Inbox) -> Result<Box<dyn Link>, NetError> {
+    fn connect(
+        &self,
+        addr: &str,
+        secret: &Secret,
+        inbox: Inbox,
+    ) -> Result<Box<dyn Link>, NetError> {
         let refused = |reason: String| NetError::Connect {
             addr: addr.to_string(),
             source: std::io::Error::other(reason),

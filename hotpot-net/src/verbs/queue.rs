@@ -364,7 +364,9 @@ impl Queue {
     pub(crate) fn send_frame(&self, frame: &[u8]) -> Result<(), ()> {
         let mut side = self.send.lock().expect("send lock");
         for piece in frame.chunks(SLOT_BYTES) {
-            if self.is_dead() || !self.reap_until(&mut side, SEND_STALL, |side| !side.free.is_empty()) {
+            if self.is_dead()
+                || !self.reap_until(&mut side, SEND_STALL, |side| !side.free.is_empty())
+            {
                 self.die("no send slot came free: the peer stopped taking messages");
                 return Err(());
             }
@@ -390,9 +392,17 @@ impl Queue {
     }
 
     /// One-sided read of the peer's exposed memory at `offset`.
-    pub(crate) fn remote_read(&self, offset: u64, into: &mut [u8], limit: Duration) -> Result<(), ReadError> {
+    pub(crate) fn remote_read(
+        &self,
+        offset: u64,
+        into: &mut [u8],
+        limit: Duration,
+    ) -> Result<(), ReadError> {
         let (base, bytes, rkey) = self.remote().ok_or(ReadError::NotExposed)?;
-        if offset.checked_add(into.len() as u64).is_none_or(|end| end > bytes) {
+        if offset
+            .checked_add(into.len() as u64)
+            .is_none_or(|end| end > bytes)
+        {
             return Err(ReadError::OutOfRange);
         }
         let mut side = self.send.lock().expect("send lock");
@@ -424,7 +434,11 @@ impl Queue {
             if !self.reap_until(&mut side, limit, |side| side.read_status.is_some()) {
                 // A read still in flight owns the buffer: the queue cannot be reused.
                 self.die("a one-sided read did not complete");
-                return Err(if self.is_dead() { ReadError::Dead } else { ReadError::Timeout });
+                return Err(if self.is_dead() {
+                    ReadError::Dead
+                } else {
+                    ReadError::Timeout
+                });
             }
             if side.read_status != Some(ibv_wc_status::IBV_WC_SUCCESS) {
                 return Err(ReadError::Dead);

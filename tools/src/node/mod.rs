@@ -11,6 +11,7 @@ mod peers;
 mod protocol;
 mod recovery;
 pub(crate) mod service;
+pub mod transport;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ pub struct NodeArgs {
     /// How long an open for writing waits for another node's MRSW write lease (then EBUSY).
     #[arg(long, default_value_t = 3000)]
     pub lease_wait_ms: u64,
+    #[command(flatten)]
+    pub transport: transport::TransportArgs,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -117,6 +120,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
     }
 
+    let transport = transport::NodeTransport::open(&args.transport)?;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let listen_addr = listener.local_addr()?.to_string();
@@ -171,7 +175,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let protocol = Arc::new(Protocol::new(
         args.id,
         table,
-        Peers::new(secret.clone(), dispatcher.clone()),
+        Peers::new(secret.clone(), dispatcher.clone(), transport.peers.clone()),
     ));
     if rebuilding {
         tracing::warn!(
@@ -187,10 +191,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     ));
     let serving = protocol.clone();
     // Enough workers that owners waiting on targets never starve the targets' own requests.
-    Server::spawn(
+    Server::spawn_with(
         listener,
-        secret,
-        16,
+        transport.server_config(secret, 16),
         move |request: NodeRequest| -> NodeReply { service::handle(&serving, request) },
     )?;
     spawn_heartbeat(args.id, dispatcher, protocol.clone());
@@ -283,6 +286,7 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
                     wire_bytes_sent,
                     wire_bytes_received,
                     recovery: protocol.recovery_status(),
+                    links: protocol.peers.links(),
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
-use hotpot_core::proto::types::{NodeId, NodeInfo};
-use hotpot_net::{Client, Secret};
+use hotpot_core::proto::types::{NodeId, NodeInfo, PeerLink};
+use hotpot_net::{Client, Secret, Transport};
 
 struct Peer {
     addr: String,
@@ -17,6 +17,7 @@ struct Peer {
 
 pub struct Peers {
     secret: Secret,
+    transport: Arc<dyn Transport>,
     dispatcher: Arc<Client>,
     map: RwLock<BTreeMap<NodeId, Peer>>,
     /// Owner promotions, as the dispatcher last said: node → the node owning its chunks.
@@ -24,9 +25,10 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(secret: Secret, dispatcher: Arc<Client>) -> Peers {
+    pub fn new(secret: Secret, dispatcher: Arc<Client>, transport: Arc<dyn Transport>) -> Peers {
         Peers {
             secret,
+            transport,
             dispatcher,
             map: RwLock::new(BTreeMap::new()),
             successors: RwLock::new(BTreeMap::new()),
@@ -60,7 +62,11 @@ impl Peers {
                         Peer {
                             addr: node.addr.clone(),
                             live: node.live,
-                            client: Arc::new(Client::new(node.addr.clone(), self.secret.clone())),
+                            client: Arc::new(Client::with_transport(
+                                node.addr.clone(),
+                                self.secret.clone(),
+                                self.transport.clone(),
+                            )),
                         },
                     );
                 }
@@ -107,6 +113,21 @@ impl Peers {
             self.refresh();
             known(self)
         })
+    }
+
+    /// The open connections to peers and their transports, for `hotpot status`.
+    pub fn links(&self) -> Vec<PeerLink> {
+        self.map
+            .read()
+            .expect("peers lock")
+            .iter()
+            .filter(|(_, peer)| peer.client.is_connected())
+            .map(|(id, peer)| PeerLink {
+                peer: *id,
+                transport: peer.client.transport().to_string(),
+                one_sided: peer.client.is_connected() && peer.client.remote_bytes() > 0,
+            })
+            .collect()
     }
 
     /// Ids of the nodes currently live, in id order.
