@@ -11,7 +11,7 @@ use crate::page::merge::{apply_runs, diff_runs, Run};
 use crate::page::PageTable;
 use crate::pm::layout::TxTag;
 use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
-use crate::proto::types::{DatasetId, NodeId};
+use crate::proto::types::{DatasetId, NodeId, PageLocation};
 
 /// A commit, named across the cluster: the owner that runs it and its sequence number there.
 pub type TxKey = (NodeId, u64);
@@ -79,6 +79,18 @@ impl PageTable {
             found.record.version,
             self.pool.frame(found.record.frame).to_vec(),
         ))
+    }
+
+    /// Where this node's persisted copy of `page` lies in its PM (see `PageLocation`).
+    pub fn locate_persisted(&self, page: PageKey) -> Option<PageLocation> {
+        let (found, slot, slot_offset, frame_offset) = self.pool.locate(page)?;
+        Some(PageLocation {
+            version: found.record.version,
+            frame_offset: frame_offset as u64,
+            slot_offset: slot_offset as u64,
+            slot: slot.to_vec(),
+            data_crc: found.record.data_crc,
+        })
     }
 
     /// Copy out every staged page of `dataset` for a commit.

@@ -424,6 +424,31 @@ impl Pool {
         self.pages.get(&page)
     }
 
+    /// Where the persisted copy of `page` lies in the region: (its slot as stored, slot
+    /// offset, frame offset).
+    pub fn locate(
+        &self,
+        page: PageKey,
+    ) -> Option<(PersistedPage, [u8; layout::SLOT_BYTES], usize, usize)> {
+        let found = *self.pages.get(&page)?;
+        let slot_at = self.geometry.slot_at(found.slot);
+        let slot: [u8; layout::SLOT_BYTES] = self
+            .bytes(slot_at, layout::SLOT_BYTES)
+            .try_into()
+            .expect("one slot");
+        Some((
+            found,
+            slot,
+            slot_at,
+            self.geometry.frame_at(found.record.frame),
+        ))
+    }
+
+    /// The whole region (for registering it with an RDMA device): start and length.
+    pub fn memory(&self) -> (*mut u8, usize) {
+        (self.region.base(), self.region.len())
+    }
+
     /// Every persisted page of `dataset`, in page order.
     pub fn pages_of(&self, dataset: u64) -> Vec<PersistedPage> {
         let mut pages: Vec<PersistedPage> = self

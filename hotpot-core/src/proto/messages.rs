@@ -169,6 +169,13 @@ pub enum NodeRequest {
         page: u64,
         from: NodeId,
     },
+    /// To the owner, over a link that reads its PM one-sided: where its committed copy is
+    /// (read next with RDMA READ); `from` becomes a holder, as with `Fetch`.
+    Locate {
+        dataset: DatasetId,
+        page: u64,
+        from: NodeId,
+    },
     /// To any node: its own persisted copy, if it has one (the owner is unreachable).
     FetchCopy {
         dataset: DatasetId,
@@ -312,6 +319,8 @@ pub enum NodeReply {
     PageCopies(Vec<PageCopy>),
     Page(VersionedPage),
     Copy(Option<VersionedPage>),
+    /// Answer to `Locate`; `None` when the owner has no persisted copy (then `Fetch`).
+    Located(Option<PageLocation>),
     Committed {
         versions: Vec<u64>,
     },

@@ -193,6 +193,33 @@ pub struct NodeUsage {
     pub recovery: RecoveryStatus,
     /// Its open connections to other nodes.
     pub links: Vec<PeerLink>,
+    pub fetches: FetchCounts,
+}
+
+/// Where an owner's committed copy of a page lies in its PM, for a one-sided read over
+/// verbs (answer to `Locate`). The frame a slot names is never written in place, so if the
+/// slot's bytes are still `slot` after the frame was read, the frame held this version all
+/// along; `data_crc` checks the bytes once more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageLocation {
+    pub version: u64,
+    /// Byte offsets in the owner's exposed PM.
+    pub frame_offset: u64,
+    pub slot_offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub slot: Vec<u8>,
+    pub data_crc: u32,
+}
+
+/// How this node brought pages from their owners since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchCounts {
+    /// Two-sided: the owner sent the bytes (`Fetch`).
+    pub two_sided: u64,
+    /// One-sided: `Locate`, then RDMA READ of the owner's frame.
+    pub one_sided: u64,
+    /// One-sided reads whose slot changed under them (a commit): fetched two-sided instead.
+    pub one_sided_retried: u64,
 }
 
 /// One node's connection to a peer, as `hotpot status` shows it.

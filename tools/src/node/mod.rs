@@ -171,6 +171,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         other => bail!("dispatcher answered LiveDatasets with {other:?}"),
     };
 
+    transport.expose(table.pool().memory())?;
     let rebuilding = report.formatted && !datasets.is_empty();
     let protocol = Arc::new(Protocol::new(
         args.id,
@@ -287,6 +288,7 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
                     wire_bytes_received,
                     recovery: protocol.recovery_status(),
                     links: protocol.peers.links(),
+                    fetches: protocol.fetches.counts(),
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };

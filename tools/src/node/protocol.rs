@@ -77,6 +77,8 @@ pub struct Protocol {
     /// False while the node rejoins (recovery.rs): owner requests wait.
     ready: Mutex<bool>,
     became_ready: Condvar,
+    /// How pages came from their owners (reader.rs).
+    pub(super) fetches: reader::FetchCounters,
 }
 
 pub fn pm_error(error: PmError) -> FsError {
@@ -144,6 +146,7 @@ impl Protocol {
             rereplicate_soon: AtomicBool::new(false),
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
+            fetches: reader::FetchCounters::default(),
         }
     }
 
@@ -444,6 +447,19 @@ impl Protocol {
         }
     }
 
+    /// `Locate` at the owner: where its committed copy lies in its PM, for a one-sided read;
+    /// `from` becomes a holder exactly as with `Fetch`.
+    pub fn serve_locate(&self, dataset: DatasetId, page: u64, from: NodeId) -> NodeReply {
+        if let Err(error) = self.wait_ready() {
+            return NodeReply::Failed(error);
+        }
+        let key = (dataset, page);
+        match self.register_holder_then(key, from, || self.table().locate_persisted(key)) {
+            Ok(location) => NodeReply::Located(location),
+            Err(error) => NodeReply::Failed(error),
+        }
+    }
+
     /// Wait (bounded) until no commit holds `key`, make `from` a holder and read this
     /// owner's copy, under one lock: a commit either sees the new holder or finishes before
     /// the copy is read.
@@ -452,6 +468,16 @@ impl Protocol {
         key: PageKey,
         from: NodeId,
     ) -> Result<Option<(u64, Vec<u8>)>, FsError> {
+        self.register_holder_then(key, from, || self.owned_copy(key.0, key.1))?
+    }
+
+    /// `register_holder`, with `read` run under the same lock.
+    fn register_holder_then<T>(
+        &self,
+        key: PageKey,
+        from: NodeId,
+        read: impl FnOnce() -> T,
+    ) -> Result<T, FsError> {
         if from != self.id {
             self.peers.mark_live(from);
         }
@@ -472,7 +498,7 @@ impl Protocol {
                 .0;
         }
         state.holders.entry(key).or_default().insert(from);
-        self.owned_copy(key.0, key.1)
+        Ok(read())
     }
 
     /// Whether a commit holds any of `keys` here.

@@ -14,6 +14,11 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             page,
             from,
         } => protocol.serve_fetch(dataset, page, from),
+        NodeRequest::Locate {
+            dataset,
+            page,
+            from,
+        } => protocol.serve_locate(dataset, page, from),
         NodeRequest::FetchCopy { dataset, page } => protocol.serve_copy(dataset, page),
         NodeRequest::FetchCopies { dataset, pages } => protocol.serve_copies(dataset, &pages),
         NodeRequest::Commit {

@@ -87,6 +87,18 @@ impl NodeTransport {
         })
     }
 
+    /// Let peers read `memory` (this node's PM, which lives as long as the process) with
+    /// one-sided RDMA READs; nothing to do over TCP.
+    pub fn expose(&self, memory: (*mut u8, usize)) -> anyhow::Result<()> {
+        #[cfg(feature = "verbs")]
+        if let Some(device) = &self.device {
+            // SAFETY: the PM mapping stays mapped until the process exits.
+            unsafe { device.expose(memory.0, memory.1) }?;
+        }
+        let _ = memory;
+        Ok(())
+    }
+
     pub fn server_config(&self, secret: Secret, workers: usize) -> ServerConfig {
         #[cfg_attr(not(feature = "verbs"), allow(unused_mut))]
         let mut config = ServerConfig::tcp(secret, workers);

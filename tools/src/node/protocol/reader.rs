@@ -1,21 +1,70 @@
 //! The reader's role: bring a page this node lacks from its owner and keep a copy; when the
 //! owner does not answer, take the newest copy any live node has (never zeros: a missing
-//! copy cannot be told from a never-written page).
+//! copy cannot be told from a never-written page). Over a verbs link to an owner that
+//! exposes its PM, the bytes are read one-sided: `Locate` (which makes this node a holder,
+//! as `Fetch` does), RDMA READ of the frame, RDMA READ of the slot; an unchanged slot means
+//! the frame held that version throughout, else (a commit moved the page meanwhile) the page
+//! is fetched two-sided.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, VersionedPage};
-use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId};
+use hotpot_core::proto::types::{Dataset, DatasetId, FetchCounts, FsError, NodeId};
 use hotpot_net::{multicall, Client, NetError};
 
 use super::{pm_error, unreachable, Protocol, RPC_TIMEOUT};
+
+#[derive(Default)]
+pub(in crate::node) struct FetchCounters {
+    two_sided: AtomicU64,
+    one_sided: AtomicU64,
+    one_sided_retried: AtomicU64,
+}
+
+impl FetchCounters {
+    pub(in crate::node) fn counts(&self) -> FetchCounts {
+        FetchCounts {
+            two_sided: self.two_sided.load(Ordering::Relaxed),
+            one_sided: self.one_sided.load(Ordering::Relaxed),
+            one_sided_retried: self.one_sided_retried.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a one-sided attempt came to.
+enum OneSided {
+    Read(u64, Vec<u8>),
+    /// Not possible for this page or link now: fetch two-sided.
+    Fallback,
+    /// The slot changed under the read: fetch two-sided.
+    Moved,
+}
 
 impl Protocol {
     /// Bring a page this node lacks from its owner (or, if the owner is unreachable, the
     /// newest copy any live node has) and keep a Committed copy. Returns its bytes.
     pub fn fetch(&self, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
         let owner = self.owner_of(dataset, page);
+        if owner != self.id {
+            match self.fetch_one_sided(owner, dataset.id, page) {
+                OneSided::Read(version, bytes) => {
+                    self.fetches.one_sided.fetch_add(1, Ordering::Relaxed);
+                    self.table()
+                        .install_copy((dataset.id, page), version, &bytes)
+                        .map_err(pm_error)?;
+                    return Ok(bytes);
+                }
+                OneSided::Moved => {
+                    self.fetches
+                        .one_sided_retried
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                OneSided::Fallback => {}
+            }
+        }
+        self.fetches.two_sided.fetch_add(1, Ordering::Relaxed);
         let request = NodeRequest::Fetch {
             dataset: dataset.id,
             page,
@@ -47,6 +96,40 @@ impl Protocol {
             .install_copy((dataset.id, page), version, &bytes)
             .map_err(pm_error)?;
         Ok(bytes)
+    }
+
+    /// The one-sided path (see the module comment); any failure falls back to `Fetch`.
+    fn fetch_one_sided(&self, owner: NodeId, dataset: DatasetId, page: u64) -> OneSided {
+        let Ok(client) = self.client(owner) else {
+            return OneSided::Fallback;
+        };
+        if client.remote_bytes() == 0 {
+            return OneSided::Fallback;
+        }
+        let request = NodeRequest::Locate {
+            dataset,
+            page,
+            from: self.id,
+        };
+        let location = match client.call(&request, RPC_TIMEOUT) {
+            Ok(NodeReply::Located(Some(location))) => location,
+            _ => return OneSided::Fallback,
+        };
+        let mut bytes = vec![0u8; PAGE_BYTES];
+        let mut slot = vec![0u8; location.slot.len()];
+        let read = client
+            .remote_read(location.frame_offset, &mut bytes)
+            .and_then(|()| client.remote_read(location.slot_offset, &mut slot));
+        match read {
+            Err(error) => {
+                tracing::debug!(owner, %error, "one-sided read failed");
+                OneSided::Fallback
+            }
+            Ok(()) if slot != location.slot || crc32fast::hash(&bytes) != location.data_crc => {
+                OneSided::Moved
+            }
+            Ok(()) => OneSided::Read(location.version, bytes),
+        }
     }
 
     pub(super) fn fetch_any_copy(
