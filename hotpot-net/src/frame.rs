@@ -14,7 +14,8 @@ pub const UPGRADE_ID: u64 = u64::MAX;
 static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
 static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
 
-/// Frame bytes this process has sent and received over every connection, any transport.
+/// Frame bytes this process has sent and received over every connection, any transport
+/// (received includes what it read one-sided from peers' memory).
 pub fn wire_bytes() -> (u64, u64) {
     (
         BYTES_SENT.load(Ordering::Relaxed),

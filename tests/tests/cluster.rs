@@ -114,13 +114,14 @@ fn every_committed_page_has_two_copies_and_survives_losing_its_owner() {
     }
 }
 
-fn wire_bytes_sent(cluster: &Cluster) -> u64 {
+/// Bytes the nodes received (frames, and one-sided reads of a peer's PM over verbs).
+fn wire_bytes_received(cluster: &Cluster) -> u64 {
     let status = cluster.status_json();
     status["nodes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|node| node["usage"]["wire_bytes_sent"].as_u64().unwrap())
+        .map(|node| node["usage"]["wire_bytes_received"].as_u64().unwrap())
         .sum()
 }
 
@@ -151,7 +152,7 @@ fn reading_one_page_of_a_1_gib_dataset_moves_at_most_64_kib() {
         file.sync_all().unwrap();
     }
     std::thread::sleep(Duration::from_millis(1500)); // heartbeats carry the counters
-    let before = wire_bytes_sent(&cluster);
+    let before = wire_bytes_received(&cluster);
     let reader = std::fs::File::open(cluster.mount(2).join("big")).unwrap();
     let mut buffer = vec![0u8; 4096];
     reader.read_exact_at(&mut buffer, page * 4096).unwrap();
@@ -160,7 +161,7 @@ fn reading_one_page_of_a_1_gib_dataset_moves_at_most_64_kib() {
         "node 2 read the committed page"
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let moved = wire_bytes_sent(&cluster) - before;
+    let moved = wire_bytes_received(&cluster) - before;
     println!("reading one page moved {moved} bytes (heartbeats included)");
     assert!(moved >= 4096, "the page crossed the wire ({moved} bytes)");
     assert!(moved <= 64 << 10, "{moved} bytes moved for one page");

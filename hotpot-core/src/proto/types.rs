@@ -187,7 +187,8 @@ pub struct NodeUsage {
     pub pm_frames_total: u64,
     pub pm_frames_used: u64,
     pub pages_persisted: u64,
-    /// Frame bytes this node has sent and received over every connection.
+    /// Frame bytes this node has sent and received over every connection (received includes
+    /// pages it read one-sided from peers' PM over verbs).
     pub wire_bytes_sent: u64,
     pub wire_bytes_received: u64,
     pub recovery: RecoveryStatus,

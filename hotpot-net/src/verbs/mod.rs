@@ -153,7 +153,10 @@ impl Link for VerbsLink {
 
     fn remote_read(&self, offset: u64, into: &mut [u8]) -> Result<(), NetError> {
         match self.queue.remote_read(offset, into, READ_TIMEOUT) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                frame::count_received(into.len());
+                Ok(())
+            }
             Err(ReadError::NotExposed) => Err(NetError::Unsupported {
                 what: "one-sided reads of a peer that exposes no memory",
             }),
