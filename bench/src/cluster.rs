@@ -17,6 +17,16 @@ impl LocalCluster {
 
     /// `up` with PM files of `pm_size` (e.g. "2GiB").
     pub fn up_with_pm(hotpot: &Path, nodes: u32, pm_size: &str) -> anyhow::Result<LocalCluster> {
+        LocalCluster::up_with_args(hotpot, nodes, pm_size, &[])
+    }
+
+    /// `up_with_pm` with more `hotpot cluster up` arguments (e.g. the transport).
+    pub fn up_with_args(
+        hotpot: &Path,
+        nodes: u32,
+        pm_size: &str,
+        more: &[String],
+    ) -> anyhow::Result<LocalCluster> {
         let dir = tempfile::Builder::new()
             .prefix("hotpot-bench-cluster-")
             .tempdir()?;
@@ -31,6 +41,7 @@ impl LocalCluster {
                 "--dir",
             ])
             .arg(dir.path())
+            .args(more)
             .output()
             .with_context(|| format!("running {}", hotpot.display()))?;
         if !output.status.success() {

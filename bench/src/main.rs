@@ -10,6 +10,8 @@ mod cluster;
 mod latency;
 mod recovery;
 mod remote;
+#[cfg(feature = "verbs")]
+mod transport;
 
 use std::path::PathBuf;
 
@@ -46,6 +48,16 @@ enum Which {
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
     },
+    /// TCP vs RDMA verbs: 4 KiB RPC, remote fault (two-sided and one-sided fetch), 1-page
+    /// commit. Needs an RDMA device and a build with --features verbs (hotpot and this).
+    Transport {
+        /// RDMA device, e.g. rxe0.
+        #[arg(long)]
+        rdma_dev: String,
+        /// GID index (default: the device's first IPv4-mapped GID).
+        #[arg(long)]
+        rdma_gid_index: Option<u8>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +72,15 @@ fn main() -> anyhow::Result<()> {
         Which::Local { pages } => local(&args.hotpot, pages, args.rounds),
         Which::Cluster => cluster_run(&args.hotpot, args.rounds),
         Which::Recovery { size_mib } => recovery::run(&args.hotpot, size_mib << 20),
+        #[cfg(feature = "verbs")]
+        Which::Transport {
+            rdma_dev,
+            rdma_gid_index,
+        } => transport::run(&args.hotpot, args.rounds, &rdma_dev, rdma_gid_index),
+        #[cfg(not(feature = "verbs"))]
+        Which::Transport { .. } => anyhow::bail!(
+            "hotpot-bench was built without RDMA: cargo build --release -p hotpot-bench --features verbs"
+        ),
     }
 }
 

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -12,19 +13,29 @@ use hdrhistogram::Histogram;
 use crate::cluster::LocalCluster;
 use crate::latency::{fault_latency, fill, msync_latency, Map, Percentiles, FAULT_STRIDE_PAGES};
 
-const CHUNK_PAGES: u64 = 1024;
+pub const CHUNK_PAGES: u64 = 1024;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Payload(#[serde(with = "serde_bytes")] Vec<u8>);
 
 /// The same 4 KiB request and reply through hotpot-net (framing, request ids, a reader
-/// thread per connection and a worker pool): what one protocol message costs.
+/// thread per connection and a worker pool): what one protocol message costs, over TCP.
 fn transport_round_trip(samples: u32) -> anyhow::Result<Percentiles> {
+    rpc_round_trip(samples, Arc::new(hotpot_net::Tcp), |config| config)
+}
+
+/// `transport_round_trip` over any transport; `configure` sets up the server for it.
+pub fn rpc_round_trip(
+    samples: u32,
+    transport: Arc<dyn hotpot_net::Transport>,
+    configure: impl FnOnce(hotpot_net::ServerConfig) -> hotpot_net::ServerConfig,
+) -> anyhow::Result<Percentiles> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let secret = hotpot_net::Secret::from_bytes(b"benchmark-secret-0123456789");
-    let server =
-        hotpot_net::Server::spawn(listener, secret.clone(), 4, |payload: Payload| payload)?;
-    let client = hotpot_net::Client::new(server.local_addr().to_string(), secret);
+    let config = configure(hotpot_net::ServerConfig::tcp(secret.clone(), 4));
+    let server = hotpot_net::Server::spawn_with(listener, config, |payload: Payload| payload)?;
+    let client =
+        hotpot_net::Client::with_transport(server.local_addr().to_string(), secret, transport);
     let mut histogram = Histogram::<u64>::new(3)?;
     for _ in 0..samples {
         let start = Instant::now();
@@ -63,7 +74,7 @@ fn raw_round_trip(samples: u32) -> anyhow::Result<Percentiles> {
     Ok(Percentiles::of(&histogram))
 }
 
-fn pages_of_chunk(owners: &[u64], owner: u64) -> anyhow::Result<Vec<u64>> {
+pub fn pages_of_chunk(owners: &[u64], owner: u64) -> anyhow::Result<Vec<u64>> {
     let chunk = owners
         .iter()
         .position(|node| *node == owner)

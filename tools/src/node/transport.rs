@@ -25,6 +25,10 @@ pub struct TransportArgs {
     /// GID index on the device (default: its first IPv4-mapped GID, for RoCEv2).
     #[arg(long)]
     pub rdma_gid_index: Option<u8>,
+    /// Do not let peers read this node's PM one-sided: they fetch its pages two-sided
+    /// (for comparing the two paths).
+    #[arg(long)]
+    pub rdma_no_one_sided: bool,
 }
 
 impl TransportArgs {
@@ -32,6 +36,9 @@ impl TransportArgs {
     pub fn check(&self) -> anyhow::Result<()> {
         match (self.transport, &self.rdma_dev) {
             (TransportKind::Tcp, Some(_)) => bail!("--rdma-dev needs --transport verbs"),
+            (TransportKind::Tcp, None) if self.rdma_no_one_sided => {
+                bail!("--rdma-no-one-sided needs --transport verbs")
+            }
             (TransportKind::Verbs, None) => {
                 bail!("--transport verbs needs --rdma-dev (see `ibv_devices` or `rdma link`)")
             }
@@ -58,6 +65,9 @@ impl TransportArgs {
         if let Some(index) = self.rdma_gid_index {
             args.extend(["--rdma-gid-index".to_string(), index.to_string()]);
         }
+        if self.rdma_no_one_sided {
+            args.push("--rdma-no-one-sided".into());
+        }
         Ok(args)
     }
 }
@@ -65,6 +75,7 @@ impl TransportArgs {
 /// The transport for peer clients and the server's configuration, set up from the args.
 pub struct NodeTransport {
     pub peers: Arc<dyn Transport>,
+    one_sided: bool,
     #[cfg(feature = "verbs")]
     pub device: Option<Arc<hotpot_net::verbs::Device>>,
 }
@@ -77,11 +88,13 @@ impl NodeTransport {
             let device = hotpot_net::verbs::Device::open(name, args.rdma_gid_index)?;
             return Ok(NodeTransport {
                 peers: Arc::new(hotpot_net::verbs::Verbs::new(device.clone())),
+                one_sided: !args.rdma_no_one_sided,
                 device: Some(device),
             });
         }
         Ok(NodeTransport {
             peers: Arc::new(Tcp),
+            one_sided: false,
             #[cfg(feature = "verbs")]
             device: None,
         })
@@ -91,7 +104,7 @@ impl NodeTransport {
     /// one-sided RDMA READs; nothing to do over TCP.
     pub fn expose(&self, memory: (*mut u8, usize)) -> anyhow::Result<()> {
         #[cfg(feature = "verbs")]
-        if let Some(device) = &self.device {
+        if let Some(device) = self.device.as_ref().filter(|_| self.one_sided) {
             // SAFETY: the PM mapping stays mapped until the process exits.
             unsafe { device.expose(memory.0, memory.1) }?;
         }
