@@ -32,6 +32,10 @@ const READY_WAIT: Duration = Duration::from_secs(30);
 struct OwnerState {
     /// Pages in a commit: fetches and other commits of them wait.
     locked: HashMap<PageKey, TxKey>,
+    /// Locked pages whose commit this owner has applied: fetches no longer wait for them
+    /// (they read the new version), so a reader whose kernel blocks the commit's cache
+    /// invalidation on this very fetch does not stall the commit (design.md, step 5).
+    applied: HashSet<PageKey>,
     /// Nodes holding a copy of each page this node owns (volatile, see design.md).
     holders: HashMap<PageKey, BTreeSet<NodeId>>,
 }
@@ -391,6 +395,7 @@ impl Protocol {
         for key in keys {
             if state.locked.get(key) == Some(&tx) {
                 state.locked.remove(key);
+                state.applied.remove(key);
             }
         }
         drop(state);
@@ -483,7 +488,7 @@ impl Protocol {
         }
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
-        while state.locked.contains_key(&key) {
+        while state.locked.contains_key(&key) && !state.applied.contains(&key) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(FsError::Io(format!(
@@ -720,6 +725,10 @@ impl Protocol {
         pages: &[u64],
         replicated: &Replicated,
     ) -> bool {
+        self.owner_state()
+            .applied
+            .extend(replicated.keys.iter().copied());
+        self.unlocked.notify_all();
         if committer != self.id {
             self.invalidate(ino, dataset, pages);
         }

@@ -75,6 +75,7 @@ impl TransportArgs {
 /// The transport for peer clients and the server's configuration, set up from the args.
 pub struct NodeTransport {
     pub peers: Arc<dyn Transport>,
+    #[cfg(feature = "verbs")]
     one_sided: bool,
     #[cfg(feature = "verbs")]
     pub device: Option<Arc<hotpot_net::verbs::Device>>,
@@ -94,6 +95,7 @@ impl NodeTransport {
         }
         Ok(NodeTransport {
             peers: Arc::new(Tcp),
+            #[cfg(feature = "verbs")]
             one_sided: false,
             #[cfg(feature = "verbs")]
             device: None,
