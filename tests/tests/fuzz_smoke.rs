@@ -15,7 +15,7 @@ use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, OwnerPages, PageWrite,
     VersionedPage,
 };
-use hotpot_core::proto::types::FsError;
+use hotpot_core::proto::types::{FsError, PageLocation};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -86,6 +86,11 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             page: 9,
             from: 2,
         },
+        NodeRequest::Locate {
+            dataset: 3,
+            page: 9,
+            from: 2,
+        },
         NodeRequest::Prepare {
             tx: (1, 2),
             owner: 2,
@@ -140,6 +145,13 @@ fn wire_seeds() -> Vec<Vec<u8>> {
         }]),
         NodeReply::Failed(FsError::Busy("held".into())),
         NodeReply::Decision(true),
+        NodeReply::Located(Some(PageLocation {
+            version: 4,
+            frame_offset: 1 << 20,
+            slot_offset: 4096,
+            slot: vec![1u8; 64],
+            data_crc: 7,
+        })),
     ];
     let dispatcher = vec![
         DispatcherRequest::Lookup {
