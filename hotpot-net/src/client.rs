@@ -72,6 +72,11 @@ impl Inbox {
             .lock()
             .expect("inbox lock")
             .insert(id, sender);
+        // Closed meanwhile (its clear may have run before the insert): fail now, not at the
+        // timeout.
+        if !self.is_open() {
+            self.forget(id);
+        }
         receiver
     }
 

@@ -125,7 +125,7 @@ impl Peers {
             .map(|(id, peer)| PeerLink {
                 peer: *id,
                 transport: peer.client.transport().to_string(),
-                one_sided: peer.client.is_connected() && peer.client.remote_bytes() > 0,
+                one_sided: peer.client.remote_bytes() > 0,
             })
             .collect()
     }

@@ -40,6 +40,8 @@ enum OneSided {
     Fallback,
     /// The slot changed under the read: fetch two-sided.
     Moved,
+    /// The owner did not answer `Locate`: asking it again would only wait as long again.
+    Unreachable(NetError),
 }
 
 impl Protocol {
@@ -62,6 +64,13 @@ impl Protocol {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 OneSided::Fallback => {}
+                OneSided::Unreachable(error) => {
+                    let (version, bytes) = self.fetch_any_copy(dataset.id, page, owner, &error)?;
+                    self.table()
+                        .install_copy((dataset.id, page), version, &bytes)
+                        .map_err(pm_error)?;
+                    return Ok(bytes);
+                }
             }
         }
         self.fetches.two_sided.fetch_add(1, Ordering::Relaxed);
@@ -113,6 +122,7 @@ impl Protocol {
         };
         let location = match client.call(&request, RPC_TIMEOUT) {
             Ok(NodeReply::Located(Some(location))) => location,
+            Err(error) if unreachable(&error) => return OneSided::Unreachable(error),
             _ => return OneSided::Fallback,
         };
         let mut bytes = vec![0u8; PAGE_BYTES];
