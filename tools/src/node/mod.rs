@@ -83,6 +83,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             args.mount.display()
         );
     }
+    // The transport (and its RDMA device) first: a refused start creates no PM file.
+    let transport = transport::NodeTransport::open(&args.transport)?;
     match (args.pm.exists(), args.pm_size) {
         (false, Some(size)) => create_file(&args.pm, size)
             .with_context(|| format!("creating {}", args.pm.display()))?,
@@ -120,7 +122,6 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
     }
 
-    let transport = transport::NodeTransport::open(&args.transport)?;
     let listener = TcpListener::bind(&args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let listen_addr = listener.local_addr()?.to_string();
