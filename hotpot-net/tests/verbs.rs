@@ -108,7 +108,7 @@ fn ten_thousand_rpcs_of_random_sizes_from_concurrent_callers_get_their_own_repli
             scope.spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(thread);
                 for _ in 0..1250 {
-                    let payload: Vec<u8> = (0..size(&mut rng, 64 << 10))
+                    let payload: Vec<u8> = (0..size(&mut rng, 16 << 10))
                         .map(|_| rng.random())
                         .collect();
                     let mut expected = payload.clone();

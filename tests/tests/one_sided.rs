@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hotpot_tests::*;
 use rand::{Rng, SeedableRng};
 
-const SIZE: usize = 8 << 20;
+const SIZE: usize = 4 << 20;
 const PAGES: u64 = (SIZE / 4096) as u64;
 const PAGES_PER_COMMIT: usize = 32;
 
@@ -38,7 +38,7 @@ fn pages_read_during_a_commit_storm_are_whole_committed_versions() {
         return;
     }
     let cluster = Cluster::up(3, "256MiB");
-    let path = cluster.create_chunked(1, "storm", "8MiB", "mrsw", 1, "8MiB");
+    let path = cluster.create_chunked(1, "storm", "4MiB", "mrsw", 1, "4MiB");
     let stat = cluster.stat_json(&path);
     let owner = stat["chunk_owners"][0].as_u64().unwrap() as u32;
     let readers: Vec<u32> = (1..=3).filter(|node| *node != owner).collect();
