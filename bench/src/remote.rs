@@ -82,6 +82,26 @@ pub fn pages_of_chunk(owners: &[u64], owner: u64) -> anyhow::Result<Vec<u64>> {
     Ok((chunk * CHUNK_PAGES..(chunk + 1) * CHUNK_PAGES).collect())
 }
 
+const FAULTS_LEN: usize = 12 << 20;
+
+/// A 12 MiB dataset "faults" with one copy per page, its node-3 chunk written on node 3:
+/// node 3's open file and every `FAULT_STRIDE_PAGES`-th page of that chunk.
+pub fn fault_dataset(cluster: &LocalCluster) -> anyhow::Result<(File, Vec<u64>)> {
+    let owners = cluster.create("faults", "12MiB", "mrsw", 1)?;
+    let owned_by_3 = pages_of_chunk(&owners, 3)?;
+    let writer = File::options()
+        .read(true)
+        .write(true)
+        .open(cluster.mount(3).join("faults"))?;
+    fill(&Map::new(&writer, FAULTS_LEN)?, &owned_by_3)?;
+    let strided = owned_by_3
+        .iter()
+        .copied()
+        .step_by(FAULT_STRIDE_PAGES as usize)
+        .collect();
+    Ok((writer, strided))
+}
+
 pub struct ClusterResults {
     pub raw: Percentiles,
     pub transport: Percentiles,
@@ -94,21 +114,9 @@ pub struct ClusterResults {
 pub fn measure(cluster: &LocalCluster, rounds: u32) -> anyhow::Result<ClusterResults> {
     let raw = raw_round_trip(rounds)?;
     let transport = transport_round_trip(rounds)?;
-    // Faults: a dataset with one copy per page, written on node 3; read on node 3 (local,
-    // the owner) and on node 2 (remote: nothing there, every fault is a fetch).
-    let owners = cluster.create("faults", "12MiB", "mrsw", 1)?;
-    let len = 12 << 20;
-    let owned_by_3 = pages_of_chunk(&owners, 3)?;
-    let writer = File::options()
-        .read(true)
-        .write(true)
-        .open(cluster.mount(3).join("faults"))?;
-    fill(&Map::new(&writer, len)?, &owned_by_3)?;
-    let strided: Vec<u64> = owned_by_3
-        .iter()
-        .copied()
-        .step_by(FAULT_STRIDE_PAGES as usize)
-        .collect();
+    // Faults: read on node 3 (local, the owner) and on node 2 (remote: every fault a fetch).
+    let len = FAULTS_LEN;
+    let (writer, strided) = fault_dataset(cluster)?;
     let local_fault = fault_latency(&writer, len, &strided)?;
     let reader = File::open(cluster.mount(2).join("faults"))?;
     let remote_fault = fault_latency(&reader, len, &strided)?;

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::cluster::LocalCluster;
-use crate::latency::{fault_latency, fill, msync_latency, Map, Percentiles, FAULT_STRIDE_PAGES};
-use crate::remote::{pages_of_chunk, rpc_round_trip};
+use crate::latency::{fault_latency, fill, msync_latency, Map, Percentiles};
+use crate::remote::{fault_dataset, pages_of_chunk, rpc_round_trip};
 
 const LEN: usize = 12 << 20;
 
@@ -27,18 +27,7 @@ fn on_cluster(
     rounds: u32,
 ) -> anyhow::Result<(Percentiles, Percentiles)> {
     let cluster = LocalCluster::up_with_args(hotpot, 3, "256MiB", args)?;
-    let owners = cluster.create("faults", "12MiB", "mrsw", 1)?;
-    let owned_by_3 = pages_of_chunk(&owners, 3)?;
-    let writer = File::options()
-        .read(true)
-        .write(true)
-        .open(cluster.mount(3).join("faults"))?;
-    fill(&Map::new(&writer, LEN)?, &owned_by_3)?;
-    let strided: Vec<u64> = owned_by_3
-        .iter()
-        .copied()
-        .step_by(FAULT_STRIDE_PAGES as usize)
-        .collect();
+    let (_, strided) = fault_dataset(&cluster)?;
     let reader = File::open(cluster.mount(2).join("faults"))?;
     // A first fault opens the connection (and, over verbs, learns what the owner exposes).
     fault_latency(&reader, LEN, &strided[..1])?;
