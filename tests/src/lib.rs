@@ -141,6 +141,16 @@ pub fn expected_transport() -> &'static str {
     }
 }
 
+/// The chunk owners a `hotpot stat --json` answer lists.
+pub fn owners_in(stat: &serde_json::Value) -> Vec<u64> {
+    stat["chunk_owners"]
+        .as_array()
+        .expect("chunk_owners")
+        .iter()
+        .map(|owner| owner.as_u64().expect("a node id"))
+        .collect()
+}
+
 /// A running local cluster; stopped and removed on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -298,6 +308,11 @@ impl Cluster {
                 .arg(path),
         );
         serde_json::from_str(&text).expect("stat JSON")
+    }
+
+    /// The owner of each chunk of the dataset at `path`, from `hotpot stat`.
+    pub fn chunk_owners(&self, path: &Path) -> Vec<u64> {
+        owners_in(&self.stat_json(path))
     }
 
     pub fn status_json(&self) -> serde_json::Value {

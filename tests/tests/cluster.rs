@@ -94,12 +94,7 @@ fn every_committed_page_has_two_copies_and_survives_losing_its_owner() {
         "every page has 2 copies: {stat}"
     );
     // Lose node 2 (an owner of one chunk) with its PM file; node 3 reads everything.
-    let owners: Vec<u64> = stat["chunk_owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let owners = owners_in(&stat);
     assert!(owners.contains(&2), "node 2 owns a chunk: {owners:?}");
     cluster.kill_and_wipe(2);
     let survivor = std::fs::File::open(cluster.mount(3).join("replicated")).unwrap();
@@ -132,12 +127,7 @@ fn reading_one_page_of_a_1_gib_dataset_moves_at_most_64_kib() {
     }
     let cluster = Cluster::up(3, "256MiB");
     let path = cluster.create(1, "big", "1GiB", "mrsw", 2);
-    let owners: Vec<u64> = cluster.stat_json(&path)["chunk_owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let owners = cluster.chunk_owners(&path);
     // A page whose owner is node 3: its copies are on 3 (owner) and 1 (writer), not on 2.
     let chunk = owners.iter().position(|owner| *owner == 3).unwrap() as u64;
     let page = chunk * 1024 + 17;
@@ -350,12 +340,7 @@ fn a_lost_owner_is_replaced_and_comes_back_as_a_holder_without_stale_bytes() {
     };
     let cluster = Cluster::up_with(3, "256MiB", &[], &["--promote-after-ms", promote_after]);
     let path = cluster.create(1, "promoted", "12MiB", "mrsw", 2);
-    let owners: Vec<u64> = cluster.stat_json(&path)["chunk_owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|owner| owner.as_u64().unwrap())
-        .collect();
+    let owners = cluster.chunk_owners(&path);
     let file = std::fs::File::options()
         .read(true)
         .write(true)
@@ -387,13 +372,7 @@ fn a_lost_owner_is_replaced_and_comes_back_as_a_holder_without_stale_bytes() {
     let recovered_in = lost_at.elapsed();
     let status = cluster.status_json();
     assert_eq!(status["owners_replaced"]["2"], 3, "{status}");
-    let stat = cluster.stat_json(&path);
-    let now_owners: Vec<u64> = stat["chunk_owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|owner| owner.as_u64().unwrap())
-        .collect();
+    let now_owners = cluster.chunk_owners(&path);
     assert!(
         !now_owners.contains(&2),
         "node 2 still owns a chunk: {now_owners:?}"

@@ -72,10 +72,7 @@ fn a_conflict_storm_loses_no_commit_and_applies_none_by_halves() {
     // One-page chunks: owners rotate page by page, so every commit spans several owners and
     // runs the three phases (lock in node-id order, merge, unlock) with refusals and retries.
     let path = cluster.create_chunked(1, "storm", "48KiB", "mrmw", 2, "4KiB");
-    let owners = cluster.stat_json(&path)["chunk_owners"]
-        .as_array()
-        .unwrap()
-        .len();
+    let owners = cluster.chunk_owners(&path).len();
     assert_eq!(owners, 12, "one owner entry per one-page chunk");
     let commits = 1000u32;
     let started = std::time::Instant::now();
@@ -139,12 +136,7 @@ fn a_commit_across_three_owners_is_all_or_nothing_for_later_readers() {
     }
     let cluster = Cluster::up(3, "256MiB");
     let path = cluster.create(1, "atomic", "12MiB", "mrmw", 2);
-    let owners: Vec<u64> = cluster.stat_json(&path)["chunk_owners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|owner| owner.as_u64().unwrap())
-        .collect();
+    let owners = cluster.chunk_owners(&path);
     assert_eq!(owners.len(), 3);
     let pages = [3u64, 1024 + 3, 2048 + 3]; // one per owner
     let writer = std::fs::File::options()

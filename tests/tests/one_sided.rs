@@ -39,8 +39,7 @@ fn pages_read_during_a_commit_storm_are_whole_committed_versions() {
     }
     let cluster = Cluster::up(3, "256MiB");
     let path = cluster.create_chunked(1, "storm", "4MiB", "mrsw", 1, "4MiB");
-    let stat = cluster.stat_json(&path);
-    let owner = stat["chunk_owners"][0].as_u64().unwrap() as u32;
+    let owner = cluster.chunk_owners(&path)[0] as u32;
     let readers: Vec<u32> = (1..=3).filter(|node| *node != owner).collect();
     let file = std::fs::File::options()
         .read(true)
