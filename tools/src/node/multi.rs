@@ -184,12 +184,7 @@ impl Protocol {
         }
         let in_place_of_another = leader != self.id;
         if (self.is_rebuilding() || in_place_of_another) && !aborted.contains(&tx) {
-            let others: Vec<NodeId> = self
-                .peers
-                .live()
-                .into_iter()
-                .filter(|node| *node != self.id)
-                .collect();
+            let others: Vec<NodeId> = self.live_peers();
             for node in others {
                 let Some(client) = self.peers.client(node) else {
                     continue;

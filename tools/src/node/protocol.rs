@@ -308,6 +308,15 @@ impl Protocol {
             .ok_or_else(|| FsError::Io(format!("node {node} is not known (not joined yet?)")))
     }
 
+    /// The live nodes other than this one, in id order.
+    pub(super) fn live_peers(&self) -> Vec<NodeId> {
+        self.peers
+            .live()
+            .into_iter()
+            .filter(|node| *node != self.id)
+            .collect()
+    }
+
     fn call(&self, node: NodeId, request: &NodeRequest) -> Result<NodeReply, NetError> {
         let client = self.client(node).map_err(|_| NetError::Disconnected {
             addr: format!("node {node}"),

@@ -76,12 +76,7 @@ impl Protocol {
                 }
             }
         }
-        let peers: Vec<NodeId> = self
-            .peers
-            .live()
-            .into_iter()
-            .filter(|node| *node != self.id)
-            .collect();
+        let peers: Vec<NodeId> = self.live_peers();
         let mut fetched = 0usize;
         let mut caught_up = 0usize;
         let mut pushed = 0usize;
@@ -444,12 +439,7 @@ impl Protocol {
             }
         };
         self.set_ready_to(false);
-        let peers: Vec<NodeId> = self
-            .peers
-            .live()
-            .into_iter()
-            .filter(|node| *node != self.id)
-            .collect();
+        let peers: Vec<NodeId> = self.live_peers();
         let (mut fetched, mut pushed) = (0, 0);
         for dataset in &datasets {
             let (taken, sent) = self.adopt(&peers, dataset, true);
