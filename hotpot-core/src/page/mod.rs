@@ -3,8 +3,12 @@
 
 pub mod copies;
 pub mod merge;
+pub mod sharing;
 pub mod table;
+pub mod versions;
 
 pub use copies::{CommitError, DirtySnapshot, OwnedPage, PendingCopies, TxKey};
 pub use merge::{apply_runs, diff_runs, Run};
+pub use sharing::{Merger, Sharing};
 pub use table::{PageState, PageTable, ReadOutcome};
+pub use versions::{KeptForCommit, PinUsage, ViewKey};

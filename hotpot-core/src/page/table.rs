@@ -59,6 +59,8 @@ pub struct PageTable {
     pub(super) served: HashMap<PageKey, Twin>,
     /// Copies pushed by owners, durable but not current until the owner decides.
     pub(super) prepared: HashMap<super::copies::TxKey, super::copies::PreparedCopies>,
+    /// Published versions this node serves as an owner (versions.rs).
+    pub(super) versions: super::versions::Versions,
 }
 
 impl PageTable {
@@ -76,6 +78,7 @@ impl PageTable {
             next_generation: 1,
             served: HashMap::new(),
             prepared: HashMap::new(),
+            versions: Default::default(),
         };
         for record in recovered {
             table.adopt_recovered(record);

@@ -16,7 +16,7 @@ fn open(image: Vec<u8>) -> (Pool, &'static SimRegion) {
 }
 
 /// Lets a test keep a handle on the region the pool owns.
-struct RegionRef(&'static SimRegion);
+pub(crate) struct RegionRef(pub(crate) &'static SimRegion);
 impl Region for RegionRef {
     fn base(&self) -> *mut u8 {
         self.0.base()

@@ -5,7 +5,7 @@ pub mod pool;
 pub mod region;
 
 #[cfg(test)]
-mod crash_tests;
+pub(crate) mod crash_tests;
 
 pub use layout::{CopyState, TxRole, TxTag, PAGE_BYTES};
 pub use pool::{PageKey, PersistedPage, Pool, PoolUsage, Prepared, RecoveryReport, SlotChange};

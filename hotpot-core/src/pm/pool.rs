@@ -461,6 +461,11 @@ impl Pool {
         pages
     }
 
+    /// Every page with a persisted copy here, in no particular order.
+    pub fn page_keys(&self) -> Vec<PageKey> {
+        self.pages.keys().copied().collect()
+    }
+
     /// Dataset ids with at least one persisted page.
     pub fn datasets(&self) -> std::collections::BTreeSet<u64> {
         self.pages.keys().map(|(dataset, _)| *dataset).collect()

@@ -162,6 +162,11 @@ pub enum FsError {
     Busy(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// A published version that is not (or no longer) kept.
+    #[error("stale: {0}")]
+    Stale(String),
+    #[error("read-only: {0}")]
+    ReadOnly(String),
 }
 
 impl FsError {
@@ -177,6 +182,8 @@ impl FsError {
             FsError::NoSpace(_) => libc::ENOSPC,
             FsError::Busy(_) => libc::EBUSY,
             FsError::Io(_) => libc::EIO,
+            FsError::Stale(_) => libc::ESTALE,
+            FsError::ReadOnly(_) => libc::EROFS,
         }
     }
 }
