@@ -133,8 +133,13 @@ impl<E: Engine> Filesystem for Adapter<E> {
             Ok(name) => name,
             Err(error) => return reply.error(error),
         };
+        let ttl = if self.engine.name_is_stable(name) {
+            TTL
+        } else {
+            Duration::ZERO
+        };
         match self.engine.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
             Err(error) => reply.error(errno(error)),
         }
     }

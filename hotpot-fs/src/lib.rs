@@ -72,6 +72,11 @@ pub trait Engine: Send + Sync + 'static {
     /// The commit point (fsync, msync(MS_SYNC), close): returns only when the commit holds.
     fn commit(&self, ino: Ino) -> Result<(), FsError>;
     fn space(&self) -> Space;
+    /// Whether the kernel may cache the lookup of `name` for a while; a name that must be
+    /// resolved anew at every open (a view of the latest version) may not.
+    fn name_is_stable(&self, _name: &str) -> bool {
+        true
+    }
     /// Called once the kernel connection exists, with the handle for cache invalidations.
     fn attach_invalidator(&self, invalidator: Invalidator);
 }

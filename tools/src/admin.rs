@@ -222,8 +222,17 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
     }
     println!("cluster {cluster_id:016x}, dispatcher {}", client.addr());
     println!(
-        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  mount",
-        "node", "live", "address", "heartbeat", "PM used", "pages", "recovery", "links"
+        "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  {:<20}  {:<14}  mount",
+        "node",
+        "live",
+        "address",
+        "heartbeat",
+        "PM used",
+        "pages",
+        "recovery",
+        "links",
+        "merged",
+        "views"
     );
     for node in nodes {
         let beat = if node.last_heartbeat_ms_ago == u64::MAX {
@@ -258,8 +267,18 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
                 format!("{}:{}{read}", link.peer, link.transport)
             })
             .collect();
+        // Identical pages sharing a frame: "12 frames, 3.0 MiB saved".
+        let sharing = &node.usage.sharing;
+        let merged = format!(
+            "{} frames, {:.1} MiB saved",
+            sharing.frames_shared,
+            sharing.bytes_saved as f64 / (1 << 20) as f64
+        );
+        // Views pinned at this owner and the old page versions kept for them.
+        let versions = &node.usage.versions;
+        let views = format!("{} ({} kept)", versions.views_pinned, versions.frames_kept);
         println!(
-            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  {}",
+            "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  {:<20}  {:<14}  {}",
             node.id,
             if node.live { "yes" } else { "no" },
             node.addr,
@@ -272,6 +291,8 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
             } else {
                 links.join(" ")
             },
+            merged,
+            views,
             node.mount
         );
     }
@@ -322,6 +343,35 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
             Err(error) => eprintln!("warning: node {} unreachable: {error}", node.id),
         }
     }
+    let home = owner_of_chunk(0);
+    let version = match live.iter().position(|node| node.id == home) {
+        Some(at) => match clients[at].call::<_, NodeReply>(
+            &NodeRequest::Version {
+                dataset: dataset.clone(),
+                take: false,
+            },
+            TIMEOUT,
+        ) {
+            Ok(NodeReply::Version(version)) => Some(version),
+            Ok(other) => bail!("home node {home} answered a version request with {other:?}"),
+            Err(error) => bail!("home node {home} of the dataset: {error}"),
+        },
+        None => None,
+    };
+    let pinned: std::collections::BTreeSet<u64> = multicall::<_, NodeReply>(
+        &clients,
+        &NodeRequest::PinnedVersions {
+            dataset: dataset.id,
+        },
+        TIMEOUT,
+    )
+    .into_iter()
+    .filter_map(|reply| match reply {
+        Ok(NodeReply::Versions(versions)) => Some(versions),
+        _ => None,
+    })
+    .flatten()
+    .collect();
     let chunk_bytes = dataset.params.chunk_pages as u64 * 4096;
     let chunks = attr.size.div_ceil(chunk_bytes).max(1);
     let mut copies_per_page: std::collections::BTreeMap<u64, u32> = Default::default();
@@ -347,6 +397,7 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
                 "chunk_pages": dataset.params.chunk_pages, "chunk_owners": owners,
                 "nodes": nodes_json,
                 "min_copies": copies_per_page.values().min(), "pages_committed": copies_per_page.len(),
+                "version": version, "versions_pinned": pinned,
             })
         );
         return Ok(());
@@ -361,6 +412,18 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
         dataset.params.chunk_pages * 4,
         chunks
     );
+    match version {
+        Some(version) => println!(
+            "  version {version} (latest; home node {home}){}",
+            if pinned.is_empty() {
+                String::new()
+            } else {
+                let pinned: Vec<String> = pinned.iter().map(u64::to_string).collect();
+                format!(", pinned by views: {}", pinned.join(" "))
+            }
+        ),
+        None => println!("  version unknown: its home node {home} is not live"),
+    }
     let shown = chunks.min(16);
     let owners: Vec<String> = (0..shown)
         .map(|chunk| format!("{chunk}→{}", owner_of_chunk(chunk)))

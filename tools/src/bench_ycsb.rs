@@ -82,6 +82,7 @@ impl Target {
                     mode: hotpot_core::proto::types::Mode::Mrsw,
                     pm_size: 2 << 30,
                     promote_after_ms: 10_000,
+                    merge_pages_per_s: crate::node::merger::DEFAULT_PAGES_PER_S,
                     transport: Default::default(),
                 })?;
                 Target::Hotpot { dir }

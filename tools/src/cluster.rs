@@ -65,6 +65,9 @@ pub struct UpArgs {
     /// The dispatcher replaces a node silent this long as an owner (0: never).
     #[arg(long, default_value_t = 10_000)]
     pub promote_after_ms: u64,
+    /// Each node's identical-page merger: pages hashed per second at most (0: off).
+    #[arg(long, default_value_t = crate::node::merger::DEFAULT_PAGES_PER_S)]
+    pub merge_pages_per_s: u64,
     /// How nodes talk to each other (every node the same).
     #[command(flatten)]
     pub transport: crate::node::transport::TransportArgs,
@@ -296,7 +299,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let every_node = args.transport.node_args()?;
+    let mut every_node = args.transport.node_args()?;
+    every_node.extend([
+        "--merge-pages-per-s".to_string(),
+        args.merge_pages_per_s.to_string(),
+    ]);
     let data = dir.join("dispatcher");
     let log = dir.join("dispatcher.log");
     let addr = format!("127.0.0.1:{}", free_port()?);

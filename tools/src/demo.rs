@@ -164,6 +164,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         mode: hotpot_core::proto::types::Mode::Mrsw,
         pm_size: 512 << 20,
         promote_after_ms: 10_000,
+        merge_pages_per_s: crate::node::merger::DEFAULT_PAGES_PER_S,
         transport: Default::default(),
     })?;
     let dir = dir.canonicalize()?;

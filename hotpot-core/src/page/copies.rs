@@ -369,6 +369,13 @@ impl PageTable {
         Some((prepared.dataset, prepared.pages))
     }
 
+    /// The dataset and pages of prepared commit `tx`, if it is here.
+    pub(super) fn prepared_pages(&self, tx: TxKey) -> Option<(DatasetId, Vec<u64>)> {
+        self.prepared
+            .get(&tx)
+            .map(|prepared| (prepared.dataset, prepared.pages.clone()))
+    }
+
     /// A follower record found at recovery waits again for its decision.
     pub(super) fn adopt_recovered(&mut self, record: Prepared) {
         let puts = record.puts();

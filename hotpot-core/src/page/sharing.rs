@@ -29,6 +29,11 @@ pub struct Merger {
 }
 
 impl Merger {
+    /// Whether the last step ended a round over every page.
+    pub fn round_done(&self) -> bool {
+        self.cursor >= self.round.len()
+    }
+
     /// Visit at most `pages_max` pages; returns how many were visited.
     pub fn step(&mut self, table: &mut PageTable, pages_max: usize) -> Result<usize, PmError> {
         if self.cursor >= self.round.len() {

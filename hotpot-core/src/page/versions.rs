@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::page::PageTable;
-use crate::pm::{PageKey, PAGE_BYTES};
+use crate::pm::PageKey;
 use crate::proto::types::{DatasetId, NodeId};
 
 /// A view as its owners know it: the viewing node and its own number for the view.
@@ -139,6 +139,23 @@ impl PageTable {
         }
     }
 
+    /// A follower owner's phase 3: `decide_copies`, the pages becoming dataset version
+    /// `version` (old frames kept for views as at an owner's apply). Without a version (a
+    /// resolution after a restart) the pages' versions become unknown.
+    pub fn decide_copies_at(
+        &mut self,
+        tx: crate::page::TxKey,
+        version: Option<u64>,
+    ) -> Option<(DatasetId, Vec<u64>)> {
+        let (Some(version), Some((dataset, pages))) = (version, self.prepared_pages(tx)) else {
+            return self.decide_copies(tx);
+        };
+        let kept = self.keep_for_views(dataset, &pages, version);
+        let decided = self.decide_copies(tx);
+        self.settle_for_views(kept, decided.is_some());
+        decided
+    }
+
     /// Pages of `dataset` whose dataset version is unknown here, with their page versions.
     pub fn unknown_versions(&self, dataset: DatasetId) -> Vec<(u64, u64)> {
         self.pool
@@ -184,7 +201,13 @@ impl PageTable {
             .get(&dataset)
             .copied()
             .unwrap_or(0);
-        if version < floor {
+        // Below the floor, only a version another view pinned throughout is still whole.
+        let pinned_already = self
+            .versions
+            .pins
+            .values()
+            .any(|pinned| *pinned == (dataset, version));
+        if version < floor && !pinned_already {
             return Err(floor);
         }
         if let Some((old_dataset, _)) = self.versions.pins.insert(view, (dataset, version)) {
@@ -295,7 +318,7 @@ mod tests {
     use super::*;
     use crate::page::OwnedPage;
     use crate::pm::layout::TxTag;
-    use crate::pm::SimRegion;
+    use crate::pm::{SimRegion, PAGE_BYTES};
 
     fn table() -> PageTable {
         let region = SimRegion::from_image(vec![0u8; 2 << 20]);
@@ -341,6 +364,9 @@ mod tests {
         assert_eq!(at(&table, 0, 3), Ok(3));
         assert!(at(&table, 0, 2).is_err(), "version 2 was not kept");
         assert_eq!(table.pin_version((2, 2), 5, 2), Err(3));
+        // Version 1 is pinned already: a second view of it is whole.
+        assert_eq!(table.pin_version((3, 1), 5, 1), Ok(()));
+        table.unpin_version((3, 1));
         table.unpin_version((2, 1));
         assert_eq!(table.pool().usage().frames_used, used);
         assert!(at(&table, 0, 1).is_err());

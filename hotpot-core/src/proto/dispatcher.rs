@@ -16,6 +16,9 @@ mod tests;
 use crate::proto::types::*;
 use namespace::check_name;
 
+/// Dataset versions a home takes at once (docs/design.md, "Dataset versions").
+pub const VERSION_BLOCK: u64 = 1024;
+
 /// A node is live while its last heartbeat is younger than this.
 pub const NODE_TIMEOUT_MS: u64 = 3_000;
 
@@ -57,6 +60,9 @@ pub struct DispatcherState {
     user_locks: BTreeMap<String, (NodeId, u64)>,
     #[serde(skip)]
     barriers: BTreeMap<String, BarrierRound>,
+    /// Per dataset: the first dataset version of the next block a home takes.
+    #[serde(default)]
+    version_blocks: BTreeMap<DatasetId, u64>,
     /// Owner promotions: node → the node that owns its chunks now (values are never keys).
     #[serde(default)]
     successors: BTreeMap<NodeId, NodeId>,
@@ -98,6 +104,7 @@ impl DispatcherState {
             inodes: BTreeMap::from([(ROOT_INO, root)]),
             nodes: BTreeMap::new(),
             leases: BTreeMap::new(),
+            version_blocks: BTreeMap::new(),
             user_locks: BTreeMap::new(),
             barriers: BTreeMap::new(),
             successors: BTreeMap::new(),
@@ -414,6 +421,12 @@ impl DispatcherState {
                     (DispatcherReply::Done, true)
                 }
             },
+            R::VersionBlock { dataset } => {
+                let start = self.version_blocks.entry(dataset).or_insert(1);
+                let block = *start;
+                *start += VERSION_BLOCK;
+                (DispatcherReply::VersionBlock { start: block }, true)
+            }
             R::ReleaseLease { dataset, node } => {
                 if self.leases.get(&dataset) == Some(&node) {
                     self.leases.remove(&dataset);

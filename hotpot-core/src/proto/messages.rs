@@ -93,6 +93,10 @@ pub enum DispatcherRequest {
         dataset: DatasetId,
         node: NodeId,
     },
+    /// A dataset's home takes the next block of `VERSION_BLOCK` dataset versions.
+    VersionBlock {
+        dataset: DatasetId,
+    },
     /// User-level lock `name` for `holder` (a node and a program's own id); Busy if held.
     LockAcquire {
         name: String,
@@ -132,6 +136,10 @@ pub enum DispatcherReply {
         successors: std::collections::BTreeMap<NodeId, NodeId>,
     },
     Datasets(Vec<Dataset>),
+    /// Dataset versions `start..start + VERSION_BLOCK` are this home's to give out.
+    VersionBlock {
+        start: u64,
+    },
     Waiting,
     Done,
     Failed(FsError),
@@ -260,9 +268,11 @@ pub enum NodeRequest {
         leader: NodeId,
         pages: OwnerPages,
     },
-    /// Phase 3 at a follower: the leader decided; make the pages current, tell holders, unlock.
+    /// Phase 3 at a follower: the leader decided (the commit is dataset version
+    /// `version`); make the pages current, tell holders, unlock.
     OwnerDecide {
         tx: (NodeId, u64),
+        version: u64,
     },
     /// The commit failed before the leader decided: drop the prepared pages, unlock.
     OwnerAbort {
@@ -305,6 +315,35 @@ pub enum NodeRequest {
         dataset: DatasetId,
         pages: Vec<VersionedPage>,
     },
+    /// To a dataset's home: a new dataset version for a commit (`take`), or the latest one.
+    Version {
+        dataset: Dataset,
+        take: bool,
+    },
+    /// To every owner of a dataset: keep what view `view` (a node's own number for it)
+    /// needs to read the dataset at `version`; Stale if that version is gone here.
+    Pin {
+        view: (NodeId, u64),
+        dataset: Dataset,
+        version: u64,
+    },
+    Unpin {
+        view: (NodeId, u64),
+    },
+    /// The viewing node still has these views open (pins are leases).
+    RenewPins {
+        views: Vec<(NodeId, u64)>,
+    },
+    /// To an owner: its pages of a dataset as they were at `version`.
+    ReadAt {
+        dataset: DatasetId,
+        version: u64,
+        pages: Vec<u64>,
+    },
+    /// The versions of a dataset some view pins on this node.
+    PinnedVersions {
+        dataset: DatasetId,
+    },
 }
 
 /// The pages a committer sends a follower owner: whole pages (MRSW) or byte runs (MRMW).
@@ -323,7 +362,12 @@ pub enum NodeReply {
     Located(Option<PageLocation>),
     Committed {
         versions: Vec<u64>,
+        /// The dataset version the commit got (multi-owner: the followers apply it too).
+        dataset_version: u64,
     },
+    /// A dataset version.
+    Version(u64),
+    Versions(Vec<u64>),
     /// Answer to `Outcome` (true: committed) and `Pending` (true: still waiting).
     Decision(bool),
     Pages(Vec<VersionedPage>),

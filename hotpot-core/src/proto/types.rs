@@ -202,6 +202,28 @@ pub struct NodeUsage {
     /// Its open connections to other nodes.
     pub links: Vec<PeerLink>,
     pub fetches: FetchCounts,
+    #[serde(default)]
+    pub sharing: SharingCounts,
+    #[serde(default)]
+    pub versions: VersionCounts,
+}
+
+/// Identical-page merging on one node (`hotpot status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharingCounts {
+    /// Frames that more than one page's slot names, and the frames that saves.
+    pub frames_shared: u64,
+    pub bytes_saved: u64,
+    pub pages_scanned: u64,
+    pub pages_merged: u64,
+}
+
+/// Published versions an owner keeps for views (`hotpot status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionCounts {
+    pub views_pinned: u64,
+    /// Old page versions kept copy-on-write for those views.
+    pub frames_kept: u64,
 }
 
 /// Where an owner's committed copy of a page lies in its PM, for a one-sided read over

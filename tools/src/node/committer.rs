@@ -26,7 +26,11 @@ const COMMIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
 const BACKOFF_MAX: Duration = Duration::from_millis(20);
 
 /// Send `request` to `node`; this node's own requests are handled in place.
-fn ask(protocol: &Protocol, node: NodeId, request: NodeRequest) -> Result<NodeReply, FsError> {
+pub(super) fn ask(
+    protocol: &Protocol,
+    node: NodeId,
+    request: NodeRequest,
+) -> Result<NodeReply, FsError> {
     let reply = if node == protocol.id {
         service::handle(protocol, request)
     } else {
@@ -327,8 +331,10 @@ fn across_owners(
             None => Err(format!("leader {leader} is not known")),
         }
     };
-    match leader_call {
-        Ok(NodeReply::Committed { .. }) => {}
+    let dataset_version = match leader_call {
+        Ok(NodeReply::Committed {
+            dataset_version, ..
+        }) => dataset_version,
         Ok(NodeReply::Failed(error)) => {
             abort(&followers);
             drop_own_copy();
@@ -359,12 +365,18 @@ fn across_owners(
                 "leader {leader} did not answer the decision ({why}): the owners settle it"
             )));
         }
-    }
+    };
     fault::point("committer.leader_decided");
     // Phase 3.
     let requests = followers
         .iter()
-        .map(|node| (*node, NodeRequest::OwnerDecide { tx }))
+        .map(|node| {
+            let decide = NodeRequest::OwnerDecide {
+                tx,
+                version: dataset_version,
+            };
+            (*node, decide)
+        })
         .collect();
     for (node, result) in ask_all(protocol, requests) {
         if let Err(error) = result {

@@ -15,6 +15,21 @@ use hotpot_fs::{Engine, Invalidator, Space};
 use hotpot_net::{Client, NetError};
 
 use super::protocol::{pm_error, Protocol};
+use views::Synthetic;
+
+mod views;
+
+fn read_only() -> FsError {
+    FsError::ReadOnly(format!("{} is read-only", views::VERSIONS_DIR))
+}
+
+/// Refuse a change inside `.versions`.
+fn writable(ino: Ino) -> Result<(), FsError> {
+    match views::synthetic(ino) {
+        Some(_) => Err(read_only()),
+        None => Ok(()),
+    }
+}
 
 /// How long a node keeps retrying an unreachable dispatcher before failing the request.
 const DISPATCHER_RETRY_MS: u64 = 15_000;
@@ -39,6 +54,8 @@ pub struct NodeEngine {
     commit_lock: Mutex<()>,
     lease_wait: Duration,
     call_timeout: Duration,
+    /// The `.versions` tree (views.rs).
+    views: views::Views,
 }
 
 fn io_error(what: impl std::fmt::Display) -> FsError {
@@ -59,6 +76,7 @@ impl NodeEngine {
             commit_lock: Mutex::new(()),
             lease_wait,
             call_timeout: hotpot_net::DEFAULT_TIMEOUT,
+            views: Default::default(),
         }
     }
 
@@ -268,6 +286,14 @@ impl NodeEngine {
 
 impl Engine for NodeEngine {
     fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, FsError> {
+        if parent == ROOT_INO && name == views::VERSIONS_DIR {
+            return self.mirror_attr(ROOT_INO);
+        }
+        match views::synthetic(parent) {
+            Some(Synthetic::Mirror(dir)) => return self.lookup_version(dir, name),
+            Some(Synthetic::View(_)) => return Err(FsError::NotDirectory),
+            None => {}
+        }
         let attr = self.ask_attr(DispatcherRequest::Lookup {
             parent,
             name: name.to_string(),
@@ -276,6 +302,11 @@ impl Engine for NodeEngine {
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr, FsError> {
+        match views::synthetic(ino) {
+            Some(Synthetic::Mirror(dir)) => return self.mirror_attr(dir),
+            Some(Synthetic::View(view)) => return self.view_attr(view),
+            None => {}
+        }
         if let Some(attr) = self.unlinked_attr(ino) {
             return Ok(attr);
         }
@@ -284,6 +315,7 @@ impl Engine for NodeEngine {
     }
 
     fn setattr(&self, ino: Ino, changes: AttrChanges) -> Result<Attr, FsError> {
+        writable(ino)?;
         if let Some(size) = changes.size {
             let (dataset, _) = self.dataset_of(ino)?;
             // Pages go first: a crash in between leaves a size whose tail reads as zeros,
@@ -318,6 +350,7 @@ impl Engine for NodeEngine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
+        writable(parent)?;
         self.ask_attr(DispatcherRequest::Mkdir {
             parent,
             name: name.to_string(),
@@ -336,6 +369,7 @@ impl Engine for NodeEngine {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attr, FsError> {
+        writable(parent)?;
         self.ask_attr(DispatcherRequest::Create {
             parent,
             name: name.to_string(),
@@ -356,6 +390,7 @@ impl Engine for NodeEngine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
+        writable(parent)?;
         self.ask_attr(DispatcherRequest::Symlink {
             parent,
             name: name.to_string(),
@@ -366,6 +401,7 @@ impl Engine for NodeEngine {
     }
 
     fn readlink(&self, ino: Ino) -> Result<String, FsError> {
+        writable(ino)?;
         match self.ask(DispatcherRequest::ReadLink { ino })? {
             DispatcherReply::Target(target) => Ok(target),
             other => Err(io_error(format!("dispatcher sent {other:?} for readlink"))),
@@ -373,6 +409,7 @@ impl Engine for NodeEngine {
     }
 
     fn unlink(&self, parent: Ino, name: &str) -> Result<(), FsError> {
+        writable(parent)?;
         match self.ask(DispatcherRequest::Unlink {
             parent,
             name: name.to_string(),
@@ -383,6 +420,7 @@ impl Engine for NodeEngine {
     }
 
     fn rmdir(&self, parent: Ino, name: &str) -> Result<(), FsError> {
+        writable(parent)?;
         self.ask(DispatcherRequest::Rmdir {
             parent,
             name: name.to_string(),
@@ -397,6 +435,8 @@ impl Engine for NodeEngine {
         new_parent: Ino,
         new_name: &str,
     ) -> Result<(), FsError> {
+        writable(parent)?;
+        writable(new_parent)?;
         match self.ask(DispatcherRequest::Rename {
             parent,
             name: name.to_string(),
@@ -409,6 +449,11 @@ impl Engine for NodeEngine {
     }
 
     fn readdir(&self, ino: Ino) -> Result<Vec<DirEntry>, FsError> {
+        match views::synthetic(ino) {
+            Some(Synthetic::Mirror(dir)) => return self.readdir_versions(dir),
+            Some(Synthetic::View(_)) => return Err(FsError::NotDirectory),
+            None => {}
+        }
         match self.ask(DispatcherRequest::ReadDir { ino })? {
             DispatcherReply::Entries(entries) => Ok(entries),
             other => Err(io_error(format!("dispatcher sent {other:?} for readdir"))),
@@ -416,6 +461,11 @@ impl Engine for NodeEngine {
     }
 
     fn open(&self, ino: Ino, write: bool) -> Result<(), FsError> {
+        match views::synthetic(ino) {
+            Some(Synthetic::View(view)) => return self.open_view(view, write),
+            Some(Synthetic::Mirror(_)) => return Err(FsError::IsDirectory),
+            None => {}
+        }
         let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
         let first_writer = {
             let files = self.files.lock().expect("files lock");
@@ -447,6 +497,9 @@ impl Engine for NodeEngine {
     }
 
     fn release(&self, ino: Ino, write: bool) {
+        if let Some(Synthetic::View(view)) = views::synthetic(ino) {
+            return self.release_view(view);
+        }
         if write {
             // Close-to-open: what was written through this open is committed once its last
             // user is gone. Nobody waits for this, so a failure can only be logged.
@@ -489,6 +542,11 @@ impl Engine for NodeEngine {
     }
 
     fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        match views::synthetic(ino) {
+            Some(Synthetic::View(view)) => return self.read_view(view, offset, size),
+            Some(Synthetic::Mirror(_)) => return Err(FsError::IsDirectory),
+            None => {}
+        }
         let (dataset, file_size) = self.dataset_of(ino)?;
         self.protocol.note_cached(ino, dataset.id);
         if offset >= file_size {
@@ -526,6 +584,7 @@ impl Engine for NodeEngine {
     }
 
     fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        writable(ino)?;
         let (dataset, file_size) = self.dataset_of(ino)?;
         self.protocol.note_cached(ino, dataset.id);
         let end = offset
@@ -554,6 +613,9 @@ impl Engine for NodeEngine {
     }
 
     fn commit(&self, ino: Ino) -> Result<(), FsError> {
+        if views::synthetic(ino).is_some() {
+            return Ok(()); // nothing is ever staged there
+        }
         let (dataset, _) = self.dataset_of(ino)?;
         let _span = tracing::debug_span!("commit", dataset = dataset.id).entered();
         let pages = self.commit_dataset(&dataset, ino).inspect_err(|error| {
@@ -594,6 +656,10 @@ impl Engine for NodeEngine {
             pages_free: usage.frames_total - usage.frames_used,
             files: self.files.lock().expect("files lock").len() as u64,
         }
+    }
+
+    fn name_is_stable(&self, name: &str) -> bool {
+        !views::resolves_at_open(name)
     }
 
     fn attach_invalidator(&self, invalidator: Invalidator) {

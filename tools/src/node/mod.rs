@@ -5,6 +5,7 @@
 mod committer;
 pub mod engine;
 mod fault;
+pub(crate) mod merger;
 mod mrmw;
 mod multi;
 mod peers;
@@ -12,6 +13,7 @@ mod protocol;
 mod recovery;
 pub(crate) mod service;
 pub mod transport;
+mod versions;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -67,6 +69,10 @@ pub struct NodeArgs {
     /// How long an open for writing waits for another node's MRSW write lease (then EBUSY).
     #[arg(long, default_value_t = 3000)]
     pub lease_wait_ms: u64,
+    /// Identical-page merging: committed pages the background merger hashes per second at
+    /// most (its CPU bound); 0 turns merging off.
+    #[arg(long, default_value_t = merger::DEFAULT_PAGES_PER_S)]
+    pub merge_pages_per_s: u64,
     #[command(flatten)]
     pub transport: transport::TransportArgs,
 }
@@ -199,6 +205,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         move |request: NodeRequest| -> NodeReply { service::handle(&serving, request) },
     )?;
     spawn_heartbeat(args.id, dispatcher, protocol.clone());
+    let leases = (protocol.clone(), engine.clone());
+    std::thread::Builder::new()
+        .name("pin leases".into())
+        .spawn(move || leases.0.run_pin_leases(&|| leases.1.pinned_views()))?;
+    let merging = protocol.clone();
+    let pages_per_s = args.merge_pages_per_s;
+    std::thread::Builder::new()
+        .name("merger".into())
+        .spawn(move || merger::run(&merging, pages_per_s))?;
     protocol.rejoin(&datasets);
     protocol.set_ready();
     for (name, role) in [
@@ -290,6 +305,8 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
                     recovery: protocol.recovery_status(),
                     links: protocol.peers.links(),
                     fetches: protocol.fetches.counts(),
+                    sharing: protocol.merging.counts(),
+                    versions: protocol.version_usage(),
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };

@@ -40,7 +40,8 @@ impl Protocol {
         NodeReply::Done
     }
 
-    /// Phase 2 at the owner (the leader, with `followers`). Returns the new versions.
+    /// Phase 2 at the owner (the leader, with `followers`). Returns the new page versions
+    /// and the dataset version.
     #[allow(clippy::too_many_arguments)]
     pub fn commit_runs(
         &self,
@@ -51,7 +52,7 @@ impl Protocol {
         committer: NodeId,
         pages: &[(u64, Vec<Run>)],
         release: bool,
-    ) -> Result<Vec<u64>, FsError> {
+    ) -> Result<(Vec<u64>, u64), FsError> {
         self.wait_ready()?;
         self.phase1_locks.lock().expect("phase 1 locks").remove(&tx);
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset.id, *page)).collect();

@@ -107,9 +107,11 @@ impl Protocol {
         Ok(())
     }
 
-    /// Phase 3 at a follower (`commit`), or the abort of phase 1; also the end of a
-    /// resolution. Idempotent: a second call finds nothing to do.
-    pub fn finish_follower(&self, tx: TxKey, commit: bool) {
+    /// Phase 3 at a follower (`commit`, the commit's dataset `version` when the decision
+    /// carried it), or the abort of phase 1; also the end of a resolution (the version is
+    /// not known there: views cannot be served those pages' older versions). Idempotent: a
+    /// second call finds nothing to do.
+    pub fn finish_follower(&self, tx: TxKey, commit: bool, version: Option<u64>) {
         if commit {
             self.note_decided_commit(tx);
         }
@@ -121,7 +123,7 @@ impl Protocol {
                 .into_iter()
                 .find(|pending| pending.tx == tx && pending.tag.role == TxRole::Follower);
             if commit {
-                table.decide_copies(tx);
+                table.decide_copies_at(tx, version);
             } else {
                 table.abort_copies(tx);
             }

@@ -29,7 +29,7 @@ pub(super) const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
-struct OwnerState {
+pub(super) struct OwnerState {
     /// Pages in a commit: fetches and other commits of them wait.
     locked: HashMap<PageKey, TxKey>,
     /// Locked pages whose commit this owner has applied: fetches no longer wait for them
@@ -83,6 +83,10 @@ pub struct Protocol {
     became_ready: Condvar,
     /// How pages came from their owners (reader.rs).
     pub(super) fetches: reader::FetchCounters,
+    /// Dataset versions this node hands out as a home, and the leases of pins (versions.rs).
+    pub(super) published: super::versions::Published,
+    /// The identical-page merger's numbers (merger.rs).
+    pub(super) merging: super::merger::MergeCounters,
 }
 
 pub fn pm_error(error: PmError) -> FsError {
@@ -151,6 +155,8 @@ impl Protocol {
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
             fetches: reader::FetchCounters::default(),
+            published: Default::default(),
+            merging: Default::default(),
         }
     }
 
@@ -495,9 +501,20 @@ impl Protocol {
         if from != self.id {
             self.peers.mark_live(from);
         }
+        let mut state = self.settled(&[key])?;
+        state.holders.entry(key).or_default().insert(from);
+        Ok(read())
+    }
+
+    /// The owner state once no commit this owner has not applied holds any of `keys`
+    /// (bounded wait): their current copies are final for every decided commit.
+    pub(super) fn settled(&self, keys: &[PageKey]) -> Result<MutexGuard<'_, OwnerState>, FsError> {
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
-        while state.locked.contains_key(&key) && !state.applied.contains(&key) {
+        while let Some(key) = keys
+            .iter()
+            .find(|key| state.locked.contains_key(key) && !state.applied.contains(key))
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(FsError::Io(format!(
@@ -511,8 +528,7 @@ impl Protocol {
                 .expect("owner state lock")
                 .0;
         }
-        state.holders.entry(key).or_default().insert(from);
-        Ok(read())
+        Ok(state)
     }
 
     /// Whether a commit holds any of `keys` here.
@@ -559,7 +575,7 @@ impl Protocol {
         committer: NodeId,
         committer_prepared: bool,
         pages: &[PageWrite],
-    ) -> Result<Vec<u64>, FsError> {
+    ) -> Result<(Vec<u64>, u64), FsError> {
         self.wait_ready()?;
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let _unlock = self.lock_pages(tx, &keys, true)?;
@@ -574,9 +590,10 @@ impl Protocol {
         )
     }
 
-    /// Steps 2–6 of a commit whose pages `tx` holds: targets, Prepare, the local apply (the
-    /// decision), Decide, holders. Returns the new versions. With `followers`, this owner
-    /// leads a multi-owner commit: its apply decides the whole commit and keeps the outcome.
+    /// Steps 2–6 of a commit whose pages `tx` holds: targets, Prepare, the dataset version
+    /// from the home, the local apply (the decision), Decide, holders. Returns the new page
+    /// versions and the dataset version. With `followers`, this owner leads a multi-owner
+    /// commit: its apply decides the whole commit and keeps the outcome.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn commit_locked(
         &self,
@@ -587,7 +604,7 @@ impl Protocol {
         committer: NodeId,
         committer_prepared: bool,
         pages: &[PageWrite],
-    ) -> Result<Vec<u64>, FsError> {
+    ) -> Result<(Vec<u64>, u64), FsError> {
         let commit = (!followers.is_empty()).then_some((tx, self.id));
         let replicated = self.replicate(dataset, committer, committer_prepared, pages, commit)?;
         fault::point("owner.targets_prepared");
@@ -620,26 +637,35 @@ impl Protocol {
                 })?,
             }
         };
+        // Every page is locked: the version orders this commit after every earlier one of
+        // these pages (docs/design.md, "Dataset versions").
+        let dataset_version = self.next_version(dataset);
+        let page_ids: Vec<u64> = pages.iter().map(|write| write.page).collect();
         let applied = {
             let aborted = self.aborted.lock().expect("aborted lock");
             if aborted.contains(&tx) {
                 Err(FsError::Io(format!(
                     "commit {tx:?} was already given up by its followers (it took too long)"
                 )))
+            } else if let Err(error) = &dataset_version {
+                Err(error.clone())
             } else {
-                self.table()
-                    .apply_owned(dataset.id, &owned, tag)
-                    .map_err(|error| match error {
-                        CommitError::Stale {
-                            page,
-                            base,
-                            current,
-                        } => stale(dataset.id, page, base, current),
-                        CommitError::Pm(error) => pm_error(error),
-                        CommitError::BadRuns { page, reason } => {
-                            FsError::Invalid(format!("page {page}: {reason}"))
-                        }
-                    })
+                let dataset_version = *dataset_version.as_ref().expect("checked above");
+                let mut table = self.table();
+                let kept = table.keep_for_views(dataset.id, &page_ids, dataset_version);
+                let applied = table.apply_owned(dataset.id, &owned, tag);
+                table.settle_for_views(kept, applied.is_ok());
+                applied.map_err(|error| match error {
+                    CommitError::Stale {
+                        page,
+                        base,
+                        current,
+                    } => stale(dataset.id, page, base, current),
+                    CommitError::Pm(error) => pm_error(error),
+                    CommitError::BadRuns { page, reason } => {
+                        FsError::Invalid(format!("page {page}: {reason}"))
+                    }
+                })
             }
         };
         let versions = match applied {
@@ -654,13 +680,12 @@ impl Protocol {
         };
         // The commit is decided here.
         fault::point("owner.decided");
-        let pages: Vec<u64> = pages.iter().map(|write| write.page).collect();
-        let delivered = self.announce(dataset.id, ino, committer, &pages, &replicated);
+        let delivered = self.announce(dataset.id, ino, committer, &page_ids, &replicated);
         if delivered && !followers.is_empty() {
             self.table().confirm_outcome(tx, self.id);
         }
         fault::point("owner.announced");
-        Ok(versions)
+        Ok((versions, dataset_version?))
     }
 
     /// Steps 2–3 of a commit at an owner: choose the targets, check the bases, persist the

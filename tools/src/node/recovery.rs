@@ -525,7 +525,7 @@ impl Protocol {
                 if let Some(decided) = self.ask_outcome(pending.tag.leader, pending.tx) {
                     tracing::info!(tx = ?pending.tx, decided, "resolved a follower commit with its leader");
                     self.settle_copies_of(pending.tx, decided);
-                    self.finish_follower(pending.tx, decided);
+                    self.finish_follower(pending.tx, decided, None);
                 }
                 continue;
             }
@@ -556,7 +556,7 @@ impl Protocol {
                 // Everything of that commit here at once, then this node's own part of it,
                 // so no confirmation frees the outcome while a copy here still needs it.
                 self.settle_copies_of(commit, decided);
-                self.finish_follower(commit, decided);
+                self.finish_follower(commit, decided, None);
                 // This node's own copy of its own commit: nothing else could change those
                 // pages meanwhile (it is their one writer and settles before committing).
                 // A copy an owner prepared here: the owner may have moved on; ask it next.

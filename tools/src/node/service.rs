@@ -38,7 +38,10 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             committer_prepared,
             &pages,
         ) {
-            Ok(versions) => NodeReply::Committed { versions },
+            Ok((versions, dataset_version)) => NodeReply::Committed {
+                versions,
+                dataset_version,
+            },
             Err(error) => NodeReply::Failed(error),
         },
         NodeRequest::Prepare {
@@ -63,7 +66,10 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             release,
         } => {
             match protocol.commit_runs(tx, &followers, &dataset, ino, committer, &pages, release) {
-                Ok(versions) => NodeReply::Committed { versions },
+                Ok((versions, dataset_version)) => NodeReply::Committed {
+                    versions,
+                    dataset_version,
+                },
                 Err(error) => NodeReply::Failed(error),
             }
         }
@@ -83,12 +89,12 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             leader,
             pages,
         ),
-        NodeRequest::OwnerDecide { tx } => {
-            protocol.finish_follower(tx, true);
+        NodeRequest::OwnerDecide { tx, version } => {
+            protocol.finish_follower(tx, true, Some(version));
             NodeReply::Done
         }
         NodeRequest::OwnerAbort { tx } => {
-            protocol.finish_follower(tx, false);
+            protocol.finish_follower(tx, false, None);
             NodeReply::Done
         }
         NodeRequest::Outcome { tx, leader } => protocol.serve_outcome(tx, leader),
@@ -106,5 +112,25 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             tx,
         } => protocol.serve_register(dataset, from, &pages, tx),
         NodeRequest::Install { dataset, pages } => protocol.serve_install(dataset, &pages),
+        NodeRequest::Version { dataset, take } => protocol.serve_version(&dataset, take),
+        NodeRequest::Pin {
+            view,
+            dataset,
+            version,
+        } => protocol.serve_pin(view, &dataset, version),
+        NodeRequest::Unpin { view } => protocol.serve_unpin(view),
+        NodeRequest::RenewPins { views } => protocol.serve_renew(&views),
+        NodeRequest::ReadAt {
+            dataset,
+            version,
+            pages,
+        } => protocol.serve_read_at(dataset, version, &pages),
+        NodeRequest::PinnedVersions { dataset } => NodeReply::Versions(
+            protocol
+                .table()
+                .pinned_versions()
+                .remove(&dataset)
+                .unwrap_or_default(),
+        ),
     }
 }

@@ -1,0 +1,85 @@
+//! The node's identical-page merger thread (docs/design.md, "Identical-page merging"): steps
+//! of the core `Merger` under the table lock, paced to `--merge-pages-per-s`, a pause after
+//! each full round; the sharing numbers are counted at each round's end.
+//! Must survive: PM errors (logged, retried a second later; a merge is all or nothing).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hotpot_core::page::Merger;
+use hotpot_core::pm::PAGE_BYTES;
+use hotpot_core::proto::types::SharingCounts;
+
+use super::protocol::Protocol;
+
+pub const DEFAULT_PAGES_PER_S: u64 = 20_000;
+/// Pages hashed per hold of the table lock.
+const STEP_PAGES: usize = 256;
+/// Rest between two rounds over every page.
+const ROUND_PAUSE: Duration = Duration::from_secs(1);
+
+/// What `hotpot status` shows of the merger.
+#[derive(Default)]
+pub struct MergeCounters {
+    frames_shared: AtomicU64,
+    frames_saved: AtomicU64,
+    pages_scanned: AtomicU64,
+    pages_merged: AtomicU64,
+}
+
+impl MergeCounters {
+    pub fn counts(&self) -> SharingCounts {
+        SharingCounts {
+            frames_shared: self.frames_shared.load(Ordering::Relaxed),
+            bytes_saved: self.frames_saved.load(Ordering::Relaxed) * PAGE_BYTES as u64,
+            pages_scanned: self.pages_scanned.load(Ordering::Relaxed),
+            pages_merged: self.pages_merged.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub fn run(protocol: &Protocol, pages_per_s: u64) {
+    if pages_per_s == 0 {
+        tracing::info!("identical-page merging is off");
+        return;
+    }
+    let mut merger = Merger::default();
+    loop {
+        let started = Instant::now();
+        let stepped = {
+            let mut table = protocol.table();
+            let stepped = merger.step(&mut table, STEP_PAGES);
+            if merger.round_done() {
+                let sharing = table.sharing();
+                let counters = &protocol.merging;
+                counters
+                    .frames_shared
+                    .store(sharing.frames_shared, Ordering::Relaxed);
+                counters
+                    .frames_saved
+                    .store(sharing.frames_saved, Ordering::Relaxed);
+            }
+            stepped
+        };
+        let counters = &protocol.merging;
+        counters
+            .pages_scanned
+            .store(merger.pages_scanned, Ordering::Relaxed);
+        counters
+            .pages_merged
+            .store(merger.pages_merged, Ordering::Relaxed);
+        match stepped {
+            Ok(visited) => {
+                let budget = Duration::from_secs_f64(visited as f64 / pages_per_s as f64);
+                std::thread::sleep(budget.saturating_sub(started.elapsed()));
+                if merger.round_done() {
+                    std::thread::sleep(ROUND_PAUSE);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "identical-page merge failed; retrying");
+                std::thread::sleep(ROUND_PAUSE);
+            }
+        }
+    }
+}
