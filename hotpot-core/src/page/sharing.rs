@@ -97,6 +97,24 @@ impl PageTable {
             self.pool.page(page).map(|found| found.record.frame),
             Some(theirs.frame)
         );
+        // The base of the kernel's copy and a Dirty page's twin hold the old frame too: the
+        // same bytes, so they move to the shared frame and the old one can go.
+        let mut bases = Vec::new();
+        if let Some(served) = self.served.get_mut(&page) {
+            bases.push(&mut served.frame);
+        }
+        if let Some(dirty) = self.dirty.get_mut(&page) {
+            bases.push(&mut dirty.twin.frame);
+        }
+        let moved = bases
+            .into_iter()
+            .filter(|frame| **frame == Some(mine.frame))
+            .map(|frame| *frame = Some(theirs.frame))
+            .count();
+        for _ in 0..moved {
+            self.pool.ref_frame(theirs.frame);
+            self.pool.unref_frame(mine.frame);
+        }
         Ok(true)
     }
 
@@ -154,6 +172,8 @@ mod tests {
             commit(&mut table, dataset, 0, 0xAB);
             commit(&mut table, dataset, 1, dataset as u8);
         }
+        // The kernel holds dataset 4's page 0: its base must not keep the old frame alive.
+        table.serve_committed((4, 0));
         let used = table.pool().usage().frames_used;
         let mut merger = Merger::default();
         while merger.pages_scanned < 8 {
