@@ -267,7 +267,7 @@ fn views_see_exactly_their_version_while_the_producer_commits() {
     println!(
         "{} views pinned: {kept} frames kept ({} MiB), PM used grew by {grown} frames; bound {changed_after_pins}",
         views.len(),
-        kept * 4096 >> 20
+        (kept * 4096) >> 20
     );
     assert!(kept > 0, "pinned versions kept nothing");
     assert!(
