@@ -113,6 +113,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
                     chunk_pages: 1,
                 },
                 owners: vec![2, 3, 1],
+                first_home: Some((2, 1)),
             },
             ino: 5,
             committer: 3,

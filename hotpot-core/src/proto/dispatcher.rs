@@ -63,6 +63,9 @@ pub struct DispatcherState {
     /// Per dataset: the first dataset version of the next block a home takes.
     #[serde(default)]
     version_blocks: BTreeMap<DatasetId, u64>,
+    /// Per node: how many times it joined.
+    #[serde(default)]
+    incarnations: BTreeMap<NodeId, u64>,
     /// Owner promotions: node → the node that owns its chunks now (values are never keys).
     #[serde(default)]
     successors: BTreeMap<NodeId, NodeId>,
@@ -105,6 +108,7 @@ impl DispatcherState {
             nodes: BTreeMap::new(),
             leases: BTreeMap::new(),
             version_blocks: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
             user_locks: BTreeMap::new(),
             barriers: BTreeMap::new(),
             successors: BTreeMap::new(),
@@ -205,14 +209,15 @@ impl DispatcherState {
                     last_heartbeat_ms: Some(now_ms),
                     usage: NodeUsage::default(),
                 };
-                let changed = self.nodes.get(&node).map(|old| (&old.addr, &old.mount))
-                    != Some((&record.addr, &record.mount));
                 self.nodes.insert(node, record);
+                let incarnation = self.incarnations.entry(node).or_insert(0);
+                *incarnation += 1;
                 (
                     DispatcherReply::Joined {
                         cluster_id: self.cluster_id,
+                        incarnation: *incarnation,
                     },
-                    changed,
+                    true,
                 )
             }
             R::Heartbeat { node, usage } => {
@@ -289,16 +294,22 @@ impl DispatcherState {
                 }
                 // Start the round-robin at a different node for each dataset.
                 let shift = (self.next_dataset % owners.len() as u64) as usize;
-                let owners = owners[shift..]
+                let owners: Vec<NodeId> = owners[shift..]
                     .iter()
                     .chain(&owners[..shift])
                     .copied()
                     .collect();
+                let first_home: NodeId = owners[0];
+                let incarnation = self.incarnations.get(&first_home).copied().unwrap_or(0);
                 let dataset = Dataset {
                     id: self.next_dataset,
                     params,
                     owners,
+                    first_home: Some((first_home, incarnation)),
                 };
+                // The first block is the first home's (it needs no request for it).
+                self.version_blocks
+                    .insert(self.next_dataset, 1 + VERSION_BLOCK);
                 self.next_dataset += 1;
                 let attr = self.add_child(
                     parent,

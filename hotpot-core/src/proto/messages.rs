@@ -120,6 +120,8 @@ pub enum DispatcherRequest {
 pub enum DispatcherReply {
     Joined {
         cluster_id: u64,
+        /// How many times this node joined (this start included): names this incarnation.
+        incarnation: u64,
     },
     Attr(Attr),
     Entries(Vec<DirEntry>),

@@ -56,6 +56,11 @@ pub struct Dataset {
     pub id: DatasetId,
     pub params: DatasetParams,
     pub owners: Vec<NodeId>,
+    /// Its first home (owner of chunk 0) and that node's incarnation at creation: that
+    /// incarnation gives out versions from the first block without asking the dispatcher
+    /// (docs/design.md, "Dataset versions").
+    #[serde(default)]
+    pub first_home: Option<(NodeId, u64)>,
 }
 
 impl Dataset {

@@ -140,8 +140,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         mount: mount.display().to_string(),
         pm_cluster: existing.map(|superblock| superblock.cluster_id),
     };
-    let cluster_id = match call_with_retry(&dispatcher, &join)? {
-        DispatcherReply::Joined { cluster_id } => cluster_id,
+    let (cluster_id, incarnation) = match call_with_retry(&dispatcher, &join)? {
+        DispatcherReply::Joined {
+            cluster_id,
+            incarnation,
+        } => (cluster_id, incarnation),
         DispatcherReply::Failed(error) => bail!("dispatcher refused the join: {error}"),
         other => bail!("dispatcher answered the join with {other:?}"),
     };
@@ -192,6 +195,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         protocol.set_rebuilding();
     }
     refresh_peers(&dispatcher, &protocol)?;
+    protocol.set_incarnation(incarnation);
+    protocol.take_home_blocks(&datasets);
     let engine = Arc::new(NodeEngine::new(
         dispatcher.clone(),
         protocol.clone(),
@@ -317,6 +322,7 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
                 Ok(other) => tracing::warn!(?other, "unexpected heartbeat reply"),
                 Err(error) => tracing::warn!(%error, "heartbeat not delivered"),
             }
+            protocol.refill_version_blocks();
             std::thread::sleep(Duration::from_millis(500));
         })
         .expect("start the heartbeat thread");

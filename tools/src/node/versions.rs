@@ -6,11 +6,13 @@
 //! owner lost (Stale, never other bytes).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::ViewKey;
 use hotpot_core::pm::PageKey;
+use hotpot_core::proto::dispatcher::VERSION_BLOCK;
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
@@ -23,17 +25,31 @@ pub const PIN_LEASE: Duration = Duration::from_secs(10);
 /// How often a viewing node renews its pins.
 pub const PIN_RENEW_EVERY: Duration = Duration::from_secs(2);
 
-/// The versions of one dataset this home may still give out: `next..end`.
+/// The versions of one dataset this home may still give out: `next..end`, then the spare
+/// block starting at `spare` (taken ahead, so commits rarely wait for the dispatcher).
 #[derive(Clone, Copy, Debug)]
-struct Block {
+struct Blocks {
     next: u64,
     end: u64,
+    spare: Option<u64>,
+}
+
+impl Blocks {
+    fn starting_at(start: u64) -> Blocks {
+        Blocks {
+            next: start,
+            end: start + VERSION_BLOCK,
+            spare: None,
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Published {
+    /// This node's incarnation (how many times it joined the cluster).
+    incarnation: AtomicU64,
     /// As a home: per dataset, the current block.
-    blocks: Mutex<HashMap<DatasetId, Block>>,
+    blocks: Mutex<HashMap<DatasetId, Blocks>>,
     /// As an owner: when each pin was last renewed.
     leases: Mutex<HashMap<ViewKey, Instant>>,
 }
@@ -95,22 +111,91 @@ impl Protocol {
                 self.id, dataset.id
             )));
         }
+        match self.give_version(dataset, take) {
+            Ok(version) => NodeReply::Version(version),
+            Err(error) => NodeReply::Failed(error),
+        }
+    }
+
+    fn give_version(&self, dataset: &Dataset, take: bool) -> Result<u64, FsError> {
+        let incarnation = self.published.incarnation.load(Ordering::Relaxed);
         let mut blocks = self.published.blocks.lock().expect("version blocks lock");
-        let block = match blocks.get(&dataset.id).copied() {
-            Some(block) if block.next < block.end || !take => block,
-            _ => match self.take_block(dataset.id) {
-                Ok(start) => Block {
-                    next: start,
-                    end: start + hotpot_core::proto::dispatcher::VERSION_BLOCK,
-                },
-                Err(error) => return NodeReply::Failed(error),
-            },
+        let current = match blocks.get(&dataset.id).copied() {
+            Some(current) => current,
+            // The incarnation that created the dataset owns the first block.
+            None if dataset.first_home == Some((self.id, incarnation)) => Blocks::starting_at(1),
+            None => Blocks::starting_at(self.take_block(dataset.id)?),
         };
-        assert!(block.next >= 1 && block.next <= block.end);
-        let answer = if take { block.next } else { block.next - 1 };
-        let next = if take { block.next + 1 } else { block.next };
-        blocks.insert(dataset.id, Block { next, ..block });
-        NodeReply::Version(answer)
+        let current = if take && current.next == current.end {
+            match current.spare {
+                Some(start) => Blocks::starting_at(start),
+                None => Blocks::starting_at(self.take_block(dataset.id)?),
+            }
+        } else {
+            current
+        };
+        assert!(current.next >= 1 && current.next < current.end);
+        let (answer, next) = if take {
+            (current.next, current.next + 1)
+        } else {
+            (current.next - 1, current.next)
+        };
+        blocks.insert(dataset.id, Blocks { next, ..current });
+        Ok(answer)
+    }
+
+    pub fn set_incarnation(&self, incarnation: u64) {
+        self.published
+            .incarnation
+            .store(incarnation, Ordering::Relaxed);
+    }
+
+    /// At start: a fresh block for every dataset this node is the home of, so its first
+    /// commits need no dispatcher.
+    pub fn take_home_blocks(&self, datasets: &[Dataset]) {
+        for dataset in datasets.iter().filter(|d| self.home_of(d) == self.id) {
+            match self.take_block(dataset.id) {
+                Ok(start) => {
+                    self.published
+                        .blocks
+                        .lock()
+                        .expect("version blocks lock")
+                        .insert(dataset.id, Blocks::starting_at(start));
+                }
+                Err(error) => {
+                    tracing::warn!(dataset = dataset.id, %error, "no version block yet; asked again at the first commit")
+                }
+            }
+        }
+    }
+
+    /// From the heartbeat: a spare block for every block more than half given out.
+    pub fn refill_version_blocks(&self) {
+        let low: Vec<DatasetId> = self
+            .published
+            .blocks
+            .lock()
+            .expect("version blocks lock")
+            .iter()
+            .filter(|(_, blocks)| {
+                blocks.spare.is_none() && blocks.end - blocks.next <= VERSION_BLOCK / 2
+            })
+            .map(|(dataset, _)| *dataset)
+            .collect();
+        for dataset in low {
+            let Ok(start) = self.take_block(dataset) else {
+                return; // the dispatcher is away: the next heartbeat tries again
+            };
+            if let Some(blocks) = self
+                .published
+                .blocks
+                .lock()
+                .expect("version blocks lock")
+                .get_mut(&dataset)
+            {
+                blocks.spare.get_or_insert(start);
+            }
+        }
     }
 
     fn take_block(&self, dataset: DatasetId) -> Result<u64, FsError> {

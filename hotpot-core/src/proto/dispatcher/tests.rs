@@ -82,7 +82,65 @@ fn join_with_a_pm_file_of_another_cluster_is_refused() {
     ));
     assert!(!changed);
     let (reply, _) = state.handle(join(Some(7)), 0, 0);
-    assert_eq!(reply, DispatcherReply::Joined { cluster_id: 7 });
+    assert_eq!(
+        reply,
+        DispatcherReply::Joined {
+            cluster_id: 7,
+            incarnation: 1
+        }
+    );
+    let (reply, changed) = state.handle(join(Some(7)), 0, 0);
+    assert!(changed, "a join is persisted (its incarnation)");
+    assert_eq!(
+        reply,
+        DispatcherReply::Joined {
+            cluster_id: 7,
+            incarnation: 2
+        }
+    );
+}
+
+#[test]
+fn version_blocks_never_repeat_and_the_first_belongs_to_the_first_home() {
+    let mut state = joined(2);
+    let (reply, _) = state.handle(
+        R::Create {
+            parent: ROOT_INO,
+            name: "d".into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 4096,
+            params: None,
+            exclusive: true,
+        },
+        0,
+        0,
+    );
+    let DispatcherReply::Attr(attr) = reply else {
+        panic!("create: {reply:?}")
+    };
+    let dataset = attr.dataset.expect("a dataset");
+    let (home, incarnation) = dataset.first_home.expect("a first home");
+    assert_eq!(home, dataset.owners[0]);
+    assert_eq!(incarnation, 1);
+    let mut starts = Vec::new();
+    for _ in 0..3 {
+        let (reply, changed) = state.handle(
+            R::VersionBlock {
+                dataset: dataset.id,
+            },
+            0,
+            0,
+        );
+        assert!(changed, "a granted block is persisted before the reply");
+        let DispatcherReply::VersionBlock { start } = reply else {
+            panic!("version block: {reply:?}")
+        };
+        starts.push(start);
+    }
+    let block = crate::proto::dispatcher::VERSION_BLOCK;
+    assert_eq!(starts, vec![1 + block, 1 + 2 * block, 1 + 3 * block]);
 }
 
 #[test]
