@@ -71,6 +71,11 @@ impl Map {
             len,
         })
     }
+    /// The first mapped byte.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
     pub fn msync(&self) -> anyhow::Result<()> {
         // SAFETY: our own mapping.
         if unsafe { libc::msync(self.ptr as *mut libc::c_void, self.len, libc::MS_SYNC) } != 0 {

@@ -12,6 +12,7 @@ mod recovery;
 mod remote;
 #[cfg(feature = "verbs")]
 mod transport;
+mod versions;
 
 use std::path::PathBuf;
 
@@ -48,6 +49,10 @@ enum Which {
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
     },
+    /// Published versions: the producer's msync latency with 0, 1 and 4 observers pinning
+    /// versions of a 64 MiB dataset (3 nodes); the identical-page merger's pages per CPU
+    /// second (1 node, 8 identical 32 MiB datasets).
+    Versions,
     /// TCP vs RDMA verbs: 4 KiB RPC, remote fault (two-sided and one-sided fetch), 1-page
     /// commit. Needs an RDMA device and a build with --features verbs (hotpot and this).
     Transport {
@@ -72,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Which::Local { pages } => local(&args.hotpot, pages, args.rounds),
         Which::Cluster => cluster_run(&args.hotpot, args.rounds),
         Which::Recovery { size_mib } => recovery::run(&args.hotpot, size_mib << 20),
+        Which::Versions => versions::run(&args.hotpot, args.rounds),
         #[cfg(feature = "verbs")]
         Which::Transport {
             rdma_dev,
