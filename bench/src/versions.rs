@@ -189,8 +189,11 @@ fn merger(hotpot: &Path) -> anyhow::Result<()> {
         .iter()
         .filter_map(|arg| arg.as_str().map(str::to_string))
         .collect();
-    // The last `--merge-pages-per-s` wins (clap keeps the last occurrence).
-    node_args.extend(["--merge-pages-per-s".into(), "100000000".into()]);
+    let rate_at = node_args
+        .iter()
+        .position(|arg| arg == "--merge-pages-per-s")
+        .context("cluster.json has no --merge-pages-per-s")?;
+    node_args[rate_at + 1] = "100000000".into();
     let mut patched = cluster_file.clone();
     patched["node_args"] = serde_json::json!(node_args);
     std::fs::write(

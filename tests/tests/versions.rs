@@ -255,7 +255,6 @@ fn views_see_exactly_their_version_while_the_producer_commits() {
             map.msync().expect("producer msync");
         }
     }
-    let _ = history;
     // Each pinned version keeps at most the pages changed after it (each a kept frame at its
     // owner): the one of round 10 at most every page changed since.
     for pinned in &pinned_rounds {
@@ -279,6 +278,47 @@ fn views_see_exactly_their_version_while_the_producer_commits() {
         grown <= kept as i64 + 64,
         "PM used grew by {grown} frames, {kept} kept for views"
     );
+    // The pinned versions are listed, open by number on another node, and read as the
+    // version they pin; a version nobody pinned is gone (ESTALE); views are read-only.
+    let stat = cluster.stat_json(&path);
+    let pinned: Vec<u64> = stat["versions_pinned"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let latest = stat["version"].as_u64().unwrap();
+    // The four views, and perhaps an `@latest` lookup of the follower still in its grace.
+    assert!(pinned.len() >= 4, "pinned versions in stat: {pinned:?}");
+    let listed: BTreeSet<String> = std::fs::read_dir(versions_dir(1))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    for version in pinned.iter().chain([&latest]) {
+        assert!(
+            listed.contains(&format!("data@{version}")),
+            "readdir of .versions lacks data@{version}: {listed:?}"
+        );
+    }
+    let mut by_number = File::open(versions_dir(1).join(format!("data@{}", pinned[0]))).unwrap();
+    let oldest = check_whole_version(&read_all(&mut by_number), &history, "view by number");
+    assert_eq!(oldest, 10, "the oldest pinned version is round 10's");
+    let unpinned = pinned[0] + 1;
+    let gone = File::open(versions_dir(3).join(format!("data@{unpinned}")))
+        .and_then(|mut view| view.read(&mut [0u8; 8]));
+    assert_eq!(
+        gone.err().and_then(|error| error.raw_os_error()),
+        Some(libc::ESTALE),
+        "version {unpinned} was pinned by nobody"
+    );
+    let write = File::options()
+        .write(true)
+        .open(versions_dir(2).join(format!("data@{latest}")));
+    assert_eq!(
+        write.err().and_then(|error| error.raw_os_error()),
+        Some(libc::EROFS)
+    );
+    drop(by_number);
     // Closing every view gives it all back (an `@latest` lookup that no open followed keeps
     // its pin for a few seconds more, hence the wait).
     drop(views);
