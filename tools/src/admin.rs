@@ -343,18 +343,20 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
             Err(error) => eprintln!("warning: node {} unreachable: {error}", node.id),
         }
     }
-    let home = owner_of_chunk(0);
-    let version = match live.iter().position(|node| node.id == home) {
-        Some(at) => match clients[at].call::<_, NodeReply>(
-            &NodeRequest::Version {
+    let version = match clients.first() {
+        Some(client) => match client.call::<_, NodeReply>(
+            &NodeRequest::Latest {
                 dataset: dataset.clone(),
-                take: false,
             },
             TIMEOUT,
         ) {
             Ok(NodeReply::Version(version)) => Some(version),
-            Ok(other) => bail!("home node {home} answered a version request with {other:?}"),
-            Err(error) => bail!("home node {home} of the dataset: {error}"),
+            Ok(NodeReply::Failed(error)) => {
+                eprintln!("warning: the latest version is unknown: {error}");
+                None
+            }
+            Ok(other) => bail!("node answered a version request with {other:?}"),
+            Err(error) => bail!("asking for the latest version: {error}"),
         },
         None => None,
     };
@@ -414,7 +416,7 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
     );
     match version {
         Some(version) => println!(
-            "  version {version} (latest; home node {home}){}",
+            "  version {version} (latest){}",
             if pinned.is_empty() {
                 String::new()
             } else {
@@ -422,7 +424,7 @@ pub fn stat(path: &Path, secret: Option<&Path>, json: bool) -> anyhow::Result<()
                 format!(", pinned by views: {}", pinned.join(" "))
             }
         ),
-        None => println!("  version unknown: its home node {home} is not live"),
+        None => println!("  version unknown (no live node could say)"),
     }
     let shown = chunks.min(16);
     let owners: Vec<String> = (0..shown)

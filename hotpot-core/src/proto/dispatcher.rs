@@ -432,6 +432,17 @@ impl DispatcherState {
                     (DispatcherReply::Done, true)
                 }
             },
+            R::VersionState { dataset } => (
+                DispatcherReply::VersionState {
+                    writer: self
+                        .leases
+                        .get(&dataset)
+                        .copied()
+                        .filter(|holder| self.node_live(*holder, now_ms)),
+                    next_block: self.version_blocks.get(&dataset).copied().unwrap_or(1),
+                },
+                false,
+            ),
             R::VersionBlock { dataset } => {
                 let start = self.version_blocks.entry(dataset).or_insert(1);
                 let block = *start;

@@ -93,8 +93,13 @@ pub enum DispatcherRequest {
         dataset: DatasetId,
         node: NodeId,
     },
-    /// A dataset's home takes the next block of `VERSION_BLOCK` dataset versions.
+    /// A dataset's home (or MRSW writer) takes the next block of `VERSION_BLOCK` versions.
     VersionBlock {
+        dataset: DatasetId,
+    },
+    /// Who gives out an MRSW dataset's versions now (its lease holder), and where the next
+    /// block starts (every version given out so far is below it).
+    VersionState {
         dataset: DatasetId,
     },
     /// User-level lock `name` for `holder` (a node and a program's own id); Busy if held.
@@ -141,6 +146,10 @@ pub enum DispatcherReply {
     /// Dataset versions `start..start + VERSION_BLOCK` are this home's to give out.
     VersionBlock {
         start: u64,
+    },
+    VersionState {
+        writer: Option<NodeId>,
+        next_block: u64,
     },
     Waiting,
     Done,
@@ -209,6 +218,9 @@ pub enum NodeRequest {
         /// its own: it counts as a copy and needs no Prepare; the reply is its decision.
         committer_prepared: bool,
         pages: Vec<PageWrite>,
+        /// The dataset version, when the committer gives it (the MRSW writer does); else the
+        /// owner asks the dataset's home.
+        version: Option<u64>,
     },
     /// Owner to holders and replicas: persist these new versions, not yet current.
     Prepare {
@@ -317,10 +329,15 @@ pub enum NodeRequest {
         dataset: DatasetId,
         pages: Vec<VersionedPage>,
     },
-    /// To a dataset's home: a new dataset version for a commit (`take`), or the latest one.
+    /// To a dataset's home (an MRSW dataset's writer): a new dataset version for a commit
+    /// (`take`), or the latest one.
     Version {
         dataset: Dataset,
         take: bool,
+    },
+    /// To any node: the latest version of a dataset (it asks whoever gives them out).
+    Latest {
+        dataset: Dataset,
     },
     /// To every owner of a dataset: keep what view `view` (a node's own number for it)
     /// needs to read the dataset at `version`; Stale if that version is gone here.

@@ -122,9 +122,10 @@ fn one_owner_writes(
     ino: Ino,
     pages: &[PageWrite],
 ) -> Result<(), FsError> {
+    let version = protocol.writer_version(dataset)?;
     if owner == protocol.id {
         return protocol
-            .owner_commit(tx, &[], dataset, ino, protocol.id, false, pages)
+            .owner_commit(tx, &[], dataset, ino, (protocol.id, false), pages, version)
             .map(|_| ());
     }
     let copies: Vec<(u64, u64, &[u8])> = pages
@@ -144,6 +145,7 @@ fn one_owner_writes(
         committer: protocol.id,
         committer_prepared: true,
         pages: pages.to_vec(),
+        version,
     };
     let client = protocol
         .peers
@@ -319,6 +321,7 @@ fn across_owners(
             committer: protocol.id,
             committer_prepared,
             pages: pages.clone(),
+            version: protocol.writer_version(dataset)?,
         },
     };
     let leader_call = if *leader == protocol.id {

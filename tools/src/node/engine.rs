@@ -93,7 +93,7 @@ impl NodeEngine {
                 node: self.id,
             };
             match self.ask(request) {
-                Ok(_) => return Ok(()),
+                Ok(_) => return self.protocol.start_writing(dataset),
                 Err(FsError::Busy(why)) if Instant::now() >= deadline => {
                     tracing::warn!(dataset = dataset.id, %why, "open for writing refused: the dataset has another writer");
                     return Err(FsError::Busy(why));
@@ -105,6 +105,7 @@ impl NodeEngine {
     }
 
     fn release_lease(&self, dataset: &Dataset) {
+        self.protocol.stop_writing(dataset);
         let request = DispatcherRequest::ReleaseLease {
             dataset: dataset.id,
             node: self.id,

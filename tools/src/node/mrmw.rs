@@ -59,7 +59,15 @@ impl Protocol {
         let mut held = self.lock_pages(tx, &keys, false)?;
         held.armed = release;
         let writes = self.merge_runs(dataset, pages)?;
-        self.commit_locked(tx, followers, dataset, ino, committer, false, &writes)
+        self.commit_locked(
+            tx,
+            followers,
+            dataset,
+            ino,
+            (committer, false),
+            &writes,
+            None,
+        )
     }
 
     /// The committer's runs on this owner's current pages (which the caller has locked, so

@@ -572,9 +572,9 @@ impl Protocol {
         followers: &[NodeId],
         dataset: &Dataset,
         ino: Ino,
-        committer: NodeId,
-        committer_prepared: bool,
+        (committer, committer_prepared): (NodeId, bool),
         pages: &[PageWrite],
+        version: Option<u64>,
     ) -> Result<(Vec<u64>, u64), FsError> {
         self.wait_ready()?;
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
@@ -584,16 +584,17 @@ impl Protocol {
             followers,
             dataset,
             ino,
-            committer,
-            committer_prepared,
+            (committer, committer_prepared),
             pages,
+            version,
         )
     }
 
     /// Steps 2–6 of a commit whose pages `tx` holds: targets, Prepare, the dataset version
-    /// from the home, the local apply (the decision), Decide, holders. Returns the new page
-    /// versions and the dataset version. With `followers`, this owner leads a multi-owner
-    /// commit: its apply decides the whole commit and keeps the outcome.
+    /// (`version`, the MRSW writer's, or the home's), the local apply (the decision), Decide,
+    /// holders. Returns the new page versions and the dataset version. With `followers`, this
+    /// owner leads a multi-owner commit: its apply decides the whole commit and keeps the
+    /// outcome.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn commit_locked(
         &self,
@@ -601,9 +602,9 @@ impl Protocol {
         followers: &[NodeId],
         dataset: &Dataset,
         ino: Ino,
-        committer: NodeId,
-        committer_prepared: bool,
+        (committer, committer_prepared): (NodeId, bool),
         pages: &[PageWrite],
+        version: Option<u64>,
     ) -> Result<(Vec<u64>, u64), FsError> {
         let commit = (!followers.is_empty()).then_some((tx, self.id));
         let replicated = self.replicate(dataset, committer, committer_prepared, pages, commit)?;
@@ -639,7 +640,7 @@ impl Protocol {
         };
         // Every page is locked: the version orders this commit after every earlier one of
         // these pages (docs/design.md, "Dataset versions").
-        let dataset_version = self.next_version(dataset);
+        let dataset_version = version.map_or_else(|| self.next_version(dataset), Ok);
         let page_ids: Vec<u64> = pages.iter().map(|write| write.page).collect();
         let applied = {
             let aborted = self.aborted.lock().expect("aborted lock");

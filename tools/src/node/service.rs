@@ -29,14 +29,15 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             committer,
             committer_prepared,
             pages,
+            version,
         } => match protocol.owner_commit(
             tx,
             &followers,
             &dataset,
             ino,
-            committer,
-            committer_prepared,
+            (committer, committer_prepared),
             &pages,
+            version,
         ) {
             Ok((versions, dataset_version)) => NodeReply::Committed {
                 versions,
@@ -113,6 +114,10 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
         } => protocol.serve_register(dataset, from, &pages, tx),
         NodeRequest::Install { dataset, pages } => protocol.serve_install(dataset, &pages),
         NodeRequest::Version { dataset, take } => protocol.serve_version(&dataset, take),
+        NodeRequest::Latest { dataset } => match protocol.latest_version(&dataset) {
+            Ok(version) => NodeReply::Version(version),
+            Err(error) => NodeReply::Failed(error),
+        },
         NodeRequest::Pin {
             view,
             dataset,

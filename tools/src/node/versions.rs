@@ -16,7 +16,7 @@ use hotpot_core::proto::dispatcher::VERSION_BLOCK;
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
-use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId, VersionCounts};
+use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId, VersionCounts};
 
 use super::protocol::{Protocol, RPC_TIMEOUT};
 
@@ -55,9 +55,48 @@ pub struct Published {
 }
 
 impl Protocol {
-    /// The node that hands out the versions of `dataset`: the owner of its chunk 0 now.
+    /// The node that hands out the versions of an MRMW `dataset`: the owner of its chunk 0
+    /// now. (An MRSW dataset's writer gives them out itself.)
     pub fn home_of(&self, dataset: &Dataset) -> NodeId {
         self.owner_of(dataset, 0)
+    }
+
+    /// As an MRSW dataset's writer (its lease holder, whose commits are one at a time): the
+    /// version of its next commit, with no message. `None` for MRMW (the home gives it).
+    pub(super) fn writer_version(&self, dataset: &Dataset) -> Result<Option<u64>, FsError> {
+        match dataset.params.mode {
+            Mode::Mrsw => self.give_version(dataset, true).map(Some),
+            Mode::Mrmw => Ok(None),
+        }
+    }
+
+    /// This node took an MRSW dataset's lease: a fresh block (versions an earlier writer gave
+    /// out are all below it), so its first commit needs no dispatcher.
+    pub fn start_writing(&self, dataset: &Dataset) -> Result<(), FsError> {
+        let mut blocks = self.published.blocks.lock().expect("version blocks lock");
+        if blocks.contains_key(&dataset.id) {
+            return Ok(());
+        }
+        let start = self.take_block(dataset.id)?;
+        blocks.insert(dataset.id, Blocks::starting_at(start));
+        Ok(())
+    }
+
+    fn is_writing(&self, dataset: &Dataset) -> bool {
+        self.published
+            .blocks
+            .lock()
+            .expect("version blocks lock")
+            .contains_key(&dataset.id)
+    }
+
+    /// This node gave an MRSW dataset's lease back: another writer's versions come next.
+    pub fn stop_writing(&self, dataset: &Dataset) {
+        self.published
+            .blocks
+            .lock()
+            .expect("version blocks lock")
+            .remove(&dataset.id);
     }
 
     /// Ask the home for a version: the next one (`take`) or the latest given out.
@@ -97,17 +136,59 @@ impl Protocol {
         self.ask_home(dataset, true)
     }
 
-    /// The newest version given out (an upper bound of every committed one).
+    /// The newest version given out (an upper bound of every committed one). MRSW: the
+    /// writer's, or with no live writer, everything below the dispatcher's next block.
     pub fn latest_version(&self, dataset: &Dataset) -> Result<u64, FsError> {
-        self.ask_home(dataset, false)
+        if dataset.params.mode == Mode::Mrmw {
+            return self.ask_home(dataset, false);
+        }
+        if self.is_writing(dataset) {
+            return self.give_version(dataset, false);
+        }
+        let request = DispatcherRequest::VersionState {
+            dataset: dataset.id,
+        };
+        let (writer, next_block) = match self
+            .peers
+            .dispatcher()
+            .call::<_, DispatcherReply>(&request, RPC_TIMEOUT)
+        {
+            Ok(DispatcherReply::VersionState { writer, next_block }) => (writer, next_block),
+            Ok(other) => {
+                return Err(FsError::Io(format!(
+                    "dispatcher answered a version state request with {other:?}"
+                )))
+            }
+            Err(error) => return Err(FsError::Io(format!("dispatcher: {error}"))),
+        };
+        let from_writer = writer
+            .filter(|writer| *writer != self.id)
+            .and_then(|writer| {
+                let request = NodeRequest::Version {
+                    dataset: dataset.clone(),
+                    take: false,
+                };
+                match super::committer::ask(self, writer, request) {
+                    Ok(NodeReply::Version(version)) => Some(version),
+                    Ok(_) | Err(_) => None,
+                }
+            });
+        // A writer that died gave out versions from blocks below the next one.
+        Ok(from_writer.unwrap_or(next_block - 1))
     }
 
-    /// `Version` at the home.
+    /// `Version` at the home (MRSW: at the writer, asked for the latest).
     pub fn serve_version(&self, dataset: &Dataset, take: bool) -> NodeReply {
         let home = self.home_of(dataset);
-        if home != self.id {
+        if dataset.params.mode == Mode::Mrmw && home != self.id {
             return NodeReply::Failed(FsError::Io(format!(
                 "node {} is not the home of dataset {} (node {home} is)",
+                self.id, dataset.id
+            )));
+        }
+        if dataset.params.mode == Mode::Mrsw && !self.is_writing(dataset) {
+            return NodeReply::Failed(FsError::Io(format!(
+                "node {} is not writing dataset {}",
                 self.id, dataset.id
             )));
         }
@@ -122,8 +203,13 @@ impl Protocol {
         let mut blocks = self.published.blocks.lock().expect("version blocks lock");
         let current = match blocks.get(&dataset.id).copied() {
             Some(current) => current,
-            // The incarnation that created the dataset owns the first block.
-            None if dataset.first_home == Some((self.id, incarnation)) => Blocks::starting_at(1),
+            // The incarnation that created an MRMW dataset owns the first block as its home
+            // (an MRSW writer takes a block when it takes the lease).
+            None if dataset.params.mode == Mode::Mrmw
+                && dataset.first_home == Some((self.id, incarnation)) =>
+            {
+                Blocks::starting_at(1)
+            }
             None => Blocks::starting_at(self.take_block(dataset.id)?),
         };
         let current = if take && current.next == current.end {
@@ -153,7 +239,10 @@ impl Protocol {
     /// At start: a fresh block for every dataset this node is the home of, so its first
     /// commits need no dispatcher.
     pub fn take_home_blocks(&self, datasets: &[Dataset]) {
-        for dataset in datasets.iter().filter(|d| self.home_of(d) == self.id) {
+        let homed = datasets
+            .iter()
+            .filter(|d| d.params.mode == Mode::Mrmw && self.home_of(d) == self.id);
+        for dataset in homed {
             match self.take_block(dataset.id) {
                 Ok(start) => {
                     self.published
