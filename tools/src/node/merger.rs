@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hotpot_core::page::Merger;
+use hotpot_core::page::{Merger, Sharing};
 use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::types::SharingCounts;
 
@@ -28,6 +28,20 @@ pub struct MergeCounters {
 }
 
 impl MergeCounters {
+    /// The merger's totals, and the sharing counted at a round's end.
+    fn record(&self, merger: &Merger, sharing: Option<Sharing>) {
+        self.pages_scanned
+            .store(merger.pages_scanned, Ordering::Relaxed);
+        self.pages_merged
+            .store(merger.pages_merged, Ordering::Relaxed);
+        if let Some(sharing) = sharing {
+            self.frames_shared
+                .store(sharing.frames_shared, Ordering::Relaxed);
+            self.frames_saved
+                .store(sharing.frames_saved, Ordering::Relaxed);
+        }
+    }
+
     pub fn counts(&self) -> SharingCounts {
         SharingCounts {
             frames_shared: self.frames_shared.load(Ordering::Relaxed),
@@ -49,25 +63,10 @@ pub fn run(protocol: &Protocol, pages_per_s: u64) {
         let stepped = {
             let mut table = protocol.table();
             let stepped = merger.step(&mut table, STEP_PAGES);
-            if merger.round_done() {
-                let sharing = table.sharing();
-                let counters = &protocol.merging;
-                counters
-                    .frames_shared
-                    .store(sharing.frames_shared, Ordering::Relaxed);
-                counters
-                    .frames_saved
-                    .store(sharing.frames_saved, Ordering::Relaxed);
-            }
+            let sharing = merger.round_done().then(|| table.sharing());
+            protocol.merging.record(&merger, sharing);
             stepped
         };
-        let counters = &protocol.merging;
-        counters
-            .pages_scanned
-            .store(merger.pages_scanned, Ordering::Relaxed);
-        counters
-            .pages_merged
-            .store(merger.pages_merged, Ordering::Relaxed);
         match stepped {
             Ok(visited) => {
                 let budget = Duration::from_secs_f64(visited as f64 / pages_per_s as f64);

@@ -425,15 +425,7 @@ impl Protocol {
             self.expire_pins();
             for (owner, views) in views() {
                 let request = NodeRequest::RenewPins { views };
-                let reply = if owner == self.id {
-                    Ok(super::service::handle(self, request))
-                } else {
-                    match self.peers.client(owner) {
-                        Some(client) => client.call::<_, NodeReply>(&request, RPC_TIMEOUT),
-                        None => continue,
-                    }
-                };
-                if let Err(error) = reply {
+                if let Err(error) = super::committer::ask(self, owner, request) {
                     tracing::warn!(owner, %error, "pins not renewed");
                 }
             }
