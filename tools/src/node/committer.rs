@@ -196,6 +196,8 @@ fn across_owners(
     ino: Ino,
     groups: &BTreeMap<NodeId, OwnerPages>,
 ) -> Result<(), FsError> {
+    // Before phase 1: a writer that cannot number its commit has nothing to undo.
+    let version = protocol.writer_version(dataset)?;
     let mut owners = groups.iter();
     let (leader, leader_pages) = owners.next().expect("a commit has an owner");
     let followers: Vec<NodeId> = owners.map(|(owner, _)| *owner).collect();
@@ -321,7 +323,7 @@ fn across_owners(
             committer: protocol.id,
             committer_prepared,
             pages: pages.clone(),
-            version: protocol.writer_version(dataset)?,
+            version,
         },
     };
     let leader_call = if *leader == protocol.id {

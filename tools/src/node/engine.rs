@@ -19,16 +19,26 @@ use views::Synthetic;
 
 mod views;
 
-fn read_only() -> FsError {
-    FsError::ReadOnly(format!("{} is read-only", views::VERSIONS_DIR))
-}
-
 /// Refuse a change inside `.versions`.
 fn writable(ino: Ino) -> Result<(), FsError> {
     match views::synthetic(ino) {
-        Some(_) => Err(read_only()),
+        Some(_) => Err(FsError::ReadOnly(format!(
+            "{} is read-only",
+            views::VERSIONS_DIR
+        ))),
         None => Ok(()),
     }
+}
+
+/// Refuse a change inside `.versions`, and a new name that would hide it.
+fn writable_name(parent: Ino, name: &str) -> Result<(), FsError> {
+    writable(parent)?;
+    if parent == ROOT_INO && name == views::VERSIONS_DIR {
+        return Err(FsError::Invalid(format!(
+            "{name} is reserved for published versions"
+        )));
+    }
+    Ok(())
 }
 
 /// How long a node keeps retrying an unreachable dispatcher before failing the request.
@@ -351,7 +361,7 @@ impl Engine for NodeEngine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
-        writable(parent)?;
+        writable_name(parent, name)?;
         self.ask_attr(DispatcherRequest::Mkdir {
             parent,
             name: name.to_string(),
@@ -370,7 +380,7 @@ impl Engine for NodeEngine {
         gid: u32,
         exclusive: bool,
     ) -> Result<Attr, FsError> {
-        writable(parent)?;
+        writable_name(parent, name)?;
         self.ask_attr(DispatcherRequest::Create {
             parent,
             name: name.to_string(),
@@ -391,7 +401,7 @@ impl Engine for NodeEngine {
         uid: u32,
         gid: u32,
     ) -> Result<Attr, FsError> {
-        writable(parent)?;
+        writable_name(parent, name)?;
         self.ask_attr(DispatcherRequest::Symlink {
             parent,
             name: name.to_string(),
@@ -402,7 +412,9 @@ impl Engine for NodeEngine {
     }
 
     fn readlink(&self, ino: Ino) -> Result<String, FsError> {
-        writable(ino)?;
+        if views::synthetic(ino).is_some() {
+            return Err(FsError::Invalid("not a symbolic link".into()));
+        }
         match self.ask(DispatcherRequest::ReadLink { ino })? {
             DispatcherReply::Target(target) => Ok(target),
             other => Err(io_error(format!("dispatcher sent {other:?} for readlink"))),
@@ -437,7 +449,7 @@ impl Engine for NodeEngine {
         new_name: &str,
     ) -> Result<(), FsError> {
         writable(parent)?;
-        writable(new_parent)?;
+        writable_name(new_parent, new_name)?;
         match self.ask(DispatcherRequest::Rename {
             parent,
             name: name.to_string(),

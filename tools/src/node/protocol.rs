@@ -83,7 +83,8 @@ pub struct Protocol {
     became_ready: Condvar,
     /// How pages came from their owners (reader.rs).
     pub(super) fetches: reader::FetchCounters,
-    /// Dataset versions this node hands out as a home, and the leases of pins (versions.rs).
+    /// Dataset versions this node hands out (as an MRMW home or an MRSW writer), and the
+    /// leases of pins (versions.rs).
     pub(super) published: super::versions::Published,
     /// The identical-page merger's numbers (merger.rs).
     pub(super) merging: super::merger::MergeCounters,
