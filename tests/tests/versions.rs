@@ -364,3 +364,114 @@ fn wait_for_no_pins(cluster: &Cluster, within: Duration) -> Vec<(u64, u64, u64)>
         );
     }
 }
+
+/// MRMW: two writers on nodes 1 and 2 commit their own halves of a dataset whose chunks are
+/// spread over three owners (versions from the dataset's home); every view opened on node 3
+/// shows each writer's commit whole (all of its pages from one round), and a held view never
+/// changes.
+#[test]
+fn views_of_a_multi_writer_dataset_show_whole_commits() {
+    if !fuse_available() {
+        return;
+    }
+    const HALF: usize = 16;
+    const MRMW_ROUNDS: u64 = 60;
+    let cluster = Cluster::up_with(3, "256MiB", &[], &["--merge-pages-per-s", "0"]);
+    let path = cluster.create_chunked(1, "shared", "128KiB", "mrmw", 2, "16KiB");
+    assert!(
+        cluster
+            .chunk_owners(&path)
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .len()
+            == 3,
+        "the pages should have three owners"
+    );
+    let writer = |node: u32, first: usize| {
+        let cluster = &cluster;
+        move || {
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .open(cluster.mount(node).join("shared"))
+                .unwrap();
+            let mut map = Mapping::new(&file, 2 * HALF * 4096);
+            for round in 1..=MRMW_ROUNDS {
+                for page in first..first + HALF {
+                    stamp(
+                        &mut map.bytes()[page * 4096..(page + 1) * 4096],
+                        round,
+                        page,
+                    );
+                }
+                map.msync().expect("MRMW msync");
+            }
+        }
+    };
+    // The round of each half of a view; panics if a half mixes rounds or a page is torn.
+    let halves = |image: &[u8], what: &str| -> (u64, u64) {
+        let rounds: Vec<u64> = image
+            .chunks_exact(4096)
+            .enumerate()
+            .map(|(page, bytes)| {
+                let first = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+                assert!(
+                    bytes.chunks_exact(8).all(|w| w == first.to_le_bytes()),
+                    "{what}: page {page} is torn"
+                );
+                assert!(
+                    first == 0 || first & 0xFFFF_FFFF == page as u64,
+                    "{what}: page {page} holds another page"
+                );
+                first >> 32
+            })
+            .collect();
+        for half in rounds.chunks(HALF) {
+            assert!(
+                half.iter().all(|round| *round == half[0]),
+                "{what}: one writer's commit is split: {half:?}"
+            );
+        }
+        (rounds[0], rounds[HALF])
+    };
+    let views_dir = cluster.mount(3).join(".versions");
+    let mut held: Option<(File, (u64, u64))> = None;
+    let mut opens = 0u32;
+    std::thread::scope(|scope| {
+        let first = scope.spawn(writer(1, 0));
+        let second = scope.spawn(writer(2, HALF));
+        while !(first.is_finished() && second.is_finished()) {
+            let mut view = File::open(views_dir.join("shared@latest")).unwrap();
+            let mut image = Vec::new();
+            view.read_to_end(&mut image).unwrap();
+            let seen = halves(&image, "@latest view");
+            opens += 1;
+            match held.as_mut() {
+                None => held = Some((view, seen)),
+                Some((file, rounds)) => {
+                    // SAFETY: an advisory call on a descriptor we own.
+                    unsafe {
+                        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+                    };
+                    let mut again = Vec::new();
+                    std::io::Seek::rewind(file).unwrap();
+                    file.read_to_end(&mut again).unwrap();
+                    assert_eq!(
+                        halves(&again, "held view"),
+                        *rounds,
+                        "the held view changed"
+                    );
+                }
+            }
+        }
+        first.join().unwrap();
+        second.join().unwrap();
+    });
+    let mut last = Vec::new();
+    File::open(views_dir.join("shared@latest"))
+        .unwrap()
+        .read_to_end(&mut last)
+        .unwrap();
+    assert_eq!(halves(&last, "final view"), (MRMW_ROUNDS, MRMW_ROUNDS));
+    println!("MRMW: {opens} views opened during {MRMW_ROUNDS} rounds of two writers, all whole");
+}
