@@ -31,6 +31,37 @@ fn commit_id(node: u32, seq: u64) -> u64 {
     node as u64 * 1_000_000_000_000 + seq
 }
 
+/// The writer threads, stopped and joined however the test ends: on a failure they let go of
+/// the cluster, so its drop stops every process.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// Stop the writers; whether each ended without a panic.
+    fn stop_and_join(&mut self) -> Vec<bool> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .drain(..)
+            .map(|writer| writer.join().is_ok())
+            .collect()
+    }
+
+    fn finish(mut self) {
+        assert!(
+            self.stop_and_join().iter().all(|ok| *ok),
+            "a writer thread panicked"
+        );
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
 #[test]
 fn random_kills_and_restarts_lose_no_acknowledged_commit() {
     if !fuse_available() {
@@ -56,35 +87,39 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
     // Per writer: seq -> outcome, and whether its node is up (the chaos loop says).
     let outcomes: Arc<Mutex<BTreeMap<u32, BTreeMap<u64, Outcome>>>> = Arc::default();
     let down: Arc<Mutex<Option<u32>>> = Arc::default();
-    let writers: Vec<_> = (1..=3u32)
-        .map(|node| {
-            let (cluster, stop, outcomes, down) = (
-                cluster.clone(),
-                stop.clone(),
-                outcomes.clone(),
-                down.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut seq = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    if *down.lock().unwrap() == Some(node) {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
+    let writers = Writers {
+        stop: stop.clone(),
+        threads: (1..=3u32)
+            .map(|node| {
+                let (cluster, stop, outcomes, down) = (
+                    cluster.clone(),
+                    stop.clone(),
+                    outcomes.clone(),
+                    down.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        if *down.lock().unwrap() == Some(node) {
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                        let plan: Vec<(u64, Vec<u64>)> = (seq..seq + 20)
+                            .map(|s| (commit_id(node, s), pages_of(node, s)))
+                            .collect();
+                        seq += 20;
+                        let said =
+                            write_commits(&cluster.mount(node).join(NAME), PAGES * 4096, &plan);
+                        let mut all = outcomes.lock().unwrap();
+                        let mine = all.entry(node).or_default();
+                        for (id, outcome) in said {
+                            mine.insert(id % 1_000_000_000_000, outcome);
+                        }
                     }
-                    let plan: Vec<(u64, Vec<u64>)> = (seq..seq + 20)
-                        .map(|s| (commit_id(node, s), pages_of(node, s)))
-                        .collect();
-                    seq += 20;
-                    let said = write_commits(&cluster.mount(node).join(NAME), PAGES * 4096, &plan);
-                    let mut all = outcomes.lock().unwrap();
-                    let mine = all.entry(node).or_default();
-                    for (id, outcome) in said {
-                        mine.insert(id % 1_000_000_000_000, outcome);
-                    }
-                }
+                })
             })
-        })
-        .collect();
+            .collect(),
+    };
     let started = Instant::now();
     let (mut kills, mut wipes) = (0, 0);
     while started.elapsed() < Duration::from_secs(secs) {
@@ -119,10 +154,7 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
             }
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.join().expect("writer thread");
-    }
+    writers.finish();
     // Every acknowledged commit is found: each of its pages holds it or a later commit of
     // the same writer (the pages are reused).
     let outcomes = outcomes.lock().unwrap().clone();

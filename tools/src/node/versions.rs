@@ -1,7 +1,8 @@
-//! Published versions on a node (docs/design.md, "Published versions"): as a dataset's home
-//! it hands out dataset versions from blocks the dispatcher grants; as an owner it serves
-//! pins (leases) and reads at a version. Must survive: a home that restarts or moves (a new
-//! block, never a reused number), an unreachable home (the commit fails before its apply),
+//! Published versions on a node (docs/design.md, "Published versions"): as an MRMW dataset's
+//! home or an MRSW dataset's writer it hands out dataset versions from blocks the dispatcher
+//! grants; as an owner it serves pins (leases) and reads at a version. Must survive: a home or
+//! writer that restarts, moves or changes (a new block, never a reused number), an unreachable
+//! home (the commit fails before its apply),
 //! a viewing node that dies or restarts (its pins expire), and a view whose version this
 //! owner lost (Stale, never other bytes).
 
@@ -25,7 +26,7 @@ pub const PIN_LEASE: Duration = Duration::from_secs(10);
 /// How often a viewing node renews its pins.
 pub const PIN_RENEW_EVERY: Duration = Duration::from_secs(2);
 
-/// The versions of one dataset this home may still give out: `next..end`, then the spare
+/// The versions of one dataset this node (home or writer) may still give out: `next..end`, then the spare
 /// block starting at `spare` (taken ahead, so commits rarely wait for the dispatcher).
 #[derive(Clone, Copy, Debug)]
 struct Blocks {
@@ -48,7 +49,7 @@ impl Blocks {
 pub struct Published {
     /// This node's incarnation (how many times it joined the cluster).
     incarnation: AtomicU64,
-    /// As a home: per dataset, the current block.
+    /// As a home or writer: per dataset, the current block.
     blocks: Mutex<HashMap<DatasetId, Blocks>>,
     /// As an owner: when each pin was last renewed.
     leases: Mutex<HashMap<ViewKey, Instant>>,
@@ -102,29 +103,12 @@ impl Protocol {
     /// Ask the home for a version: the next one (`take`) or the latest given out.
     fn ask_home(&self, dataset: &Dataset, take: bool) -> Result<u64, FsError> {
         let home = self.home_of(dataset);
-        let reply = if home == self.id {
-            self.serve_version(dataset, take)
-        } else {
-            let client = self
-                .peers
-                .client(home)
-                .ok_or_else(|| FsError::Io(format!("home node {home} is not known")))?;
-            let request = NodeRequest::Version {
-                dataset: dataset.clone(),
-                take,
-            };
-            client
-                .call::<_, NodeReply>(&request, RPC_TIMEOUT)
-                .map_err(|error| {
-                    FsError::Io(format!(
-                        "home node {home} of dataset {}: {error}",
-                        dataset.id
-                    ))
-                })?
+        let request = NodeRequest::Version {
+            dataset: dataset.clone(),
+            take,
         };
-        match reply {
+        match super::committer::ask(self, home, request)? {
             NodeReply::Version(version) => Ok(version),
-            NodeReply::Failed(error) => Err(error),
             other => Err(FsError::Io(format!(
                 "home node {home} answered a version request with {other:?}"
             ))),

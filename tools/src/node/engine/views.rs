@@ -29,6 +29,8 @@ const VIEW_BIT: Ino = 1 << 61;
 const LATEST_RETRIES: u32 = 20;
 /// A view pinned by a lookup but never opened is let go after this.
 const LOOKUP_PIN_GRACE: Duration = Duration::from_secs(5);
+/// A view neither open nor pinned for this long is forgotten (its inode then reads ESTALE).
+const IDLE_VIEW_FORGET: Duration = Duration::from_secs(60);
 /// Pages asked of one owner in one `ReadAt`.
 const READ_AT_PAGES_MAX: usize = 64;
 
@@ -57,6 +59,8 @@ struct View {
     file: Ino,
     dataset: Dataset,
     version: u64,
+    /// Last looked up, opened or closed: a view idle long enough is forgotten.
+    last_used: Instant,
     opens: u32,
     /// Pinned at the owners since then (`None`: not pinned).
     pinned_at: Option<Instant>,
@@ -97,10 +101,11 @@ impl NodeEngine {
     /// The view inode of `file` at `version` (one per pair on this node).
     fn view_ino(&self, file: Ino, dataset: &Dataset, version: u64) -> Ino {
         let mut views = self.views();
-        if let Some((ino, _)) = views
-            .iter()
+        if let Some((ino, view)) = views
+            .iter_mut()
             .find(|(_, view)| view.file == file && view.version == version)
         {
+            view.last_used = Instant::now();
             return *ino;
         }
         let ino = VIEW_BIT | (self.views.next.fetch_add(1, Ordering::Relaxed) & (VIEW_BIT - 1));
@@ -112,6 +117,7 @@ impl NodeEngine {
                 version,
                 opens: 0,
                 pinned_at: None,
+                last_used: Instant::now(),
             },
         );
         ino
@@ -273,6 +279,7 @@ impl NodeEngine {
                 .get_mut(&ino)
                 .ok_or_else(|| FsError::Stale(format!("view {ino} is not known here")))?;
             view.opens += 1;
+            view.last_used = Instant::now();
         }
         self.pin(ino).inspect_err(|_| self.release_view(ino))
     }
@@ -284,6 +291,7 @@ impl NodeEngine {
                 return;
             };
             view.opens = view.opens.saturating_sub(1);
+            view.last_used = Instant::now();
             view.opens == 0
         };
         if last {
@@ -400,7 +408,8 @@ impl NodeEngine {
     }
 
     /// For the pin lease thread: the pinned views by owner (their leases are renewed), after
-    /// letting go of `@latest` pins whose lookup was never followed by an open.
+    /// letting go of `@latest` pins whose lookup was never followed by an open and forgetting
+    /// views idle for a minute.
     pub fn pinned_views(&self) -> Vec<(NodeId, Vec<ViewKey>)> {
         let unopened: Vec<Ino> = self
             .views()
@@ -416,6 +425,11 @@ impl NodeEngine {
         for ino in unopened {
             self.unpin(ino);
         }
+        self.views().retain(|_, view| {
+            view.opens > 0
+                || view.pinned_at.is_some()
+                || view.last_used.elapsed() < IDLE_VIEW_FORGET
+        });
         let mut by_owner: HashMap<NodeId, Vec<ViewKey>> = HashMap::new();
         let pinned: Vec<(Ino, Dataset)> = self
             .views()
