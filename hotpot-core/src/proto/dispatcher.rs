@@ -16,7 +16,7 @@ mod tests;
 use crate::proto::types::*;
 use namespace::check_name;
 
-/// Dataset versions a home takes at once (docs/design.md, "Dataset versions").
+/// Dataset versions a home or MRSW writer takes at once (docs/design.md, "Dataset versions").
 pub const VERSION_BLOCK: u64 = 1024;
 
 /// A node is live while its last heartbeat is younger than this.
@@ -60,7 +60,7 @@ pub struct DispatcherState {
     user_locks: BTreeMap<String, (NodeId, u64)>,
     #[serde(skip)]
     barriers: BTreeMap<String, BarrierRound>,
-    /// Per dataset: the first dataset version of the next block a home takes.
+    /// Per dataset: the first dataset version of the next block a home or writer takes.
     #[serde(default)]
     version_blocks: BTreeMap<DatasetId, u64>,
     /// Per node: how many times it joined.
