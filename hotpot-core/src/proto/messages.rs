@@ -392,4 +392,7 @@ pub enum NodeReply {
     Pages(Vec<VersionedPage>),
     Done,
     Failed(FsError),
+    /// The owner applied the commit but fewer nodes than the dataset's replicas confirmed
+    /// the decision: not acknowledged, and it may or may not survive a node's loss.
+    InDoubt(String),
 }

@@ -3,4 +3,5 @@
 
 pub mod dispatcher;
 pub mod messages;
+pub mod node;
 pub mod types;

@@ -1,0 +1,379 @@
+//! The committing and reading node's side: a program's stores committed to the pages' owner
+//! (MRSW: whole pages against their versions, this node's own copy prepared first; MRMW:
+//! byte runs, a busy owner retried after a growing pause), and reads (this node's copy, or
+//! the owner's). Must survive: an owner that does not answer (the commit is in doubt and its
+//! own copy is settled later), a refusal (nothing of the commit stays).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Machine, Purpose};
+use crate::page::{Run, TxKey};
+use crate::pm::PAGE_BYTES;
+use crate::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
+use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
+
+pub type OpId = u64;
+
+/// A program's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Store `bytes` at `offset` of each page, then commit them all (msync).
+    Write {
+        op: OpId,
+        dataset: DatasetId,
+        stores: Vec<(u64, u16, Vec<u8>)>,
+    },
+    /// Read one page.
+    Read {
+        op: OpId,
+        dataset: DatasetId,
+        page: u64,
+    },
+}
+
+/// The end of a program's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpDone {
+    pub op: OpId,
+    pub result: OpResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    Committed,
+    /// Nothing of it was applied.
+    Refused(FsError),
+    /// It may or may not have been applied (the owner did not answer, or applied it with
+    /// fewer confirmed copies than the dataset wants): not acknowledged.
+    InDoubt(String),
+    Read {
+        version: u64,
+        bytes: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// MRSW: fetching the pages this node has no copy of.
+    Fetching { missing: BTreeSet<u64> },
+    /// Waiting for the owner's answer to commit `tx`.
+    Committing { tx: TxKey, own_copy: bool },
+    /// MRMW: refused as busy; sent again at `until_ms`.
+    Backoff { until_ms: u64 },
+    /// Waiting for the owner's copy of a page.
+    Reading { page: u64 },
+}
+
+#[derive(Clone, Debug)]
+struct ClientOp {
+    dataset: Dataset,
+    stores: Vec<(u64, u16, Vec<u8>)>,
+    owner: NodeId,
+    step: Step,
+    started_ms: u64,
+    attempts: u32,
+}
+
+#[derive(Default)]
+pub(super) struct ClientState {
+    ops: BTreeMap<OpId, ClientOp>,
+}
+
+/// Longest pause between two tries of a busy MRMW commit.
+const BACKOFF_MAX_MS: u64 = 20;
+
+impl Machine {
+    pub(super) fn start_op(&mut self, op: Op) {
+        let (id, dataset_id) = match &op {
+            Op::Write { op, dataset, .. } | Op::Read { op, dataset, .. } => (*op, *dataset),
+        };
+        let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
+            return self.op_done(id, OpResult::Refused(FsError::NotFound));
+        };
+        match op {
+            Op::Read { page, .. } => {
+                if page >= pages {
+                    return self.op_done(
+                        id,
+                        OpResult::Refused(FsError::Invalid("page past the end".into())),
+                    );
+                }
+                if let Some((version, bytes)) = self.table.read_persisted((dataset_id, page)) {
+                    return self.op_done(id, OpResult::Read { version, bytes });
+                }
+                let owner = self.owner_of(&dataset, page);
+                self.client.ops.insert(
+                    id,
+                    ClientOp {
+                        dataset: dataset.clone(),
+                        stores: Vec::new(),
+                        owner,
+                        step: Step::Reading { page },
+                        started_ms: self.now_ms,
+                        attempts: 0,
+                    },
+                );
+                let request = NodeRequest::Fetch {
+                    dataset: dataset_id,
+                    page,
+                    from: self.config.id,
+                };
+                self.send(owner, request, Purpose::Op(id));
+            }
+            Op::Write { stores, .. } => {
+                let owners: BTreeSet<NodeId> = stores
+                    .iter()
+                    .map(|(page, _, _)| self.owner_of(&dataset, *page))
+                    .collect();
+                let bad = stores.iter().any(|(page, offset, bytes)| {
+                    *page >= pages || usize::from(*offset) + bytes.len() > PAGE_BYTES
+                });
+                let (Some(owner), 1, false) = (owners.first().copied(), owners.len(), bad) else {
+                    let why = "a commit's stores must lie in pages of one owner";
+                    return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
+                };
+                let missing: BTreeSet<u64> = match dataset.params.mode {
+                    Mode::Mrsw => stores
+                        .iter()
+                        .map(|(page, _, _)| *page)
+                        .filter(|page| self.table.read_persisted((dataset_id, *page)).is_none())
+                        .collect(),
+                    Mode::Mrmw => BTreeSet::new(),
+                };
+                for page in &missing {
+                    let request = NodeRequest::Fetch {
+                        dataset: dataset_id,
+                        page: *page,
+                        from: self.config.id,
+                    };
+                    self.send(owner, request, Purpose::Op(id));
+                }
+                let empty = missing.is_empty();
+                self.client.ops.insert(
+                    id,
+                    ClientOp {
+                        dataset,
+                        stores,
+                        owner,
+                        step: Step::Fetching { missing },
+                        started_ms: self.now_ms,
+                        attempts: 0,
+                    },
+                );
+                if empty {
+                    self.send_commit(id);
+                }
+            }
+        }
+    }
+
+    fn op_done(&mut self, op: OpId, result: OpResult) {
+        self.client.ops.remove(&op);
+        self.out.push(super::Output::Done(OpDone { op, result }));
+    }
+
+    /// The commit message for op `id` (whole pages or runs), after this node's own copy.
+    fn send_commit(&mut self, id: OpId) {
+        let op = self.client.ops.get(&id).expect("op in flight").clone();
+        let tx = self.new_tx();
+        let me = self.config.id;
+        let mut by_page: BTreeMap<u64, Vec<Run>> = BTreeMap::new();
+        for (page, offset, bytes) in &op.stores {
+            by_page.entry(*page).or_default().push(Run {
+                offset: *offset,
+                bytes: bytes.clone(),
+            });
+        }
+        let (request, own_copy) = match op.dataset.params.mode {
+            Mode::Mrmw => {
+                let request = NodeRequest::CommitRuns {
+                    tx,
+                    followers: Vec::new(),
+                    dataset: op.dataset.clone(),
+                    ino: 0,
+                    committer: me,
+                    pages: by_page.into_iter().collect(),
+                    release: true,
+                };
+                (request, false)
+            }
+            Mode::Mrsw => {
+                let mut writes = Vec::with_capacity(by_page.len());
+                for (page, runs) in by_page {
+                    let (base_version, mut bytes) = self
+                        .table
+                        .read_persisted((op.dataset.id, page))
+                        .unwrap_or((0, vec![0u8; PAGE_BYTES]));
+                    for run in &runs {
+                        let start = usize::from(run.offset);
+                        bytes[start..start + run.bytes.len()].copy_from_slice(&run.bytes);
+                    }
+                    writes.push(PageWrite {
+                        page,
+                        base_version,
+                        bytes,
+                    });
+                }
+                let own_copy = op.owner != me;
+                if own_copy {
+                    let copies: Vec<(u64, u64, &[u8])> = writes
+                        .iter()
+                        .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
+                        .collect();
+                    let prepared = self.table.prepare_copies(
+                        tx,
+                        op.dataset.id,
+                        &copies,
+                        true,
+                        Default::default(),
+                    );
+                    if let Err(error) = prepared {
+                        let error = FsError::Io(format!("own copy: {error}"));
+                        return self.op_done(id, OpResult::Refused(error));
+                    }
+                }
+                let request = NodeRequest::Commit {
+                    tx,
+                    followers: Vec::new(),
+                    dataset: op.dataset.clone(),
+                    ino: 0,
+                    committer: me,
+                    committer_prepared: own_copy,
+                    pages: writes,
+                    version: None,
+                };
+                (request, own_copy)
+            }
+        };
+        if let Some(op) = self.client.ops.get_mut(&id) {
+            op.step = Step::Committing { tx, own_copy };
+            op.attempts += 1;
+        }
+        self.send(op.owner, request, Purpose::Op(id));
+    }
+
+    /// An answer (or `None`: a timeout) to one of op `id`'s calls.
+    pub(super) fn op_answered(&mut self, id: OpId, from: NodeId, reply: Option<NodeReply>) {
+        let Some(op) = self.client.ops.get(&id).cloned() else {
+            return;
+        };
+        match (op.step, reply) {
+            (Step::Reading { page }, Some(NodeReply::Page(copy))) => {
+                let result = self.take_fetched(op.dataset.id, page, copy);
+                self.op_done(id, result);
+            }
+            (Step::Fetching { mut missing }, Some(NodeReply::Page(copy))) => {
+                let page = copy.page;
+                if let OpResult::Refused(error) = self.take_fetched(op.dataset.id, page, copy) {
+                    return self.op_done(id, OpResult::Refused(error));
+                }
+                missing.remove(&page);
+                let empty = missing.is_empty();
+                if let Some(op) = self.client.ops.get_mut(&id) {
+                    op.step = Step::Fetching { missing };
+                }
+                if empty {
+                    self.send_commit(id);
+                }
+            }
+            (Step::Committing { tx, own_copy }, Some(NodeReply::Committed { .. })) => {
+                if own_copy {
+                    self.table.decide_copies(tx);
+                }
+                self.op_done(id, OpResult::Committed);
+            }
+            (Step::Committing { tx, own_copy }, Some(NodeReply::Failed(FsError::Busy(why)))) => {
+                if own_copy {
+                    self.table.abort_copies(tx);
+                }
+                if self.now_ms >= op.started_ms + self.config.timing.commit_retry_ms {
+                    let why = format!("commit kept conflicting ({} tries): {why}", op.attempts);
+                    return self.op_done(id, OpResult::Refused(FsError::Io(why)));
+                }
+                let until_ms = self.now_ms + self.backoff_ms(id, op.attempts);
+                if let Some(op) = self.client.ops.get_mut(&id) {
+                    op.step = Step::Backoff { until_ms };
+                }
+            }
+            (Step::Committing { tx, own_copy }, None) => {
+                // The owner may have decided: the own copy waits to be settled with it.
+                if own_copy {
+                    self.note_decider(tx, from);
+                }
+                let why = format!("owner {from} did not answer");
+                self.op_done(id, OpResult::InDoubt(why));
+            }
+            (Step::Committing { tx, own_copy }, Some(NodeReply::InDoubt(why))) => {
+                // The owner applied it: the own copy is current.
+                if own_copy {
+                    self.table.decide_copies(tx);
+                }
+                self.op_done(id, OpResult::InDoubt(why));
+            }
+            (Step::Committing { tx, own_copy }, Some(other)) => {
+                if own_copy {
+                    self.table.abort_copies(tx);
+                }
+                let error = match other {
+                    NodeReply::Failed(error) => error,
+                    other => FsError::Io(format!("owner {from} answered {other:?}")),
+                };
+                self.op_done(id, OpResult::Refused(error));
+            }
+            (_, reply) => {
+                let why = match reply {
+                    Some(NodeReply::Failed(error)) => error.to_string(),
+                    Some(other) => format!("unexpected {other:?}"),
+                    None => "no answer".into(),
+                };
+                let error = FsError::Io(format!("owner {from}: {why}"));
+                self.op_done(id, OpResult::Refused(error));
+            }
+        }
+    }
+
+    /// A fetched copy stored (this node becomes a holder) and read back.
+    fn take_fetched(&mut self, dataset: DatasetId, page: u64, copy: VersionedPage) -> OpResult {
+        if copy.version == 0 {
+            return OpResult::Read {
+                version: 0,
+                bytes: vec![0u8; PAGE_BYTES],
+            };
+        }
+        if let Err(error) = self
+            .table
+            .install_copy((dataset, page), copy.version, &copy.bytes)
+        {
+            return OpResult::Refused(FsError::Io(format!("install: {error}")));
+        }
+        OpResult::Read {
+            version: copy.version,
+            bytes: copy.bytes,
+        }
+    }
+
+    /// A random-looking pause below a ceiling that doubles with each try (the same for the
+    /// same node, op and try: the machine holds no random generator).
+    fn backoff_ms(&self, id: OpId, attempts: u32) -> u64 {
+        let ceiling = (1u64 << attempts.min(5)).min(BACKOFF_MAX_MS);
+        let mut mix = (u64::from(self.config.id) << 48) ^ (id << 8) ^ u64::from(attempts);
+        mix = (mix ^ (mix >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        mix = (mix ^ (mix >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        1 + (mix ^ (mix >> 31)) % ceiling
+    }
+
+    /// MRMW commits whose pause is over are sent again.
+    pub(super) fn retry_ops(&mut self) {
+        let now = self.now_ms;
+        let due: Vec<OpId> = self
+            .client
+            .ops
+            .iter()
+            .filter(|(_, op)| matches!(op.step, Step::Backoff { until_ms } if until_ms <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.send_commit(id);
+        }
+    }
+}

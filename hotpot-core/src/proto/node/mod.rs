@@ -1,0 +1,365 @@
+//! One node's commit protocol as a sans-IO state machine (docs/design.md, "The node machine"):
+//! owner (locks, targets, Prepare, apply, Decide), target (prepared copies), committer
+//! (MRSW `Commit`, MRMW `CommitRuns`), reader (`Fetch`), rejoin and re-replication. Time and
+//! messages come in through `handle`; PM writes happen inside it (through the page table,
+//! persisted before it returns), so every message it hands out is sent after the persist it
+//! depends on. Must survive: any message lost, duplicated, delayed or reordered; a crash
+//! between any two inputs (a new machine on the crash image); a peer that never answers.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::page::Run;
+use crate::page::{PageTable, TxKey};
+use crate::pm::PageKey;
+use crate::proto::messages::{NodeReply, NodeRequest};
+use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
+
+mod client;
+mod owner;
+mod target;
+
+pub use client::{Op, OpDone, OpId, OpResult};
+
+/// Deliberately broken variants, for tests that must see the simulator's checkers fail.
+/// All false in every real node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// The owner answers the committer before its own apply is persisted.
+    pub ack_before_persist: bool,
+    /// The owner takes no page lock for a commit (MRMW's phase 1).
+    pub skip_commit_lock: bool,
+    /// The owner leaves holders out of a commit's targets: their copies go stale.
+    pub skip_holder_invalidation: bool,
+}
+
+/// Bounds, in virtual (or real) milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// A call not answered within this is failed.
+    pub call_timeout_ms: u64,
+    /// A request waiting for a page lock longer than this is refused.
+    pub lock_wait_ms: u64,
+    /// A prepared copy undecided for this long is settled with its owner.
+    pub resolve_after_ms: u64,
+    /// How often an owner looks for pages with fewer copies than the dataset wants.
+    pub rereplicate_every_ms: u64,
+    /// How long a committer retries an MRMW commit refused as busy.
+    pub commit_retry_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            call_timeout_ms: 1_000,
+            lock_wait_ms: 2_000,
+            resolve_after_ms: 3_000,
+            rereplicate_every_ms: 500,
+            commit_retry_ms: 10_000,
+        }
+    }
+}
+
+/// What a machine is started with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    /// How many times this node has started (names its transactions apart from an earlier
+    /// start's, whose prepared copies may still wait on other nodes).
+    pub incarnation: u64,
+    /// Every node of the cluster, this one included.
+    pub nodes: Vec<NodeId>,
+    /// The datasets and how many pages each has.
+    pub datasets: Vec<(Dataset, u64)>,
+    /// This node started on a new (wiped) PM while datasets exist: it rebuilds the pages it
+    /// owns from the newest copies on the other nodes before it serves as their owner.
+    pub rebuilding: bool,
+    pub timing: Timing,
+    pub bugs: Bugs,
+}
+
+/// An input to `Machine::handle`.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A peer's (or this node's own) request.
+    Request {
+        from: NodeId,
+        call: u64,
+        request: NodeRequest,
+    },
+    /// The answer to one of this machine's calls.
+    Reply {
+        from: NodeId,
+        call: u64,
+        reply: NodeReply,
+    },
+    /// A program on this node wants something done.
+    Start(Op),
+    /// Time passed (every input carries `now_ms` too).
+    Tick,
+}
+
+/// What the runtime must do, in order, after `handle` returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Send {
+        to: NodeId,
+        call: u64,
+        request: NodeRequest,
+    },
+    Reply {
+        to: NodeId,
+        call: u64,
+        reply: NodeReply,
+    },
+    Done(OpDone),
+}
+
+/// Why this machine is waiting for a call's answer.
+#[derive(Clone, Debug)]
+enum Purpose {
+    /// A commit this node owns: a target's answer to Prepare or Decide.
+    Target { tx: TxKey },
+    /// Fire and forget (Abort, Install): the answer changes nothing.
+    Notice,
+    /// Re-replication: the node stores the copy at this version.
+    Install { key: PageKey, version: u64 },
+    /// A program's operation on this node.
+    Op(OpId),
+    /// Settling prepared copy `tx` with its owner.
+    Resolve { tx: TxKey },
+    /// Rejoin: a peer's copies of the pages this node owns (`learn`), or an owner told
+    /// this node's copies of its pages.
+    Rejoin { dataset: DatasetId, learn: bool },
+}
+
+#[derive(Clone, Debug)]
+struct Call {
+    to: NodeId,
+    purpose: Purpose,
+    deadline_ms: u64,
+}
+
+pub struct Machine {
+    config: Config,
+    table: PageTable,
+    now_ms: u64,
+    next_call: u64,
+    next_tx: u64,
+    calls: BTreeMap<u64, Call>,
+    owner: owner::OwnerState,
+    client: client::ClientState,
+    target: target::TargetState,
+    out: Vec<Output>,
+}
+
+impl Machine {
+    /// A node starting on `table` (a new pool, or the crash image of an earlier start).
+    pub fn start(config: Config, table: PageTable, now_ms: u64) -> Machine {
+        assert!(
+            config.nodes.contains(&config.id),
+            "a node is in its cluster"
+        );
+        let mut machine = Machine {
+            config,
+            table,
+            now_ms,
+            next_call: 1,
+            next_tx: 1,
+            calls: BTreeMap::new(),
+            owner: Default::default(),
+            client: Default::default(),
+            target: Default::default(),
+            out: Vec::new(),
+        };
+        machine.start_rejoin();
+        machine
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn table(&self) -> &PageTable {
+        &self.table
+    }
+
+    /// Whether this node serves as an owner (its rejoin is over).
+    pub fn is_ready(&self) -> bool {
+        self.target.rejoin.is_empty()
+    }
+
+    /// Page locks held by commits at this owner, and calls not answered yet.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (self.owner.locked_pages(), self.calls.len())
+    }
+
+    /// Nodes this owner counts as holding `key`.
+    pub fn holders_of(&self, key: PageKey) -> BTreeSet<NodeId> {
+        self.owner.holders_of(key)
+    }
+
+    /// Take one input at `now_ms`; the outputs, to be carried out in order.
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Output> {
+        assert!(now_ms >= self.now_ms, "time never goes back");
+        self.now_ms = now_ms;
+        match input {
+            Input::Request {
+                from,
+                call,
+                request,
+            } => self.on_request(from, call, request),
+            Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
+            Input::Start(op) => self.start_op(op),
+            // Rejoin calls that failed go again at the next tick, not at once.
+            Input::Tick => self.continue_rejoin(),
+        }
+        self.expire_calls();
+        self.expire_parked();
+        self.resolve_pending();
+        self.rereplicate();
+        self.retry_ops();
+        std::mem::take(&mut self.out)
+    }
+
+    fn on_request(&mut self, from: NodeId, call: u64, request: NodeRequest) {
+        let reply = match request {
+            NodeRequest::Fetch { dataset, page, .. } => {
+                self.serve_fetch(from, call, dataset, page);
+                return;
+            }
+            NodeRequest::Commit {
+                tx,
+                dataset,
+                committer,
+                committer_prepared,
+                pages,
+                ..
+            } => {
+                let work = owner::Work::Writes(pages);
+                self.serve_commit(from, call, tx, dataset, committer, committer_prepared, work);
+                return;
+            }
+            NodeRequest::CommitRuns {
+                tx,
+                dataset,
+                committer,
+                pages,
+                ..
+            } => {
+                let work = owner::Work::Runs(pages);
+                self.serve_commit(from, call, tx, dataset, committer, false, work);
+                return;
+            }
+            NodeRequest::Register {
+                dataset,
+                from: node,
+                pages,
+                tx,
+            } => {
+                self.serve_register(from, call, dataset, node, pages, tx);
+                return;
+            }
+            NodeRequest::Prepare {
+                tx,
+                owner,
+                dataset,
+                committer,
+                pages,
+                ..
+            } => self.serve_prepare(tx, owner, dataset, committer, &pages),
+            NodeRequest::Decide { tx, .. } => self.serve_decide(tx),
+            NodeRequest::Abort { tx } => self.serve_abort(tx),
+            NodeRequest::Install { dataset, pages } => self.serve_install(dataset, &pages),
+            NodeRequest::FetchCopies { dataset, pages } => self.serve_fetch_copies(dataset, &pages),
+            other => NodeReply::Failed(FsError::Invalid(format!(
+                "the node machine does not serve {}",
+                request_name(&other)
+            ))),
+        };
+        self.reply(from, call, reply);
+    }
+
+    fn on_reply(&mut self, from: NodeId, call: u64, reply: NodeReply) {
+        // A duplicate, or an answer after the call was given up: nothing waits for it.
+        let Some(pending) = self.calls.remove(&call) else {
+            return;
+        };
+        if pending.to != from {
+            // Not the node asked: ignore, the call times out.
+            self.calls.insert(call, pending);
+            return;
+        }
+        self.answered(pending.purpose, from, Some(reply));
+    }
+
+    /// A call's answer, or `None` when it timed out.
+    fn answered(&mut self, purpose: Purpose, from: NodeId, reply: Option<NodeReply>) {
+        match purpose {
+            Purpose::Target { tx } => self.target_answered(tx, from, reply),
+            Purpose::Notice => {}
+            Purpose::Install { key, version } => self.install_answered(key, version, from, reply),
+            Purpose::Op(op) => self.op_answered(op, from, reply),
+            Purpose::Resolve { tx } => self.resolve_answered(tx, reply),
+            Purpose::Rejoin { dataset, learn } => self.rejoin_answered(from, dataset, learn, reply),
+        }
+    }
+
+    fn expire_calls(&mut self) {
+        let now = self.now_ms;
+        let expired: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, call)| call.deadline_ms <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(call) = self.calls.remove(&id) {
+                self.answered(call.purpose, call.to, None);
+            }
+        }
+    }
+
+    fn send(&mut self, to: NodeId, request: NodeRequest, purpose: Purpose) {
+        let call = self.next_call;
+        self.next_call += 1;
+        self.calls.insert(
+            call,
+            Call {
+                to,
+                purpose,
+                deadline_ms: self.now_ms + self.config.timing.call_timeout_ms,
+            },
+        );
+        self.out.push(Output::Send { to, call, request });
+    }
+
+    fn reply(&mut self, to: NodeId, call: u64, reply: NodeReply) {
+        self.out.push(Output::Reply { to, call, reply });
+    }
+
+    /// A transaction name no earlier start of this node used.
+    fn new_tx(&mut self) -> TxKey {
+        let seq = (self.config.incarnation << 40) | self.next_tx;
+        self.next_tx += 1;
+        (self.config.id, seq)
+    }
+
+    fn dataset(&self, id: DatasetId) -> Option<&(Dataset, u64)> {
+        self.config
+            .datasets
+            .iter()
+            .find(|(dataset, _)| dataset.id == id)
+    }
+}
+
+/// Runs of one page, as `CommitRuns` carries them.
+pub type PageRuns = (u64, Vec<Run>);
+
+fn request_name(request: &NodeRequest) -> String {
+    let debug = format!("{request:?}");
+    debug
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}

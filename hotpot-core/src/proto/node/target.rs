@@ -1,0 +1,296 @@
+//! The target's side (holders, replicas, the committer's own copy): prepared copies, their
+//! decision or abort, installs; settling a copy nobody decided (`Register` with its owner);
+//! rejoin after a start (learn who holds this owner's pages, rebuild them after a wipe, tell
+//! every owner which copies this node has). Must survive: a decision that never comes, a
+//! decision after the copy was settled, an owner that is itself restarting.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Machine, Purpose};
+use crate::page::TxKey;
+use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
+use crate::proto::types::{DatasetId, FsError, NodeId};
+
+#[derive(Default)]
+pub(super) struct TargetState {
+    /// Who decides each prepared copy (volatile: after a restart, the owner of its pages).
+    deciders: BTreeMap<TxKey, NodeId>,
+    /// When this machine first saw each prepared copy waiting.
+    waiting_since: BTreeMap<TxKey, u64>,
+    /// Prepared copies being settled with their owner now.
+    resolving: BTreeSet<TxKey>,
+    /// Rejoin: (peer, dataset) pairs whose copies of this owner's pages are not known yet.
+    pub(super) rejoin: BTreeSet<(NodeId, DatasetId)>,
+    /// Rejoin: (owner, dataset) pairs not yet told which copies this node has.
+    registering: BTreeSet<(NodeId, DatasetId)>,
+    /// Calls of the rejoin in flight, so a tick does not send them twice.
+    asked: BTreeSet<(NodeId, DatasetId, bool)>,
+}
+
+impl Machine {
+    pub(super) fn serve_prepare(
+        &mut self,
+        tx: TxKey,
+        owner: NodeId,
+        dataset: DatasetId,
+        committer: bool,
+        pages: &[VersionedPage],
+    ) -> NodeReply {
+        let borrowed: Vec<(u64, u64, &[u8])> = pages
+            .iter()
+            .map(|copy| (copy.page, copy.version, copy.bytes.as_slice()))
+            .collect();
+        match self
+            .table
+            .prepare_copies(tx, dataset, &borrowed, committer, Default::default())
+        {
+            Ok(()) => {
+                self.target.deciders.insert(tx, owner);
+                NodeReply::Done
+            }
+            Err(error) => NodeReply::Failed(FsError::Io(format!("prepare: {error}"))),
+        }
+    }
+
+    pub(super) fn serve_decide(&mut self, tx: TxKey) -> NodeReply {
+        self.target.deciders.remove(&tx);
+        self.target.waiting_since.remove(&tx);
+        self.table.decide_copies(tx);
+        NodeReply::Done
+    }
+
+    pub(super) fn serve_abort(&mut self, tx: TxKey) -> NodeReply {
+        self.target.deciders.remove(&tx);
+        self.target.waiting_since.remove(&tx);
+        self.table.abort_copies(tx);
+        NodeReply::Done
+    }
+
+    pub(super) fn serve_install(
+        &mut self,
+        dataset: DatasetId,
+        pages: &[VersionedPage],
+    ) -> NodeReply {
+        let copies: Vec<(u64, u64, &[u8])> = pages
+            .iter()
+            .map(|copy| (copy.page, copy.version, copy.bytes.as_slice()))
+            .collect();
+        match self.table.install_copies(dataset, &copies) {
+            Ok(_) => NodeReply::Done,
+            Err(error) => NodeReply::Failed(FsError::Io(format!("install: {error}"))),
+        }
+    }
+
+    /// A committer's own copy whose commit got no answer: `owner` settles it.
+    pub(super) fn note_decider(&mut self, tx: TxKey, owner: NodeId) {
+        self.target.deciders.insert(tx, owner);
+    }
+
+    /// This node's persisted copies of `pages` (served while rejoining too).
+    pub(super) fn serve_fetch_copies(&mut self, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        let copies = pages
+            .iter()
+            .filter_map(|page| {
+                self.table
+                    .read_persisted((dataset, *page))
+                    .map(|(version, bytes)| VersionedPage {
+                        page: *page,
+                        version,
+                        bytes,
+                    })
+            })
+            .collect();
+        NodeReply::Pages(copies)
+    }
+
+    /// Prepared copies undecided for `resolve_after_ms` ask their owner what is current.
+    pub(super) fn resolve_pending(&mut self) {
+        let mut pending = self.table.pending();
+        pending.sort_by_key(|copies| copies.tx);
+        let now = self.now_ms;
+        let live: BTreeSet<TxKey> = pending.iter().map(|copies| copies.tx).collect();
+        self.target.waiting_since.retain(|tx, _| live.contains(tx));
+        for copies in pending {
+            let since = *self.target.waiting_since.entry(copies.tx).or_insert(now);
+            if now < since + self.config.timing.resolve_after_ms
+                || self.target.resolving.contains(&copies.tx)
+            {
+                continue;
+            }
+            let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
+                self.table.abort_copies(copies.tx);
+                continue;
+            };
+            let Some(first) = copies.pages.first().copied() else {
+                self.table.abort_copies(copies.tx);
+                continue;
+            };
+            let owner = self
+                .target
+                .deciders
+                .get(&copies.tx)
+                .copied()
+                .unwrap_or_else(|| self.owner_of(&dataset, first));
+            if owner == self.config.id {
+                // An owner never prepares its own pages: nobody will decide this copy.
+                self.table.abort_copies(copies.tx);
+                continue;
+            }
+            let pages = copies
+                .pages
+                .iter()
+                .map(|page| (*page, self.table.version_of((dataset.id, *page))))
+                .collect();
+            let request = NodeRequest::Register {
+                dataset: dataset.id,
+                from: self.config.id,
+                pages,
+                tx: Some(copies.tx),
+            };
+            self.target.resolving.insert(copies.tx);
+            self.send(owner, request, Purpose::Resolve { tx: copies.tx });
+        }
+    }
+
+    /// The owner's current copies settle prepared copy `tx`: whatever it decided is in them.
+    pub(super) fn resolve_answered(&mut self, tx: TxKey, reply: Option<NodeReply>) {
+        self.target.resolving.remove(&tx);
+        let Some(NodeReply::Pages(current)) = reply else {
+            // Ask again after another wait.
+            self.target.waiting_since.insert(tx, self.now_ms);
+            return;
+        };
+        let Some((dataset, _)) = self
+            .table
+            .pending()
+            .into_iter()
+            .find_map(|copies| (copies.tx == tx).then_some((copies.dataset, copies.pages)))
+        else {
+            return; // decided or aborted meanwhile
+        };
+        self.table.abort_copies(tx);
+        self.target.deciders.remove(&tx);
+        self.serve_install(dataset, &current);
+    }
+
+    /// After a start: every peer is asked for its copies of the pages this node owns, and
+    /// every owner is told this node's copies of its pages.
+    pub(super) fn start_rejoin(&mut self) {
+        let me = self.config.id;
+        let peers: Vec<NodeId> = self
+            .config
+            .nodes
+            .iter()
+            .copied()
+            .filter(|node| *node != me)
+            .collect();
+        for (dataset, _) in &self.config.datasets {
+            for peer in &peers {
+                if dataset.owners.contains(&me) {
+                    self.target.rejoin.insert((*peer, dataset.id));
+                }
+                if dataset.owners.contains(peer) {
+                    self.target.registering.insert((*peer, dataset.id));
+                }
+            }
+        }
+        self.continue_rejoin();
+    }
+
+    /// Send the rejoin calls not answered and not in flight.
+    pub(super) fn continue_rejoin(&mut self) {
+        let me = self.config.id;
+        let wanted: Vec<(NodeId, DatasetId, bool)> = self
+            .target
+            .rejoin
+            .iter()
+            .map(|(peer, dataset)| (*peer, *dataset, true))
+            .chain(
+                self.target
+                    .registering
+                    .iter()
+                    .map(|(owner, dataset)| (*owner, *dataset, false)),
+            )
+            .filter(|call| !self.target.asked.contains(call))
+            .collect();
+        for (peer, dataset_id, learn) in wanted {
+            let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
+                continue;
+            };
+            let owned =
+                (0..pages).any(|page| dataset.owner_of_page(page) == if learn { me } else { peer });
+            if !owned || (!learn && self.config.incarnation == 1) {
+                // Nothing to learn, or nothing to tell (a first start has no copies).
+                if learn {
+                    self.target.rejoin.remove(&(peer, dataset_id));
+                } else {
+                    self.target.registering.remove(&(peer, dataset_id));
+                }
+                continue;
+            }
+            let request = if learn {
+                let mine = (0..pages)
+                    .filter(|page| dataset.owner_of_page(*page) == me)
+                    .collect();
+                NodeRequest::FetchCopies {
+                    dataset: dataset_id,
+                    pages: mine,
+                }
+            } else {
+                let theirs = (0..pages)
+                    .filter(|page| dataset.owner_of_page(*page) == peer)
+                    .filter(|page| self.table.read_persisted((dataset_id, *page)).is_some())
+                    .map(|page| (page, self.table.version_of((dataset_id, page))))
+                    .collect();
+                NodeRequest::Register {
+                    dataset: dataset_id,
+                    from: me,
+                    pages: theirs,
+                    tx: None,
+                }
+            };
+            self.target.asked.insert((peer, dataset_id, learn));
+            self.send(
+                peer,
+                request,
+                Purpose::Rejoin {
+                    dataset: dataset_id,
+                    learn,
+                },
+            );
+        }
+    }
+
+    pub(super) fn rejoin_answered(
+        &mut self,
+        from: NodeId,
+        dataset: DatasetId,
+        learn: bool,
+        reply: Option<NodeReply>,
+    ) {
+        self.target.asked.remove(&(from, dataset, learn));
+        let Some(NodeReply::Pages(copies)) = reply else {
+            return; // asked again at the next input
+        };
+        if learn {
+            self.learn_copies(from, dataset, &copies);
+            self.target.rejoin.remove(&(from, dataset));
+        } else {
+            self.serve_install(dataset, &copies);
+            self.target.registering.remove(&(from, dataset));
+        }
+    }
+
+    /// Rejoin as an owner: `from` holds `copies` of this node's pages. A node rebuilding
+    /// after a wipe takes any newer copy as its own.
+    fn learn_copies(&mut self, from: NodeId, dataset: DatasetId, copies: &[VersionedPage]) {
+        if self.config.rebuilding {
+            self.serve_install(dataset, copies);
+        }
+        for copy in copies {
+            let key = (dataset, copy.page);
+            let current = self.table.version_of(key) == copy.version;
+            self.owner_learns_holder(key, from, current);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Checkers, outside the nodes: they look only at what programs saw and at every node's
+//! PM. Safety: a read returns bytes some commit (not refused) wrote, whole; at the end an
+//! acknowledged commit is present on every page it wrote (or overwritten by a later commit of
+//! the same node), no commit is partly visible, every copy equals its owner's. Liveness: once
+//! healed, the cluster settles (nothing locked, undecided or waiting) with every page at
+//! `min(replicas, nodes)` copies.
+
+use std::fmt;
+
+use hotpot_core::pm::PAGE_BYTES;
+use hotpot_core::proto::types::{DatasetId, NodeId};
+
+use crate::workload::{slot_offset, ReadRecord, Status, Workload, SLOT_BYTES};
+use crate::world::World;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub at_ms: u64,
+    pub what: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at {} ms: {}", self.at_ms, self.what)
+    }
+}
+
+#[derive(Default)]
+pub struct Checker {
+    violations: Vec<Violation>,
+}
+
+impl Checker {
+    pub fn failed(&self) -> bool {
+        !self.violations.is_empty()
+    }
+
+    pub fn take(&mut self) -> Vec<Violation> {
+        std::mem::take(&mut self.violations)
+    }
+
+    pub fn violation(&mut self, at_ms: u64, what: String) {
+        self.violations.push(Violation { at_ms, what });
+    }
+
+    pub fn check_read(&mut self, now_ms: u64, workload: &Workload, read: &ReadRecord) {
+        if let Err(what) = stamps(workload, read.dataset, read.page, &read.bytes) {
+            let what = format!(
+                "node {} read page {} of dataset {} (v{}): {what}",
+                read.node, read.page, read.dataset, read.version
+            );
+            self.violation(now_ms, what);
+        }
+    }
+
+    /// The end of a seed: liveness first, then every page against the history.
+    pub fn check_end(&mut self, now_ms: u64, quiescent: bool, world: &World) {
+        if !quiescent {
+            let mut what = String::from("the cluster did not settle after healing:");
+            for (id, node) in &world.nodes {
+                match &node.machine {
+                    None => what.push_str(&format!(" n{id} down;")),
+                    Some(machine) => what.push_str(&format!(
+                        " n{id} ready {} (locks, calls) {:?} undecided {} replicated {};",
+                        machine.is_ready(),
+                        machine.in_flight(),
+                        machine.table().pending().len(),
+                        machine.fully_replicated()
+                    )),
+                }
+            }
+            if !world.workload().idle() {
+                what.push_str(" programs still waiting");
+            }
+            self.violation(now_ms, what);
+            return;
+        }
+        let workload = world.workload();
+        for (dataset, pages) in &world.datasets {
+            let nodes = world.nodes.len();
+            let wanted = usize::from(dataset.params.replicas.max(1)).min(nodes);
+            for page in 0..*pages {
+                let key = (dataset.id, page);
+                let owner = dataset.owner_of_page(page);
+                let table = |node: NodeId| {
+                    world.nodes[&node]
+                        .machine
+                        .as_ref()
+                        .expect("every node is up at the end")
+                        .table()
+                };
+                let (version, bytes) = table(owner)
+                    .read_persisted(key)
+                    .unwrap_or((0, vec![0u8; PAGE_BYTES]));
+                let mut copies = 0;
+                for node in world.nodes.keys() {
+                    match table(*node).read_persisted(key) {
+                        Some((v, b)) if v == version && b == bytes => copies += 1,
+                        Some((v, _)) => self.violation(
+                            now_ms,
+                            format!(
+                                "page {page} of dataset {}: node {node}'s copy (v{v}) differs from owner {owner}'s (v{version})",
+                                dataset.id
+                            ),
+                        ),
+                        None => {}
+                    }
+                }
+                if version > 0 && copies < wanted {
+                    self.violation(
+                        now_ms,
+                        format!(
+                            "page {page} of dataset {}: {copies} copies of v{version}, the dataset wants {wanted}",
+                            dataset.id
+                        ),
+                    );
+                }
+                match stamps(workload, dataset.id, page, &bytes) {
+                    Err(what) => self.violation(
+                        now_ms,
+                        format!("page {page} of dataset {} at its owner: {what}", dataset.id),
+                    ),
+                    Ok(found) => self.check_history(now_ms, world, dataset.id, page, &found),
+                }
+            }
+        }
+    }
+
+    /// `found[n]`: the stamp in node n's slot of this page at its owner.
+    fn check_history(
+        &mut self,
+        now_ms: u64,
+        world: &World,
+        dataset: DatasetId,
+        page: u64,
+        found: &[(NodeId, u64)],
+    ) {
+        let workload = world.workload();
+        for (stamp, write) in &workload.writes {
+            if write.dataset != dataset || !write.pages.contains(&page) {
+                continue;
+            }
+            let seen = found
+                .iter()
+                .find(|(node, _)| *node == write.node)
+                .map_or(0, |(_, stamp)| *stamp);
+            if write.status == Status::Acked && seen < *stamp {
+                self.violation(
+                    now_ms,
+                    format!(
+                        "acknowledged commit {stamp} of node {} lost: page {page} of dataset {dataset} holds its commit {seen}",
+                        write.node
+                    ),
+                );
+            }
+        }
+        // The commit whose stamp a slot holds is visible on all its pages.
+        for (node, stamp) in found.iter().filter(|(_, stamp)| *stamp != 0) {
+            let Some(write) = workload.writes.get(stamp) else {
+                continue;
+            };
+            for other in write.pages.iter().filter(|other| **other != page) {
+                let Some((_, bytes)) = world.nodes
+                    [&world.datasets[dataset as usize - 1].0.owner_of_page(*other)]
+                    .machine
+                    .as_ref()
+                    .and_then(|machine| machine.table().read_persisted((dataset, *other)))
+                else {
+                    self.violation(
+                        now_ms,
+                        format!("commit {stamp} of node {node} is on page {page} but page {other} was never written"),
+                    );
+                    continue;
+                };
+                let there = slot_stamp(&bytes, *node);
+                if there < *stamp {
+                    self.violation(
+                        now_ms,
+                        format!(
+                            "commit {stamp} of node {node} partly visible: on page {page}, page {other} has its commit {there}"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn slot_stamp(bytes: &[u8], node: NodeId) -> u64 {
+    let start = slot_offset(node);
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[start..start + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// Each slot's stamp, after checking the page is whole: every slot eight equal words of a
+/// commit (not refused) of that slot's node that wrote this page, nothing outside slots.
+fn stamps(
+    workload: &Workload,
+    dataset: DatasetId,
+    page: u64,
+    bytes: &[u8],
+) -> Result<Vec<(NodeId, u64)>, String> {
+    if bytes.len() != PAGE_BYTES {
+        return Err(format!("{} bytes, not a page", bytes.len()));
+    }
+    let slots_end = slot_offset(8);
+    if bytes[..slot_offset(1)]
+        .iter()
+        .chain(&bytes[slots_end..])
+        .any(|b| *b != 0)
+    {
+        return Err("bytes outside every slot are not zero".into());
+    }
+    let mut found = Vec::new();
+    for node in 1..8 {
+        let start = slot_offset(node);
+        let slot = &bytes[start..start + SLOT_BYTES];
+        let stamp = slot_stamp(bytes, node);
+        if slot.chunks(8).any(|word| word != &slot[..8]) {
+            return Err(format!("node {node}'s slot is torn"));
+        }
+        if stamp == 0 {
+            continue;
+        }
+        match workload.writes.get(&stamp) {
+            Some(write)
+                if write.node == node
+                    && write.dataset == dataset
+                    && write.pages.contains(&page) =>
+            {
+                if write.status == Status::Refused {
+                    return Err(format!("node {node}'s slot holds refused commit {stamp}"));
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "node {node}'s slot holds {stamp}, which no commit of it wrote here"
+                ))
+            }
+        }
+        found.push((node, stamp));
+    }
+    Ok(found)
+}

@@ -1,0 +1,132 @@
+//! A seed's options (swarm testing: each seed turns every fault on or off and picks its
+//! rates, so one run covers many mixes). Everything here comes from the seed alone.
+
+use std::fmt;
+
+use hotpot_core::proto::node::Bugs;
+use hotpot_core::proto::types::Mode;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// One dataset of the simulated cluster.
+#[derive(Clone, Debug)]
+pub struct DatasetOptions {
+    pub mode: Mode,
+    pub replicas: u8,
+    pub pages: u64,
+    pub chunk_pages: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    pub nodes: u32,
+    pub datasets: Vec<DatasetOptions>,
+    /// Per message, in thousandths.
+    pub loss_per_mille: u32,
+    pub duplicate_per_mille: u32,
+    /// Delivery delay bounds: a wide range reorders messages.
+    pub delay_ms: (u64, u64),
+    pub partitions: bool,
+    /// Partitions may cut one direction only.
+    pub one_way: bool,
+    pub crashes: bool,
+    /// A crash also writes back some unpersisted cache lines (torn writes).
+    pub torn_writes: bool,
+    /// A crash may cut power in the middle of a step's persists.
+    pub crash_mid_step: bool,
+    /// A crashed node may come back with its PM wiped (within the replication degree).
+    pub wipes: bool,
+    /// Virtual milliseconds of workload (faults only in this phase).
+    pub workload_ms: u64,
+    /// Pause between a client's operations, bounds in ms.
+    pub think_ms: (u64, u64),
+    pub bugs: Bugs,
+}
+
+impl Options {
+    /// The options of `seed`, drawn with the seed's own generator (so they never depend on
+    /// anything else the run does).
+    pub fn from_seed(seed: u64, rng: &mut ChaCha8Rng, bugs: Bugs) -> Options {
+        let nodes = rng.random_range(3..=7);
+        let dataset_count = rng.random_range(1..=3);
+        let datasets = (0..dataset_count)
+            .map(|_| DatasetOptions {
+                mode: if rng.random_bool(0.5) {
+                    Mode::Mrmw
+                } else {
+                    Mode::Mrsw
+                },
+                replicas: rng.random_range(1..=3),
+                pages: rng.random_range(2..=12),
+                chunk_pages: rng.random_range(1..=4),
+            })
+            .collect();
+        let mut on = |chance: f64| rng.random_bool(chance);
+        let (loss, dup, wide, partitions, one_way, crashes, torn, mid, wipes) = (
+            on(0.5),
+            on(0.4),
+            on(0.5),
+            on(0.4),
+            on(0.5),
+            on(0.5),
+            on(0.5),
+            on(0.5),
+            on(0.4),
+        );
+        Options {
+            seed,
+            nodes,
+            datasets,
+            loss_per_mille: if loss { rng.random_range(1..=80) } else { 0 },
+            duplicate_per_mille: if dup { rng.random_range(1..=50) } else { 0 },
+            delay_ms: if wide {
+                (0, rng.random_range(5..=200))
+            } else {
+                (0, 2)
+            },
+            partitions,
+            one_way: partitions && one_way,
+            crashes,
+            torn_writes: crashes && torn,
+            crash_mid_step: crashes && mid,
+            wipes: crashes && wipes,
+            workload_ms: rng.random_range(2_000..=8_000),
+            think_ms: (0, rng.random_range(1..=40)),
+            bugs,
+        }
+    }
+}
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seed {}: {} nodes, datasets [", self.seed, self.nodes)?;
+        for (i, dataset) in self.datasets.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}{:?} r{} {}p/{}pc",
+                dataset.mode, dataset.replicas, dataset.pages, dataset.chunk_pages
+            )?;
+        }
+        write!(
+            f,
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}, crashes {}{}{}{}, workload {} ms",
+            self.loss_per_mille,
+            self.duplicate_per_mille,
+            self.delay_ms.0,
+            self.delay_ms.1,
+            self.partitions,
+            if self.one_way { " (one-way too)" } else { "" },
+            self.crashes,
+            if self.torn_writes { " torn" } else { "" },
+            if self.crash_mid_step { " mid-step" } else { "" },
+            if self.wipes { " wipes" } else { "" },
+            self.workload_ms,
+        )?;
+        if self.bugs != Bugs::default() {
+            write!(f, ", planted {:?}", self.bugs)?;
+        }
+        Ok(())
+    }
+}

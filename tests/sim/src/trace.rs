@@ -1,0 +1,133 @@
+//! The event trace: one line per event (`--trace`), the same bytes on every replay of a
+//! seed. Lines name messages by kind, transaction and pages, never by their page bytes.
+
+use hotpot_core::proto::messages::{NodeReply, NodeRequest};
+use hotpot_core::proto::node::{Op, OpResult};
+
+use crate::world::Message;
+
+/// Adds a line when the trace is on; the arguments are not even formatted otherwise.
+macro_rules! trace {
+    ($world:expr, $($format:tt)+) => {
+        if $world.trace.is_on() {
+            let line = format!($($format)+);
+            $world.trace.push($world.now_ms, line);
+        }
+    };
+}
+
+pub struct Trace {
+    lines: Option<Vec<String>>,
+}
+
+impl Trace {
+    pub fn off() -> Trace {
+        Trace { lines: None }
+    }
+
+    pub fn on() -> Trace {
+        Trace {
+            lines: Some(Vec::new()),
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.lines.is_some()
+    }
+
+    pub fn push(&mut self, now_ms: u64, line: String) {
+        if let Some(lines) = &mut self.lines {
+            lines.push(format!("{now_ms:>7} {line}"));
+        }
+    }
+
+    pub fn lines(&self) -> &[String] {
+        self.lines.as_deref().unwrap_or(&[])
+    }
+}
+
+pub(crate) fn describe(message: &Message) -> String {
+    match message {
+        Message::Request { call, request } => format!("call {call} {}", request_summary(request)),
+        Message::Reply { call, reply } => format!("reply {call} {}", reply_summary(reply)),
+    }
+}
+
+fn request_summary(request: &NodeRequest) -> String {
+    match request {
+        NodeRequest::Fetch { dataset, page, .. } => format!("Fetch d{dataset} p{page}"),
+        NodeRequest::FetchCopies { dataset, pages } => format!("FetchCopies d{dataset} {pages:?}"),
+        NodeRequest::Commit {
+            tx,
+            dataset,
+            committer_prepared,
+            pages,
+            ..
+        } => {
+            let pages: Vec<(u64, u64)> = pages.iter().map(|w| (w.page, w.base_version)).collect();
+            format!(
+                "Commit tx {tx:?} d{} own-copy {committer_prepared} (page, base) {pages:?}",
+                dataset.id
+            )
+        }
+        NodeRequest::CommitRuns {
+            tx, dataset, pages, ..
+        } => {
+            let pages: Vec<u64> = pages.iter().map(|(page, _)| *page).collect();
+            format!("CommitRuns tx {tx:?} d{} pages {pages:?}", dataset.id)
+        }
+        NodeRequest::Prepare {
+            tx,
+            owner,
+            dataset,
+            committer,
+            pages,
+            ..
+        } => {
+            let pages: Vec<(u64, u64)> = pages.iter().map(|c| (c.page, c.version)).collect();
+            format!("Prepare tx {tx:?} owner {owner} d{dataset} committer {committer} {pages:?}")
+        }
+        NodeRequest::Decide { tx, .. } => format!("Decide tx {tx:?}"),
+        NodeRequest::Abort { tx } => format!("Abort tx {tx:?}"),
+        NodeRequest::Register {
+            dataset, pages, tx, ..
+        } => format!("Register d{dataset} {pages:?} tx {tx:?}"),
+        NodeRequest::Install { dataset, pages } => {
+            let pages: Vec<(u64, u64)> = pages.iter().map(|c| (c.page, c.version)).collect();
+            format!("Install d{dataset} {pages:?}")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn reply_summary(reply: &NodeReply) -> String {
+    match reply {
+        NodeReply::Page(copy) => format!("Page p{} v{}", copy.page, copy.version),
+        NodeReply::Pages(copies) => {
+            let pages: Vec<(u64, u64)> = copies.iter().map(|c| (c.page, c.version)).collect();
+            format!("Pages {pages:?}")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+pub(crate) fn describe_op(op: &Op) -> String {
+    match op {
+        Op::Write {
+            op,
+            dataset,
+            stores,
+        } => {
+            let pages: Vec<u64> = stores.iter().map(|(page, _, _)| *page).collect();
+            format!("op {op} write d{dataset} pages {pages:?}")
+        }
+        Op::Read { op, dataset, page } => format!("op {op} read d{dataset} p{page}"),
+    }
+}
+
+pub(crate) fn describe_result(result: &OpResult) -> String {
+    match result {
+        OpResult::Read { version, .. } => format!("read v{version}"),
+        other => format!("{other:?}"),
+    }
+}

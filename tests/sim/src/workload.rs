@@ -1,0 +1,194 @@
+//! The programs on the nodes: each node runs one client that commits stamped stores and
+//! reads pages, one operation at a time. A store writes its operation's number into the
+//! committing node's own 64-byte slot of each page (eight equal words), so any page read
+//! tells which commit of which node each slot comes from. Records every commit's fate.
+
+use std::collections::BTreeMap;
+
+use hotpot_core::proto::node::{Op, OpDone, OpId, OpResult};
+use hotpot_core::proto::types::{Dataset, DatasetId, Mode, NodeId};
+use rand::seq::IndexedRandom;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+pub const SLOT_BYTES: usize = 64;
+
+/// Where node `node`'s stamps go in every page.
+pub fn slot_offset(node: NodeId) -> usize {
+    node as usize * SLOT_BYTES
+}
+
+pub fn stamp_bytes(stamp: u64) -> Vec<u8> {
+    std::iter::repeat_n(stamp.to_le_bytes(), SLOT_BYTES / 8)
+        .flatten()
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    InFlight,
+    Acked,
+    /// Nothing of it was applied (the machine said so).
+    Refused,
+    /// Not acknowledged; it may have been applied.
+    InDoubt,
+}
+
+#[derive(Clone, Debug)]
+pub struct WriteRecord {
+    pub node: NodeId,
+    pub dataset: DatasetId,
+    pub pages: Vec<u64>,
+    pub status: Status,
+}
+
+/// A read that finished: what it returned.
+#[derive(Clone, Debug)]
+pub struct ReadRecord {
+    pub node: NodeId,
+    pub dataset: DatasetId,
+    pub page: u64,
+    pub version: u64,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+enum Running {
+    Write,
+    Read { dataset: DatasetId, page: u64 },
+}
+
+pub struct Workload {
+    datasets: Vec<(Dataset, u64)>,
+    /// The one node that writes each MRSW dataset (it would hold the write lease).
+    writers: BTreeMap<DatasetId, NodeId>,
+    /// Every commit started, by its stamp (the operation number).
+    pub writes: BTreeMap<OpId, WriteRecord>,
+    running: BTreeMap<NodeId, (OpId, Running)>,
+    next_op: OpId,
+}
+
+impl Workload {
+    pub fn new(datasets: &[(Dataset, u64)], nodes: &[NodeId]) -> Workload {
+        let writers = datasets
+            .iter()
+            .filter(|(dataset, _)| dataset.params.mode == Mode::Mrsw)
+            .map(|(dataset, _)| {
+                let writer = nodes[(dataset.id as usize * 2) % nodes.len()];
+                (dataset.id, writer)
+            })
+            .collect();
+        Workload {
+            datasets: datasets.to_vec(),
+            writers,
+            writes: BTreeMap::new(),
+            running: BTreeMap::new(),
+            next_op: 1,
+        }
+    }
+
+    pub fn busy(&self, node: NodeId) -> bool {
+        self.running.contains_key(&node)
+    }
+
+    pub fn idle(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// The node's next operation (a write where it may write, half the time).
+    pub fn next_op(&mut self, node: NodeId, rng: &mut ChaCha8Rng) -> Op {
+        let op = self.next_op;
+        self.next_op += 1;
+        let writable: Vec<&(Dataset, u64)> = self
+            .datasets
+            .iter()
+            .filter(|(dataset, _)| match dataset.params.mode {
+                Mode::Mrmw => true,
+                Mode::Mrsw => self.writers.get(&dataset.id) == Some(&node),
+            })
+            .collect();
+        if !writable.is_empty() && rng.random_bool(0.55) {
+            let (dataset, pages) = *writable.choose(rng).expect("not empty");
+            let first = rng.random_range(0..*pages);
+            let owner = dataset.owner_of_page(first);
+            let same_owner: Vec<u64> = (0..*pages)
+                .filter(|page| dataset.owner_of_page(*page) == owner)
+                .collect();
+            let count = rng.random_range(1..=same_owner.len().min(3));
+            let chosen: Vec<u64> = same_owner.choose_multiple(rng, count).copied().collect();
+            let stamp = stamp_bytes(op);
+            let offset = slot_offset(node) as u16;
+            let stores = chosen
+                .iter()
+                .map(|page| (*page, offset, stamp.clone()))
+                .collect();
+            self.writes.insert(
+                op,
+                WriteRecord {
+                    node,
+                    dataset: dataset.id,
+                    pages: chosen,
+                    status: Status::InFlight,
+                },
+            );
+            self.running.insert(node, (op, Running::Write));
+            Op::Write {
+                op,
+                dataset: dataset.id,
+                stores,
+            }
+        } else {
+            let (dataset, pages) = self.datasets.choose(rng).expect("a dataset");
+            let page = rng.random_range(0..*pages);
+            self.running.insert(
+                node,
+                (
+                    op,
+                    Running::Read {
+                        dataset: dataset.id,
+                        page,
+                    },
+                ),
+            );
+            Op::Read {
+                op,
+                dataset: dataset.id,
+                page,
+            }
+        }
+    }
+
+    /// An operation finished; a read is returned for the checker.
+    pub fn finish(&mut self, node: NodeId, done: &OpDone) -> Option<ReadRecord> {
+        let (op, running) = self.running.remove(&node)?;
+        assert_eq!(op, done.op, "a node runs one operation at a time");
+        if let Some(write) = self.writes.get_mut(&op) {
+            write.status = match &done.result {
+                OpResult::Committed => Status::Acked,
+                OpResult::Refused(_) => Status::Refused,
+                _ => Status::InDoubt,
+            };
+        }
+        match (running, &done.result) {
+            (Running::Read { dataset, page }, OpResult::Read { version, bytes }) => {
+                Some(ReadRecord {
+                    node,
+                    dataset,
+                    page,
+                    version: *version,
+                    bytes: bytes.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The node died: its running commit is in doubt.
+    pub fn node_crashed(&mut self, node: NodeId) {
+        if let Some((op, _)) = self.running.remove(&node) {
+            if let Some(write) = self.writes.get_mut(&op) {
+                write.status = Status::InDoubt;
+            }
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The simulated world: virtual time, one seeded generator, an event queue, a network that
+//! loses, duplicates, delays (so reorders) and partitions messages, and nodes whose PM is a
+//! `SimRegion` (live and persisted images) that crash and restart on what was persisted.
+//! Single-threaded and deterministic: the same seed gives the same events, byte for byte.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
+
+use hotpot_core::page::PageTable;
+use hotpot_core::pm::{Region, SimRegion};
+use hotpot_core::proto::messages::{NodeReply, NodeRequest};
+use hotpot_core::proto::node::{Config, Input, Machine, OpDone, Output, Timing};
+use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::check::{Checker, Violation};
+use crate::options::Options;
+use crate::trace::{self, Trace};
+use crate::workload::Workload;
+
+/// Bytes of each node's simulated PM.
+const PM_BYTES: usize = 1 << 20;
+const CLUSTER_ID: u64 = 7;
+/// Every node gets a tick this often.
+const TICK_MS: u64 = 100;
+/// After the workload: how long the healed cluster gets to settle.
+const SETTLE_MS: u64 = 60_000;
+/// More events than this in one seed is a storm (a liveness failure of its own).
+const EVENTS_MAX: u64 = 3_000_000;
+
+#[derive(Clone, Debug)]
+pub(crate) enum Message {
+    Request { call: u64, request: NodeRequest },
+    Reply { call: u64, reply: NodeReply },
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        message: Message,
+    },
+    Tick(NodeId),
+    /// The node's program starts its next operation.
+    Client(NodeId),
+    Crash(NodeId),
+    Restart(NodeId),
+    /// A partition starts (or, with `heal`, ends).
+    Partition {
+        heal: bool,
+    },
+    /// Faults stop; every down node restarts; partitions heal.
+    Heal,
+}
+
+/// PM the pool owns and the simulator keeps a handle on (for the crash image).
+struct SharedRegion(Arc<SimRegion>);
+
+impl Region for SharedRegion {
+    fn base(&self) -> *mut u8 {
+        self.0.base()
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn flush(&self, offset: usize, len: usize) {
+        self.0.flush(offset, len)
+    }
+    fn fence(&self) {
+        self.0.fence()
+    }
+}
+
+pub(crate) struct SimNode {
+    pub(crate) machine: Option<Machine>,
+    region: Arc<SimRegion>,
+    incarnation: u64,
+    /// Set while down: comes back with its PM wiped.
+    wiped: bool,
+    /// Power is cut inside this node's next step: it dies there, sending nothing.
+    dying: bool,
+}
+
+pub struct World {
+    options: Options,
+    rng: ChaCha8Rng,
+    now_ms: u64,
+    sequence: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Event>,
+    pub(crate) nodes: BTreeMap<NodeId, SimNode>,
+    pub(crate) datasets: Vec<(Dataset, u64)>,
+    /// Directions cut: (from, to).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    healing: bool,
+    workload: Workload,
+    checker: Checker,
+    trace: Trace,
+}
+
+impl World {
+    pub fn new(options: Options, rng: ChaCha8Rng, trace: Trace) -> World {
+        let node_ids: Vec<NodeId> = (1..=options.nodes).collect();
+        let datasets: Vec<(Dataset, u64)> = options
+            .datasets
+            .iter()
+            .enumerate()
+            .map(|(i, dataset)| {
+                // Owners round-robin from a different node per dataset.
+                let mut owners = node_ids.clone();
+                owners.rotate_left(i % node_ids.len());
+                let record = Dataset {
+                    id: i as u64 + 1,
+                    params: DatasetParams {
+                        mode: dataset.mode,
+                        replicas: dataset.replicas,
+                        chunk_pages: dataset.chunk_pages,
+                    },
+                    owners,
+                    first_home: None,
+                };
+                (record, dataset.pages)
+            })
+            .collect();
+        let workload = Workload::new(&datasets, &node_ids);
+        let mut world = World {
+            options,
+            rng,
+            now_ms: 0,
+            sequence: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            datasets,
+            cut: BTreeSet::new(),
+            healing: false,
+            workload,
+            checker: Checker::default(),
+            trace,
+        };
+        for id in node_ids {
+            let region = Arc::new(SimRegion::from_image(vec![0u8; PM_BYTES]));
+            world.nodes.insert(
+                id,
+                SimNode {
+                    machine: None,
+                    region,
+                    incarnation: 0,
+                    wiped: false,
+                    dying: false,
+                },
+            );
+            world.boot(id);
+            world.schedule(TICK_MS, Event::Tick(id));
+        }
+        if world.options.crashes {
+            let at = world.rng.random_range(200..1_500);
+            let victim = world.random_node();
+            world.schedule(at, Event::Crash(victim));
+        }
+        if world.options.partitions {
+            let at = world.rng.random_range(100..1_500);
+            world.schedule(at, Event::Partition { heal: false });
+        }
+        world.schedule(world.options.workload_ms, Event::Heal);
+        world
+    }
+
+    /// Run the workload, heal, settle; the violations found (empty: the seed passed).
+    pub fn run(mut self) -> (Vec<Violation>, Trace) {
+        let end_ms = self.options.workload_ms + SETTLE_MS;
+        while let Some(Reverse((at, sequence))) = self.queue.pop() {
+            let event = self.events.remove(&sequence).expect("queued event");
+            if at > end_ms {
+                break;
+            }
+            self.now_ms = at;
+            if sequence > EVENTS_MAX {
+                let what = format!("more than {EVENTS_MAX} events: a message storm");
+                self.checker.violation(at, what);
+                break;
+            }
+            self.step(event);
+            if self.checker.failed() {
+                break;
+            }
+            if self.healing && self.quiescent() {
+                break;
+            }
+        }
+        if !self.checker.failed() {
+            let quiescent = self.quiescent();
+            let mut checker = std::mem::take(&mut self.checker);
+            checker.check_end(self.now_ms, quiescent, &self);
+            self.checker = checker;
+        }
+        let violations = self.checker.take();
+        for violation in &violations {
+            trace!(self, "VIOLATION {violation}");
+        }
+        (violations, self.trace)
+    }
+
+    pub(crate) fn workload(&self) -> &Workload {
+        &self.workload
+    }
+
+    fn schedule(&mut self, after_ms: u64, event: Event) {
+        self.sequence += 1;
+        self.queue
+            .push(Reverse((self.now_ms + after_ms, self.sequence)));
+        self.events.insert(self.sequence, event);
+    }
+
+    fn random_node(&mut self) -> NodeId {
+        self.rng.random_range(1..=self.options.nodes)
+    }
+
+    fn step(&mut self, event: Event) {
+        match event {
+            Event::Deliver { from, to, message } => self.deliver(from, to, message),
+            Event::Tick(node) => {
+                self.input(node, Input::Tick);
+                self.schedule(TICK_MS, Event::Tick(node));
+            }
+            Event::Client(node) => self.client(node),
+            Event::Crash(node) => self.crash(node),
+            Event::Restart(node) => self.restart(node),
+            Event::Partition { heal } => self.partition(heal),
+            Event::Heal => self.heal(),
+        }
+    }
+
+    fn deliver(&mut self, from: NodeId, to: NodeId, message: Message) {
+        if self.nodes[&to].machine.is_none() {
+            trace!(
+                self,
+                "drop {from}->{to} (down) {}",
+                trace::describe(&message)
+            );
+            return;
+        }
+        trace!(self, "deliver {from}->{to} {}", trace::describe(&message));
+        let input = match message {
+            Message::Request { call, request } => Input::Request {
+                from,
+                call,
+                request,
+            },
+            Message::Reply { call, reply } => Input::Reply { from, call, reply },
+        };
+        self.input(to, input);
+    }
+
+    /// One input to a live node, and its outputs carried out.
+    fn input(&mut self, node: NodeId, input: Input) {
+        let now = self.now_ms;
+        let Some(machine) = self.nodes.get_mut(&node).and_then(|n| n.machine.as_mut()) else {
+            return;
+        };
+        let outputs = machine.handle(now, input);
+        if self.nodes[&node].dying {
+            trace!(
+                self,
+                "power cut in n{node}'s step ({} outputs lost)",
+                outputs.len()
+            );
+            self.power_off(node);
+            return;
+        }
+        for output in outputs {
+            self.output(node, output);
+        }
+    }
+
+    fn output(&mut self, node: NodeId, output: Output) {
+        match output {
+            Output::Send { to, call, request } => {
+                self.send(node, to, Message::Request { call, request })
+            }
+            Output::Reply { to, call, reply } => {
+                self.send(node, to, Message::Reply { call, reply })
+            }
+            Output::Done(done) => self.op_done(node, done),
+        }
+    }
+
+    /// The network: a node's messages to itself always arrive; others may be lost,
+    /// duplicated, delayed, or cut by a partition.
+    fn send(&mut self, from: NodeId, to: NodeId, message: Message) {
+        if from == to {
+            self.schedule(0, Event::Deliver { from, to, message });
+            return;
+        }
+        let faults = !self.healing;
+        if faults && self.cut.contains(&(from, to)) {
+            trace!(self, "cut {from}->{to} {}", trace::describe(&message));
+            return;
+        }
+        if faults && self.rng.random_range(0..1000) < self.options.loss_per_mille {
+            trace!(self, "lose {from}->{to} {}", trace::describe(&message));
+            return;
+        }
+        let copies = if faults && self.rng.random_range(0..1000) < self.options.duplicate_per_mille
+        {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let (low, high) = self.options.delay_ms;
+            let delay = if faults {
+                self.rng.random_range(low..=high)
+            } else {
+                low.min(1)
+            };
+            let message = message.clone();
+            self.schedule(delay, Event::Deliver { from, to, message });
+        }
+    }
+
+    fn client(&mut self, node: NodeId) {
+        if self.healing || self.nodes[&node].machine.is_none() || self.workload.busy(node) {
+            return;
+        }
+        let op = self.workload.next_op(node, &mut self.rng);
+        trace!(self, "start n{node} {}", trace::describe_op(&op));
+        self.input(node, Input::Start(op));
+    }
+
+    fn op_done(&mut self, node: NodeId, done: OpDone) {
+        trace!(
+            self,
+            "done n{node} op {} {}",
+            done.op,
+            trace::describe_result(&done.result)
+        );
+        if let Some(read) = self.workload.finish(node, &done) {
+            self.checker.check_read(self.now_ms, &self.workload, &read);
+        }
+        let (low, high) = self.options.think_ms;
+        let pause = self.rng.random_range(low..=high);
+        self.schedule(pause, Event::Client(node));
+    }
+
+    fn boot(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.incarnation += 1;
+        let rebuilding = node.wiped && node.incarnation > 1;
+        let config = Config {
+            id,
+            incarnation: node.incarnation,
+            nodes: (1..=self.options.nodes).collect(),
+            datasets: self.datasets.clone(),
+            rebuilding,
+            timing: Timing::default(),
+            bugs: self.options.bugs,
+        };
+        let region = Box::new(SharedRegion(Arc::clone(&node.region)));
+        match PageTable::open(region, id, CLUSTER_ID) {
+            Ok((table, _)) => {
+                node.machine = Some(Machine::start(config, table, self.now_ms));
+                node.wiped = false;
+                self.schedule(1 + u64::from(id), Event::Client(id));
+            }
+            Err(error) => {
+                self.checker.violation(
+                    self.now_ms,
+                    format!("node {id} cannot open its PM after a crash: {error}"),
+                );
+            }
+        }
+        trace!(
+            self,
+            "boot n{id} incarnation {}{}",
+            self.nodes[&id].incarnation,
+            if rebuilding {
+                " (PM wiped, rebuilding)"
+            } else {
+                ""
+            }
+        );
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        if self.healing {
+            return;
+        }
+        let down = self
+            .nodes
+            .values()
+            .filter(|node| node.machine.is_none() || node.dying)
+            .count();
+        if down == 0 {
+            if self.options.crash_mid_step && self.rng.random_bool(0.5) {
+                let persists = self.rng.random_range(0..3);
+                let node = self.nodes.get_mut(&id).expect("node");
+                node.region.cut_power_after(persists);
+                node.dying = true;
+                trace!(
+                    self,
+                    "n{id} loses power within {persists} persists of its next step"
+                );
+            } else {
+                self.power_off(id);
+            }
+        }
+        let next = self.rng.random_range(300..3_000);
+        let victim = self.random_node();
+        self.schedule(next, Event::Crash(victim));
+    }
+
+    /// The node stops; what a restart finds is its persisted image (with some unpersisted
+    /// cache lines when writes tear), or nothing when its PM is lost.
+    fn power_off(&mut self, id: NodeId) {
+        let wipe = self.options.wipes && self.rng.random_bool(0.3) && self.can_wipe(id);
+        let torn_seed = self.rng.random();
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.machine = None;
+        node.dying = false;
+        let image = if wipe {
+            vec![0u8; PM_BYTES]
+        } else if self.options.torn_writes {
+            node.region.crash_image_with_evictions(torn_seed)
+        } else {
+            node.region.crash_image()
+        };
+        node.region = Arc::new(SimRegion::from_image(image));
+        node.wiped = wipe;
+        self.workload.node_crashed(id);
+        trace!(self, "crash n{id}{}", if wipe { " (PM wiped)" } else { "" });
+        let back = self.rng.random_range(100..2_000);
+        self.schedule(back, Event::Restart(id));
+    }
+
+    /// Within the replication degree: every page this node has a copy of keeps a copy of
+    /// its owner's current version on another live node.
+    fn can_wipe(&self, id: NodeId) -> bool {
+        self.datasets.iter().all(|(dataset, pages)| {
+            dataset.params.replicas >= 2
+                && (0..*pages).all(|page| {
+                    let key = (dataset.id, page);
+                    let owner = dataset.owner_of_page(page);
+                    let Some(owner_version) = self.persisted_version(owner, key) else {
+                        return owner != id
+                            || self.nodes.values().all(|node| node.machine.is_some());
+                    };
+                    self.nodes.iter().any(|(other, node)| {
+                        *other != id
+                            && node.machine.as_ref().is_some_and(|machine| {
+                                machine.table().version_of(key) == owner_version
+                                    && machine.table().read_persisted(key).is_some()
+                            })
+                    })
+                })
+        })
+    }
+
+    fn persisted_version(&self, node: NodeId, key: (u64, u64)) -> Option<u64> {
+        let machine = self.nodes[&node].machine.as_ref()?;
+        machine
+            .table()
+            .read_persisted(key)
+            .map(|(version, _)| version)
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        if self.nodes[&id].machine.is_some() {
+            return;
+        }
+        self.boot(id);
+    }
+
+    fn partition(&mut self, heal: bool) {
+        if self.healing {
+            return;
+        }
+        if heal {
+            self.cut.clear();
+            trace!(self, "partition healed");
+            let next = self.rng.random_range(200..2_000);
+            self.schedule(next, Event::Partition { heal: false });
+            return;
+        }
+        // A random side against the rest; one direction only, sometimes.
+        let nodes: Vec<NodeId> = (1..=self.options.nodes).collect();
+        let side: BTreeSet<NodeId> = nodes
+            .iter()
+            .copied()
+            .filter(|_| self.rng.random_bool(0.4))
+            .collect();
+        let one_way = self.options.one_way && self.rng.random_bool(0.5);
+        for a in &side {
+            for b in nodes.iter().filter(|node| !side.contains(node)) {
+                self.cut.insert((*a, *b));
+                if !one_way {
+                    self.cut.insert((*b, *a));
+                }
+            }
+        }
+        trace!(
+            self,
+            "partition {side:?} vs rest{}",
+            if one_way { " (one-way)" } else { "" }
+        );
+        let lasts = self.rng.random_range(100..3_000);
+        self.schedule(lasts, Event::Partition { heal: true });
+    }
+
+    fn heal(&mut self) {
+        self.healing = true;
+        self.cut.clear();
+        trace!(self, "heal: faults stop, down nodes restart");
+        let down: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.machine.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in down {
+            self.boot(id);
+        }
+        // A node still due to lose power does so now, and comes back at once.
+        let dying: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.dying)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dying {
+            self.power_off(id);
+            self.boot(id);
+        }
+    }
+
+    /// Every node up and ready, nothing locked, no call waiting, no copy undecided, no
+    /// program waiting.
+    pub(crate) fn quiescent(&self) -> bool {
+        self.workload.idle()
+            && self.nodes.values().all(|node| {
+                node.machine.as_ref().is_some_and(|machine| {
+                    machine.is_ready()
+                        && machine.in_flight() == (0, 0)
+                        && machine.table().pending().is_empty()
+                        && machine.fully_replicated()
+                })
+            })
+    }
+
+    pub fn seed_rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+}
