@@ -38,9 +38,11 @@ pub(crate) enum Message {
 
 #[derive(Clone, Debug)]
 enum Event {
+    /// A message on a connection between these incarnations of the two nodes: if either
+    /// restarted since, the connection is gone and so is the message (TCP semantics).
     Deliver {
-        from: NodeId,
-        to: NodeId,
+        from: (NodeId, u64),
+        to: (NodeId, u64),
         message: Message,
     },
     Tick(NodeId),
@@ -234,11 +236,17 @@ impl World {
         }
     }
 
-    fn deliver(&mut self, from: NodeId, to: NodeId, message: Message) {
-        if self.nodes[&to].machine.is_none() {
+    fn deliver(&mut self, from: (NodeId, u64), to: (NodeId, u64), message: Message) {
+        let alive = |world: &World, (node, incarnation): (NodeId, u64)| {
+            let node = &world.nodes[&node];
+            node.machine.is_some() && node.incarnation == incarnation
+        };
+        let connected = alive(self, from) && alive(self, to);
+        let (from, to) = (from.0, to.0);
+        if !connected {
             trace!(
                 self,
-                "drop {from}->{to} (down) {}",
+                "drop {from}->{to} (connection gone) {}",
                 trace::describe(&message)
             );
             return;
@@ -291,7 +299,12 @@ impl World {
     /// The network: a node's messages to itself always arrive; others may be lost,
     /// duplicated, delayed, or cut by a partition.
     fn send(&mut self, from: NodeId, to: NodeId, message: Message) {
+        let ends = (
+            (from, self.nodes[&from].incarnation),
+            (to, self.nodes[&to].incarnation),
+        );
         if from == to {
+            let (from, to) = ends;
             self.schedule(0, Event::Deliver { from, to, message });
             return;
         }
@@ -318,6 +331,7 @@ impl World {
                 low.min(1)
             };
             let message = message.clone();
+            let (from, to) = ends;
             self.schedule(delay, Event::Deliver { from, to, message });
         }
     }

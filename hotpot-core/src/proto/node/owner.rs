@@ -132,7 +132,12 @@ impl Machine {
 
     fn park(&mut self, from: NodeId, call: u64, request: NodeRequest, keys: Vec<PageKey>) {
         let deadline_ms = self.now_ms + self.config.timing.lock_wait_ms;
-        let until_unlocked = matches!(request, NodeRequest::Commit { .. });
+        // A commit, and a rejoin (which replaces what the commits in flight would record
+        // about its node), wait for the unlock; a read only for the apply.
+        let until_unlocked = matches!(
+            request,
+            NodeRequest::Commit { .. } | NodeRequest::Register { tx: None, .. }
+        );
         self.owner.parked.push(Parked {
             from,
             call,
@@ -172,8 +177,20 @@ impl Machine {
                 "pages stayed locked for {} ms",
                 self.config.timing.lock_wait_ms
             )));
-            self.reply(parked.from, parked.call, reply);
+            match parked.request {
+                NodeRequest::Commit { tx, .. } => {
+                    self.refuse_commit(tx, parked.from, parked.call, reply)
+                }
+                _ => self.reply(parked.from, parked.call, reply),
+            }
         }
+    }
+
+    /// Every answer to a commit is remembered: a duplicate of the request arriving later
+    /// (when the refusal's reason is gone) gets the same answer, never a second chance.
+    fn refuse_commit(&mut self, tx: TxKey, from: NodeId, call: u64, reply: NodeReply) {
+        self.owner.remember_answer(tx, reply.clone());
+        self.reply(from, call, reply);
     }
 
     /// `Fetch` at the owner: waits while a commit it has not applied holds the page, then
@@ -219,8 +236,22 @@ impl Machine {
         if let Some(reply) = self.not_ready() {
             return self.reply(from, call, reply);
         }
-        let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset, *page)).collect();
-        if self.owner.unsettled(&keys) {
+        let keys: Vec<PageKey> = if tx.is_none() {
+            self.owner
+                .locked
+                .keys()
+                .filter(|key| key.0 == dataset)
+                .copied()
+                .collect()
+        } else {
+            pages.iter().map(|(page, _)| (dataset, *page)).collect()
+        };
+        let waits = if tx.is_none() {
+            !keys.is_empty()
+        } else {
+            self.owner.unsettled(&keys)
+        };
+        if waits {
             let request = NodeRequest::Register {
                 dataset,
                 from: node,
@@ -230,12 +261,10 @@ impl Machine {
             return self.park(from, call, request, keys);
         }
         if tx.is_none() {
-            // A rejoin: the node's list replaces what this owner knew of it.
-            for (key, holders) in self.owner.holders.iter_mut() {
-                if key.0 == dataset {
-                    holders.remove(&node);
-                }
-            }
+            // A rejoin: the node's list replaces what this owner counted as its current
+            // copies (it may have lost some). It stays a holder of everything it held: the
+            // list may be older than a commit that reached it since (a superset of holders
+            // costs messages, a missing holder would keep a stale copy).
             for (key, current) in self.owner.current.iter_mut() {
                 if key.0 == dataset {
                     current.remove(&node);
@@ -257,14 +286,6 @@ impl Machine {
                 }
                 _ => {}
             }
-        }
-        for copy in &newer {
-            // It installs them (or keeps a newer prepared one, which its commit decides).
-            self.owner
-                .current
-                .entry((dataset, copy.page))
-                .or_default()
-                .insert(node);
         }
         self.reply(from, call, NodeReply::Pages(newer));
     }
@@ -313,11 +334,14 @@ impl Machine {
         if let Some(reply) = self.owner.answered.get(&tx).cloned() {
             return self.reply(from, call, reply);
         }
-        if self.owner.commits.contains_key(&tx) {
+        let parked = self.owner.parked.iter().any(
+            |parked| matches!(&parked.request, NodeRequest::Commit { tx: other, .. } if *other == tx),
+        );
+        if self.owner.commits.contains_key(&tx) || parked {
             return; // a duplicate of a commit in flight: the first call gets the answer
         }
         if let Some(reply) = self.not_ready() {
-            return self.reply(from, call, reply);
+            return self.refuse_commit(tx, from, call, reply);
         }
         let pages: Vec<u64> = match &work {
             Work::Writes(writes) => writes.iter().map(|write| write.page).collect(),
@@ -329,7 +353,7 @@ impl Machine {
             .find(|page| self.owner_of(&dataset, **page) != self.config.id)
         {
             let why = format!("page {page} of dataset {} has another owner", dataset.id);
-            return self.reply(from, call, NodeReply::Failed(FsError::Invalid(why)));
+            return self.refuse_commit(tx, from, call, NodeReply::Failed(FsError::Invalid(why)));
         }
         if !self.config.bugs.skip_commit_lock {
             if let Some((key, holder)) = self.owner.held_by_other(tx, &keys) {
@@ -338,7 +362,12 @@ impl Machine {
                         "page {} of dataset {} is in commit {holder:?}",
                         key.1, key.0
                     );
-                    return self.reply(from, call, NodeReply::Failed(FsError::Busy(why)));
+                    return self.refuse_commit(
+                        tx,
+                        from,
+                        call,
+                        NodeReply::Failed(FsError::Busy(why)),
+                    );
                 }
                 let request = match work {
                     Work::Writes(pages) => NodeRequest::Commit {

@@ -170,7 +170,26 @@ impl Machine {
         };
         self.table.abort_copies(tx);
         self.target.deciders.remove(&tx);
-        self.serve_install(dataset, &current);
+        if !self.install_all(dataset, &current) {
+            // Another waiting copy of these pages kept them back: ask the owner again.
+            if let Some(owner) = self.owner_of_copies(dataset, &current) {
+                self.target.registering.insert((owner, dataset));
+            }
+        }
+    }
+
+    /// Store `copies` (each only if newer than this node's); whether every one is now here
+    /// (a page with a prepared copy waiting keeps its old one).
+    fn install_all(&mut self, dataset: DatasetId, copies: &[VersionedPage]) -> bool {
+        self.serve_install(dataset, copies);
+        copies
+            .iter()
+            .all(|copy| self.table.version_of((dataset, copy.page)) >= copy.version)
+    }
+
+    fn owner_of_copies(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Option<NodeId> {
+        let (record, _) = self.dataset(dataset)?;
+        copies.first().map(|copy| record.owner_of_page(copy.page))
     }
 
     /// After a start: every peer is asked for its copies of the pages this node owns, and
@@ -189,7 +208,8 @@ impl Machine {
                 if dataset.owners.contains(&me) {
                     self.target.rejoin.insert((*peer, dataset.id));
                 }
-                if dataset.owners.contains(peer) {
+                // A first start has no copies to tell about.
+                if dataset.owners.contains(peer) && self.config.incarnation > 1 {
                     self.target.registering.insert((*peer, dataset.id));
                 }
             }
@@ -219,8 +239,8 @@ impl Machine {
             };
             let owned =
                 (0..pages).any(|page| dataset.owner_of_page(page) == if learn { me } else { peer });
-            if !owned || (!learn && self.config.incarnation == 1) {
-                // Nothing to learn, or nothing to tell (a first start has no copies).
+            if !owned {
+                // Nothing to learn or tell.
                 if learn {
                     self.target.rejoin.remove(&(peer, dataset_id));
                 } else {
@@ -275,8 +295,7 @@ impl Machine {
         if learn {
             self.learn_copies(from, dataset, &copies);
             self.target.rejoin.remove(&(from, dataset));
-        } else {
-            self.serve_install(dataset, &copies);
+        } else if self.install_all(dataset, &copies) {
             self.target.registering.remove(&(from, dataset));
         }
     }
