@@ -61,8 +61,8 @@ impl Checker {
                 match &node.machine {
                     None => what.push_str(&format!(" n{id} down;")),
                     Some(machine) => what.push_str(&format!(
-                        " n{id} ready {} (locks, calls) {:?} undecided {} replicated {};",
-                        machine.is_ready(),
+                        " n{id} rejoined {} (locks, calls) {:?} undecided {} replicated {};",
+                        machine.is_rejoined(),
                         machine.in_flight(),
                         machine.table().pending().len(),
                         machine.fully_replicated()

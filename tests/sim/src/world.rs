@@ -556,7 +556,7 @@ impl World {
         self.workload.idle()
             && self.nodes.values().all(|node| {
                 node.machine.as_ref().is_some_and(|machine| {
-                    machine.is_ready()
+                    machine.is_rejoined()
                         && machine.in_flight() == (0, 0)
                         && machine.table().pending().is_empty()
                         && machine.fully_replicated()

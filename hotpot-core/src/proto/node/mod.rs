@@ -188,6 +188,12 @@ impl Machine {
         self.target.rejoin.is_empty()
     }
 
+    /// Whether the rejoin is over on both sides: this owner knows its pages' holders, and
+    /// every owner knows this node's copies (and sent it newer ones).
+    pub fn is_rejoined(&self) -> bool {
+        self.is_ready() && self.target.registering.is_empty()
+    }
+
     /// Page locks held by commits at this owner, and calls not answered yet.
     pub fn in_flight(&self) -> (usize, usize) {
         (self.owner.locked_pages(), self.calls.len())

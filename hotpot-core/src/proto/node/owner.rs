@@ -210,9 +210,8 @@ impl Machine {
         }
         self.owner.holders.entry(key).or_default().insert(from);
         let (version, bytes) = self.table.read_persisted(key).unwrap_or((0, Vec::new()));
-        if version > 0 {
-            self.owner.current.entry(key).or_default().insert(from);
-        }
+        // Not counted as a copy yet: the answer may be lost (it is, once the reader says so
+        // at a Register or rejoin).
         let reply = NodeReply::Page(VersionedPage {
             page,
             version,

@@ -22,7 +22,7 @@ pub(super) struct TargetState {
     /// Rejoin: (peer, dataset) pairs whose copies of this owner's pages are not known yet.
     pub(super) rejoin: BTreeSet<(NodeId, DatasetId)>,
     /// Rejoin: (owner, dataset) pairs not yet told which copies this node has.
-    registering: BTreeSet<(NodeId, DatasetId)>,
+    pub(super) registering: BTreeSet<(NodeId, DatasetId)>,
     /// Calls of the rejoin in flight, so a tick does not send them twice.
     asked: BTreeSet<(NodeId, DatasetId, bool)>,
 }
