@@ -93,9 +93,13 @@ impl Checker {
                     .read_persisted(key)
                     .unwrap_or((0, vec![0u8; PAGE_BYTES]));
                 let mut copies = 0;
+                let mut on = Vec::new();
                 for node in world.nodes.keys() {
                     match table(*node).read_persisted(key) {
-                        Some((v, b)) if v == version && b == bytes => copies += 1,
+                        Some((v, b)) if v == version && b == bytes => {
+                            copies += 1;
+                            on.push(*node);
+                        }
                         Some((v, _)) => self.violation(
                             now_ms,
                             format!(
@@ -110,8 +114,9 @@ impl Checker {
                     self.violation(
                         now_ms,
                         format!(
-                            "page {page} of dataset {}: {copies} copies of v{version}, the dataset wants {wanted}",
-                            dataset.id
+                            "page {page} of dataset {}: {copies} copies of v{version} (on {on:?}; owner {owner} counts {:?} besides itself), the dataset wants {wanted}",
+                            dataset.id,
+                            world.nodes[&owner].machine.as_ref().map(|machine| machine.current_copies(key)),
                         ),
                     );
                 }

@@ -91,6 +91,10 @@ impl OwnerState {
         self.holders.get(&key).cloned().unwrap_or_default()
     }
 
+    pub(super) fn current_of(&self, key: PageKey) -> BTreeSet<NodeId> {
+        self.current.get(&key).cloned().unwrap_or_default()
+    }
+
     /// Whether a commit this owner has not applied holds any of `keys`.
     fn unsettled(&self, keys: &[PageKey]) -> bool {
         keys.iter()

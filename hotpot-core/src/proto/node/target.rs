@@ -66,6 +66,8 @@ impl Machine {
         NodeReply::Done
     }
 
+    /// Done only when every copy is here at its version or newer (a page with a prepared
+    /// copy waiting keeps its old one: the sender must not count it).
     pub(super) fn serve_install(
         &mut self,
         dataset: DatasetId,
@@ -75,9 +77,18 @@ impl Machine {
             .iter()
             .map(|copy| (copy.page, copy.version, copy.bytes.as_slice()))
             .collect();
-        match self.table.install_copies(dataset, &copies) {
-            Ok(_) => NodeReply::Done,
-            Err(error) => NodeReply::Failed(FsError::Io(format!("install: {error}"))),
+        if let Err(error) = self.table.install_copies(dataset, &copies) {
+            return NodeReply::Failed(FsError::Io(format!("install: {error}")));
+        }
+        match pages
+            .iter()
+            .find(|copy| self.table.version_of((dataset, copy.page)) < copy.version)
+        {
+            None => NodeReply::Done,
+            Some(copy) => NodeReply::Failed(FsError::Busy(format!(
+                "page {} has a prepared copy waiting for its decision",
+                copy.page
+            ))),
         }
     }
 
@@ -181,10 +192,7 @@ impl Machine {
     /// Store `copies` (each only if newer than this node's); whether every one is now here
     /// (a page with a prepared copy waiting keeps its old one).
     fn install_all(&mut self, dataset: DatasetId, copies: &[VersionedPage]) -> bool {
-        self.serve_install(dataset, copies);
-        copies
-            .iter()
-            .all(|copy| self.table.version_of((dataset, copy.page)) >= copy.version)
+        self.serve_install(dataset, copies) == NodeReply::Done
     }
 
     fn owner_of_copies(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Option<NodeId> {
