@@ -1,5 +1,6 @@
 //! `hotpot-sim`: run many seeds (`--seeds N`), or replay one (`--seed S [--trace]`).
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -79,18 +80,27 @@ fn main() -> ExitCode {
 
 fn replay(seed: u64, bugs: Bugs, trace: bool) -> ExitCode {
     let outcome = run_seed(seed, bugs, trace);
-    for line in outcome.trace.lines() {
-        println!("{line}");
-    }
-    println!("{}", outcome.options);
+    let mut out = std::io::stdout().lock();
+    let mut report = || -> std::io::Result<()> {
+        for line in outcome.trace.lines() {
+            writeln!(out, "{line}")?;
+        }
+        writeln!(out, "{}", outcome.options)?;
+        if outcome.violations.is_empty() {
+            writeln!(out, "seed {seed}: ok")?;
+        }
+        for violation in &outcome.violations {
+            writeln!(out, "seed {seed}: VIOLATION {violation}")?;
+        }
+        out.flush()
+    };
+    // A closed pipe (`| head`) is not an error of the run.
+    let _ = report();
     if outcome.violations.is_empty() {
-        println!("seed {seed}: ok");
-        return ExitCode::SUCCESS;
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
-    for violation in &outcome.violations {
-        println!("seed {seed}: VIOLATION {violation}");
-    }
-    ExitCode::FAILURE
 }
 
 fn many(first: u64, count: u64, threads: usize, bugs: Bugs) -> ExitCode {
