@@ -80,8 +80,9 @@ pub(crate) struct SimNode {
     pub(crate) machine: Option<Machine>,
     region: Arc<SimRegion>,
     incarnation: u64,
-    /// Set while down: comes back with its PM wiped.
-    wiped: bool,
+    /// Its PM was lost and the rebuild from the other nodes' copies is not over: a marker
+    /// the runtime keeps on disk beside the PM (it survives further crashes).
+    rebuilding: bool,
     /// Power is cut inside this node's next step: it dies there, sending nothing.
     dying: bool,
 }
@@ -151,7 +152,7 @@ impl World {
                     machine: None,
                     region,
                     incarnation: 0,
-                    wiped: false,
+                    rebuilding: false,
                     dying: false,
                 },
             );
@@ -270,6 +271,12 @@ impl World {
             return;
         };
         let outputs = machine.handle(now, input);
+        let rebuilt = machine.is_ready();
+        let node_state = self.nodes.get_mut(&node).expect("node");
+        if node_state.rebuilding && rebuilt {
+            node_state.rebuilding = false;
+            trace!(self, "n{node} rebuilt its pages");
+        }
         if self.nodes[&node].dying {
             trace!(
                 self,
@@ -363,7 +370,7 @@ impl World {
     fn boot(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("node");
         node.incarnation += 1;
-        let rebuilding = node.wiped && node.incarnation > 1;
+        let rebuilding = node.rebuilding;
         let config = Config {
             id,
             incarnation: node.incarnation,
@@ -377,7 +384,6 @@ impl World {
         match PageTable::open(region, id, CLUSTER_ID) {
             Ok((table, _)) => {
                 node.machine = Some(Machine::start(config, table, self.now_ms));
-                node.wiped = false;
                 self.schedule(1 + u64::from(id), Event::Client(id));
             }
             Err(error) => {
@@ -443,7 +449,7 @@ impl World {
             node.region.crash_image()
         };
         node.region = Arc::new(SimRegion::from_image(image));
-        node.wiped = wipe;
+        node.rebuilding |= wipe;
         self.workload.node_crashed(id);
         trace!(self, "crash n{id}{}", if wipe { " (PM wiped)" } else { "" });
         let back = self.rng.random_range(100..2_000);

@@ -104,7 +104,10 @@ fn a_seed_replays_to_the_same_trace() {
     ] {
         let first = run_seed(seed, bugs, true);
         let second = run_seed(seed, bugs, true);
-        assert!(first.trace.lines().len() > 100, "seed {seed} traced too little");
+        assert!(
+            first.trace.lines().len() > 100,
+            "seed {seed} traced too little"
+        );
         assert_eq!(first.trace.lines(), second.trace.lines(), "seed {seed}");
         assert_eq!(first.violations, second.violations, "seed {seed}");
     }
@@ -120,18 +123,31 @@ fn a_seed_replays_to_the_same_trace() {
     };
     let (first, second) = (run(), run());
     assert!(String::from_utf8_lossy(&first).contains("VIOLATION"));
-    assert_eq!(first, second, "two replays of seed 2 printed different bytes");
+    assert_eq!(
+        first, second,
+        "two replays of seed 2 printed different bytes"
+    );
 }
 
 #[test]
 fn the_binary_reports_a_failing_seed_and_exits_non_zero() {
     let output = Command::new(env!("CARGO_BIN_EXE_hotpot-sim"))
-        .args(["--seeds", "50", "--first-seed", "0", "--plant", "skip-invalidation"])
+        .args([
+            "--seeds",
+            "50",
+            "--first-seed",
+            "0",
+            "--plant",
+            "skip-invalidation",
+        ])
         .output()
         .expect("hotpot-sim runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAILED"), "{stdout}");
     assert!(stdout.contains("replay: hotpot-sim --seed"), "{stdout}");
-    assert!(stdout.contains("nodes, datasets"), "options printed: {stdout}");
+    assert!(
+        stdout.contains("nodes, datasets"),
+        "options printed: {stdout}"
+    );
 }
