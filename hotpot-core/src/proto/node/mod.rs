@@ -159,11 +159,14 @@ impl Machine {
             config.nodes.contains(&config.id),
             "a node is in its cluster"
         );
+        let first_call = (config.incarnation << 40) | 1;
         let mut machine = Machine {
             config,
             table,
             now_ms,
-            next_call: 1,
+            // Call ids never repeat across starts: a late answer to an earlier start's
+            // call cannot be taken for one of this start's.
+            next_call: first_call,
             next_tx: 1,
             calls: BTreeMap::new(),
             owner: Default::default(),
