@@ -459,24 +459,29 @@ impl World {
     /// Within the replication degree: every page this node has a copy of keeps a copy of
     /// its owner's current version on another live node.
     fn can_wipe(&self, id: NodeId) -> bool {
-        self.datasets.iter().all(|(dataset, pages)| {
-            dataset.params.replicas >= 2
-                && (0..*pages).all(|page| {
-                    let key = (dataset.id, page);
-                    let owner = dataset.owner_of_page(page);
-                    let Some(owner_version) = self.persisted_version(owner, key) else {
-                        return owner != id
-                            || self.nodes.values().all(|node| node.machine.is_some());
-                    };
-                    self.nodes.iter().any(|(other, node)| {
-                        *other != id
-                            && node.machine.as_ref().is_some_and(|machine| {
-                                machine.table().version_of(key) == owner_version
-                                    && machine.table().read_persisted(key).is_some()
+        // Another node lost (down, or still rebuilding) counts against the degree too.
+        let others_whole = self.nodes.iter().all(|(other, node)| {
+            *other == id || (node.machine.is_some() && !node.rebuilding && !node.dying)
+        });
+        others_whole
+            && self.datasets.iter().all(|(dataset, pages)| {
+                dataset.params.replicas >= 2
+                    && (0..*pages).all(|page| {
+                        let key = (dataset.id, page);
+                        let versions: Vec<(NodeId, u64)> = self
+                            .nodes
+                            .keys()
+                            .filter_map(|node| {
+                                self.persisted_version(*node, key).map(|v| (*node, v))
                             })
+                            .collect();
+                        let newest = versions.iter().map(|(_, v)| *v).max().unwrap_or(0);
+                        newest == 0
+                            || versions
+                                .iter()
+                                .any(|(node, version)| *node != id && *version == newest)
                     })
-                })
-        })
+            })
     }
 
     fn persisted_version(&self, node: NodeId, key: (u64, u64)) -> Option<u64> {
