@@ -109,13 +109,16 @@ impl Workload {
             .collect();
         if !writable.is_empty() && rng.random_bool(0.55) {
             let (dataset, pages) = *writable.choose(rng).expect("not empty");
+            // MRMW commits span owners (three phases); MRSW ones stay with one owner.
             let first = rng.random_range(0..*pages);
             let owner = dataset.owner_of_page(first);
-            let same_owner: Vec<u64> = (0..*pages)
-                .filter(|page| dataset.owner_of_page(*page) == owner)
+            let candidates: Vec<u64> = (0..*pages)
+                .filter(|page| {
+                    dataset.params.mode == Mode::Mrmw || dataset.owner_of_page(*page) == owner
+                })
                 .collect();
-            let count = rng.random_range(1..=same_owner.len().min(3));
-            let chosen: Vec<u64> = same_owner.choose_multiple(rng, count).copied().collect();
+            let count = rng.random_range(1..=candidates.len().min(4));
+            let chosen: Vec<u64> = candidates.choose_multiple(rng, count).copied().collect();
             let stamp = stamp_bytes(op);
             let offset = slot_offset(node) as u16;
             let stores = chosen

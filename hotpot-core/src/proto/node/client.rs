@@ -62,21 +62,23 @@ enum Step {
     Backoff { until_ms: u64 },
     /// Waiting for the owner's copy of a page.
     Reading { page: u64 },
+    /// MRMW across owners (across.rs).
+    Across(super::across::Phase),
 }
 
 #[derive(Clone, Debug)]
-struct ClientOp {
-    dataset: Dataset,
+pub(super) struct ClientOp {
+    pub(super) dataset: Dataset,
     stores: Vec<(u64, u16, Vec<u8>)>,
     owner: NodeId,
     step: Step,
-    started_ms: u64,
-    attempts: u32,
+    pub(super) started_ms: u64,
+    pub(super) attempts: u32,
 }
 
 #[derive(Default)]
 pub(super) struct ClientState {
-    ops: BTreeMap<OpId, ClientOp>,
+    pub(super) ops: BTreeMap<OpId, ClientOp>,
 }
 
 /// Longest pause between two tries of a busy MRMW commit.
@@ -128,8 +130,9 @@ impl Machine {
                 let bad = stores.iter().any(|(page, offset, bytes)| {
                     *page >= pages || usize::from(*offset) + bytes.len() > PAGE_BYTES
                 });
-                let (Some(owner), 1, false) = (owners.first().copied(), owners.len(), bad) else {
-                    let why = "a commit's stores must lie in pages of one owner";
+                let one_owner = owners.len() == 1 || dataset.params.mode == Mode::Mrmw;
+                let (Some(owner), true, false) = (owners.first().copied(), one_owner, bad) else {
+                    let why = "an MRSW commit's stores must lie in pages of one owner";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 };
                 let missing: BTreeSet<u64> = match dataset.params.mode {
@@ -167,7 +170,7 @@ impl Machine {
         }
     }
 
-    fn op_done(&mut self, op: OpId, result: OpResult) {
+    pub(super) fn op_done(&mut self, op: OpId, result: OpResult) {
         self.client.ops.remove(&op);
         self.out.push(super::Output::Done(OpDone { op, result }));
     }
@@ -175,6 +178,10 @@ impl Machine {
     /// The commit message for op `id` (whole pages or runs), after this node's own copy.
     fn send_commit(&mut self, id: OpId) {
         let op = self.client.ops.get(&id).expect("op in flight").clone();
+        let groups = self.runs_by_owner(&op.dataset, &op.stores);
+        if groups.len() > 1 {
+            return self.start_across(id, groups);
+        }
         let tx = self.new_tx();
         let me = self.config.id;
         let mut by_page: BTreeMap<u64, Vec<Run>> = BTreeMap::new();
@@ -257,6 +264,9 @@ impl Machine {
         let Some(op) = self.client.ops.get(&id).cloned() else {
             return;
         };
+        if let Step::Across(phase) = op.step {
+            return self.across_answered(id, phase, from, reply);
+        }
         match (op.step, reply) {
             (Step::Reading { page }, Some(NodeReply::Page(copy))) => {
                 let result = self.take_fetched(op.dataset.id, page, copy);
@@ -286,14 +296,7 @@ impl Machine {
                 if own_copy {
                     self.table.abort_copies(tx);
                 }
-                if self.now_ms >= op.started_ms + self.config.timing.commit_retry_ms {
-                    let why = format!("commit kept conflicting ({} tries): {why}", op.attempts);
-                    return self.op_done(id, OpResult::Refused(FsError::Io(why)));
-                }
-                let until_ms = self.now_ms + self.backoff_ms(id, op.attempts);
-                if let Some(op) = self.client.ops.get_mut(&id) {
-                    op.step = Step::Backoff { until_ms };
-                }
+                self.back_off(id, why);
             }
             (Step::Committing { tx, own_copy }, None) => {
                 // The owner may have decided: the own copy waits to be settled with it.
@@ -329,6 +332,51 @@ impl Machine {
                 let error = FsError::Io(format!("owner {from}: {why}"));
                 self.op_done(id, OpResult::Refused(error));
             }
+        }
+    }
+
+    /// The stores as runs, by page, by owner.
+    fn runs_by_owner(
+        &self,
+        dataset: &Dataset,
+        stores: &[(u64, u16, Vec<u8>)],
+    ) -> BTreeMap<NodeId, Vec<super::PageRuns>> {
+        let mut by_page: BTreeMap<u64, Vec<Run>> = BTreeMap::new();
+        for (page, offset, bytes) in stores {
+            by_page.entry(*page).or_default().push(Run {
+                offset: *offset,
+                bytes: bytes.clone(),
+            });
+        }
+        let mut groups: BTreeMap<NodeId, Vec<super::PageRuns>> = BTreeMap::new();
+        for (page, runs) in by_page {
+            groups
+                .entry(self.owner_of(dataset, page))
+                .or_default()
+                .push((page, runs));
+        }
+        groups
+    }
+
+    /// Set op `id`'s step (an op that finished meanwhile is left alone).
+    pub(super) fn set_step_across(&mut self, id: OpId, phase: super::across::Phase) {
+        if let Some(op) = self.client.ops.get_mut(&id) {
+            op.step = Step::Across(phase);
+        }
+    }
+
+    /// After a refusal: retry after a pause, or give up once retries ran too long.
+    pub(super) fn back_off(&mut self, id: OpId, why: String) {
+        let Some(op) = self.client.ops.get(&id).cloned() else {
+            return;
+        };
+        if self.now_ms >= op.started_ms + self.config.timing.commit_retry_ms {
+            let why = format!("commit kept conflicting ({} tries): {why}", op.attempts);
+            return self.op_done(id, OpResult::Refused(FsError::Io(why)));
+        }
+        let until_ms = self.now_ms + self.backoff_ms(id, op.attempts);
+        if let Some(op) = self.client.ops.get_mut(&id) {
+            op.step = Step::Backoff { until_ms };
         }
     }
 

@@ -11,10 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::page::Run;
 use crate::page::{PageTable, TxKey};
 use crate::pm::PageKey;
-use crate::proto::messages::{NodeReply, NodeRequest};
+use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
+mod across;
 mod client;
+mod multi;
 mod owner;
 mod target;
 
@@ -127,6 +129,11 @@ enum Purpose {
     Op(OpId),
     /// Settling prepared copy `tx` with its owner.
     Resolve { tx: TxKey },
+    /// A leader's answer about commit `tx`, for a follower record (`target` None) or a
+    /// target's copy.
+    Outcome { tx: TxKey, target: Option<TxKey> },
+    /// A leader asked whether anything here still waits for commit `tx`'s outcome.
+    Pending { tx: TxKey },
     /// Rejoin: a peer's copies of the pages this node owns (`learn`), or an owner told
     /// this node's copies of its pages.
     Rejoin { dataset: DatasetId, learn: bool },
@@ -147,6 +154,7 @@ pub struct Machine {
     next_tx: u64,
     calls: BTreeMap<u64, Call>,
     owner: owner::OwnerState,
+    multi: multi::MultiState,
     client: client::ClientState,
     target: target::TargetState,
     out: Vec<Output>,
@@ -170,10 +178,12 @@ impl Machine {
             next_tx: 1,
             calls: BTreeMap::new(),
             owner: Default::default(),
+            multi: Default::default(),
             client: Default::default(),
             target: Default::default(),
             out: Vec::new(),
         };
+        machine.lock_waiting_records();
         machine.start_rejoin();
         machine
     }
@@ -229,6 +239,8 @@ impl Machine {
         }
         self.expire_calls();
         self.expire_parked();
+        self.expire_phase1();
+        self.sweep_outcomes();
         self.resolve_pending();
         self.rereplicate();
         self.retry_ops();
@@ -243,27 +255,79 @@ impl Machine {
             }
             NodeRequest::Commit {
                 tx,
+                followers,
                 dataset,
                 committer,
                 committer_prepared,
                 pages,
                 ..
-            } => {
+            } if followers.is_empty() => {
                 let work = owner::Work::Writes(pages);
-                self.serve_commit(from, call, tx, dataset, committer, committer_prepared, work);
+                let role = owner::Role::Single;
+                self.serve_commit(
+                    from,
+                    call,
+                    tx,
+                    dataset,
+                    committer,
+                    committer_prepared,
+                    work,
+                    role,
+                );
                 return;
             }
             NodeRequest::CommitRuns {
                 tx,
+                followers,
                 dataset,
                 committer,
                 pages,
                 ..
             } => {
                 let work = owner::Work::Runs(pages);
-                self.serve_commit(from, call, tx, dataset, committer, false, work);
+                let role = if followers.is_empty() {
+                    owner::Role::Single
+                } else {
+                    let mut owners = followers;
+                    owners.push(self.config.id);
+                    match crate::pm::TxTag::bitmap(&owners) {
+                        Some(participants) => owner::Role::Leader { participants },
+                        None => {
+                            let why = "commits across owners need node ids 1..=64";
+                            let reply = NodeReply::Failed(FsError::Invalid(why.into()));
+                            return self.reply(from, call, reply);
+                        }
+                    }
+                };
+                self.serve_commit(from, call, tx, dataset, committer, false, work, role);
                 return;
             }
+            NodeRequest::OwnerPrepare {
+                tx,
+                dataset,
+                committer,
+                leader,
+                pages: OwnerPages::Runs(pages),
+                ..
+            } => {
+                let work = owner::Work::Runs(pages);
+                let role = owner::Role::Follower { leader };
+                self.serve_commit(from, call, tx, dataset, committer, false, work, role);
+                return;
+            }
+            NodeRequest::OwnerDecide { tx, .. } => {
+                self.follower_decide(tx, Some((from, call)));
+                return;
+            }
+            NodeRequest::OwnerAbort { tx } => {
+                self.follower_abort(tx);
+                NodeReply::Done
+            }
+            NodeRequest::Lock { tx, dataset, pages } => self.serve_lock(tx, dataset, &pages),
+            NodeRequest::Unlock { tx, dataset, pages } => self.serve_unlock(tx, dataset, &pages),
+            NodeRequest::Outcome { tx, .. } => self.serve_outcome(tx),
+            NodeRequest::Confirm { txs, node } => self.serve_confirm(&txs, node),
+            NodeRequest::Pending { tx } => NodeReply::Decision(self.waits_for(tx)),
             NodeRequest::Register {
                 dataset,
                 from: node,
@@ -276,11 +340,11 @@ impl Machine {
             NodeRequest::Prepare {
                 tx,
                 owner,
+                commit,
                 dataset,
                 committer,
                 pages,
-                ..
-            } => self.serve_prepare(tx, owner, dataset, committer, &pages),
+            } => self.serve_prepare(tx, owner, commit, dataset, committer, &pages),
             NodeRequest::Decide { tx, .. } => self.serve_decide(tx),
             NodeRequest::Abort { tx } => self.serve_abort(tx),
             NodeRequest::Install { dataset, pages } => self.serve_install(dataset, &pages),
@@ -314,6 +378,8 @@ impl Machine {
             Purpose::Install { key, version } => self.install_answered(key, version, from, reply),
             Purpose::Op(op) => self.op_answered(op, from, reply),
             Purpose::Resolve { tx } => self.resolve_answered(tx, reply),
+            Purpose::Outcome { tx, target } => self.outcome_answered(tx, target, reply),
+            Purpose::Pending { tx } => self.pending_answered(tx, from, reply),
             Purpose::Rejoin { dataset, learn } => self.rejoin_answered(from, dataset, learn, reply),
         }
     }

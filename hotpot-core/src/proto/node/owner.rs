@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Machine, PageRuns, Purpose};
 use crate::page::{apply_runs, OwnedPage, TxKey};
-use crate::pm::{PageKey, TxTag, PAGE_BYTES};
+use crate::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use crate::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
@@ -20,20 +20,36 @@ pub(super) enum Work {
     Runs(Vec<PageRuns>),
 }
 
+/// This owner's part in a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    /// The commit's only owner.
+    Single,
+    /// The lowest-id owner of a commit across owners: its apply decides the whole commit
+    /// and keeps the outcome (`participants`: bitmap of the owners).
+    Leader { participants: u64 },
+    /// Another owner of such a commit: its pages wait, prepared, for the leader's outcome.
+    Follower { leader: NodeId },
+}
+
 #[derive(Clone, Debug)]
-enum Step {
+pub(super) enum Step {
     /// Prepare sent; waiting for these targets.
     Preparing,
+    /// A follower's pages are prepared here and at its targets: waiting for the outcome.
+    Prepared,
     /// Applied here (or, with the planted bug, answered); Decide sent, waiting for these.
     Deciding,
 }
 
 #[derive(Clone, Debug)]
-struct OwnerCommit {
+pub(super) struct OwnerCommit {
+    pub(super) role: Role,
     committer: NodeId,
-    reply_call: u64,
-    dataset: DatasetId,
-    writes: Vec<PageWrite>,
+    /// Who waits for this owner's answer (a follower's decision may come from resolution).
+    pub(super) reply_to: Option<(NodeId, u64)>,
+    pub(super) dataset: DatasetId,
+    pub(super) writes: Vec<PageWrite>,
     /// Nodes that got Prepare (and get Decide or Abort), under `target_tx`.
     asked: Vec<NodeId>,
     /// Nodes that hold the new version once decided.
@@ -46,7 +62,7 @@ struct OwnerCommit {
     committer_prepared: bool,
     /// Copies that must be decided before the commit is acknowledged.
     copies_wanted: usize,
-    step: Step,
+    pub(super) step: Step,
     /// Set once this owner's apply is persisted.
     versions: Option<Vec<u64>>,
 }
@@ -65,14 +81,14 @@ struct Parked {
 
 #[derive(Default)]
 pub(super) struct OwnerState {
-    locked: BTreeMap<PageKey, TxKey>,
+    pub(super) locked: BTreeMap<PageKey, TxKey>,
     /// Locked pages whose commit is applied here: fetches read the new version.
     applied: BTreeSet<PageKey>,
     /// Nodes that may hold a copy of each page (a superset: every commit reaches them).
     holders: BTreeMap<PageKey, BTreeSet<NodeId>>,
     /// Nodes known to hold the current version of each page (re-replication counts these).
     current: BTreeMap<PageKey, BTreeSet<NodeId>>,
-    commits: BTreeMap<TxKey, OwnerCommit>,
+    pub(super) commits: BTreeMap<TxKey, OwnerCommit>,
     /// Commit requests answered, by tx: a duplicate gets the same answer.
     answered: BTreeMap<TxKey, NodeReply>,
     parked: Vec<Parked>,
@@ -101,7 +117,7 @@ impl OwnerState {
             .any(|key| self.locked.contains_key(key) && !self.applied.contains(key))
     }
 
-    fn held_by_other(&self, tx: TxKey, keys: &[PageKey]) -> Option<(PageKey, TxKey)> {
+    pub(super) fn held_by_other(&self, tx: TxKey, keys: &[PageKey]) -> Option<(PageKey, TxKey)> {
         keys.iter().find_map(|key| {
             self.locked
                 .get(key)
@@ -333,6 +349,7 @@ impl Machine {
         committer: NodeId,
         committer_prepared: bool,
         work: Work,
+        role: Role,
     ) {
         if let Some(reply) = self.owner.answered.get(&tx).cloned() {
             return self.reply(from, call, reply);
@@ -340,8 +357,19 @@ impl Machine {
         let parked = self.owner.parked.iter().any(
             |parked| matches!(&parked.request, NodeRequest::Commit { tx: other, .. } if *other == tx),
         );
-        if self.owner.commits.contains_key(&tx) || parked {
-            return; // a duplicate of a commit in flight: the first call gets the answer
+        if let Some(commit) = self.owner.commits.get(&tx) {
+            // A duplicate: a follower already prepared answers again; otherwise the first
+            // call gets the answer.
+            if matches!(commit.step, Step::Prepared) {
+                self.reply(from, call, NodeReply::Done);
+            }
+            return;
+        }
+        if parked {
+            return;
+        }
+        if let Err(error) = self.may_commit(tx, role) {
+            return self.refuse_commit(tx, from, call, NodeReply::Failed(error));
         }
         if let Some(reply) = self.not_ready() {
             return self.refuse_commit(tx, from, call, reply);
@@ -393,7 +421,7 @@ impl Machine {
         }
         let writes = match self.build_writes(&dataset, work) {
             Ok(writes) => writes,
-            Err(error) => return self.finish_commit_early(tx, &keys, from, call, error),
+            Err(error) => return self.finish_commit_early(tx, &keys, Some((from, call)), error),
         };
         let targets = self.targets(&dataset, &keys, committer);
         let asked: Vec<NodeId> = targets
@@ -403,8 +431,9 @@ impl Machine {
             .collect();
         let target_tx = self.new_tx();
         let commit = OwnerCommit {
+            role,
             committer,
-            reply_call: call,
+            reply_to: Some((from, call)),
             dataset: dataset.id,
             writes,
             asked: asked.clone(),
@@ -431,7 +460,11 @@ impl Machine {
             let request = NodeRequest::Prepare {
                 tx: target_tx,
                 owner: self.config.id,
-                commit: None,
+                commit: match role {
+                    Role::Single => None,
+                    Role::Leader { .. } => Some((tx, self.config.id)),
+                    Role::Follower { leader } => Some((tx, leader)),
+                },
                 dataset: dataset.id,
                 committer: node == committer,
                 pages: copies.clone(),
@@ -482,17 +515,18 @@ impl Machine {
         &mut self,
         tx: TxKey,
         keys: &[PageKey],
-        from: NodeId,
-        call: u64,
+        reply_to: Option<(NodeId, u64)>,
         error: FsError,
     ) {
         self.unlock(tx, keys);
         let reply = NodeReply::Failed(error);
         self.owner.remember_answer(tx, reply.clone());
-        self.reply(from, call, reply);
+        if let Some((to, call)) = reply_to {
+            self.reply(to, call, reply);
+        }
     }
 
-    fn unlock(&mut self, tx: TxKey, keys: &[PageKey]) {
+    pub(super) fn unlock(&mut self, tx: TxKey, keys: &[PageKey]) {
         for key in keys {
             if self.owner.locked.get(key) == Some(&tx) {
                 self.owner.locked.remove(key);
@@ -523,6 +557,8 @@ impl Machine {
                     self.all_prepared(tx);
                 }
             }
+            // A duplicate answer to a Prepare: the follower waits for the outcome.
+            Step::Prepared => {}
             // A target that missed the decision settles its copy with this owner later.
             Step::Deciding => {
                 commit.awaiting.remove(&from);
@@ -536,7 +572,7 @@ impl Machine {
         }
     }
 
-    fn abort_commit(&mut self, tx: TxKey, why: String) {
+    pub(super) fn abort_commit(&mut self, tx: TxKey, why: String) {
         let Some(commit) = self.owner.commits.remove(&tx) else {
             return;
         };
@@ -551,12 +587,18 @@ impl Machine {
             .iter()
             .map(|write| (commit.dataset, write.page))
             .collect();
+        if matches!(commit.role, Role::Follower { .. }) {
+            self.table.abort_copies(tx);
+        }
         let error = FsError::Io(format!("commit not replicated, nothing applied: {why}"));
-        self.finish_commit_early(tx, &keys, commit.committer, commit.reply_call, error);
+        self.finish_commit_early(tx, &keys, commit.reply_to, error);
     }
 
     /// Step 4, the commit point: this owner's apply, persisted; then Decide to the targets.
     fn all_prepared(&mut self, tx: TxKey) {
+        if let Some(Role::Follower { leader }) = self.owner.commits.get(&tx).map(|c| c.role) {
+            return self.follower_prepared(tx, leader);
+        }
         if self.config.bugs.ack_before_persist {
             // Planted bug: decide and answer now, apply when the targets have acked.
             return self.send_decisions(tx, None);
@@ -569,6 +611,15 @@ impl Machine {
 
     fn apply(&mut self, tx: TxKey) -> Result<Vec<u64>, FsError> {
         let commit = self.owner.commits.get(&tx).expect("commit in flight");
+        let tag = match commit.role {
+            Role::Leader { participants } => TxTag {
+                role: TxRole::Leader,
+                tx,
+                leader: self.config.id,
+                participants,
+            },
+            _ => TxTag::default(),
+        };
         let owned: Vec<OwnedPage<'_>> = commit
             .writes
             .iter()
@@ -579,11 +630,11 @@ impl Machine {
             })
             .collect();
         self.table
-            .apply_owned(commit.dataset, &owned, TxTag::default())
+            .apply_owned(commit.dataset, &owned, tag)
             .map_err(|error| FsError::Io(format!("apply at the owner: {error}")))
     }
 
-    fn send_decisions(&mut self, tx: TxKey, versions: Option<Vec<u64>>) {
+    pub(super) fn send_decisions(&mut self, tx: TxKey, versions: Option<Vec<u64>>) {
         let commit = self.owner.commits.get_mut(&tx).expect("commit in flight");
         commit.step = Step::Deciding;
         commit.awaiting = commit.asked.iter().copied().collect();
@@ -656,8 +707,10 @@ impl Machine {
         // Acknowledged only once enough nodes hold the decided bytes: a target that missed
         // the decision holds a prepared copy, which a rebuild after this owner's loss
         // cannot count.
+        let enough = 1 + decided.len() >= commit.copies_wanted;
         let reply = match versions {
-            Some(versions) if 1 + decided.len() >= commit.copies_wanted => NodeReply::Committed {
+            Some(_) if enough && matches!(commit.role, Role::Follower { .. }) => NodeReply::Done,
+            Some(versions) if enough => NodeReply::Committed {
                 versions,
                 dataset_version: 0,
             },
@@ -668,9 +721,27 @@ impl Machine {
             )),
             None => NodeReply::Failed(FsError::Io("apply at the owner failed".into())),
         };
+        let all_targets = commit.confirmed.len() == commit.asked.len();
+        match commit.role {
+            // The leader's own part is settled once its targets have the decision.
+            Role::Leader { .. } if all_targets => self.table.confirm_outcome(tx, self.config.id),
+            // The leader may forget the outcome once this follower and its targets decided.
+            Role::Follower { leader } if all_targets => {
+                let confirm = NodeRequest::Confirm {
+                    txs: vec![tx],
+                    node: self.config.id,
+                };
+                self.send(leader, confirm, Purpose::Notice);
+            }
+            _ => {}
+        }
         if !self.config.bugs.ack_before_persist {
-            self.owner.remember_answer(tx, reply.clone());
-            self.reply(commit.committer, commit.reply_call, reply);
+            if !matches!(commit.role, Role::Follower { .. }) {
+                self.owner.remember_answer(tx, reply.clone());
+            }
+            if let Some((to, call)) = commit.reply_to {
+                self.reply(to, call, reply);
+            }
         }
         self.unlock(tx, &keys);
     }
@@ -686,9 +757,11 @@ impl Machine {
             versions,
             dataset_version: 0,
         };
-        let (to, call) = (commit.committer, commit.reply_call);
+        let reply_to = commit.reply_to;
         self.owner.remember_answer(tx, reply.clone());
-        self.reply(to, call, reply);
+        if let Some((to, call)) = reply_to {
+            self.reply(to, call, reply);
+        }
     }
 
     /// An owner whose page has fewer known current copies than its dataset wants sends

@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Machine, Purpose};
 use crate::page::TxKey;
+use crate::pm::TxRole;
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use crate::proto::types::{DatasetId, FsError, NodeId};
 
 #[derive(Default)]
 pub(super) struct TargetState {
-    /// Who decides each prepared copy (volatile: after a restart, the owner of its pages).
-    deciders: BTreeMap<TxKey, NodeId>,
+    /// Who decides each prepared copy (volatile: after a restart, the owner of its pages),
+    /// and the commit across owners and its leader it belongs to, if any.
+    deciders: BTreeMap<TxKey, (NodeId, Option<(TxKey, NodeId)>)>,
     /// When this machine first saw each prepared copy waiting.
     waiting_since: BTreeMap<TxKey, u64>,
     /// Prepared copies being settled with their owner now.
@@ -32,6 +34,7 @@ impl Machine {
         &mut self,
         tx: TxKey,
         owner: NodeId,
+        commit: Option<(TxKey, NodeId)>,
         dataset: DatasetId,
         committer: bool,
         pages: &[VersionedPage],
@@ -45,7 +48,7 @@ impl Machine {
             .prepare_copies(tx, dataset, &borrowed, committer, Default::default())
         {
             Ok(()) => {
-                self.target.deciders.insert(tx, owner);
+                self.target.deciders.insert(tx, (owner, commit));
                 NodeReply::Done
             }
             Err(error) => NodeReply::Failed(FsError::Io(format!("prepare: {error}"))),
@@ -94,7 +97,27 @@ impl Machine {
 
     /// A committer's own copy whose commit got no answer: `owner` settles it.
     pub(super) fn note_decider(&mut self, tx: TxKey, owner: NodeId) {
-        self.target.deciders.insert(tx, owner);
+        self.target.deciders.insert(tx, (owner, None));
+    }
+
+    /// Whether a copy prepared here for commit `tx` (across owners) waits for its outcome.
+    pub(super) fn target_waits_for(&self, tx: TxKey) -> bool {
+        self.target
+            .deciders
+            .values()
+            .any(|(_, commit)| commit.is_some_and(|(commit, _)| commit == tx))
+    }
+
+    pub(super) fn target_resolved(&mut self, waiting: TxKey) {
+        self.target.resolving.remove(&waiting);
+    }
+
+    pub(super) fn retry_resolution(&mut self, waiting: TxKey) {
+        self.target.waiting_since.insert(waiting, self.now_ms);
+    }
+
+    pub(super) fn decide_target_copy(&mut self, copy: TxKey) {
+        self.serve_decide(copy);
     }
 
     /// This node's persisted copies of `pages` (served while rejoining too).
@@ -136,11 +159,21 @@ impl Machine {
                 self.table.abort_copies(copies.tx);
                 continue;
             };
-            let owner = self
-                .target
-                .deciders
-                .get(&copies.tx)
-                .copied()
+            // A follower record, or a copy of a commit across owners: the leader decides.
+            let decider = self.target.deciders.get(&copies.tx).copied();
+            let across = match (copies.tag.role, decider) {
+                (TxRole::Follower, _) => Some((copies.tx, copies.tag.leader, None)),
+                (_, Some((_, Some((commit, leader))))) => Some((commit, leader, Some(copies.tx))),
+                _ => None,
+            };
+            if let Some((commit, leader, target)) = across {
+                self.target.resolving.insert(copies.tx);
+                let request = NodeRequest::Outcome { tx: commit, leader };
+                self.send(leader, request, Purpose::Outcome { tx: commit, target });
+                continue;
+            }
+            let owner = decider
+                .map(|(owner, _)| owner)
                 .unwrap_or_else(|| self.owner_of(&dataset, first));
             if owner == self.config.id {
                 // An owner never prepares its own pages: nobody will decide this copy.
