@@ -55,10 +55,29 @@ impl Machine {
         }
     }
 
+    /// The owner decided: the prepared copy becomes current. A copy one of whose pages is
+    /// newer here already is dropped whole (never backwards); the owners of its pages then
+    /// send what is current (through a registration).
     pub(super) fn serve_decide(&mut self, tx: TxKey) -> NodeReply {
         self.target.deciders.remove(&tx);
         self.target.waiting_since.remove(&tx);
-        self.table.decide_copies(tx);
+        let record = self
+            .table
+            .pending()
+            .into_iter()
+            .find(|copies| copies.tx == tx);
+        if self.table.decide_copies(tx).is_none() {
+            if let Some(copies) = record {
+                if let Some((dataset, _)) = self.dataset(copies.dataset).cloned() {
+                    for page in &copies.pages {
+                        let owner = dataset.owner_of_page(*page);
+                        if owner != self.config.id {
+                            self.target.registering.insert((owner, dataset.id));
+                        }
+                    }
+                }
+            }
+        }
         NodeReply::Done
     }
 
@@ -116,8 +135,26 @@ impl Machine {
         self.target.waiting_since.insert(waiting, self.now_ms);
     }
 
+    /// A copy decided by the leader's answer, late: its owner may not count this node as a
+    /// holder any more (it restarted, or committed the pages again since), so the node
+    /// registers, which makes it a holder and brings anything newer.
     pub(super) fn decide_target_copy(&mut self, copy: TxKey) {
+        let record = self
+            .table
+            .pending()
+            .into_iter()
+            .find(|copies| copies.tx == copy);
         self.serve_decide(copy);
+        let Some(copies) = record else { return };
+        let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
+            return;
+        };
+        for page in &copies.pages {
+            let owner = dataset.owner_of_page(*page);
+            if owner != self.config.id {
+                self.target.registering.insert((owner, dataset.id));
+            }
+        }
     }
 
     /// This node's persisted copies of `pages` (served while rejoining too).
