@@ -253,6 +253,19 @@ impl Pool {
                     self.keep_outcome(block, &record.tag, at);
                     report.outcomes_kept += 1;
                 }
+                // A follower record whose frames do not match it was torn: power failed
+                // before the fence that ends the prepare (cache lines of the record reached
+                // PM, some of the data did not), so nobody was told it was prepared.
+                (RedoPhase::Prepared, TxRole::Follower)
+                    if record
+                        .entries
+                        .iter()
+                        .filter_map(|entry| entry.record)
+                        .any(|r| layout::crc(self.frame(r.frame)) != r.data_crc) =>
+                {
+                    report.records_discarded += 1;
+                    self.free_redo_record(block);
+                }
                 (RedoPhase::Prepared, TxRole::Follower) => {
                     self.redo_used[blocks].fill(true);
                     kept.push(Prepared {
