@@ -134,6 +134,8 @@ enum Purpose {
     Outcome { tx: TxKey, target: Option<TxKey> },
     /// A leader asked whether anything here still waits for commit `tx`'s outcome.
     Pending { tx: TxKey },
+    /// A leader that lost its PM asked whether this node decided a copy of commit `tx`.
+    DecidedCommit { tx: TxKey },
     /// Rejoin: a peer's copies of the pages this node owns (`learn`), or an owner told
     /// this node's copies of its pages.
     Rejoin { dataset: DatasetId, learn: bool },
@@ -325,7 +327,11 @@ impl Machine {
             }
             NodeRequest::Lock { tx, dataset, pages } => self.serve_lock(tx, dataset, &pages),
             NodeRequest::Unlock { tx, dataset, pages } => self.serve_unlock(tx, dataset, &pages),
-            NodeRequest::Outcome { tx, .. } => self.serve_outcome(tx),
+            NodeRequest::Outcome { tx, .. } => {
+                self.serve_outcome(from, call, tx);
+                return;
+            }
+            NodeRequest::DecidedCommit { tx } => self.serve_decided_commit(tx),
             NodeRequest::Confirm { txs, node } => self.serve_confirm(&txs, node),
             NodeRequest::Pending { tx } => NodeReply::Decision(self.waits_for(tx)),
             NodeRequest::Register {
@@ -380,6 +386,7 @@ impl Machine {
             Purpose::Resolve { tx } => self.resolve_answered(tx, reply),
             Purpose::Outcome { tx, target } => self.outcome_answered(tx, target, reply),
             Purpose::Pending { tx } => self.pending_answered(tx, from, reply),
+            Purpose::DecidedCommit { tx } => self.decided_commit_answered(tx, from, reply),
             Purpose::Rejoin { dataset, learn } => self.rejoin_answered(from, dataset, learn, reply),
         }
     }

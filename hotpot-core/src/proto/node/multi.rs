@@ -28,7 +28,23 @@ pub(super) struct MultiState {
     outcome_seen: BTreeMap<TxKey, u64>,
     /// As a leader: outcomes whose nodes are being asked `Pending`, and who has not answered.
     sweeps: BTreeMap<TxKey, BTreeSet<NodeId>>,
+    /// Commits across owners whose copies this node decided (volatile, bounded): a leader
+    /// that lost its PM asks, to answer `Outcome` for a commit it may have decided.
+    decided: BTreeSet<TxKey>,
+    decided_order: std::collections::VecDeque<TxKey>,
+    /// As a leader that lost its PM: `Outcome` questions waiting for every node's
+    /// `DecidedCommit` answer (who asked, who has not answered).
+    queries: BTreeMap<TxKey, OutcomeQuery>,
 }
+
+#[derive(Default)]
+struct OutcomeQuery {
+    askers: Vec<(NodeId, u64)>,
+    awaiting: BTreeSet<NodeId>,
+}
+
+/// How many decided commits a node remembers for leaders that lost their PM.
+const DECIDED_KEPT: usize = 65_536;
 
 impl MultiState {
     fn give_up(&mut self, tx: TxKey) {
@@ -155,6 +171,7 @@ impl Machine {
             .get(&tx)
             .is_some_and(|commit| matches!(commit.step, Step::Prepared));
         if prepared {
+            self.note_decided_commit(tx);
             self.table.decide_copies(tx);
             let commit = self.owner.commits.get_mut(&tx).expect("commit in flight");
             commit.reply_to = reply_to;
@@ -172,6 +189,7 @@ impl Machine {
         // This owner restarted since it prepared: the record waits alone (its targets
         // settle with the leader themselves).
         if let Some(pages) = self.pending_record(tx) {
+            self.note_decided_commit(tx);
             self.table.decide_copies(tx);
             self.unlock(tx, &pages);
             self.send_confirm(tx);
@@ -236,21 +254,110 @@ impl Machine {
 
     /// `Outcome` at the leader: committed if it keeps the outcome; otherwise the commit is
     /// given up here for good (a commit still preparing is aborted), so the answer is final.
-    pub(super) fn serve_outcome(&mut self, tx: TxKey) -> NodeReply {
-        if self.table.outcome_decided(tx) {
-            return NodeReply::Decision(true);
+    /// A leader that lost its PM first asks every node whether it decided a copy of `tx`.
+    pub(super) fn serve_outcome(&mut self, from: NodeId, call: u64, tx: TxKey) {
+        if self.table.outcome_decided(tx) || self.multi.decided.contains(&tx) {
+            return self.reply(from, call, NodeReply::Decision(true));
         }
         if let Some(commit) = self.owner.commits.get(&tx) {
             if matches!(commit.step, Step::Deciding) {
-                return NodeReply::Decision(true);
+                return self.reply(from, call, NodeReply::Decision(true));
             }
             self.abort_commit(tx, "its followers asked for the outcome first".into());
         }
+        if self.config.rebuilding && !self.multi.aborted.contains(&tx) {
+            let asking = self.multi.queries.contains_key(&tx);
+            let query = self.multi.queries.entry(tx).or_default();
+            query.askers.push((from, call));
+            if !asking {
+                let peers: Vec<NodeId> = self
+                    .config
+                    .nodes
+                    .iter()
+                    .copied()
+                    .filter(|node| *node != self.config.id)
+                    .collect();
+                query.awaiting = peers.iter().copied().collect();
+                for peer in peers {
+                    let request = NodeRequest::DecidedCommit { tx };
+                    self.send(peer, request, Purpose::DecidedCommit { tx });
+                }
+                if self.multi.queries[&tx].awaiting.is_empty() {
+                    self.answer_outcome_query(tx, Some(false));
+                }
+            }
+            return;
+        }
+        self.give_up_commit(tx);
+        self.reply(from, call, NodeReply::Decision(false));
+    }
+
+    fn give_up_commit(&mut self, tx: TxKey) {
         self.multi.give_up(tx);
         if let Some((keys, _)) = self.multi.phase1.remove(&tx) {
             self.unlock(tx, &keys);
         }
-        NodeReply::Decision(false)
+    }
+
+    /// A node's answer to `DecidedCommit` (`None`: no answer in time).
+    pub(super) fn decided_commit_answered(
+        &mut self,
+        tx: TxKey,
+        from: NodeId,
+        reply: Option<NodeReply>,
+    ) {
+        let Some(query) = self.multi.queries.get_mut(&tx) else {
+            return;
+        };
+        match reply {
+            Some(NodeReply::Decision(true)) => return self.answer_outcome_query(tx, Some(true)),
+            Some(NodeReply::Decision(false)) => {
+                query.awaiting.remove(&from);
+            }
+            // Unknown: the asker asks again later.
+            _ => return self.answer_outcome_query(tx, None),
+        }
+        if query.awaiting.is_empty() {
+            self.answer_outcome_query(tx, Some(false));
+        }
+    }
+
+    fn answer_outcome_query(&mut self, tx: TxKey, decided: Option<bool>) {
+        let Some(query) = self.multi.queries.remove(&tx) else {
+            return;
+        };
+        let reply = match decided {
+            Some(true) => {
+                self.note_decided_commit(tx);
+                NodeReply::Decision(true)
+            }
+            Some(false) => {
+                self.give_up_commit(tx);
+                NodeReply::Decision(false)
+            }
+            None => NodeReply::Failed(FsError::Io(format!(
+                "commit {tx:?}: not every node said whether it decided a copy"
+            ))),
+        };
+        for (to, call) in query.askers {
+            self.reply(to, call, reply.clone());
+        }
+    }
+
+    /// This node decided a copy of commit `tx` (across owners).
+    pub(super) fn note_decided_commit(&mut self, tx: TxKey) {
+        if self.multi.decided.insert(tx) {
+            self.multi.decided_order.push_back(tx);
+            if self.multi.decided_order.len() > DECIDED_KEPT {
+                if let Some(oldest) = self.multi.decided_order.pop_front() {
+                    self.multi.decided.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    pub(super) fn serve_decided_commit(&self, tx: TxKey) -> NodeReply {
+        NodeReply::Decision(self.multi.decided.contains(&tx))
     }
 
     pub(super) fn serve_confirm(&mut self, txs: &[TxKey], node: NodeId) -> NodeReply {

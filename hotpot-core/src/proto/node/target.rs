@@ -59,6 +59,9 @@ impl Machine {
     /// newer here already is dropped whole (never backwards); the owners of its pages then
     /// send what is current (through a registration).
     pub(super) fn serve_decide(&mut self, tx: TxKey) -> NodeReply {
+        if let Some((_, Some((commit, _)))) = self.target.deciders.get(&tx).copied() {
+            self.note_decided_commit(commit);
+        }
         self.target.deciders.remove(&tx);
         self.target.waiting_since.remove(&tx);
         let record = self
@@ -157,8 +160,25 @@ impl Machine {
         }
     }
 
-    /// This node's persisted copies of `pages` (served while rejoining too).
+    /// This node's persisted copies of `pages` (served while rejoining too). Refused while
+    /// a copy of one of them prepared for a commit across owners waits for the leader: a
+    /// rebuilding owner must not settle on an older copy than that commit may make current.
     pub(super) fn serve_fetch_copies(&mut self, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+        let waiting = self.table.pending().into_iter().find(|copies| {
+            copies.dataset == dataset
+                && copies.pages.iter().any(|page| pages.contains(page))
+                && self
+                    .target
+                    .deciders
+                    .get(&copies.tx)
+                    .is_some_and(|(_, commit)| commit.is_some())
+        });
+        if let Some(copies) = waiting {
+            return NodeReply::Failed(FsError::Busy(format!(
+                "a copy of pages {:?} waits for the outcome of its commit",
+                copies.pages
+            )));
+        }
         let copies = pages
             .iter()
             .filter_map(|page| {
