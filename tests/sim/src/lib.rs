@@ -6,6 +6,7 @@
 #[macro_use]
 mod trace;
 pub mod check;
+mod dispatcher;
 pub mod options;
 pub mod workload;
 pub mod world;

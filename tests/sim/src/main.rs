@@ -131,7 +131,7 @@ fn many(first: u64, count: u64, threads: usize, bugs: Bugs) -> ExitCode {
                     failures.lock().expect("failures").push((seed, report));
                 }
                 let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if finished as u64 % (count / 10).max(1) == 0 {
+                if (finished as u64).is_multiple_of((count / 10).max(1)) {
                     eprintln!(
                         "  {finished}/{count} seeds, {:.1} s",
                         started.elapsed().as_secs_f64()

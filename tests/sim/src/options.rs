@@ -37,6 +37,8 @@ pub struct Options {
     pub crash_mid_step: bool,
     /// A crashed node may come back with its PM wiped (within the replication degree).
     pub wipes: bool,
+    /// The dispatcher crashes and restarts on what it persisted.
+    pub dispatcher_crashes: bool,
     /// Virtual milliseconds of workload (faults only in this phase).
     pub workload_ms: u64,
     /// Pause between a client's operations, bounds in ms.
@@ -63,8 +65,9 @@ impl Options {
             })
             .collect();
         let mut on = |chance: f64| rng.random_bool(chance);
-        let (loss, dup, wide, partitions, one_way, crashes, torn, mid, wipes) = (
+        let (loss, dup, wide, partitions, one_way, crashes, torn, mid, wipes, dispatcher) = (
             on(0.5),
+            on(0.4),
             on(0.4),
             on(0.5),
             on(0.4),
@@ -91,6 +94,7 @@ impl Options {
             torn_writes: crashes && torn,
             crash_mid_step: crashes && mid,
             wipes: crashes && wipes,
+            dispatcher_crashes: dispatcher,
             workload_ms: rng.random_range(2_000..=8_000),
             think_ms: (0, rng.random_range(1..=40)),
             bugs,
@@ -111,7 +115,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}, crashes {}{}{}{}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}, crashes {}{}{}{}, dispatcher crashes {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -122,6 +126,7 @@ impl fmt::Display for Options {
             if self.torn_writes { " torn" } else { "" },
             if self.crash_mid_step { " mid-step" } else { "" },
             if self.wipes { " wipes" } else { "" },
+            self.dispatcher_crashes,
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

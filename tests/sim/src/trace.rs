@@ -50,6 +50,8 @@ pub(crate) fn describe(message: &Message) -> String {
     match message {
         Message::Request { call, request } => format!("call {call} {}", request_summary(request)),
         Message::Reply { call, reply } => format!("reply {call} {}", reply_summary(reply)),
+        Message::ToDispatcher(request) => format!("dispatcher request {request:?}"),
+        Message::FromDispatcher(reply) => format!("dispatcher reply {reply:?}"),
     }
 }
 

@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use hotpot_core::page::PageTable;
 use hotpot_core::pm::{Region, SimRegion};
-use hotpot_core::proto::messages::{NodeReply, NodeRequest};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{Config, Input, Machine, OpDone, Output, Timing};
 use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::check::{Checker, Violation};
+use crate::dispatcher::SimDispatcher;
 use crate::options::Options;
 use crate::trace::{self, Trace};
 use crate::workload::Workload;
@@ -30,10 +31,18 @@ const SETTLE_MS: u64 = 60_000;
 /// More events than this in one seed is a storm (a liveness failure of its own).
 const EVENTS_MAX: u64 = 3_000_000;
 
+/// The dispatcher's address on the simulated network.
+pub(crate) const DISPATCHER: NodeId = 0;
+/// A starting node asks the dispatcher to join again this often until it answers.
+const JOIN_RETRY_MS: u64 = 300;
+const HEARTBEAT_MS: u64 = 1_000;
+
 #[derive(Clone, Debug)]
 pub(crate) enum Message {
     Request { call: u64, request: NodeRequest },
     Reply { call: u64, reply: NodeReply },
+    ToDispatcher(DispatcherRequest),
+    FromDispatcher(DispatcherReply),
 }
 
 #[derive(Clone, Debug)]
@@ -43,7 +52,7 @@ enum Event {
     Deliver {
         from: (NodeId, u64),
         to: (NodeId, u64),
-        message: Message,
+        message: Box<Message>,
     },
     Tick(NodeId),
     /// The node's program starts its next operation.
@@ -56,6 +65,11 @@ enum Event {
     },
     /// Faults stop; every down node restarts; partitions heal.
     Heal,
+    /// A starting node (this start of it) asks to join again if it has no answer yet.
+    JoinRetry(NodeId, u64),
+    Heartbeat(NodeId),
+    DispatcherCrash,
+    DispatcherRestart,
 }
 
 /// PM the pool owns and the simulator keeps a handle on (for the crash image).
@@ -85,6 +99,10 @@ pub(crate) struct SimNode {
     rebuilding: bool,
     /// Power is cut inside this node's next step: it dies there, sending nothing.
     dying: bool,
+    /// Started, waiting for the dispatcher's `Joined` (which names its incarnation).
+    joining: bool,
+    /// The last incarnation the dispatcher gave it.
+    joined_as: u64,
 }
 
 pub struct World {
@@ -99,6 +117,7 @@ pub struct World {
     /// Directions cut: (from, to).
     cut: BTreeSet<(NodeId, NodeId)>,
     healing: bool,
+    dispatcher: SimDispatcher,
     workload: Workload,
     checker: Checker,
     trace: Trace,
@@ -140,6 +159,7 @@ impl World {
             datasets,
             cut: BTreeSet::new(),
             healing: false,
+            dispatcher: SimDispatcher::new(CLUSTER_ID),
             workload,
             checker: Checker::default(),
             trace,
@@ -154,10 +174,17 @@ impl World {
                     incarnation: 0,
                     rebuilding: false,
                     dying: false,
+                    joining: false,
+                    joined_as: 0,
                 },
             );
             world.boot(id);
             world.schedule(TICK_MS, Event::Tick(id));
+            world.schedule(HEARTBEAT_MS, Event::Heartbeat(id));
+        }
+        if world.options.dispatcher_crashes {
+            let at = world.rng.random_range(100..2_000);
+            world.schedule(at, Event::DispatcherCrash);
         }
         if world.options.crashes {
             let at = world.rng.random_range(200..1_500);
@@ -224,7 +251,7 @@ impl World {
 
     fn step(&mut self, event: Event) {
         match event {
-            Event::Deliver { from, to, message } => self.deliver(from, to, message),
+            Event::Deliver { from, to, message } => self.deliver(from, to, *message),
             Event::Tick(node) => {
                 self.input(node, Input::Tick);
                 self.schedule(TICK_MS, Event::Tick(node));
@@ -234,13 +261,41 @@ impl World {
             Event::Restart(node) => self.restart(node),
             Event::Partition { heal } => self.partition(heal),
             Event::Heal => self.heal(),
+            Event::JoinRetry(node, incarnation) => {
+                let state = &self.nodes[&node];
+                if state.joining && state.incarnation == incarnation {
+                    self.ask_to_join(node);
+                }
+            }
+            Event::Heartbeat(node) => {
+                if self.nodes[&node].machine.is_some() {
+                    let usage = Default::default();
+                    let heartbeat = DispatcherRequest::Heartbeat { node, usage };
+                    self.send(node, DISPATCHER, Message::ToDispatcher(heartbeat));
+                }
+                self.schedule(HEARTBEAT_MS, Event::Heartbeat(node));
+            }
+            Event::DispatcherCrash => {
+                if !self.healing && self.dispatcher.is_up() {
+                    self.dispatcher.crash();
+                    trace!(self, "dispatcher crashes");
+                    let back = self.rng.random_range(100..2_000);
+                    self.schedule(back, Event::DispatcherRestart);
+                    let next = self.rng.random_range(1_000..4_000);
+                    self.schedule(back + next, Event::DispatcherCrash);
+                }
+            }
+            Event::DispatcherRestart => self.restart_dispatcher(),
         }
     }
 
     fn deliver(&mut self, from: (NodeId, u64), to: (NodeId, u64), message: Message) {
         let alive = |world: &World, (node, incarnation): (NodeId, u64)| {
+            if node == DISPATCHER {
+                return world.dispatcher.is_up() && world.dispatcher.incarnation == incarnation;
+            }
             let node = &world.nodes[&node];
-            node.machine.is_some() && node.incarnation == incarnation
+            (node.machine.is_some() || node.joining) && node.incarnation == incarnation
         };
         let connected = alive(self, from) && alive(self, to);
         let (from, to) = (from.0, to.0);
@@ -260,8 +315,46 @@ impl World {
                 request,
             },
             Message::Reply { call, reply } => Input::Reply { from, call, reply },
+            Message::ToDispatcher(request) => {
+                if let Some(reply) = self.dispatcher.handle(request, self.now_ms) {
+                    self.send(DISPATCHER, from, Message::FromDispatcher(reply));
+                }
+                return;
+            }
+            Message::FromDispatcher(DispatcherReply::Joined { incarnation, .. }) => {
+                return self.joined(to, incarnation);
+            }
+            Message::FromDispatcher(_) => return,
         };
         self.input(to, input);
+    }
+
+    /// A node starts: it asks the dispatcher to join; its machine starts with the answer.
+    fn boot(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.incarnation += 1;
+        node.joining = true;
+        self.ask_to_join(id);
+    }
+
+    fn ask_to_join(&mut self, id: NodeId) {
+        let node = &self.nodes[&id];
+        let join = DispatcherRequest::Join {
+            node: id,
+            addr: format!("sim:{id}"),
+            mount: String::new(),
+            pm_cluster: (!node.rebuilding).then_some(CLUSTER_ID),
+        };
+        let incarnation = node.incarnation;
+        self.send(id, DISPATCHER, Message::ToDispatcher(join));
+        self.schedule(JOIN_RETRY_MS, Event::JoinRetry(id, incarnation));
+    }
+
+    fn restart_dispatcher(&mut self) {
+        if !self.dispatcher.is_up() {
+            self.dispatcher.restart();
+            trace!(self, "dispatcher restarts on its persisted state");
+        }
     }
 
     /// One input to a live node, and its outputs carried out.
@@ -306,13 +399,24 @@ impl World {
     /// The network: a node's messages to itself always arrive; others may be lost,
     /// duplicated, delayed, or cut by a partition.
     fn send(&mut self, from: NodeId, to: NodeId, message: Message) {
-        let ends = (
-            (from, self.nodes[&from].incarnation),
-            (to, self.nodes[&to].incarnation),
-        );
+        let incarnation = |world: &World, node: NodeId| {
+            if node == DISPATCHER {
+                world.dispatcher.incarnation
+            } else {
+                world.nodes[&node].incarnation
+            }
+        };
+        let ends = ((from, incarnation(self, from)), (to, incarnation(self, to)));
         if from == to {
             let (from, to) = ends;
-            self.schedule(0, Event::Deliver { from, to, message });
+            self.schedule(
+                0,
+                Event::Deliver {
+                    from,
+                    to,
+                    message: Box::new(message),
+                },
+            );
             return;
         }
         let faults = !self.healing;
@@ -339,7 +443,14 @@ impl World {
             };
             let message = message.clone();
             let (from, to) = ends;
-            self.schedule(delay, Event::Deliver { from, to, message });
+            self.schedule(
+                delay,
+                Event::Deliver {
+                    from,
+                    to,
+                    message: Box::new(message),
+                },
+            );
         }
     }
 
@@ -367,13 +478,27 @@ impl World {
         self.schedule(pause, Event::Client(node));
     }
 
-    fn boot(&mut self, id: NodeId) {
+    /// The dispatcher named this start of the node: its machine starts on its PM. Every
+    /// join must get a new name (transactions and calls are named after it).
+    fn joined(&mut self, id: NodeId, incarnation: u64) {
         let node = self.nodes.get_mut(&id).expect("node");
-        node.incarnation += 1;
+        if !node.joining {
+            return; // a duplicate answer
+        }
+        node.joining = false;
+        if incarnation <= node.joined_as {
+            let what = format!(
+                "node {id} joined as incarnation {incarnation} after {}",
+                node.joined_as
+            );
+            self.checker.violation(self.now_ms, what);
+            return;
+        }
+        node.joined_as = incarnation;
         let rebuilding = node.rebuilding;
         let config = Config {
             id,
-            incarnation: node.incarnation,
+            incarnation,
             nodes: (1..=self.options.nodes).collect(),
             datasets: self.datasets.clone(),
             rebuilding,
@@ -395,8 +520,7 @@ impl World {
         }
         trace!(
             self,
-            "boot n{id} incarnation {}{}",
-            self.nodes[&id].incarnation,
+            "n{id} starts as incarnation {incarnation}{}",
             if rebuilding {
                 " (PM wiped, rebuilding)"
             } else {
@@ -441,6 +565,7 @@ impl World {
         let node = self.nodes.get_mut(&id).expect("node");
         node.machine = None;
         node.dying = false;
+        node.joining = false;
         let image = if wipe {
             vec![0u8; PM_BYTES]
         } else if self.options.torn_writes {
@@ -493,7 +618,7 @@ impl World {
     }
 
     fn restart(&mut self, id: NodeId) {
-        if self.nodes[&id].machine.is_some() {
+        if self.nodes[&id].machine.is_some() || self.nodes[&id].joining {
             return;
         }
         self.boot(id);
@@ -538,11 +663,12 @@ impl World {
     fn heal(&mut self) {
         self.healing = true;
         self.cut.clear();
+        self.restart_dispatcher();
         trace!(self, "heal: faults stop, down nodes restart");
         let down: Vec<NodeId> = self
             .nodes
             .iter()
-            .filter(|(_, node)| node.machine.is_none())
+            .filter(|(_, node)| node.machine.is_none() && !node.joining)
             .map(|(id, _)| *id)
             .collect();
         for id in down {

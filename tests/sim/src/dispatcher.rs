@@ -1,0 +1,61 @@
+//! The simulated dispatcher: hotpot-core's dispatcher state machine (the one `hotpot
+//! dispatcher` runs), persisted after every change that matters before it answers, as the
+//! real runtime does. A crash loses everything not persisted (heartbeats, volatile fields);
+//! a restart reloads the persisted bytes.
+
+use hotpot_core::proto::dispatcher::DispatcherState;
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
+use hotpot_core::proto::types::{DatasetParams, Mode};
+
+pub(crate) struct SimDispatcher {
+    live: Option<DispatcherState>,
+    persisted: Vec<u8>,
+    /// How many times it started (names its connections, like a node's incarnation).
+    pub(crate) incarnation: u64,
+}
+
+impl SimDispatcher {
+    pub(crate) fn new(cluster_id: u64) -> SimDispatcher {
+        let params = DatasetParams {
+            mode: Mode::Mrsw,
+            replicas: 2,
+            chunk_pages: 4,
+        };
+        let state = DispatcherState::new(cluster_id, params, 0);
+        let persisted = serde_json::to_vec(&state).expect("dispatcher state serialises");
+        SimDispatcher {
+            live: Some(state),
+            persisted,
+            incarnation: 1,
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// One request; `None` while down. State that changed is persisted before the answer.
+    pub(crate) fn handle(
+        &mut self,
+        request: DispatcherRequest,
+        now_ms: u64,
+    ) -> Option<DispatcherReply> {
+        let state = self.live.as_mut()?;
+        let (reply, changed) = state.handle(request, now_ms, now_ms * 1_000_000);
+        if changed {
+            self.persisted = serde_json::to_vec(state).expect("dispatcher state serialises");
+        }
+        Some(reply)
+    }
+
+    pub(crate) fn crash(&mut self) {
+        self.live = None;
+    }
+
+    pub(crate) fn restart(&mut self) {
+        let state: DispatcherState =
+            serde_json::from_slice(&self.persisted).expect("persisted dispatcher state reloads");
+        self.live = Some(state);
+        self.incarnation += 1;
+    }
+}
