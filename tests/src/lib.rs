@@ -356,8 +356,14 @@ impl Cluster {
 
     /// `start`, returning what went wrong instead of panicking.
     pub fn try_start(&self, node: u32) -> Result<(), String> {
+        self.try_start_with_env(node, &[])
+    }
+
+    /// `try_start` with more environment for this start only (e.g. `HOTPOT_FAULT`).
+    pub fn try_start_with_env(&self, node: u32, env: &[(&str, &str)]) -> Result<(), String> {
         let output = run(Command::new(hotpot_bin())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .args([
                 "cluster",
                 "start-node",

@@ -182,7 +182,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
 
     transport.expose(table.pool().memory())?;
-    let rebuilding = report.formatted && !datasets.is_empty();
+    // A node whose PM was lost rebuilds the pages it owns from the other nodes' copies. The
+    // marker beside the PM file keeps it rebuilding across a crash before the rebuild is over
+    // (found by hotpot-sim: a restart mid-rebuild served pages it never rebuilt as zeros).
+    let marker = rebuild_marker(&args.pm);
+    let rebuilding = (report.formatted && !datasets.is_empty()) || marker.exists();
+    if rebuilding {
+        write_durably(&marker)
+            .with_context(|| format!("writing the rebuild marker {}", marker.display()))?;
+    }
     let protocol = Arc::new(Protocol::new(
         args.id,
         table,
@@ -219,7 +227,19 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("merger".into())
         .spawn(move || merger::run(&merging, pages_per_s))?;
+    if rebuilding {
+        fault::point("node.rebuild_started");
+    }
     protocol.rejoin(&datasets);
+    if rebuilding {
+        match std::fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(%error, marker = %marker.display(), "rebuild marker left behind: the next start rebuilds again")
+            }
+        }
+    }
     protocol.set_ready();
     for (name, role) in [
         ("resolver", Protocol::run_resolver as fn(&Protocol)),
@@ -326,4 +346,20 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
             std::thread::sleep(Duration::from_millis(500));
         })
         .expect("start the heartbeat thread");
+}
+
+/// The file whose presence says the PM file beside it is still being rebuilt.
+fn rebuild_marker(pm: &std::path::Path) -> PathBuf {
+    let mut name = pm.as_os_str().to_owned();
+    name.push(".rebuilding");
+    PathBuf::from(name)
+}
+
+/// Create `path` (empty) and make it and its directory entry durable.
+fn write_durably(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::create(path)?.sync_all()?;
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
