@@ -1,7 +1,7 @@
 //! The event trace: one line per event (`--trace`), the same bytes on every replay of a
 //! seed. Lines name messages by kind, transaction and pages, never by their page bytes.
 
-use hotpot_core::proto::messages::{NodeReply, NodeRequest};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{Op, OpResult};
 
 use crate::world::Message;
@@ -50,7 +50,11 @@ pub(crate) fn describe(message: &Message) -> String {
     match message {
         Message::Request { call, request } => format!("call {call} {}", request_summary(request)),
         Message::Reply { call, reply } => format!("reply {call} {}", reply_summary(reply)),
+        Message::ToDispatcher(DispatcherRequest::Heartbeat { node, .. }) => {
+            format!("Heartbeat n{node}")
+        }
         Message::ToDispatcher(request) => format!("dispatcher request {request:?}"),
+        Message::FromDispatcher(DispatcherReply::Status { .. }) => "dispatcher Status".into(),
         Message::FromDispatcher(reply) => format!("dispatcher reply {reply:?}"),
     }
 }

@@ -32,7 +32,7 @@ pub(super) struct MultiState {
     /// that lost its PM asks, to answer `Outcome` for a commit it may have decided.
     decided: BTreeSet<TxKey>,
     decided_order: std::collections::VecDeque<TxKey>,
-    /// As a leader that lost its PM: `Outcome` questions waiting for every node's
+    /// As a leader without the outcome: `Outcome` questions waiting for every node's
     /// `DecidedCommit` answer (who asked, who has not answered).
     queries: BTreeMap<TxKey, OutcomeQuery>,
 }
@@ -60,7 +60,9 @@ impl MultiState {
 impl Machine {
     /// Whether this owner may take part `role` in commit `tx`.
     pub(super) fn may_commit(&mut self, tx: TxKey, role: Role) -> Result<(), FsError> {
-        if role != Role::Single && self.multi.aborted.contains(&tx) {
+        // Given up, or being asked about (the answer may be that it is given up).
+        let settling = self.multi.aborted.contains(&tx) || self.multi.queries.contains_key(&tx);
+        if role != Role::Single && settling {
             return Err(FsError::Io(format!(
                 "commit {tx:?} was given up here (it took too long)"
             )));
@@ -252,9 +254,9 @@ impl Machine {
         }
     }
 
-    /// `Outcome` at the leader: committed if it keeps the outcome; otherwise the commit is
-    /// given up here for good (a commit still preparing is aborted), so the answer is final.
-    /// A leader that lost its PM first asks every node whether it decided a copy of `tx`.
+    /// `Outcome` at the leader: committed if it keeps the outcome or any node decided a copy
+    /// of `tx` (`DecidedCommit`, asked of every node); otherwise the commit is given up here
+    /// for good (a commit still preparing is aborted), so the answer is final.
     pub(super) fn serve_outcome(&mut self, from: NodeId, call: u64, tx: TxKey) {
         if self.table.outcome_decided(tx) || self.multi.decided.contains(&tx) {
             return self.reply(from, call, NodeReply::Decision(true));
@@ -265,7 +267,10 @@ impl Machine {
             }
             self.abort_commit(tx, "its followers asked for the outcome first".into());
         }
-        if self.config.rebuilding && !self.multi.aborted.contains(&tx) {
+        // No outcome here: never decided, or decided and forgotten (every node confirmed),
+        // or lost with this node's PM (at this start or an earlier one). Every node is asked
+        // whether it decided a copy of `tx` before the answer is given for good.
+        if !self.multi.aborted.contains(&tx) {
             let asking = self.multi.queries.contains_key(&tx);
             let query = self.multi.queries.entry(tx).or_default();
             query.askers.push((from, call));
