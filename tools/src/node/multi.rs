@@ -176,16 +176,17 @@ impl Protocol {
         }
     }
 
-    /// At the leader: the final answer for `tx`. A leader that lost its PM, or a node
-    /// promoted in place of a lost leader, asks the live nodes whether any decided copies
-    /// of `tx` (the leader's replicas did, if it had decided).
-    pub fn serve_outcome(&self, tx: TxKey, leader: NodeId) -> NodeReply {
+    /// At the leader: the final answer for `tx`. Without an outcome kept here (never
+    /// decided, or lost with this node's PM at this start or an earlier one, or this node is
+    /// promoted in place of a lost leader), it asks the live nodes whether any decided copies
+    /// of `tx` (the leader's replicas did, if it had decided). Found by hotpot-sim: a leader
+    /// rebuilt at an earlier start answered "aborted" for a commit its replicas had decided.
+    pub fn serve_outcome(&self, tx: TxKey) -> NodeReply {
         let mut aborted = self.aborted.lock().expect("aborted lock");
         if self.table().outcome_decided(tx) || self.decided_commit(tx) {
             return NodeReply::Decision(true);
         }
-        let in_place_of_another = leader != self.id;
-        if (self.is_rebuilding() || in_place_of_another) && !aborted.contains(&tx) {
+        if !aborted.contains(&tx) {
             let others: Vec<NodeId> = self.live_peers();
             for node in others {
                 let Some(client) = self.peers.client(node) else {
@@ -200,7 +201,7 @@ impl Protocol {
                     Err(error) => {
                         // Cannot be sure: ask again later rather than abort a decided commit.
                         return NodeReply::Failed(FsError::Io(format!(
-                            "rebuilding leader cannot reach node {node}: {error}"
+                            "leader without the outcome cannot reach node {node}: {error}"
                         )));
                     }
                 }
@@ -261,7 +262,7 @@ impl Protocol {
     pub(super) fn ask_outcome(&self, leader: NodeId, tx: TxKey) -> Option<bool> {
         let asked = self.peers.resolve(leader);
         if asked == self.id {
-            return match self.serve_outcome(tx, leader) {
+            return match self.serve_outcome(tx) {
                 NodeReply::Decision(decided) => Some(decided),
                 _ => None,
             };

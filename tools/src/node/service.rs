@@ -98,7 +98,7 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             protocol.finish_follower(tx, false, None);
             NodeReply::Done
         }
-        NodeRequest::Outcome { tx, leader } => protocol.serve_outcome(tx, leader),
+        NodeRequest::Outcome { tx, .. } => protocol.serve_outcome(tx),
         NodeRequest::Confirm { txs, node } => protocol.serve_confirm(&txs, node),
         NodeRequest::Pending { tx } => protocol.serve_pending(tx),
         NodeRequest::ArmFault { point } => match super::fault::arm(&point) {
