@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
 use hotpot_core::page::PageTable;
-use hotpot_core::pm::{Region, SimRegion};
+use hotpot_core::pm::{Region, SimRegion, TxRole};
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{Config, Input, Machine, OpDone, Output, Timing};
 use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
@@ -588,7 +588,19 @@ impl World {
         let others_whole = self.nodes.iter().all(|(other, node)| {
             *other == id || (node.machine.is_some() && !node.rebuilding && !node.dying)
         });
+        // A follower's part of a commit across owners has one copy that survives a crash (its
+        // own record) until it is decided: its targets' prepared copies are dropped when they
+        // restart (docs/design.md, "What the simulator found"). Losing that node then is
+        // beyond what the protocol replicates.
+        let holds_only_copy = self.nodes[&id].machine.as_ref().is_some_and(|machine| {
+            machine
+                .table()
+                .pending()
+                .iter()
+                .any(|copies| copies.tag.role == TxRole::Follower)
+        });
         others_whole
+            && !holds_only_copy
             && self.datasets.iter().all(|(dataset, pages)| {
                 dataset.params.replicas >= 2
                     && (0..*pages).all(|page| {
