@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::Run;
 use hotpot_core::pm::layout::{decode_redo, Geometry, SlotRecord, Superblock};
-use hotpot_core::pm::{CopyState, Pool, Region, SimRegion, SlotChange, TxRole, TxTag, PAGE_BYTES};
+use hotpot_core::pm::{CopyState, Pool, SimRegion, SlotChange, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, OwnerPages, PageWrite,
     VersionedPage,
@@ -237,23 +237,8 @@ fn wire_decoder_survives_mutated_frames() {
 
 /// A small pool with committed pages, a kept follower record and a kept leader outcome.
 fn pool_image() -> Vec<u8> {
-    let region: &'static SimRegion = Box::leak(Box::new(SimRegion::from_image(vec![0u8; 1 << 20])));
-    struct Shared(&'static SimRegion);
-    impl Region for Shared {
-        fn base(&self) -> *mut u8 {
-            self.0.base()
-        }
-        fn len(&self) -> usize {
-            self.0.len()
-        }
-        fn flush(&self, offset: usize, len: usize) {
-            self.0.flush(offset, len)
-        }
-        fn fence(&self) {
-            self.0.fence()
-        }
-    }
-    let (mut pool, _) = Pool::open(Box::new(Shared(region)), 1, 7).unwrap();
+    let region = std::sync::Arc::new(SimRegion::from_image(vec![0u8; 1 << 20]));
+    let (mut pool, _) = Pool::open(Box::new(std::sync::Arc::clone(&region)), 1, 7).unwrap();
     let changes = |pool: &mut Pool, pages: &[u64], version: u64| -> Vec<SlotChange> {
         pages
             .iter()

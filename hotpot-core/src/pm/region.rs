@@ -360,6 +360,23 @@ impl Region for SimRegion {
     }
 }
 
+/// A region shared with whoever else holds it (the simulator keeps one to take crash images
+/// of the PM a pool owns).
+impl<R: Region + ?Sized> Region for std::sync::Arc<R> {
+    fn base(&self) -> *mut u8 {
+        (**self).base()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn flush(&self, offset: usize, len: usize) {
+        (**self).flush(offset, len)
+    }
+    fn fence(&self) {
+        (**self).fence()
+    }
+}
+
 /// Create a pool file of `size` bytes at `path`; refuses to overwrite an existing file.
 pub fn create_file(path: &Path, size: u64) -> Result<(), PmError> {
     let file = std::fs::OpenOptions::new()

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
 use hotpot_core::page::PageTable;
-use hotpot_core::pm::{Region, SimRegion, TxRole};
+use hotpot_core::pm::{SimRegion, TxRole};
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{Config, Input, Machine, OpDone, Output, Timing};
 use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
@@ -70,24 +70,6 @@ enum Event {
     Heartbeat(NodeId),
     DispatcherCrash,
     DispatcherRestart,
-}
-
-/// PM the pool owns and the simulator keeps a handle on (for the crash image).
-struct SharedRegion(Arc<SimRegion>);
-
-impl Region for SharedRegion {
-    fn base(&self) -> *mut u8 {
-        self.0.base()
-    }
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn flush(&self, offset: usize, len: usize) {
-        self.0.flush(offset, len)
-    }
-    fn fence(&self) {
-        self.0.fence()
-    }
 }
 
 pub(crate) struct SimNode {
@@ -505,7 +487,7 @@ impl World {
             timing: Timing::default(),
             bugs: self.options.bugs,
         };
-        let region = Box::new(SharedRegion(Arc::clone(&node.region)));
+        let region = Box::new(Arc::clone(&node.region));
         match PageTable::open(region, id, CLUSTER_ID) {
             Ok((table, _)) => {
                 node.machine = Some(Machine::start(config, table, self.now_ms));

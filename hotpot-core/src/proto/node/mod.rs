@@ -79,6 +79,17 @@ pub struct Config {
     pub bugs: Bugs,
 }
 
+impl Config {
+    /// Every other node of the cluster.
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .copied()
+            .filter(|node| *node != self.id)
+            .collect()
+    }
+}
+
 /// An input to `Machine::handle`.
 #[derive(Clone, Debug)]
 pub enum Input {

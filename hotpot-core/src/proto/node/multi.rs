@@ -275,13 +275,7 @@ impl Machine {
             let query = self.multi.queries.entry(tx).or_default();
             query.askers.push((from, call));
             if !asking {
-                let peers: Vec<NodeId> = self
-                    .config
-                    .nodes
-                    .iter()
-                    .copied()
-                    .filter(|node| *node != self.config.id)
-                    .collect();
+                let peers = self.config.peers();
                 query.awaiting = peers.iter().copied().collect();
                 for peer in peers {
                     let request = NodeRequest::DecidedCommit { tx };
@@ -391,13 +385,7 @@ impl Machine {
         let kept: BTreeSet<TxKey> = waiting.iter().map(|(tx, _)| *tx).collect();
         self.multi.outcome_seen.retain(|tx, _| kept.contains(tx));
         self.multi.sweeps.retain(|tx, _| kept.contains(tx));
-        let peers: BTreeSet<NodeId> = self
-            .config
-            .nodes
-            .iter()
-            .copied()
-            .filter(|node| *node != self.config.id)
-            .collect();
+        let peers: BTreeSet<NodeId> = self.config.peers().into_iter().collect();
         for (tx, _) in waiting {
             let seen = *self.multi.outcome_seen.entry(tx).or_insert(now);
             if now < seen + self.config.timing.resolve_after_ms

@@ -294,13 +294,7 @@ impl Machine {
     /// every owner is told this node's copies of its pages.
     pub(super) fn start_rejoin(&mut self) {
         let me = self.config.id;
-        let peers: Vec<NodeId> = self
-            .config
-            .nodes
-            .iter()
-            .copied()
-            .filter(|node| *node != me)
-            .collect();
+        let peers = self.config.peers();
         for (dataset, _) in &self.config.datasets {
             for peer in &peers {
                 if dataset.owners.contains(&me) {
