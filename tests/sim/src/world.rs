@@ -574,12 +574,15 @@ impl World {
         // own record) until it is decided: its targets' prepared copies are dropped when they
         // restart (docs/design.md, "What the simulator found"). Losing that node then is
         // beyond what the protocol replicates.
+        // Likewise a leader's kept outcome is the only durable record that it decided; after
+        // its loss the targets' memory of what they decided (volatile) must answer.
         let holds_only_copy = self.nodes[&id].machine.as_ref().is_some_and(|machine| {
-            machine
-                .table()
-                .pending()
-                .iter()
-                .any(|copies| copies.tag.role == TxRole::Follower)
+            let table = machine.table();
+            !table.outcomes_waiting().is_empty()
+                || table
+                    .pending()
+                    .iter()
+                    .any(|copies| copies.tag.role == TxRole::Follower)
         });
         others_whole
             && !holds_only_copy
