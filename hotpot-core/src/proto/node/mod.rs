@@ -16,6 +16,7 @@ use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 mod across;
 mod client;
+mod commit;
 mod multi;
 mod owner;
 mod target;
@@ -275,8 +276,8 @@ impl Machine {
                 pages,
                 ..
             } if followers.is_empty() => {
-                let work = owner::Work::Writes(pages);
-                let role = owner::Role::Single;
+                let work = commit::Work::Writes(pages);
+                let role = commit::Role::Single;
                 self.serve_commit(
                     from,
                     call,
@@ -297,14 +298,14 @@ impl Machine {
                 pages,
                 ..
             } => {
-                let work = owner::Work::Runs(pages);
+                let work = commit::Work::Runs(pages);
                 let role = if followers.is_empty() {
-                    owner::Role::Single
+                    commit::Role::Single
                 } else {
                     let mut owners = followers;
                     owners.push(self.config.id);
                     match crate::pm::TxTag::bitmap(&owners) {
-                        Some(participants) => owner::Role::Leader { participants },
+                        Some(participants) => commit::Role::Leader { participants },
                         None => {
                             let why = "commits across owners need node ids 1..=64";
                             let reply = NodeReply::Failed(FsError::Invalid(why.into()));
@@ -323,8 +324,8 @@ impl Machine {
                 pages: OwnerPages::Runs(pages),
                 ..
             } => {
-                let work = owner::Work::Runs(pages);
-                let role = owner::Role::Follower { leader };
+                let work = commit::Work::Runs(pages);
+                let role = commit::Role::Follower { leader };
                 self.serve_commit(from, call, tx, dataset, committer, false, work, role);
                 return;
             }

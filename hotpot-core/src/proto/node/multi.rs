@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::owner::{Role, Step};
+use super::commit::{Role, Step};
 use super::{Machine, Purpose};
 use crate::page::TxKey;
 use crate::pm::{PageKey, TxRole, TxTag};

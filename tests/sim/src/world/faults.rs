@@ -1,0 +1,187 @@
+//! The faults a seed injects into the world: node crashes (PM kept, torn, or power cut inside
+//! a step), node loss within the replication degree, partitions that heal, and the healing at
+//! the end of the workload after which the cluster must settle.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use hotpot_core::pm::{SimRegion, TxRole};
+use hotpot_core::proto::types::NodeId;
+use rand::Rng;
+
+use super::{Event, World, PM_BYTES};
+
+impl World {
+    pub(super) fn crash(&mut self, id: NodeId) {
+        if self.healing {
+            return;
+        }
+        let down = self
+            .nodes
+            .values()
+            .filter(|node| node.machine.is_none() || node.dying)
+            .count();
+        if down == 0 {
+            if self.options.crash_mid_step && self.rng.random_bool(0.5) {
+                let persists = self.rng.random_range(0..3);
+                let node = self.nodes.get_mut(&id).expect("node");
+                node.region.cut_power_after(persists);
+                node.dying = true;
+                trace!(
+                    self,
+                    "n{id} loses power within {persists} persists of its next step"
+                );
+            } else {
+                self.power_off(id);
+            }
+        }
+        let next = self.rng.random_range(300..3_000);
+        let victim = self.random_node();
+        self.schedule(next, Event::Crash(victim));
+    }
+
+    /// The node stops; what a restart finds is its persisted image (with some unpersisted
+    /// cache lines when writes tear), or nothing when its PM is lost.
+    pub(super) fn power_off(&mut self, id: NodeId) {
+        let wipe = self.options.wipes && self.rng.random_bool(0.3) && self.can_wipe(id);
+        let torn_seed = self.rng.random();
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.machine = None;
+        node.dying = false;
+        node.joining = false;
+        let image = if wipe {
+            vec![0u8; PM_BYTES]
+        } else if self.options.torn_writes {
+            node.region.crash_image_with_evictions(torn_seed)
+        } else {
+            node.region.crash_image()
+        };
+        node.region = Arc::new(SimRegion::from_image(image));
+        node.rebuilding |= wipe;
+        self.workload.node_crashed(id);
+        trace!(self, "crash n{id}{}", if wipe { " (PM wiped)" } else { "" });
+        let back = self.rng.random_range(100..2_000);
+        self.schedule(back, Event::Restart(id));
+    }
+
+    /// Within the replication degree: every page this node has a copy of keeps a copy of
+    /// its owner's current version on another live node.
+    fn can_wipe(&self, id: NodeId) -> bool {
+        // Another node lost (down, or still rebuilding) counts against the degree too.
+        let others_whole = self.nodes.iter().all(|(other, node)| {
+            *other == id || (node.machine.is_some() && !node.rebuilding && !node.dying)
+        });
+        // A follower's part of a commit across owners has one copy that survives a crash (its
+        // own record) until it is decided: its targets' prepared copies are dropped when they
+        // restart (docs/design.md, "What the simulator found"). Losing that node then is
+        // beyond what the protocol replicates.
+        // Likewise a leader's kept outcome is the only durable record that it decided; after
+        // its loss the targets' memory of what they decided (volatile) must answer.
+        let holds_only_copy = self.nodes[&id].machine.as_ref().is_some_and(|machine| {
+            let table = machine.table();
+            !table.outcomes_waiting().is_empty()
+                || table
+                    .pending()
+                    .iter()
+                    .any(|copies| copies.tag.role == TxRole::Follower)
+        });
+        others_whole
+            && !holds_only_copy
+            && self.datasets.iter().all(|(dataset, pages)| {
+                dataset.params.replicas >= 2
+                    && (0..*pages).all(|page| {
+                        let key = (dataset.id, page);
+                        let versions: Vec<(NodeId, u64)> = self
+                            .nodes
+                            .keys()
+                            .filter_map(|node| {
+                                self.persisted_version(*node, key).map(|v| (*node, v))
+                            })
+                            .collect();
+                        let newest = versions.iter().map(|(_, v)| *v).max().unwrap_or(0);
+                        newest == 0
+                            || versions
+                                .iter()
+                                .any(|(node, version)| *node != id && *version == newest)
+                    })
+            })
+    }
+
+    fn persisted_version(&self, node: NodeId, key: (u64, u64)) -> Option<u64> {
+        let machine = self.nodes[&node].machine.as_ref()?;
+        machine
+            .table()
+            .read_persisted(key)
+            .map(|(version, _)| version)
+    }
+
+    pub(super) fn restart(&mut self, id: NodeId) {
+        if self.nodes[&id].machine.is_some() || self.nodes[&id].joining {
+            return;
+        }
+        self.boot(id);
+    }
+
+    pub(super) fn partition(&mut self, heal: bool) {
+        if self.healing {
+            return;
+        }
+        if heal {
+            self.cut.clear();
+            trace!(self, "partition healed");
+            let next = self.rng.random_range(200..2_000);
+            self.schedule(next, Event::Partition { heal: false });
+            return;
+        }
+        // A random side against the rest; one direction only, sometimes.
+        let nodes: Vec<NodeId> = (1..=self.options.nodes).collect();
+        let side: BTreeSet<NodeId> = nodes
+            .iter()
+            .copied()
+            .filter(|_| self.rng.random_bool(0.4))
+            .collect();
+        let one_way = self.options.one_way && self.rng.random_bool(0.5);
+        for a in &side {
+            for b in nodes.iter().filter(|node| !side.contains(node)) {
+                self.cut.insert((*a, *b));
+                if !one_way {
+                    self.cut.insert((*b, *a));
+                }
+            }
+        }
+        trace!(
+            self,
+            "partition {side:?} vs rest{}",
+            if one_way { " (one-way)" } else { "" }
+        );
+        let lasts = self.rng.random_range(100..3_000);
+        self.schedule(lasts, Event::Partition { heal: true });
+    }
+
+    pub(super) fn heal(&mut self) {
+        self.healing = true;
+        self.cut.clear();
+        self.restart_dispatcher();
+        trace!(self, "heal: faults stop, down nodes restart");
+        let down: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.machine.is_none() && !node.joining)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in down {
+            self.boot(id);
+        }
+        // A node still due to lose power does so now, and comes back at once.
+        let dying: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.dying)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dying {
+            self.power_off(id);
+            self.boot(id);
+        }
+    }
+}
