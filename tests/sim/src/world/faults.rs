@@ -64,8 +64,8 @@ impl World {
         self.schedule(back, Event::Restart(id));
     }
 
-    /// Within the replication degree: every page this node has a copy of keeps a copy of
-    /// its owner's current version on another live node.
+    /// Within the replication degree: no other node down or rebuilding, the newest copy of
+    /// every page on another node, and nothing whose only crash-surviving copy is here.
     fn can_wipe(&self, id: NodeId) -> bool {
         // Another node lost (down, or still rebuilding) counts against the degree too.
         let others_whole = self.nodes.iter().all(|(other, node)| {
