@@ -394,5 +394,9 @@ pub enum NodeReply {
     Failed(FsError),
     /// The owner applied the commit but fewer nodes than the dataset's replicas confirmed
     /// the decision: not acknowledged, and it may or may not survive a node's loss.
-    InDoubt(String),
+    InDoubt {
+        why: String,
+        /// The dataset version the commit got (0 where not known: a follower's answer).
+        dataset_version: u64,
+    },
 }

@@ -124,9 +124,12 @@ fn one_owner_writes(
 ) -> Result<(), FsError> {
     let version = protocol.writer_version(dataset)?;
     if owner == protocol.id {
-        return protocol
-            .owner_commit(tx, &[], dataset, ino, (protocol.id, false), pages, version)
-            .map(|_| ());
+        let applied =
+            protocol.owner_commit(tx, &[], dataset, ino, (protocol.id, false), pages, version)?;
+        return match applied.in_doubt {
+            None => Ok(()),
+            Some(why) => Err(in_doubt(why)),
+        };
     }
     let copies: Vec<(u64, u64, &[u8])> = pages
         .iter()
@@ -162,6 +165,11 @@ fn one_owner_writes(
         Ok(NodeReply::Committed { .. }) => {
             table.decide_copies(tx);
             Ok(())
+        }
+        // Applied at the owner: this copy holds the decided bytes.
+        Ok(NodeReply::InDoubt { why, .. }) => {
+            table.decide_copies(tx);
+            Err(in_doubt(why))
         }
         Ok(NodeReply::Failed(error)) => {
             table.abort_copies(tx);
@@ -336,10 +344,20 @@ fn across_owners(
             None => Err(format!("leader {leader} is not known")),
         }
     };
+    // Decided at the leader from here on; acknowledged only if every owner has the wanted
+    // decided copies (proto/ack.rs).
+    let mut doubts = Vec::new();
     let dataset_version = match leader_call {
         Ok(NodeReply::Committed {
             dataset_version, ..
         }) => dataset_version,
+        Ok(NodeReply::InDoubt {
+            why,
+            dataset_version,
+        }) => {
+            doubts.push(format!("leader {leader}: {why}"));
+            dataset_version
+        }
         Ok(NodeReply::Failed(error)) => {
             abort(&followers);
             drop_own_copy();
@@ -384,8 +402,14 @@ fn across_owners(
         })
         .collect();
     for (node, result) in ask_all(protocol, requests) {
-        if let Err(error) = result {
-            tracing::warn!(node, %error, "a follower missed the decision; it asks the leader");
+        match result {
+            Ok(NodeReply::Done) => {}
+            Ok(NodeReply::InDoubt { why, .. }) => doubts.push(format!("follower {node}: {why}")),
+            Ok(other) => doubts.push(format!("follower {node} answered {other:?}")),
+            Err(error) => {
+                tracing::warn!(node, %error, "a follower missed the decision; it asks the leader");
+                doubts.push(format!("follower {node} missed the decision: {error}"));
+            }
         }
     }
     if committer_prepared {
@@ -395,5 +419,15 @@ fn across_owners(
             let _ = protocol.confirmations.send((*leader, tx));
         }
     }
-    Ok(())
+    if doubts.is_empty() {
+        Ok(())
+    } else {
+        Err(in_doubt(doubts.join("; ")))
+    }
+}
+
+/// A commit the owners applied but cannot vouch for: fewer than the wanted copies
+/// confirmed the decision (proto/ack.rs). It may survive or not; the program is told.
+fn in_doubt(why: String) -> FsError {
+    FsError::Io(format!("commit in doubt, not acknowledged: {why}"))
 }

@@ -9,7 +9,7 @@ use hotpot_core::pm::{PageKey, PAGE_BYTES};
 use hotpot_core::proto::messages::{NodeReply, PageWrite};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
 
-use super::protocol::Protocol;
+use super::protocol::{Applied, Protocol};
 
 impl Protocol {
     pub fn serve_lock(&self, tx: TxKey, dataset: DatasetId, pages: &[u64]) -> NodeReply {
@@ -40,8 +40,7 @@ impl Protocol {
         NodeReply::Done
     }
 
-    /// Phase 2 at the owner (the leader, with `followers`). Returns the new page versions
-    /// and the dataset version.
+    /// Phase 2 at the owner (the leader, with `followers`).
     #[allow(clippy::too_many_arguments)]
     pub fn commit_runs(
         &self,
@@ -52,7 +51,7 @@ impl Protocol {
         committer: NodeId,
         pages: &[(u64, Vec<Run>)],
         release: bool,
-    ) -> Result<(Vec<u64>, u64), FsError> {
+    ) -> Result<Applied, FsError> {
         self.wait_ready()?;
         self.phase1_locks.lock().expect("phase 1 locks").remove(&tx);
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset.id, *page)).collect();

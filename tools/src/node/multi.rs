@@ -110,8 +110,9 @@ impl Protocol {
     /// Phase 3 at a follower (`commit`, the commit's dataset `version` when the decision
     /// carried it), or the abort of phase 1; also the end of a resolution (the version is
     /// not known there: views cannot be served those pages' older versions). Idempotent: a
-    /// second call finds nothing to do.
-    pub fn finish_follower(&self, tx: TxKey, commit: bool, version: Option<u64>) {
+    /// second call finds nothing to do. Returns why a decided commit is in doubt here: fewer
+    /// than the wanted copies confirmed it, or this follower cannot tell (proto/ack.rs).
+    pub fn finish_follower(&self, tx: TxKey, commit: bool, version: Option<u64>) -> Option<String> {
         if commit {
             self.note_decided_commit(tx);
         }
@@ -132,15 +133,18 @@ impl Protocol {
         match (live, &pending) {
             (Some(follower), _) => {
                 let mut settled = false;
+                let mut in_doubt = None;
                 if commit {
                     fault::point("follower.decided");
-                    settled = self.announce(
+                    let delivered = self.announce(
                         follower.dataset.id,
                         follower.ino,
                         follower.committer,
                         &follower.pages,
                         &follower.replicated,
                     );
+                    settled = delivered == follower.replicated.targets.len();
+                    in_doubt = follower.replicated.short_of_copies(delivered);
                 } else {
                     let abort = NodeRequest::Abort {
                         tx: follower.replicated.target_tx,
@@ -158,6 +162,7 @@ impl Protocol {
                 if settled {
                     let _ = self.confirmations.send((follower.leader, tx));
                 }
+                in_doubt
             }
             // A record recovered after a restart: its targets are unknown, so the decided
             // pages go to the current holders as copies (they drop their cached pages).
@@ -171,8 +176,19 @@ impl Protocol {
                     let _ = self.confirmations.send((recovered.tag.leader, tx));
                 }
                 self.unlock_pages(tx, &keys);
+                commit.then(|| {
+                    format!(
+                        "follower {} restarted during commit {tx:?}: its copies are not counted",
+                        self.id
+                    )
+                })
             }
-            (None, None) => {}
+            (None, None) => commit.then(|| {
+                format!(
+                    "commit {tx:?} was not waiting at follower {} any more",
+                    self.id
+                )
+            }),
         }
     }
 

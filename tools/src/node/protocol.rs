@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
+use hotpot_core::proto::ack::short_of_copies;
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
 use hotpot_fs::Invalidator;
@@ -565,7 +566,7 @@ impl Protocol {
         (targets.into_iter().collect(), need)
     }
 
-    /// A commit at the owner (design.md, steps 1–6). Returns the new versions.
+    /// A commit at the owner (design.md, steps 1–6).
     #[allow(clippy::too_many_arguments)]
     pub fn owner_commit(
         &self,
@@ -576,7 +577,7 @@ impl Protocol {
         (committer, committer_prepared): (NodeId, bool),
         pages: &[PageWrite],
         version: Option<u64>,
-    ) -> Result<(Vec<u64>, u64), FsError> {
+    ) -> Result<Applied, FsError> {
         self.wait_ready()?;
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let _unlock = self.lock_pages(tx, &keys, true)?;
@@ -593,9 +594,9 @@ impl Protocol {
 
     /// Steps 2–6 of a commit whose pages `tx` holds: targets, Prepare, the dataset version
     /// (`version`, the MRSW writer's, or the home's), the local apply (the decision), Decide,
-    /// holders. Returns the new page versions and the dataset version. With `followers`, this
-    /// owner leads a multi-owner commit: its apply decides the whole commit and keeps the
-    /// outcome.
+    /// holders. Returns the new page versions and the dataset version, in doubt when fewer
+    /// than the wanted copies confirmed the decision. With `followers`, this owner leads a
+    /// multi-owner commit: its apply decides the whole commit and keeps the outcome.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn commit_locked(
         &self,
@@ -606,7 +607,7 @@ impl Protocol {
         (committer, committer_prepared): (NodeId, bool),
         pages: &[PageWrite],
         version: Option<u64>,
-    ) -> Result<(Vec<u64>, u64), FsError> {
+    ) -> Result<Applied, FsError> {
         let commit = (!followers.is_empty()).then_some((tx, self.id));
         let replicated = self.replicate(dataset, committer, committer_prepared, pages, commit)?;
         fault::point("owner.targets_prepared");
@@ -683,11 +684,15 @@ impl Protocol {
         // The commit is decided here.
         fault::point("owner.decided");
         let delivered = self.announce(dataset.id, ino, committer, &page_ids, &replicated);
-        if delivered && !followers.is_empty() {
+        if delivered == replicated.targets.len() && !followers.is_empty() {
             self.table().confirm_outcome(tx, self.id);
         }
         fault::point("owner.announced");
-        Ok((versions, dataset_version?))
+        Ok(Applied {
+            versions,
+            dataset_version: dataset_version?,
+            in_doubt: replicated.short_of_copies(delivered),
+        })
     }
 
     /// Steps 2–3 of a commit at an owner: choose the targets, check the bases, persist the
@@ -747,12 +752,13 @@ impl Protocol {
             targets,
             counted,
             keys,
+            wanted: need + 1,
         })
     }
 
     /// Step 5–6 after the decision: the committer's kernel keeps its pages, every other
     /// node's cached copies go (here first), targets decide, holders are recorded. Returns
-    /// whether every target got the decision.
+    /// how many targets got the decision.
     pub(super) fn announce(
         &self,
         dataset: DatasetId,
@@ -760,7 +766,7 @@ impl Protocol {
         committer: NodeId,
         pages: &[u64],
         replicated: &Replicated,
-    ) -> bool {
+    ) -> usize {
         self.owner_state()
             .applied
             .extend(replicated.keys.iter().copied());
@@ -779,8 +785,8 @@ impl Protocol {
                 false
             }
         };
-        let all_delivered = if let [node] = replicated.targets.as_slice() {
-            delivered(node, self.call(*node, &decide(node)))
+        let delivered = if let [node] = replicated.targets.as_slice() {
+            usize::from(delivered(node, self.call(*node, &decide(node))))
         } else if !replicated.targets.is_empty() {
             std::thread::scope(|scope| {
                 let calls: Vec<_> = replicated
@@ -791,12 +797,14 @@ impl Protocol {
                         (node, scope.spawn(move || self.call(*node, &request)))
                     })
                     .collect();
-                calls.into_iter().fold(true, |all, (node, call)| {
-                    delivered(node, call.join().expect("decide thread")) && all
-                })
+                calls
+                    .into_iter()
+                    .map(|(node, call)| delivered(node, call.join().expect("decide thread")))
+                    .filter(|got| *got)
+                    .count()
             })
         } else {
-            true
+            0
         };
         let mut state = self.owner_state();
         for key in &replicated.keys {
@@ -806,7 +814,7 @@ impl Protocol {
                 .or_default()
                 .extend(replicated.counted.iter().copied());
         }
-        all_delivered
+        delivered
     }
 
     fn prepare_targets(
@@ -931,6 +939,7 @@ impl Protocol {
     }
 
     pub fn serve_decide(&self, tx: TxKey, ino: Option<Ino>) -> NodeReply {
+        fault::point("target.deciding");
         let decider = self.deciders.lock().expect("deciders lock").remove(&tx);
         if let Some((commit, _)) = decider.and_then(|decider| decider.commit) {
             self.note_decided_commit(commit);
@@ -997,6 +1006,40 @@ pub(super) struct Replicated {
     /// Nodes that hold the new version once decided (targets and a prepared committer).
     pub counted: Vec<NodeId>,
     pub keys: Vec<PageKey>,
+    /// The copies the dataset needs, this owner's included: `min(replicas, live nodes)`.
+    pub wanted: usize,
+}
+
+impl Replicated {
+    /// Why the commit is in doubt after its Decide reached `delivered` targets, if it is:
+    /// the owner and a prepared committer (counted, sent no Decide) hold decided bytes too.
+    pub fn short_of_copies(&self, delivered: usize) -> Option<String> {
+        let prepared_committer = self.counted.len() - self.targets.len();
+        short_of_copies(1 + prepared_committer + delivered, self.wanted)
+    }
+}
+
+/// A commit this owner applied: its answer to the committer.
+pub struct Applied {
+    pub versions: Vec<u64>,
+    pub dataset_version: u64,
+    /// Set when fewer than the wanted copies confirmed the decision (proto/ack.rs).
+    pub in_doubt: Option<String>,
+}
+
+impl Applied {
+    pub fn reply(self) -> NodeReply {
+        match self.in_doubt {
+            None => NodeReply::Committed {
+                versions: self.versions,
+                dataset_version: self.dataset_version,
+            },
+            Some(why) => NodeReply::InDoubt {
+                why,
+                dataset_version: self.dataset_version,
+            },
+        }
+    }
 }
 
 fn stale(dataset: DatasetId, page: u64, base: u64, current: u64) -> FsError {

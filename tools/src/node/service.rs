@@ -39,10 +39,7 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             &pages,
             version,
         ) {
-            Ok((versions, dataset_version)) => NodeReply::Committed {
-                versions,
-                dataset_version,
-            },
+            Ok(applied) => applied.reply(),
             Err(error) => NodeReply::Failed(error),
         },
         NodeRequest::Prepare {
@@ -67,10 +64,7 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             release,
         } => {
             match protocol.commit_runs(tx, &followers, &dataset, ino, committer, &pages, release) {
-                Ok((versions, dataset_version)) => NodeReply::Committed {
-                    versions,
-                    dataset_version,
-                },
+                Ok(applied) => applied.reply(),
                 Err(error) => NodeReply::Failed(error),
             }
         }
@@ -91,8 +85,13 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             pages,
         ),
         NodeRequest::OwnerDecide { tx, version } => {
-            protocol.finish_follower(tx, true, Some(version));
-            NodeReply::Done
+            match protocol.finish_follower(tx, true, Some(version)) {
+                None => NodeReply::Done,
+                Some(why) => NodeReply::InDoubt {
+                    why,
+                    dataset_version: version,
+                },
+            }
         }
         NodeRequest::OwnerAbort { tx } => {
             protocol.finish_follower(tx, false, None);

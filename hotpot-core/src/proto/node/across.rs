@@ -113,7 +113,7 @@ impl Machine {
                 // Decided (or not) at the leader: the followers ask it if they miss phase 3.
                 let in_doubt = match reply {
                     Some(NodeReply::Committed { .. }) => None,
-                    Some(NodeReply::InDoubt(why)) => Some(why),
+                    Some(NodeReply::InDoubt { why, .. }) => Some(why),
                     Some(other) => Some(format!("leader {from} answered {other:?}")),
                     None => {
                         let why = format!("leader {from} did not answer");

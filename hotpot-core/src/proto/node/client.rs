@@ -306,7 +306,7 @@ impl Machine {
                 let why = format!("owner {from} did not answer");
                 self.op_done(id, OpResult::InDoubt(why));
             }
-            (Step::Committing { tx, own_copy }, Some(NodeReply::InDoubt(why))) => {
+            (Step::Committing { tx, own_copy }, Some(NodeReply::InDoubt { why, .. })) => {
                 // The owner applied it: the own copy is current.
                 if own_copy {
                     self.table.decide_copies(tx);

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use super::{Machine, PageRuns, Purpose};
 use crate::page::{apply_runs, OwnedPage, TxKey};
 use crate::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
+use crate::proto::ack::short_of_copies;
 use crate::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
@@ -469,22 +470,19 @@ impl Machine {
             current.clear();
             current.extend(decided.iter().copied());
         }
-        // Acknowledged only once enough nodes hold the decided bytes: a target that missed
-        // the decision holds a prepared copy, which a rebuild after this owner's loss
-        // cannot count.
-        let enough = 1 + decided.len() >= commit.copies_wanted;
-        let reply = match versions {
-            Some(_) if enough && matches!(commit.role, Role::Follower { .. }) => NodeReply::Done,
-            Some(versions) if enough => NodeReply::Committed {
+        // Acknowledged only once enough nodes hold the decided bytes (proto/ack.rs).
+        let short = short_of_copies(1 + decided.len(), commit.copies_wanted);
+        let reply = match (versions, short) {
+            (Some(_), None) if matches!(commit.role, Role::Follower { .. }) => NodeReply::Done,
+            (Some(versions), None) => NodeReply::Committed {
                 versions,
                 dataset_version: 0,
             },
-            Some(_) => NodeReply::InDoubt(format!(
-                "applied, but only {} of {} copies confirmed the decision",
-                1 + decided.len(),
-                commit.copies_wanted
-            )),
-            None => NodeReply::Failed(FsError::Io("apply at the owner failed".into())),
+            (Some(_), Some(why)) => NodeReply::InDoubt {
+                why,
+                dataset_version: 0,
+            },
+            (None, _) => NodeReply::Failed(FsError::Io("apply at the owner failed".into())),
         };
         let all_targets = commit.confirmed.len() == commit.asked.len();
         match commit.role {

@@ -184,7 +184,14 @@ impl Machine {
             // Still preparing: a phase 3 cannot come before the prepare's answer.
             if let Some((to, call)) = reply_to {
                 let why = format!("commit {tx:?} is not prepared here yet");
-                self.reply(to, call, NodeReply::InDoubt(why));
+                self.reply(
+                    to,
+                    call,
+                    NodeReply::InDoubt {
+                        why,
+                        dataset_version: 0,
+                    },
+                );
             }
             return;
         }
@@ -198,7 +205,14 @@ impl Machine {
         }
         if let Some((to, call)) = reply_to {
             let why = format!("follower {} restarted during commit {tx:?}", self.config.id);
-            self.reply(to, call, NodeReply::InDoubt(why));
+            self.reply(
+                to,
+                call,
+                NodeReply::InDoubt {
+                    why,
+                    dataset_version: 0,
+                },
+            );
         }
     }
 
