@@ -1,5 +1,5 @@
 //! An owner acknowledges a commit only once the dataset's copies hold the decided bytes
-//! (hotpot-core/src/proto/ack.rs). Found by hotpot-sim: the owner acknowledged a commit whose
+//! (hotpot-core/src/proto/replication.rs). Found by hotpot-sim: the owner acknowledged a commit whose
 //! only replica had missed the Decide; that replica's prepared copy is dropped at its
 //! restart, so losing the owner then lost an acknowledged commit. Now the program gets EIO
 //! ("in doubt"), and the commit, applied at the owner, still reaches every node.

@@ -166,6 +166,17 @@ pub struct PageWrite {
     pub bytes: Vec<u8>,
 }
 
+impl PageWrite {
+    /// The copy the commit's targets prepare: these bytes at the next version.
+    pub fn next_copy(&self) -> VersionedPage {
+        VersionedPage {
+            page: self.page,
+            version: self.base_version + 1,
+            bytes: self.bytes.clone(),
+        }
+    }
+}
+
 /// A page at a version. Empty bytes stand for a page of zeros (never written).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionedPage {

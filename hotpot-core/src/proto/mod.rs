@@ -1,8 +1,8 @@
 //! Protocol state machines and messages (sans-IO): the dispatcher's namespace and registry,
 //! and the messages nodes, tools and the dispatcher exchange.
 
-pub mod ack;
 pub mod dispatcher;
 pub mod messages;
 pub mod node;
+pub mod replication;
 pub mod types;

@@ -345,7 +345,7 @@ fn across_owners(
         }
     };
     // Decided at the leader from here on; acknowledged only if every owner has the wanted
-    // decided copies (proto/ack.rs).
+    // decided copies (proto/replication.rs).
     let mut doubts = Vec::new();
     let dataset_version = match leader_call {
         Ok(NodeReply::Committed {
@@ -427,7 +427,7 @@ fn across_owners(
 }
 
 /// A commit the owners applied but cannot vouch for: fewer than the wanted copies
-/// confirmed the decision (proto/ack.rs). It may survive or not; the program is told.
+/// confirmed the decision (proto/replication.rs). It may survive or not; the program is told.
 fn in_doubt(why: String) -> FsError {
     FsError::Io(format!("commit in doubt, not acknowledged: {why}"))
 }

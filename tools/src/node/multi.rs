@@ -111,7 +111,7 @@ impl Protocol {
     /// carried it), or the abort of phase 1; also the end of a resolution (the version is
     /// not known there: views cannot be served those pages' older versions). Idempotent: a
     /// second call finds nothing to do. Returns why a decided commit is in doubt here: fewer
-    /// than the wanted copies confirmed it, or this follower cannot tell (proto/ack.rs).
+    /// than the wanted copies confirmed it, or this follower cannot tell (proto/replication.rs).
     pub fn finish_follower(&self, tx: TxKey, commit: bool, version: Option<u64>) -> Option<String> {
         if commit {
             self.note_decided_commit(tx);

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
-use hotpot_core::proto::ack::short_of_copies;
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
+use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
 use hotpot_fs::Invalidator;
 use hotpot_net::{multicall, Client, NetError};
@@ -539,33 +539,6 @@ impl Protocol {
         keys.iter().any(|key| state.locked.contains_key(key))
     }
 
-    /// The nodes that must hold the new bytes: every live holder, the committer, and more
-    /// live nodes (in id order after this one) until `min(replicas, live)` copies exist.
-    fn targets(
-        &self,
-        dataset: &Dataset,
-        holders: BTreeSet<NodeId>,
-        committer: NodeId,
-    ) -> (Vec<NodeId>, usize) {
-        let live = self.peers.live();
-        let copies = usize::from(dataset.params.replicas.max(1)).min(live.len().max(1));
-        let need = copies - 1;
-        let mut targets: BTreeSet<NodeId> = holders
-            .into_iter()
-            .chain(std::iter::once(committer))
-            .filter(|node| *node != self.id && live.contains(node))
-            .collect();
-        let after = live.iter().filter(|node| **node > self.id);
-        let before = live.iter().filter(|node| **node < self.id);
-        for node in after.chain(before) {
-            if targets.len() >= need {
-                break;
-            }
-            targets.insert(*node);
-        }
-        (targets.into_iter().collect(), need)
-    }
-
     /// A commit at the owner (design.md, steps 1–6).
     #[allow(clippy::too_many_arguments)]
     pub fn owner_commit(
@@ -707,19 +680,24 @@ impl Protocol {
         commit: Option<(TxKey, NodeId)>,
     ) -> Result<Replicated, FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
-        let holders = self.holders_of(&keys);
-        let (targets, need) = self.targets(dataset, holders, committer);
-        if targets.len() < need {
+        let live: BTreeSet<NodeId> = self.peers.live().into_iter().collect();
+        let Targets { nodes, wanted } = targets(
+            self.id,
+            dataset.params.replicas,
+            &live,
+            self.holders_of(&keys),
+            committer,
+        );
+        if nodes.len() + 1 < wanted {
             return Err(FsError::Io(format!(
-                "dataset {} needs {} copies but only {} nodes are live",
+                "dataset {} needs {wanted} copies but only {} nodes are live",
                 dataset.id,
-                need + 1,
-                targets.len() + 1
+                nodes.len() + 1
             )));
         }
         // Copies count from every target; messages go to those without a copy prepared.
-        let counted = targets.clone();
-        let targets: Vec<NodeId> = targets
+        let counted = nodes.clone();
+        let targets: Vec<NodeId> = nodes
             .into_iter()
             .filter(|node| !(committer_prepared && *node == committer))
             .collect();
@@ -735,14 +713,7 @@ impl Protocol {
                 return Err(stale(dataset.id, write.page, write.base_version, *current));
             }
         }
-        let copies: Vec<VersionedPage> = pages
-            .iter()
-            .map(|write| VersionedPage {
-                page: write.page,
-                version: write.base_version + 1,
-                bytes: write.bytes.clone(),
-            })
-            .collect();
+        let copies: Vec<VersionedPage> = pages.iter().map(PageWrite::next_copy).collect();
         // Targets know the copies under this owner's own name for them: one commit across
         // owners reaches a node from several owners, and each set is decided by its owner.
         let target_tx = self.next_tx();
@@ -752,7 +723,7 @@ impl Protocol {
             targets,
             counted,
             keys,
-            wanted: need + 1,
+            wanted,
         })
     }
 
@@ -1023,7 +994,7 @@ impl Replicated {
 pub struct Applied {
     pub versions: Vec<u64>,
     pub dataset_version: u64,
-    /// Set when fewer than the wanted copies confirmed the decision (proto/ack.rs).
+    /// Set when fewer than the wanted copies confirmed the decision (proto/replication.rs).
     pub in_doubt: Option<String>,
 }
 

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use super::{Machine, PageRuns, Purpose};
 use crate::page::{apply_runs, OwnedPage, TxKey};
 use crate::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
-use crate::proto::ack::short_of_copies;
 use crate::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
+use crate::proto::replication::{self, short_of_copies, Targets};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 /// What a commit asks of its owner.
@@ -76,17 +76,13 @@ impl Machine {
         self.reply(from, call, reply);
     }
 
-    /// The nodes that must hold a commit's new bytes: every holder, the committer, and
-    /// more nodes (in id order after this one) until `min(replicas, nodes)` copies exist.
+    /// The nodes that must hold a commit's new bytes (proto/replication.rs).
     pub(super) fn targets(
         &self,
         dataset: &Dataset,
         keys: &[PageKey],
         committer: NodeId,
-    ) -> Vec<NodeId> {
-        let nodes = &self.config.nodes;
-        let copies = usize::from(dataset.params.replicas.max(1)).min(nodes.len());
-        let me = self.config.id;
+    ) -> Targets {
         let holders: BTreeSet<NodeId> = if self.config.bugs.skip_holder_invalidation {
             BTreeSet::new()
         } else {
@@ -94,20 +90,15 @@ impl Machine {
                 .flat_map(|key| self.owner.holders_of(*key))
                 .collect()
         };
-        let mut targets: BTreeSet<NodeId> = holders
-            .into_iter()
-            .chain(std::iter::once(committer))
-            .filter(|node| *node != me)
-            .collect();
-        let after = nodes.iter().filter(|node| **node > me);
-        let before = nodes.iter().filter(|node| **node < me);
-        for node in after.chain(before) {
-            if targets.len() + 1 >= copies {
-                break;
-            }
-            targets.insert(*node);
-        }
-        targets.into_iter().collect()
+        // Every node counts as live here (see docs/design.md, "Not yet the daemon's code").
+        let live: BTreeSet<NodeId> = self.config.nodes.iter().copied().collect();
+        replication::targets(
+            self.config.id,
+            dataset.params.replicas,
+            &live,
+            holders,
+            committer,
+        )
     }
 
     /// `Commit` / `CommitRuns` at the owner (one owner, no followers).
@@ -197,6 +188,7 @@ impl Machine {
         };
         let targets = self.targets(&dataset, &keys, committer);
         let asked: Vec<NodeId> = targets
+            .nodes
             .iter()
             .copied()
             .filter(|node| !(committer_prepared && *node == committer))
@@ -209,24 +201,16 @@ impl Machine {
             dataset: dataset.id,
             writes,
             asked: asked.clone(),
-            counted: targets,
+            counted: targets.nodes,
             target_tx,
             awaiting: asked.iter().copied().collect(),
             confirmed: BTreeSet::new(),
             committer_prepared,
-            copies_wanted: usize::from(dataset.params.replicas.max(1)).min(self.config.nodes.len()),
+            copies_wanted: targets.wanted,
             step: Step::Preparing,
             versions: None,
         };
-        let copies: Vec<VersionedPage> = commit
-            .writes
-            .iter()
-            .map(|write| VersionedPage {
-                page: write.page,
-                version: write.base_version + 1,
-                bytes: write.bytes.clone(),
-            })
-            .collect();
+        let copies: Vec<VersionedPage> = commit.writes.iter().map(PageWrite::next_copy).collect();
         self.owner.commits.insert(tx, commit);
         for node in asked.iter().copied() {
             let request = NodeRequest::Prepare {
@@ -470,7 +454,7 @@ impl Machine {
             current.clear();
             current.extend(decided.iter().copied());
         }
-        // Acknowledged only once enough nodes hold the decided bytes (proto/ack.rs).
+        // Acknowledged only once enough nodes hold the decided bytes (proto/replication.rs).
         let short = short_of_copies(1 + decided.len(), commit.copies_wanted);
         let reply = match (versions, short) {
             (Some(_), None) if matches!(commit.role, Role::Follower { .. }) => NodeReply::Done,

@@ -1,0 +1,116 @@
+//! The replication rule, one for the daemon and the node machine: which nodes an owner
+//! sends a commit's new copies to, and when it may acknowledge the commit.
+//!
+//! Targets: every holder of one of the pages (so no node keeps a stale copy), the committer,
+//! then further live nodes in id order after the owner until `min(replicas, live)` nodes hold
+//! the bytes, the owner included. Acknowledged only once that many hold the *decided* bytes:
+//! a target that missed the Decide holds a prepared copy, which its restart discards and a
+//! rebuild after the owner's loss cannot count; acknowledging then could lose the commit
+//! (found by hotpot-sim).
+
+use std::collections::BTreeSet;
+
+use super::types::NodeId;
+
+/// Where a commit's copies go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// Nodes that get the new bytes besides the owner (a prepared committer among them
+    /// counts without a message).
+    pub nodes: Vec<NodeId>,
+    /// The copies the dataset needs, the owner's included: `min(replicas, live)`, at least 1.
+    pub wanted: usize,
+}
+
+/// The targets of a commit at `owner` of pages with `holders`, from `committer`. `live`: the
+/// nodes that count as up (the owner among them); holders and a committer not live are left
+/// out. Fewer than `wanted - 1` nodes means too few live nodes for the dataset.
+pub fn targets(
+    owner: NodeId,
+    replicas: u8,
+    live: &BTreeSet<NodeId>,
+    holders: impl IntoIterator<Item = NodeId>,
+    committer: NodeId,
+) -> Targets {
+    let wanted = usize::from(replicas.max(1)).min(live.len().max(1));
+    let mut nodes: BTreeSet<NodeId> = holders
+        .into_iter()
+        .chain(std::iter::once(committer))
+        .filter(|node| *node != owner && live.contains(node))
+        .collect();
+    let after = live.range(owner.saturating_add(1)..);
+    let before = live.range(..owner);
+    for node in after.chain(before) {
+        if nodes.len() + 1 >= wanted {
+            break;
+        }
+        nodes.insert(*node);
+    }
+    Targets {
+        nodes: nodes.into_iter().collect(),
+        wanted,
+    }
+}
+
+/// `decided`: nodes holding the decided bytes, the owner included (itself, every target
+/// that answered the Decide, a committer that persisted its own copy). `None` when the
+/// commit may be acknowledged, else why it is in doubt.
+pub fn short_of_copies(decided: usize, wanted: usize) -> Option<String> {
+    (decided < wanted)
+        .then(|| format!("applied, but only {decided} of {wanted} copies confirmed the decision"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::{short_of_copies, targets, Targets};
+
+    fn live(nodes: &[u32]) -> BTreeSet<u32> {
+        nodes.iter().copied().collect()
+    }
+
+    #[test]
+    fn targets_are_holders_and_the_committer_then_the_next_nodes_after_the_owner() {
+        // Nobody holds the page: the next node after the owner, wrapping around.
+        assert_eq!(
+            targets(3, 2, &live(&[1, 2, 3]), [], 3),
+            Targets {
+                nodes: vec![1],
+                wanted: 2
+            }
+        );
+        assert_eq!(targets(1, 3, &live(&[1, 2, 3, 4]), [], 1).nodes, vec![2, 3]);
+        // Holders and the committer always, even beyond the replicas.
+        assert_eq!(
+            targets(1, 2, &live(&[1, 2, 3, 4]), [3, 4], 2).nodes,
+            vec![2, 3, 4]
+        );
+        // Down nodes are neither targets nor counted in the copies wanted.
+        assert_eq!(
+            targets(1, 3, &live(&[1, 3]), [2], 2),
+            Targets {
+                nodes: vec![3],
+                wanted: 2
+            }
+        );
+        assert_eq!(
+            targets(1, 2, &live(&[1]), [], 1),
+            Targets {
+                nodes: vec![],
+                wanted: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_commit_is_acknowledged_only_with_every_wanted_copy_decided() {
+        assert_eq!(short_of_copies(2, 2), None);
+        assert_eq!(short_of_copies(3, 2), None);
+        assert_eq!(short_of_copies(1, 1), None);
+        assert_eq!(
+            short_of_copies(1, 2).as_deref(),
+            Some("applied, but only 1 of 2 copies confirmed the decision")
+        );
+    }
+}
