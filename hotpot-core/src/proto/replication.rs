@@ -3,7 +3,8 @@
 //!
 //! Targets: every holder of one of the pages (so no node keeps a stale copy), the committer,
 //! then further live nodes in id order after the owner until `min(replicas, live)` nodes hold
-//! the bytes, the owner included. Acknowledged only once that many hold the *decided* bytes:
+//! the bytes, the owner included; re-replication tops a page up the same way. Acknowledged
+//! only once that many hold the *decided* bytes:
 //! a target that missed the Decide holds a prepared copy, which its restart discards and a
 //! rebuild after the owner's loss cannot count; acknowledging then could lose the commit
 //! (found by hotpot-sim).
@@ -32,24 +33,44 @@ pub fn targets(
     holders: impl IntoIterator<Item = NodeId>,
     committer: NodeId,
 ) -> Targets {
-    let wanted = usize::from(replicas.max(1)).min(live.len().max(1));
     let mut nodes: BTreeSet<NodeId> = holders
         .into_iter()
         .chain(std::iter::once(committer))
         .filter(|node| *node != owner && live.contains(node))
         .collect();
-    let after = live.range(owner.saturating_add(1)..);
-    let before = live.range(..owner);
-    for node in after.chain(before) {
-        if nodes.len() + 1 >= wanted {
-            break;
-        }
-        nodes.insert(*node);
-    }
+    nodes.extend(more_copies(owner, replicas, live, &nodes));
     Targets {
         nodes: nodes.into_iter().collect(),
-        wanted,
+        wanted: wanted(replicas, live),
     }
+}
+
+/// The copies a dataset with `replicas` needs while `live` nodes are up, the owner's
+/// included: `min(replicas, live)`, at least 1.
+pub fn wanted(replicas: u8, live: &BTreeSet<NodeId>) -> usize {
+    usize::from(replicas.max(1)).min(live.len().max(1))
+}
+
+/// The nodes a page of `owner` must be copied to when the nodes in `have` hold it: live
+/// nodes without it, in id order after the owner, until `wanted` live nodes hold it.
+pub fn more_copies(
+    owner: NodeId,
+    replicas: u8,
+    live: &BTreeSet<NodeId>,
+    have: &BTreeSet<NodeId>,
+) -> Vec<NodeId> {
+    let held = 1 + have
+        .iter()
+        .filter(|node| **node != owner && live.contains(node))
+        .count();
+    let after = live.range(owner.saturating_add(1)..);
+    let before = live.range(..owner);
+    after
+        .chain(before)
+        .filter(|node| !have.contains(node))
+        .take(wanted(replicas, live).saturating_sub(held))
+        .copied()
+        .collect()
 }
 
 /// `decided`: nodes holding the decided bytes, the owner included (itself, every target
@@ -64,7 +85,7 @@ pub fn short_of_copies(decided: usize, wanted: usize) -> Option<String> {
 mod tests {
     use std::collections::BTreeSet;
 
-    use super::{short_of_copies, targets, Targets};
+    use super::{more_copies, short_of_copies, targets, Targets};
 
     fn live(nodes: &[u32]) -> BTreeSet<u32> {
         nodes.iter().copied().collect()
@@ -101,6 +122,27 @@ mod tests {
                 wanted: 1
             }
         );
+    }
+
+    #[test]
+    fn a_page_below_its_copies_goes_to_the_next_live_nodes_without_it() {
+        let have = |nodes: &[u32]| nodes.iter().copied().collect();
+        assert_eq!(
+            more_copies(2, 3, &live(&[1, 2, 3, 4]), &have(&[])),
+            vec![3, 4]
+        );
+        assert_eq!(
+            more_copies(2, 3, &live(&[1, 2, 3, 4]), &have(&[3])),
+            vec![4]
+        );
+        assert_eq!(
+            more_copies(4, 3, &live(&[1, 2, 3, 4]), &have(&[1])),
+            vec![2]
+        );
+        // A copy on a down node does not count; it is not chosen either.
+        assert_eq!(more_copies(1, 2, &live(&[1, 3]), &have(&[2])), vec![3]);
+        assert!(more_copies(1, 2, &live(&[1, 2, 3]), &have(&[3])).is_empty());
+        assert!(more_copies(1, 1, &live(&[1, 2, 3]), &have(&[])).is_empty());
     }
 
     #[test]

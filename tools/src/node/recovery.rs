@@ -14,7 +14,7 @@
 //! Must survive: any peer unreachable during any of this (the step is retried next round),
 //! commits running meanwhile (every step takes the pages' locks or the holder lock).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::TxKey;
@@ -22,6 +22,7 @@ use hotpot_core::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
+use hotpot_core::proto::replication::more_copies;
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 use super::protocol::{pm_error, Protocol, RPC_TIMEOUT};
@@ -636,10 +637,9 @@ impl Protocol {
 
     /// Owned pages with fewer live copies than their dataset asks for get more.
     fn rereplicate(&self) -> Result<(), FsError> {
-        let live = self.peers.live();
+        let live: BTreeSet<NodeId> = self.peers.live().into_iter().collect();
         let mut below = 0u64;
         for dataset in self.datasets()? {
-            let copies = usize::from(dataset.params.replicas.max(1)).min(live.len().max(1));
             let mut wanted: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
             let owned: Vec<u64> = self
                 .table()
@@ -651,22 +651,10 @@ impl Protocol {
                 .collect();
             for page in owned {
                 let holders = self.holders_of(&[(dataset.id, page)]);
-                let have = holders
-                    .iter()
-                    .filter(|node| **node != self.id && live.contains(node))
-                    .count();
-                let mut more = (copies - 1).saturating_sub(have);
-                below += (more > 0) as u64;
-                let after = live.iter().filter(|node| **node > self.id);
-                let before = live.iter().filter(|node| **node < self.id);
-                for node in after.chain(before) {
-                    if more == 0 {
-                        break;
-                    }
-                    if !holders.contains(node) {
-                        wanted.entry(*node).or_default().push(page);
-                        more -= 1;
-                    }
+                let more = more_copies(self.id, dataset.params.replicas, &live, &holders);
+                below += u64::from(!more.is_empty());
+                for node in more {
+                    wanted.entry(node).or_default().push(page);
                 }
             }
             for (node, pages) in wanted {

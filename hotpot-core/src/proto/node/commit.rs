@@ -90,12 +90,10 @@ impl Machine {
                 .flat_map(|key| self.owner.holders_of(*key))
                 .collect()
         };
-        // Every node counts as live here (see docs/design.md, "Not yet the daemon's code").
-        let live: BTreeSet<NodeId> = self.config.nodes.iter().copied().collect();
         replication::targets(
             self.config.id,
             dataset.params.replicas,
-            &live,
+            &self.live(),
             holders,
             committer,
         )

@@ -91,6 +91,14 @@ impl Config {
     }
 }
 
+impl Machine {
+    /// The nodes that count as up for replication: every node of the cluster (the machine
+    /// knows no liveness yet; docs/design.md, "Not yet the daemon's code").
+    pub(super) fn live(&self) -> BTreeSet<NodeId> {
+        self.config.nodes.iter().copied().collect()
+    }
+}
+
 /// An input to `Machine::handle`.
 #[derive(Clone, Debug)]
 pub enum Input {

@@ -9,6 +9,7 @@ use super::{Machine, Purpose};
 use crate::page::TxKey;
 use crate::pm::PageKey;
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
+use crate::proto::replication;
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 /// A request waiting for page locks to clear.
@@ -274,10 +275,9 @@ impl Machine {
         }
         self.owner.last_rereplicate_ms = self.now_ms;
         let me = self.config.id;
-        let nodes = self.config.nodes.clone();
+        let live = self.live();
         let datasets = self.config.datasets.clone();
         for (dataset, pages) in &datasets {
-            let want = usize::from(dataset.params.replicas.max(1)).min(nodes.len());
             for page in (0..*pages).filter(|page| dataset.owner_of_page(*page) == me) {
                 let key = (dataset.id, page);
                 if self.owner.locked.contains_key(&key) {
@@ -287,18 +287,8 @@ impl Machine {
                     continue;
                 };
                 let current = self.owner.current.get(&key).cloned().unwrap_or_default();
-                let mut have = 1 + current.iter().filter(|node| **node != me).count();
-                let after = nodes.iter().filter(|node| **node > me);
-                let before = nodes.iter().filter(|node| **node < me);
-                let extra: Vec<NodeId> = after.chain(before).copied().collect();
-                for node in extra {
-                    if have >= want {
-                        break;
-                    }
-                    if current.contains(&node) {
-                        continue;
-                    }
-                    have += 1;
+                let replicas = dataset.params.replicas;
+                for node in replication::more_copies(me, replicas, &live, &current) {
                     // A holder before it has the bytes: every later commit reaches it.
                     self.owner.holders.entry(key).or_default().insert(node);
                     let copy = VersionedPage {
@@ -319,9 +309,9 @@ impl Machine {
     /// Whether every written page this node owns has the copies its dataset wants.
     pub fn fully_replicated(&self) -> bool {
         let me = self.config.id;
-        let nodes = self.config.nodes.len();
+        let live = self.live();
         self.config.datasets.iter().all(|(dataset, pages)| {
-            let want = usize::from(dataset.params.replicas.max(1)).min(nodes);
+            let want = replication::wanted(dataset.params.replicas, &live);
             (0..*pages)
                 .filter(|page| dataset.owner_of_page(*page) == me)
                 .all(|page| {
