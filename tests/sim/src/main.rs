@@ -146,7 +146,8 @@ fn many(first: u64, count: u64, threads: usize, bugs: Bugs) -> ExitCode {
         println!("hotpot-sim: {count} seeds, no violation, {elapsed:.1} s");
         ExitCode::SUCCESS
     } else {
-        let seeds: Vec<u64> = failures.iter().map(|(seed, _)| *seed).collect();
+        let mut seeds: Vec<u64> = failures.iter().map(|(seed, _)| *seed).collect();
+        seeds.sort_unstable();
         println!(
             "hotpot-sim: {} of {count} seeds FAILED ({elapsed:.1} s): {seeds:?}",
             failures.len()
