@@ -9,6 +9,7 @@ pub mod writer;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The `hotpot` binary of this workspace, built once per test process, with the crash points
 /// of the recovery tests compiled in (inert unless armed) and the verbs transport.
@@ -205,7 +206,7 @@ impl Cluster {
     /// Every node reports open links to its peers (within 5 s: heartbeats carry them), all
     /// over `transport`.
     pub fn assert_links_use(&self, transport: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let status = self.status_json();
             let nodes = status["nodes"].as_array().expect("nodes").clone();
@@ -232,10 +233,10 @@ impl Cluster {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "not every node reports a link: {links:?}"
             );
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -322,6 +323,36 @@ impl Cluster {
                 .arg(self.dir.path()),
         );
         serde_json::from_str(&text).expect("status JSON")
+    }
+
+    /// Wait until every live node counts every live node as live (each learns of a node
+    /// that joined at its next heartbeat, and replicates only to nodes it counts as live).
+    pub fn wait_views_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.status_json();
+            let nodes = status["nodes"].as_array().expect("nodes");
+            let live: Vec<&serde_json::Value> = nodes
+                .iter()
+                .filter(|node| node["live"] == true)
+                .map(|node| &node["id"])
+                .collect();
+            let settled = nodes
+                .iter()
+                .filter(|node| node["live"] == true)
+                .all(|node| {
+                    let sees = node["usage"]["sees_live"].as_array();
+                    sees.is_some_and(|sees| live.iter().all(|id| sees.contains(id)))
+                });
+            if settled {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes' views of who is live did not settle in 20 s: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// SIGKILL node `node` and delete its PM file: the node is lost with its data.

@@ -32,6 +32,8 @@ fn a_commit_whose_replica_missed_the_decision_is_not_acknowledged() {
     );
     require_program("fusermount3", "apt-get install fuse3");
     let cluster = Cluster::up(3, "64MiB");
+    // The owner must count the replica below as live, not only the dispatcher.
+    cluster.wait_views_settled();
     // One chunk, one owner; replicas 2: the owner and the next live node in id order.
     let path = cluster.create_chunked(1, "data", "64KiB", "mrsw", 2, "64KiB");
     let owner = cluster.chunk_owners(&path)[0] as u32;
@@ -50,8 +52,10 @@ fn a_commit_whose_replica_missed_the_decision_is_not_acknowledged() {
     while cluster.is_running(replica) {
         assert!(
             Instant::now() < deadline,
-            "node {replica} never got the Decide: {}",
-            cluster.node_log(replica)
+            "node {replica} never got the Decide: {}\nthe owner, node {owner}: {}\nstatus: {}",
+            cluster.node_log(replica),
+            cluster.node_log(owner),
+            cluster.status_json()
         );
         std::thread::sleep(Duration::from_millis(20));
     }

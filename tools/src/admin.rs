@@ -221,6 +221,7 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("cluster {cluster_id:016x}, dispatcher {}", client.addr());
+    let live: Vec<NodeId> = nodes.iter().filter(|n| n.live).map(|n| n.id).collect();
     println!(
         "{:>4}  {:<5}  {:<21}  {:>9}  {:>14}  {:>9}  {:<28}  {:<24}  {:<20}  {:<14}  mount",
         "node",
@@ -256,6 +257,15 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
         }
         if let Some(by) = successors.get(&node.id) {
             said.push(format!("its chunks owned by node {by}"));
+        }
+        // Live nodes it does not count as live yet (its next heartbeat tells it).
+        let unseen: Vec<String> = live
+            .iter()
+            .filter(|id| !node.usage.sees_live.contains(id))
+            .map(|id| id.to_string())
+            .collect();
+        if node.live && !unseen.is_empty() {
+            said.push(format!("not yet seeing {}", unseen.join(",")));
         }
         // Each open connection to a peer: "2:verbs" ("+read": its PM is read one-sided).
         let links: Vec<String> = node

@@ -211,6 +211,10 @@ pub struct NodeUsage {
     pub sharing: SharingCounts,
     #[serde(default)]
     pub versions: VersionCounts,
+    /// The nodes this node counts as live (its view, which its heartbeat refreshes): a
+    /// commit replicates only to these.
+    #[serde(default)]
+    pub sees_live: Vec<NodeId>,
 }
 
 /// Identical-page merging on one node (`hotpot status`).

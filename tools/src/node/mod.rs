@@ -332,6 +332,7 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
                     fetches: protocol.fetches.counts(),
                     sharing: protocol.merging.counts(),
                     versions: protocol.version_usage(),
+                    sees_live: protocol.peers.live(),
                 }
             };
             let beat = DispatcherRequest::Heartbeat { node: id, usage };
