@@ -395,9 +395,11 @@ impl PageTable {
         );
     }
 
-    /// Prepared commits still waiting for a decision.
+    /// Prepared commits still waiting for a decision, in transaction order (every caller,
+    /// and a replayed simulation, sees the same order).
     pub fn pending(&self) -> Vec<PendingCopies> {
-        self.prepared
+        let mut pending: Vec<PendingCopies> = self
+            .prepared
             .iter()
             .map(|(tx, prepared)| PendingCopies {
                 tx: *tx,
@@ -406,7 +408,9 @@ impl PageTable {
                 pages: prepared.pages.clone(),
                 age: prepared.since.elapsed(),
             })
-            .collect()
+            .collect();
+        pending.sort_unstable_by_key(|copies| copies.tx);
+        pending
     }
 
     /// As a leader: whether this node decided multi-owner commit `tx` (outcome kept).

@@ -413,11 +413,15 @@ impl Pool {
     }
 
     /// Outcomes still waiting for followers: (tx, followers).
+    /// In commit order, so every caller (and a replayed simulation) sees the same order.
     pub fn outcomes_waiting(&self) -> Vec<((u32, u64), u64)> {
-        self.outcomes
+        let mut waiting: Vec<_> = self
+            .outcomes
             .iter()
             .map(|(tx, outcome)| (*tx, outcome.waiting))
-            .collect()
+            .collect();
+        waiting.sort_unstable();
+        waiting
     }
 
     pub fn superblock(&self) -> &Superblock {

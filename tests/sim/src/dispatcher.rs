@@ -12,6 +12,9 @@ pub(crate) struct SimDispatcher {
     persisted: Vec<u8>,
     /// How many times it started (names its connections, like a node's incarnation).
     pub(crate) incarnation: u64,
+    /// When this start began: its clock counts from here, as the daemon's does (a node it
+    /// has not heard from since counts as live for one timeout after a restart).
+    started_ms: u64,
 }
 
 impl SimDispatcher {
@@ -27,6 +30,7 @@ impl SimDispatcher {
             live: Some(state),
             persisted,
             incarnation: 1,
+            started_ms: 0,
         }
     }
 
@@ -41,7 +45,8 @@ impl SimDispatcher {
         now_ms: u64,
     ) -> Option<DispatcherReply> {
         let state = self.live.as_mut()?;
-        let (reply, changed) = state.handle(request, now_ms, now_ms * 1_000_000);
+        let clock_ms = now_ms - self.started_ms;
+        let (reply, changed) = state.handle(request, clock_ms, now_ms * 1_000_000);
         if changed {
             self.persisted = serde_json::to_vec(state).expect("dispatcher state serialises");
         }
@@ -52,10 +57,11 @@ impl SimDispatcher {
         self.live = None;
     }
 
-    pub(crate) fn restart(&mut self) {
+    pub(crate) fn restart(&mut self, now_ms: u64) {
         let state: DispatcherState =
             serde_json::from_slice(&self.persisted).expect("persisted dispatcher state reloads");
         self.live = Some(state);
         self.incarnation += 1;
+        self.started_ms = now_ms;
     }
 }

@@ -30,6 +30,11 @@ pub struct Options {
     pub partitions: bool,
     /// Partitions may cut one direction only.
     pub one_way: bool,
+    /// Partitions may cut nodes off from the dispatcher (which then counts them down while
+    /// their peers still reach them).
+    pub dispatcher_cut: bool,
+    /// Crashes and partitions may last up to 6 s, past the dispatcher's 3 s node timeout.
+    pub long_outages: bool,
     pub crashes: bool,
     /// A crash also writes back some unpersisted cache lines (torn writes).
     pub torn_writes: bool,
@@ -95,6 +100,8 @@ impl Options {
             crash_mid_step: crashes && mid,
             wipes: crashes && wipes,
             dispatcher_crashes: dispatcher,
+            dispatcher_cut: partitions && rng.random_bool(0.5),
+            long_outages: (partitions || crashes) && rng.random_bool(0.5),
             workload_ms: rng.random_range(2_000..=8_000),
             think_ms: (0, rng.random_range(1..=40)),
             bugs,
@@ -115,17 +122,19 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}, crashes {}{}{}{}, dispatcher crashes {}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
             self.delay_ms.1,
             self.partitions,
             if self.one_way { " (one-way too)" } else { "" },
+            if self.dispatcher_cut { " (dispatcher too)" } else { "" },
             self.crashes,
             if self.torn_writes { " torn" } else { "" },
             if self.crash_mid_step { " mid-step" } else { "" },
             if self.wipes { " wipes" } else { "" },
+            if self.long_outages { ", outages up to 6 s" } else { "" },
             self.dispatcher_crashes,
             self.workload_ms,
         )?;

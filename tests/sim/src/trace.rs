@@ -54,7 +54,10 @@ pub(crate) fn describe(message: &Message) -> String {
             format!("Heartbeat n{node}")
         }
         Message::ToDispatcher(request) => format!("dispatcher request {request:?}"),
-        Message::FromDispatcher(DispatcherReply::Status { .. }) => "dispatcher Status".into(),
+        Message::FromDispatcher(DispatcherReply::Status { nodes, .. }) => {
+            let live: Vec<_> = nodes.iter().filter(|n| n.live).map(|n| n.id).collect();
+            format!("dispatcher Status, live {live:?}")
+        }
         Message::FromDispatcher(reply) => format!("dispatcher reply {reply:?}"),
     }
 }

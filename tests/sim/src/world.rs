@@ -308,6 +308,9 @@ impl World {
             Message::FromDispatcher(DispatcherReply::Joined { incarnation, .. }) => {
                 return self.joined(to, incarnation);
             }
+            Message::FromDispatcher(DispatcherReply::Status { nodes, .. }) => {
+                Input::Live(nodes.iter().filter(|n| n.live).map(|n| n.id).collect())
+            }
             Message::FromDispatcher(_) => return,
         };
         self.input(to, input);
@@ -336,7 +339,7 @@ impl World {
 
     fn restart_dispatcher(&mut self) {
         if !self.dispatcher.is_up() {
-            self.dispatcher.restart();
+            self.dispatcher.restart(self.now_ms);
             trace!(self, "dispatcher restarts on its persisted state");
         }
     }
@@ -513,13 +516,14 @@ impl World {
         );
     }
 
-    /// Every node up and ready, nothing locked, no call waiting, no copy undecided, no
-    /// program waiting.
+    /// Every node up, ready and counting every node live, nothing locked, no call waiting,
+    /// no copy undecided, no program waiting.
     pub(crate) fn quiescent(&self) -> bool {
         self.workload.idle()
             && self.nodes.values().all(|node| {
                 node.machine.as_ref().is_some_and(|machine| {
                     machine.is_rejoined()
+                        && machine.sees_live().len() == self.nodes.len()
                         && machine.in_flight() == (0, 0)
                         && machine.table().pending().is_empty()
                         && machine.fully_replicated()

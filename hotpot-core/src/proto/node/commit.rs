@@ -55,6 +55,8 @@ pub(super) struct OwnerCommit {
     pub(super) asked: Vec<NodeId>,
     /// Nodes that hold the new version once decided.
     pub(super) counted: Vec<NodeId>,
+    /// Holders left out because they are not live: behind once this commit is applied.
+    pub(super) skipped: BTreeSet<NodeId>,
     pub(super) target_tx: TxKey,
     pub(super) awaiting: BTreeSet<NodeId>,
     /// Targets that acked the decision.
@@ -76,13 +78,14 @@ impl Machine {
         self.reply(from, call, reply);
     }
 
-    /// The nodes that must hold a commit's new bytes (proto/replication.rs).
+    /// The nodes that must hold a commit's new bytes (proto/replication.rs), and the
+    /// holders left out because they are not live.
     pub(super) fn targets(
         &self,
         dataset: &Dataset,
         keys: &[PageKey],
         committer: NodeId,
-    ) -> Targets {
+    ) -> (Targets, BTreeSet<NodeId>) {
         let holders: BTreeSet<NodeId> = if self.config.bugs.skip_holder_invalidation {
             BTreeSet::new()
         } else {
@@ -90,13 +93,18 @@ impl Machine {
                 .flat_map(|key| self.owner.holders_of(*key))
                 .collect()
         };
-        replication::targets(
+        let targets = replication::targets(
             self.config.id,
             dataset.params.replicas,
             &self.live(),
-            holders,
+            holders.iter().copied(),
             committer,
-        )
+        );
+        let skipped = holders
+            .into_iter()
+            .filter(|node| *node != self.config.id && !targets.nodes.contains(node))
+            .collect();
+        (targets, skipped)
     }
 
     /// `Commit` / `CommitRuns` at the owner (one owner, no followers).
@@ -184,7 +192,7 @@ impl Machine {
             Ok(writes) => writes,
             Err(error) => return self.finish_commit_early(tx, &keys, Some((from, call)), error),
         };
-        let targets = self.targets(&dataset, &keys, committer);
+        let (targets, skipped) = self.targets(&dataset, &keys, committer);
         let asked: Vec<NodeId> = targets
             .nodes
             .iter()
@@ -200,6 +208,7 @@ impl Machine {
             writes,
             asked: asked.clone(),
             counted: targets.nodes,
+            skipped,
             target_tx,
             awaiting: asked.iter().copied().collect(),
             confirmed: BTreeSet::new(),
@@ -451,6 +460,9 @@ impl Machine {
             let current = self.owner.current.entry(*key).or_default();
             current.clear();
             current.extend(decided.iter().copied());
+            let behind = self.owner.behind.entry(*key).or_default();
+            behind.extend(commit.skipped.iter().copied());
+            behind.retain(|node| !decided.contains(node));
         }
         // Acknowledged only once enough nodes hold the decided bytes (proto/replication.rs).
         let short = short_of_copies(1 + decided.len(), commit.copies_wanted);

@@ -92,10 +92,33 @@ impl Config {
 }
 
 impl Machine {
-    /// The nodes that count as up for replication: every node of the cluster (the machine
-    /// knows no liveness yet; docs/design.md, "Not yet the daemon's code").
+    /// The nodes that count as up for replication: the dispatcher's last view (every node
+    /// until the first), this node, and peers that asked for a copy since.
     pub(super) fn live(&self) -> BTreeSet<NodeId> {
-        self.config.nodes.iter().copied().collect()
+        self.live.clone()
+    }
+
+    /// The nodes this machine counts as live (for `hotpot-sim`'s settle check).
+    pub fn sees_live(&self) -> &BTreeSet<NodeId> {
+        &self.live
+    }
+
+    /// The dispatcher's view arrived: a node it counts as down is left out of commits (a
+    /// holder it skips catches up by re-replication once it is live again).
+    fn take_view(&mut self, live: BTreeSet<NodeId>) {
+        self.live = live
+            .into_iter()
+            .filter(|node| self.config.nodes.contains(node))
+            .chain(std::iter::once(self.config.id))
+            .collect();
+    }
+
+    /// `node` just asked this owner for a copy: it is up, whatever the last view said, so
+    /// the next commit counts it (and sends it the new bytes) at once.
+    pub(super) fn mark_live(&mut self, node: NodeId) {
+        if self.config.nodes.contains(&node) {
+            self.live.insert(node);
+        }
     }
 }
 
@@ -116,6 +139,8 @@ pub enum Input {
     },
     /// A program on this node wants something done.
     Start(Op),
+    /// The nodes the dispatcher counts as live (its answer to a heartbeat).
+    Live(BTreeSet<NodeId>),
     /// Time passed (every input carries `now_ms` too).
     Tick,
 }
@@ -175,6 +200,7 @@ pub struct Machine {
     next_call: u64,
     next_tx: u64,
     calls: BTreeMap<u64, Call>,
+    live: BTreeSet<NodeId>,
     owner: owner::OwnerState,
     multi: multi::MultiState,
     client: client::ClientState,
@@ -190,6 +216,7 @@ impl Machine {
             "a node is in its cluster"
         );
         let first_call = (config.incarnation << 40) | 1;
+        let live = config.nodes.iter().copied().collect();
         let mut machine = Machine {
             config,
             table,
@@ -199,6 +226,7 @@ impl Machine {
             next_call: first_call,
             next_tx: 1,
             calls: BTreeMap::new(),
+            live,
             owner: Default::default(),
             multi: Default::default(),
             client: Default::default(),
@@ -256,6 +284,7 @@ impl Machine {
             } => self.on_request(from, call, request),
             Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
             Input::Start(op) => self.start_op(op),
+            Input::Live(live) => self.take_view(live),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
         }

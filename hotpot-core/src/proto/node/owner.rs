@@ -33,6 +33,9 @@ pub(super) struct OwnerState {
     pub(super) holders: BTreeMap<PageKey, BTreeSet<NodeId>>,
     /// Nodes known to hold the current version of each page (re-replication counts these).
     pub(super) current: BTreeMap<PageKey, BTreeSet<NodeId>>,
+    /// Holders a commit left out because they were not live: their copy is older than this
+    /// owner's until re-replication sends them the page (once they are live again).
+    pub(super) behind: BTreeMap<PageKey, BTreeSet<NodeId>>,
     pub(super) commits: BTreeMap<TxKey, super::commit::OwnerCommit>,
     /// Commit requests answered, by tx: a duplicate gets the same answer.
     pub(super) answered: BTreeMap<TxKey, NodeReply>,
@@ -69,6 +72,24 @@ impl OwnerState {
                 .filter(|holder| **holder != tx)
                 .map(|holder| (*key, *holder))
         })
+    }
+
+    /// `node` holds this owner's version of `key`.
+    pub(super) fn caught_up(&mut self, key: PageKey, node: NodeId) {
+        if let Some(behind) = self.behind.get_mut(&key) {
+            behind.remove(&node);
+            if behind.is_empty() {
+                self.behind.remove(&key);
+            }
+        }
+    }
+
+    /// Live holders of `key` whose copy is older than this owner's.
+    fn behind_of(&self, key: PageKey, live: &BTreeSet<NodeId>) -> Vec<NodeId> {
+        self.behind
+            .get(&key)
+            .map(|behind| behind.intersection(live).copied().collect())
+            .unwrap_or_default()
     }
 
     pub(super) fn remember_answer(&mut self, tx: TxKey, reply: NodeReply) {
@@ -164,6 +185,7 @@ impl Machine {
             return self.reply(from, call, reply);
         }
         let key = (dataset, page);
+        self.mark_live(from);
         if self.owner.unsettled(&[key]) {
             let request = NodeRequest::Fetch {
                 dataset,
@@ -199,6 +221,7 @@ impl Machine {
         if let Some(reply) = self.not_ready() {
             return self.reply(from, call, reply);
         }
+        self.mark_live(node);
         let keys: Vec<PageKey> = if tx.is_none() {
             self.owner
                 .locked
@@ -246,6 +269,7 @@ impl Machine {
                 }),
                 Some((mine, _)) if mine == *version => {
                     self.owner.current.entry(key).or_default().insert(node);
+                    self.owner.caught_up(key, node);
                 }
                 _ => {}
             }
@@ -288,7 +312,9 @@ impl Machine {
                 };
                 let current = self.owner.current.get(&key).cloned().unwrap_or_default();
                 let replicas = dataset.params.replicas;
-                for node in replication::more_copies(me, replicas, &live, &current) {
+                let mut to = replication::more_copies(me, replicas, &live, &current);
+                to.extend(self.owner.behind_of(key, &live));
+                for node in to {
                     // A holder before it has the bytes: every later commit reaches it.
                     self.owner.holders.entry(key).or_default().insert(node);
                     let copy = VersionedPage {
@@ -306,7 +332,8 @@ impl Machine {
         }
     }
 
-    /// Whether every written page this node owns has the copies its dataset wants.
+    /// Whether every written page this node owns has the copies its dataset wants, and no
+    /// live holder is behind.
     pub fn fully_replicated(&self) -> bool {
         let me = self.config.id;
         let live = self.live();
@@ -317,18 +344,30 @@ impl Machine {
                 .all(|page| {
                     let key = (dataset.id, page);
                     self.table.read_persisted(key).is_none()
-                        || 1 + self.owner.current.get(&key).map_or(0, |current| {
+                        || (1 + self.owner.current.get(&key).map_or(0, |current| {
                             current.iter().filter(|node| **node != me).count()
                         }) >= want
+                            && self.owner.behind_of(key, &live).is_empty())
                 })
         })
     }
 
-    /// Rejoin: `node` holds a copy of `key` (`current`: at this owner's version).
-    pub(super) fn owner_learns_holder(&mut self, key: PageKey, node: NodeId, current: bool) {
+    /// This owner takes a newer copy of `key` (a rebuild): every copy it counted is behind.
+    pub(super) fn owner_outdated(&mut self, key: PageKey) {
+        if let Some(current) = self.owner.current.remove(&key) {
+            self.owner.behind.entry(key).or_default().extend(current);
+        }
+    }
+
+    /// Rejoin: `node` holds a copy of `key` at `version`.
+    pub(super) fn owner_learns_holder(&mut self, key: PageKey, node: NodeId, version: u64) {
         self.owner.holders.entry(key).or_default().insert(node);
-        if current {
+        let mine = self.table.version_of(key);
+        if version == mine {
             self.owner.current.entry(key).or_default().insert(node);
+            self.owner.caught_up(key, node);
+        } else if version < mine {
+            self.owner.behind.entry(key).or_default().insert(node);
         }
     }
 
@@ -341,6 +380,7 @@ impl Machine {
     ) {
         if matches!(reply, Some(NodeReply::Done)) && self.table.version_of(key) == version {
             self.owner.current.entry(key).or_default().insert(from);
+            self.owner.caught_up(key, from);
         }
     }
 }

@@ -396,12 +396,17 @@ impl Machine {
     /// after a wipe takes any newer copy as its own.
     fn learn_copies(&mut self, from: NodeId, dataset: DatasetId, copies: &[VersionedPage]) {
         if self.config.rebuilding {
+            for copy in copies {
+                let key = (dataset, copy.page);
+                if copy.version > self.table.version_of(key) {
+                    // Nodes counted at the version this copy replaces are behind it now.
+                    self.owner_outdated(key);
+                }
+            }
             self.serve_install(dataset, copies);
         }
         for copy in copies {
-            let key = (dataset, copy.page);
-            let current = self.table.version_of(key) == copy.version;
-            self.owner_learns_holder(key, from, current);
+            self.owner_learns_holder((dataset, copy.page), from, copy.version);
         }
     }
 }

@@ -9,7 +9,7 @@ use hotpot_core::pm::{SimRegion, TxRole};
 use hotpot_core::proto::types::NodeId;
 use rand::Rng;
 
-use super::{Event, World, PM_BYTES};
+use super::{Event, World, DISPATCHER, PM_BYTES};
 
 impl World {
     pub(super) fn crash(&mut self, id: NodeId) {
@@ -60,7 +60,7 @@ impl World {
         node.rebuilding |= wipe;
         self.workload.node_crashed(id);
         trace!(self, "crash n{id}{}", if wipe { " (PM wiped)" } else { "" });
-        let back = self.rng.random_range(100..2_000);
+        let back = self.rng.random_range(100..self.outage_max_ms());
         self.schedule(back, Event::Restart(id));
     }
 
@@ -133,8 +133,12 @@ impl World {
             self.schedule(next, Event::Partition { heal: false });
             return;
         }
-        // A random side against the rest; one direction only, sometimes.
-        let nodes: Vec<NodeId> = (1..=self.options.nodes).collect();
+        // A random side against the rest (the dispatcher on either, sometimes); one
+        // direction only, sometimes.
+        let mut nodes: Vec<NodeId> = (1..=self.options.nodes).collect();
+        if self.options.dispatcher_cut {
+            nodes.push(DISPATCHER);
+        }
         let side: BTreeSet<NodeId> = nodes
             .iter()
             .copied()
@@ -154,8 +158,17 @@ impl World {
             "partition {side:?} vs rest{}",
             if one_way { " (one-way)" } else { "" }
         );
-        let lasts = self.rng.random_range(100..3_000);
+        let lasts = self.rng.random_range(100..self.outage_max_ms().max(3_000));
         self.schedule(lasts, Event::Partition { heal: true });
+    }
+
+    /// How long a crashed node stays down or a partition lasts, at most.
+    fn outage_max_ms(&self) -> u64 {
+        if self.options.long_outages {
+            6_000
+        } else {
+            2_000
+        }
     }
 
     pub(super) fn heal(&mut self) {
