@@ -446,18 +446,38 @@ impl Cluster {
         );
     }
 
-    /// Whether node `node`'s process (as cluster.json records it) still has a thread that
-    /// has not exited: a killed process holds its files (the PM file's lock) until its last
-    /// thread is gone, even when its main thread is already a zombie.
-    pub fn is_running(&self, node: u32) -> bool {
+    /// Node `node`'s process id, as cluster.json records it.
+    pub fn pid(&self, node: u32) -> u64 {
         let info = self.info();
-        let pid = info["nodes"]
+        info["nodes"]
             .as_array()
             .expect("nodes")
             .iter()
             .find(|entry| entry["id"] == node)
             .and_then(|entry| entry["pid"].as_u64())
-            .expect("node pid");
+            .expect("node pid")
+    }
+
+    /// Stop node `node` (SIGSTOP): alive, holding its copies, but silent (no heartbeat, no
+    /// answer) until the guard is dropped. Nothing may touch its mount meanwhile.
+    pub fn pause(&self, node: u32) -> Paused {
+        let pid = libc::pid_t::try_from(self.pid(node)).expect("a pid");
+        // SAFETY: kill only sends a signal to a process this cluster started.
+        let sent = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(
+            sent,
+            0,
+            "SIGSTOP to node {node}: {}",
+            std::io::Error::last_os_error()
+        );
+        Paused { pid }
+    }
+
+    /// Whether node `node`'s process (as cluster.json records it) still has a thread that
+    /// has not exited: a killed process holds its files (the PM file's lock) until its last
+    /// thread is gone, even when its main thread is already a zombie.
+    pub fn is_running(&self, node: u32) -> bool {
+        let pid = self.pid(node);
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             return false;
         };
@@ -475,6 +495,18 @@ impl Cluster {
     pub fn node_log(&self, node: u32) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("n{node}")).join("node.log"))
             .unwrap_or_default()
+    }
+}
+
+/// A node stopped by `Cluster::pause`; continued (SIGCONT) on drop, even when a test fails.
+pub struct Paused {
+    pid: libc::pid_t,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends a signal to the process `pause` stopped.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
     }
 }
 

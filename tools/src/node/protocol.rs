@@ -39,6 +39,9 @@ pub(super) struct OwnerState {
     applied: HashSet<PageKey>,
     /// Nodes holding a copy of each page this node owns (volatile, see design.md).
     holders: HashMap<PageKey, BTreeSet<NodeId>>,
+    /// Holders whose copy is older than this owner's: a commit left them out because they
+    /// were not live. Re-replication sends them the page once they are live again.
+    behind: HashMap<PageKey, BTreeSet<NodeId>>,
 }
 
 pub struct Protocol {
@@ -434,10 +437,45 @@ impl Protocol {
                     holders.remove(&node);
                 }
             }
+            for (key, behind) in state.behind.iter_mut() {
+                if key.0 == dataset {
+                    behind.remove(&node);
+                }
+            }
         }
         for key in keys {
             state.holders.entry(*key).or_default().insert(node);
         }
+    }
+
+    /// `node` holds an older copy of `keys` than this owner.
+    pub(super) fn mark_behind(&self, node: NodeId, keys: &[PageKey]) {
+        let mut state = self.owner_state();
+        for key in keys {
+            state.behind.entry(*key).or_default().insert(node);
+        }
+    }
+
+    /// `node` holds (or was just sent) this owner's version of `keys`.
+    pub(super) fn caught_up(&self, node: NodeId, keys: &[PageKey]) {
+        let mut state = self.owner_state();
+        for key in keys {
+            if let Some(behind) = state.behind.get_mut(key) {
+                behind.remove(&node);
+                if behind.is_empty() {
+                    state.behind.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The holders of `key` that are behind this owner.
+    pub(super) fn behind_of(&self, key: PageKey) -> BTreeSet<NodeId> {
+        self.owner_state()
+            .behind
+            .get(&key)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub(super) fn holders_of(&self, keys: &[PageKey]) -> BTreeSet<NodeId> {
@@ -505,6 +543,10 @@ impl Protocol {
         }
         let mut state = self.settled(&[key])?;
         state.holders.entry(key).or_default().insert(from);
+        // It gets this owner's copy in the answer.
+        if let Some(behind) = state.behind.get_mut(&key) {
+            behind.remove(&from);
+        }
         Ok(read())
     }
 
@@ -681,13 +723,19 @@ impl Protocol {
     ) -> Result<Replicated, FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let live: BTreeSet<NodeId> = self.peers.live().into_iter().collect();
+        let holders = self.holders_of(&keys);
         let Targets { nodes, wanted } = targets(
             self.id,
             dataset.params.replicas,
             &live,
-            self.holders_of(&keys),
+            holders.iter().copied(),
             committer,
         );
+        // Holders not live are left out: their copies fall behind this commit.
+        let skipped: BTreeSet<NodeId> = holders
+            .into_iter()
+            .filter(|node| *node != self.id && !nodes.contains(node))
+            .collect();
         if nodes.len() + 1 < wanted {
             return Err(FsError::Io(format!(
                 "dataset {} needs {wanted} copies but only {} nodes are live",
@@ -722,6 +770,7 @@ impl Protocol {
             target_tx,
             targets,
             counted,
+            skipped,
             keys,
             wanted,
         })
@@ -784,6 +833,12 @@ impl Protocol {
                 .entry(*key)
                 .or_default()
                 .extend(replicated.counted.iter().copied());
+            let behind = state.behind.entry(*key).or_default();
+            behind.extend(replicated.skipped.iter().copied());
+            behind.retain(|node| !replicated.counted.contains(node));
+            if behind.is_empty() {
+                state.behind.remove(key);
+            }
         }
         delivered
     }
@@ -976,6 +1031,8 @@ pub(super) struct Replicated {
     pub targets: Vec<NodeId>,
     /// Nodes that hold the new version once decided (targets and a prepared committer).
     pub counted: Vec<NodeId>,
+    /// Holders left out because they are not live (behind once this commit is decided).
+    pub skipped: BTreeSet<NodeId>,
     pub keys: Vec<PageKey>,
     /// The copies the dataset needs, this owner's included: `min(replicas, live nodes)`.
     pub wanted: usize,

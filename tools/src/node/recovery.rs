@@ -208,7 +208,12 @@ impl Protocol {
                 };
                 match self.ask(peer, &request) {
                     Ok(_) => pushed += batch.len(),
-                    Err(error) => tracing::warn!(peer, %error, "holder behind not updated"),
+                    Err(error) => {
+                        tracing::warn!(peer, %error, "holder behind not updated; re-replication retries");
+                        let keys: Vec<PageKey> =
+                            batch.iter().map(|copy| (dataset.id, copy.page)).collect();
+                        self.mark_behind(peer, &keys);
+                    }
                 }
             }
         }
@@ -377,7 +382,11 @@ impl Protocol {
         self.invalidate_dataset(dataset, &keys.iter().map(|key| key.1).collect::<Vec<_>>());
         let mut all = true;
         for node in self.holders_of(keys) {
-            if node == self.id || !live.contains(&node) {
+            if node == self.id {
+                continue;
+            }
+            if !live.contains(&node) {
+                self.mark_behind(node, keys);
                 continue;
             }
             let request = NodeRequest::Install {
@@ -385,7 +394,8 @@ impl Protocol {
                 pages: copies.clone(),
             };
             if let Err(error) = self.ask(node, &request) {
-                tracing::warn!(node, %error, "a holder missed a recovered commit; it catches up when it rejoins");
+                tracing::warn!(node, %error, "a holder missed a recovered commit; re-replication retries");
+                self.mark_behind(node, keys);
                 all = false;
             }
         }
@@ -650,8 +660,10 @@ impl Protocol {
                 .filter(|page| self.owner_of(&dataset, *page) == self.id)
                 .collect();
             for page in owned {
-                let holders = self.holders_of(&[(dataset.id, page)]);
-                let more = more_copies(self.id, dataset.params.replicas, &live, &holders);
+                let key = (dataset.id, page);
+                let holders = self.holders_of(&[key]);
+                let mut more = more_copies(self.id, dataset.params.replicas, &live, &holders);
+                more.extend(self.behind_of(key).intersection(&live));
                 below += u64::from(!more.is_empty());
                 for node in more {
                     wanted.entry(node).or_default().push(page);
@@ -684,6 +696,7 @@ impl Protocol {
             },
         )?;
         self.set_holder(node, dataset, &keys, false);
+        self.caught_up(node, &keys);
         self.rereplicated
             .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(node, dataset, pages = pages.len(), "re-replicated");

@@ -1,0 +1,105 @@
+//! A holder the dispatcher counts as down is left out of a commit (the commit does not wait
+//! for it), so its copy falls behind. Found by hotpot-sim once the node machine took the
+//! dispatcher's view: such a holder kept its old copy for good when it was in fact alive
+//! (a stalled process, or cut off from the dispatcher only). The owner now remembers it as
+//! behind and sends it the page once it is live again.
+
+use std::time::{Duration, Instant};
+
+use hotpot_tests::{fuse_available, page_pattern, require_program, Cluster, Mapping};
+
+const PAGES: u64 = 16;
+
+fn first_page(cluster: &Cluster, node: u32) -> Vec<u8> {
+    let bytes = std::fs::read(cluster.mount(node).join("data"))
+        .unwrap_or_else(|error| panic!("read on node {node}: {error}"));
+    bytes[..4096].to_vec()
+}
+
+#[test]
+fn a_holder_left_out_while_it_was_silent_catches_up_when_it_is_back() {
+    assert!(
+        fuse_available(),
+        "needs /dev/fuse and root (apt-get install fuse3)"
+    );
+    require_program("fusermount3", "apt-get install fuse3");
+    let cluster = Cluster::up(3, "64MiB");
+    cluster.wait_views_settled();
+    // One chunk, one owner; the writer and the holder are the two other nodes.
+    let path = cluster.create_chunked(1, "data", "64KiB", "mrsw", 2, "64KiB");
+    let owner = cluster.chunk_owners(&path)[0] as u32;
+    let writer = owner % 3 + 1;
+    let holder = writer % 3 + 1;
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cluster.mount(writer).join("data"))
+        .expect("open on the writer");
+    let mut mapping = Mapping::new(&file, (PAGES * 4096) as usize);
+    mapping.bytes()[..4096].copy_from_slice(&page_pattern(1, 0));
+    mapping.msync().expect("the first commit");
+    assert_eq!(first_page(&cluster, holder), page_pattern(1, 0));
+
+    // The holder stops answering; wait until the owner counts it as down.
+    let paused = cluster.pause(holder);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster.status_json();
+        let owner_sees = status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|node| node["id"] == owner)
+            .map(|node| node["usage"]["sees_live"].clone())
+            .expect("the owner in the status");
+        if owner_sees
+            .as_array()
+            .is_some_and(|live| !live.iter().any(|id| *id == holder))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the owner, node {owner}, still counts node {holder} as live: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let started = Instant::now();
+    mapping.bytes()[..4096].copy_from_slice(&page_pattern(2, 0));
+    mapping
+        .msync()
+        .expect("a commit with a silent holder left out");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the commit waited for the silent holder ({:?})",
+        started.elapsed()
+    );
+
+    // Back: it must not keep the page it had.
+    drop(paused);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = first_page(&cluster, holder);
+        if page == page_pattern(2, 0) {
+            break;
+        }
+        assert_eq!(
+            page,
+            page_pattern(1, 0),
+            "node {holder} reads bytes no commit wrote"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "node {holder} still reads the page as it was before it went silent, 20 s after it \
+             came back\nowner's log: {}",
+            cluster.node_log(owner)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stat = cluster.stat_json(&path);
+    assert!(
+        stat["min_copies"].as_u64().unwrap_or(0) >= 2,
+        "pages below two copies: {stat}"
+    );
+}
