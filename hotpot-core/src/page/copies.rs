@@ -428,6 +428,14 @@ impl PageTable {
         self.pool.outcomes_waiting()
     }
 
+    /// Whether a prepared commit waiting here holds a newer copy of `key` (this node's
+    /// decided copy may already be older than the owner's).
+    pub fn in_prepared(&self, key: PageKey) -> bool {
+        self.prepared
+            .values()
+            .any(|prepared| prepared.dataset == key.0 && prepared.pages.contains(&key.1))
+    }
+
     /// Whether `tx` is prepared here and waiting.
     pub fn is_pending(&self, tx: TxKey) -> bool {
         self.prepared.contains_key(&tx)

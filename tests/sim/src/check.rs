@@ -5,6 +5,7 @@
 //! healed, the cluster settles (nothing locked, undecided or waiting) with every page at
 //! `min(replicas, nodes)` copies.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use hotpot_core::pm::PAGE_BYTES;
@@ -22,6 +23,33 @@ pub struct Violation {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "at {} ms: {}", self.at_ms, self.what)
+    }
+}
+
+/// The live views each node's machine was given (the dispatcher's answers), in time order.
+#[derive(Default)]
+pub struct Views {
+    given: BTreeMap<NodeId, Vec<(u64, BTreeSet<NodeId>)>>,
+}
+
+impl Views {
+    pub fn record(&mut self, node: NodeId, at_ms: u64, live: BTreeSet<NodeId>) {
+        self.given.entry(node).or_default().push((at_ms, live));
+    }
+
+    /// Whether `node`'s view left `other` out at some time in `from_ms..=to_ms` (the view in
+    /// force just before `from_ms` included: one given at `from_ms` may have come after).
+    pub fn counted_down(&self, node: NodeId, other: NodeId, from_ms: u64, to_ms: u64) -> bool {
+        let Some(given) = self.given.get(&node) else {
+            return false;
+        };
+        let first = given
+            .partition_point(|(at, _)| *at < from_ms)
+            .saturating_sub(1);
+        given[first..]
+            .iter()
+            .take_while(|(at, _)| *at <= to_ms)
+            .any(|(_, live)| !live.contains(&other))
     }
 }
 
@@ -43,13 +71,57 @@ impl Checker {
         self.violations.push(Violation { at_ms, what });
     }
 
-    pub fn check_read(&mut self, now_ms: u64, workload: &Workload, read: &ReadRecord) {
-        if let Err(what) = stamps(workload, read.dataset, read.page, &read.bytes) {
-            let what = format!(
-                "node {} read page {} of dataset {} (v{}): {what}",
-                read.node, read.page, read.dataset, read.version
-            );
-            self.violation(now_ms, what);
+    /// A read returns whole committed slots, and (coherence) every commit acknowledged
+    /// before the read started, unless the page's owner counted the reader down while that
+    /// commit ran: a holder it counts down is left out and catches up later.
+    pub fn check_read(
+        &mut self,
+        now_ms: u64,
+        workload: &Workload,
+        read: &ReadRecord,
+        owner: NodeId,
+        views: &Views,
+    ) {
+        let found = match stamps(workload, read.dataset, read.page, &read.bytes) {
+            Ok(found) => found,
+            Err(what) => {
+                let what = format!(
+                    "node {} read page {} of dataset {} (v{}): {what}",
+                    read.node, read.page, read.dataset, read.version
+                );
+                return self.violation(now_ms, what);
+            }
+        };
+        for ((dataset, page, writer), stamps) in workload
+            .acked
+            .range((read.dataset, read.page, 0)..=(read.dataset, read.page, NodeId::MAX))
+        {
+            debug_assert_eq!((*dataset, *page), (read.dataset, read.page));
+            let seen = found
+                .iter()
+                .find(|(node, _)| node == writer)
+                .map_or(0, |(_, stamp)| *stamp);
+            // Newest first; a commit the read shows vouches for every earlier one.
+            for stamp in stamps.iter().rev() {
+                let write = &workload.writes[stamp];
+                if write.acked_ms.is_none_or(|acked| acked >= read.started_ms) {
+                    continue;
+                }
+                if seen >= *stamp {
+                    break;
+                }
+                if views.counted_down(owner, read.node, write.started_ms, read.started_ms) {
+                    continue;
+                }
+                let what = format!(
+                    "node {} read page {page} of dataset {dataset} (v{}) at {} ms without commit {stamp} of node {writer}, acknowledged at {} ms (its slot holds {seen})",
+                    read.node,
+                    read.version,
+                    read.started_ms,
+                    write.acked_ms.unwrap_or_default()
+                );
+                return self.violation(now_ms, what);
+            }
         }
     }
 

@@ -40,6 +40,9 @@ pub struct WriteRecord {
     pub dataset: DatasetId,
     pub pages: Vec<u64>,
     pub status: Status,
+    pub started_ms: u64,
+    /// When the program got the acknowledgement.
+    pub acked_ms: Option<u64>,
 }
 
 /// A read that finished: what it returned.
@@ -48,6 +51,7 @@ pub struct ReadRecord {
     pub node: NodeId,
     pub dataset: DatasetId,
     pub page: u64,
+    pub started_ms: u64,
     pub version: u64,
     pub bytes: Vec<u8>,
 }
@@ -55,7 +59,11 @@ pub struct ReadRecord {
 #[derive(Clone, Debug)]
 enum Running {
     Write,
-    Read { dataset: DatasetId, page: u64 },
+    Read {
+        dataset: DatasetId,
+        page: u64,
+        started_ms: u64,
+    },
 }
 
 pub struct Workload {
@@ -64,6 +72,8 @@ pub struct Workload {
     writers: BTreeMap<DatasetId, NodeId>,
     /// Every commit started, by its stamp (the operation number).
     pub writes: BTreeMap<OpId, WriteRecord>,
+    /// Acknowledged commits per (dataset, page, committing node), in acknowledgement order.
+    pub acked: BTreeMap<(DatasetId, u64, NodeId), Vec<OpId>>,
     running: BTreeMap<NodeId, (OpId, Running)>,
     next_op: OpId,
 }
@@ -82,6 +92,7 @@ impl Workload {
             datasets: datasets.to_vec(),
             writers,
             writes: BTreeMap::new(),
+            acked: BTreeMap::new(),
             running: BTreeMap::new(),
             next_op: 1,
         }
@@ -96,7 +107,7 @@ impl Workload {
     }
 
     /// The node's next operation (a write where it may write, half the time).
-    pub fn next_op(&mut self, node: NodeId, rng: &mut ChaCha8Rng) -> Op {
+    pub fn next_op(&mut self, node: NodeId, rng: &mut ChaCha8Rng, now_ms: u64) -> Op {
         let op = self.next_op;
         self.next_op += 1;
         let writable: Vec<&(Dataset, u64)> = self
@@ -132,6 +143,8 @@ impl Workload {
                     dataset: dataset.id,
                     pages: chosen,
                     status: Status::InFlight,
+                    started_ms: now_ms,
+                    acked_ms: None,
                 },
             );
             self.running.insert(node, (op, Running::Write));
@@ -150,6 +163,7 @@ impl Workload {
                     Running::Read {
                         dataset: dataset.id,
                         page,
+                        started_ms: now_ms,
                     },
                 ),
             );
@@ -162,26 +176,39 @@ impl Workload {
     }
 
     /// An operation finished; a read is returned for the checker.
-    pub fn finish(&mut self, node: NodeId, done: &OpDone) -> Option<ReadRecord> {
+    pub fn finish(&mut self, node: NodeId, done: &OpDone, now_ms: u64) -> Option<ReadRecord> {
         let (op, running) = self.running.remove(&node)?;
         assert_eq!(op, done.op, "a node runs one operation at a time");
         if let Some(write) = self.writes.get_mut(&op) {
             write.status = match &done.result {
-                OpResult::Committed => Status::Acked,
+                OpResult::Committed => {
+                    write.acked_ms = Some(now_ms);
+                    for page in &write.pages {
+                        let key = (write.dataset, *page, write.node);
+                        self.acked.entry(key).or_default().push(op);
+                    }
+                    Status::Acked
+                }
                 OpResult::Refused(_) => Status::Refused,
                 _ => Status::InDoubt,
             };
         }
         match (running, &done.result) {
-            (Running::Read { dataset, page }, OpResult::Read { version, bytes }) => {
-                Some(ReadRecord {
-                    node,
+            (
+                Running::Read {
                     dataset,
                     page,
-                    version: *version,
-                    bytes: bytes.clone(),
-                })
-            }
+                    started_ms,
+                },
+                OpResult::Read { version, bytes },
+            ) => Some(ReadRecord {
+                node,
+                dataset,
+                page,
+                started_ms,
+                version: *version,
+                bytes: bytes.clone(),
+            }),
             _ => None,
         }
     }

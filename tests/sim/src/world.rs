@@ -15,7 +15,7 @@ use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::check::{Checker, Violation};
+use crate::check::{Checker, Views, Violation};
 use crate::dispatcher::SimDispatcher;
 use crate::options::Options;
 use crate::trace::{self, Trace};
@@ -104,6 +104,8 @@ pub struct World {
     dispatcher: SimDispatcher,
     workload: Workload,
     checker: Checker,
+    /// The live views given to each machine, for the coherence check of reads.
+    views: Views,
     trace: Trace,
 }
 
@@ -146,6 +148,7 @@ impl World {
             dispatcher: SimDispatcher::new(CLUSTER_ID),
             workload,
             checker: Checker::default(),
+            views: Views::default(),
             trace,
         };
         for id in node_ids {
@@ -309,7 +312,12 @@ impl World {
                 return self.joined(to, incarnation);
             }
             Message::FromDispatcher(DispatcherReply::Status { nodes, .. }) => {
-                Input::Live(nodes.iter().filter(|n| n.live).map(|n| n.id).collect())
+                let live: BTreeSet<NodeId> =
+                    nodes.iter().filter(|n| n.live).map(|n| n.id).collect();
+                if self.nodes[&to].machine.is_some() {
+                    self.views.record(to, self.now_ms, live.clone());
+                }
+                Input::Live(live)
             }
             Message::FromDispatcher(_) => return,
         };
@@ -445,7 +453,7 @@ impl World {
         if self.healing || self.nodes[&node].machine.is_none() || self.workload.busy(node) {
             return;
         }
-        let op = self.workload.next_op(node, &mut self.rng);
+        let op = self.workload.next_op(node, &mut self.rng, self.now_ms);
         trace!(self, "start n{node} {}", trace::describe_op(&op));
         self.input(node, Input::Start(op));
     }
@@ -457,8 +465,12 @@ impl World {
             done.op,
             trace::describe_result(&done.result)
         );
-        if let Some(read) = self.workload.finish(node, &done) {
-            self.checker.check_read(self.now_ms, &self.workload, &read);
+        if let Some(read) = self.workload.finish(node, &done, self.now_ms) {
+            let owner = self.datasets[read.dataset as usize - 1]
+                .0
+                .owner_of_page(read.page);
+            self.checker
+                .check_read(self.now_ms, &self.workload, &read, owner, &self.views);
         }
         let (low, high) = self.options.think_ms;
         let pause = self.rng.random_range(low..=high);
@@ -496,6 +508,9 @@ impl World {
         match PageTable::open(region, id, CLUSTER_ID) {
             Ok((table, _)) => {
                 node.machine = Some(Machine::start(config, table, self.now_ms));
+                // A machine starts counting every node live.
+                let all = self.nodes.keys().copied().collect();
+                self.views.record(id, self.now_ms, all);
                 self.schedule(1 + u64::from(id), Event::Client(id));
             }
             Err(error) => {

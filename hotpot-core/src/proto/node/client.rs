@@ -100,10 +100,12 @@ impl Machine {
                         OpResult::Refused(FsError::Invalid("page past the end".into())),
                     );
                 }
-                if let Some((version, bytes)) = self.table.read_persisted((dataset_id, page)) {
-                    return self.op_done(id, OpResult::Read { version, bytes });
-                }
                 let owner = self.owner_of(&dataset, page);
+                if !self.reads_through(&dataset, page) {
+                    if let Some((version, bytes)) = self.table.read_persisted((dataset_id, page)) {
+                        return self.op_done(id, OpResult::Read { version, bytes });
+                    }
+                }
                 self.client.ops.insert(
                     id,
                     ClientOp {
@@ -269,7 +271,19 @@ impl Machine {
         }
         match (op.step, reply) {
             (Step::Reading { page }, Some(NodeReply::Page(copy))) => {
-                let result = self.take_fetched(op.dataset.id, page, copy);
+                let result = if self.reads_through(&op.dataset, page) {
+                    // Not kept: what settles this node's copy comes by its own way.
+                    OpResult::Read {
+                        version: copy.version,
+                        bytes: if copy.version == 0 {
+                            vec![0u8; PAGE_BYTES]
+                        } else {
+                            copy.bytes
+                        },
+                    }
+                } else {
+                    self.take_fetched(op.dataset.id, page, copy)
+                };
                 self.op_done(id, result);
             }
             (Step::Fetching { mut missing }, Some(NodeReply::Page(copy))) => {
@@ -378,6 +392,18 @@ impl Machine {
         if let Some(op) = self.client.ops.get_mut(&id) {
             op.step = Step::Backoff { until_ms };
         }
+    }
+
+    /// Whether a read of `page` must come from its owner although this node may hold a
+    /// copy: a newer copy prepared here may be decided already (the Decide not heard yet),
+    /// and a copy kept over a restart may have missed commits until the owner answered this
+    /// node's registration.
+    fn reads_through(&self, dataset: &Dataset, page: u64) -> bool {
+        self.table.in_prepared((dataset.id, page))
+            || self
+                .target
+                .registering
+                .contains(&(self.owner_of(dataset, page), dataset.id))
     }
 
     /// A fetched copy stored (this node becomes a holder) and read back.

@@ -41,6 +41,10 @@ pub(super) struct OwnerState {
     pub(super) answered: BTreeMap<TxKey, NodeReply>,
     pub(super) parked: Vec<Parked>,
     pub(super) last_rereplicate_ms: u64,
+    /// The newest registration served per (sender, dataset), by call id (call ids only grow,
+    /// across the sender's starts too): an older one, parked across the sender's restart,
+    /// must not undo what a newer one said.
+    pub(super) newest_register: BTreeMap<(NodeId, DatasetId), u64>,
 }
 
 /// How many answered commits an owner remembers for duplicates.
@@ -246,6 +250,16 @@ impl Machine {
             };
             return self.park(from, call, request, keys);
         }
+        let newest = self
+            .owner
+            .newest_register
+            .entry((from, dataset))
+            .or_default();
+        if call < *newest {
+            let why = "a newer registration from this node was served".to_string();
+            return self.reply(from, call, NodeReply::Failed(FsError::Busy(why)));
+        }
+        *newest = call;
         if tx.is_none() {
             // A rejoin: the node's list replaces what this owner counted as its current
             // copies (it may have lost some). It stays a holder of everything it held: the
