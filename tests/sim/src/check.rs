@@ -1,5 +1,7 @@
-//! Checkers, outside the nodes: they look only at what programs saw and at every node's
-//! PM. Safety: a read returns bytes some commit (not refused) wrote, whole; at the end an
+//! Checkers, outside the nodes: they look only at what programs saw, at every node's PM and
+//! at the live views the world gave the nodes. Safety: a read returns bytes some commit (not
+//! refused) wrote, whole, and every commit acknowledged before it began (unless the page's
+//! owner counted the reader down meanwhile); at the end an
 //! acknowledged commit is present on every page it wrote (or overwritten by a later commit of
 //! the same node), no commit is partly visible, every copy equals its owner's. Liveness: once
 //! healed, the cluster settles (nothing locked, undecided or waiting) with every page at

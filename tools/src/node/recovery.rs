@@ -662,7 +662,10 @@ impl Protocol {
             for page in owned {
                 let key = (dataset.id, page);
                 let holders = self.holders_of(&[key]);
-                let mut more = more_copies(self.id, dataset.params.replicas, &live, &holders);
+                let mut more: BTreeSet<NodeId> =
+                    more_copies(self.id, dataset.params.replicas, &live, &holders)
+                        .into_iter()
+                        .collect();
                 more.extend(self.behind_of(key).intersection(&live));
                 below += u64::from(!more.is_empty());
                 for node in more {

@@ -326,7 +326,10 @@ impl Machine {
                 };
                 let current = self.owner.current.get(&key).cloned().unwrap_or_default();
                 let replicas = dataset.params.replicas;
-                let mut to = replication::more_copies(me, replicas, &live, &current);
+                let mut to: BTreeSet<NodeId> =
+                    replication::more_copies(me, replicas, &live, &current)
+                        .into_iter()
+                        .collect();
                 to.extend(self.owner.behind_of(key, &live));
                 for node in to {
                     // A holder before it has the bytes: every later commit reaches it.
