@@ -5,7 +5,7 @@
 //! applied before the owner's decision), fetches racing commits (the owner's lock and holder
 //! set change together), and its own writes arriving during a commit.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -82,6 +82,9 @@ pub struct Protocol {
     pub(super) rereplicated: AtomicU64,
     /// A node rejoined (it may have lost copies): re-replicate at the next round.
     pub(super) rereplicate_soon: AtomicBool,
+    /// Pages this node took from another node while their owner did not answer, and the
+    /// owner: it does not know this node holds them until it is asked again (reader.rs).
+    pub(super) failed_over: Mutex<BTreeMap<PageKey, NodeId>>,
     /// False while the node rejoins (recovery.rs): owner requests wait.
     ready: Mutex<bool>,
     became_ready: Condvar,
@@ -157,6 +160,7 @@ impl Protocol {
             below_copies: AtomicU64::new(0),
             rereplicated: AtomicU64::new(0),
             rereplicate_soon: AtomicBool::new(false),
+            failed_over: Mutex::new(BTreeMap::new()),
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
             fetches: reader::FetchCounters::default(),

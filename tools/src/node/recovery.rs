@@ -284,7 +284,11 @@ impl Protocol {
 
     /// Keep copies sent by an owner (only newer versions replace ours) and drop the
     /// kernel's cached pages of those that did.
-    fn install(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Result<Vec<u64>, FsError> {
+    pub(super) fn install(
+        &self,
+        dataset: DatasetId,
+        copies: &[VersionedPage],
+    ) -> Result<Vec<u64>, FsError> {
         let zeros = vec![0u8; PAGE_BYTES];
         let mut pages = Vec::with_capacity(copies.len());
         for copy in copies {
@@ -423,6 +427,7 @@ impl Protocol {
                 }
             }
             self.resolve_pending(None);
+            self.refetch_failed_over();
             self.resolve_outcomes(&mut outcome_seen);
             self.expire_phase1_locks(resolve_after() * 2);
             let soon = self

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use hotpot_core::pm::PAGE_BYTES;
+use hotpot_core::pm::{PageKey, PAGE_BYTES};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use hotpot_core::proto::types::{Dataset, DatasetId, FetchCounts, FsError, NodeId};
 use hotpot_net::{multicall, Client, NetError};
@@ -69,6 +69,7 @@ impl Protocol {
                     self.table()
                         .install_copy((dataset.id, page), version, &bytes)
                         .map_err(pm_error)?;
+                    self.note_failed_over((dataset.id, page), owner);
                     return Ok(bytes);
                 }
             }
@@ -79,6 +80,7 @@ impl Protocol {
             page,
             from: self.id,
         };
+        let mut failed_over = false;
         let (version, bytes) = match self.call(owner, &request) {
             Ok(NodeReply::Page(copy)) if copy.bytes.is_empty() => {
                 (copy.version, vec![0u8; PAGE_BYTES])
@@ -91,6 +93,7 @@ impl Protocol {
                 )))
             }
             Err(error) if unreachable(&error) => {
+                failed_over = true;
                 self.fetch_any_copy(dataset.id, page, owner, &error)?
             }
             Err(error) => return Err(FsError::Io(format!("fetch from owner {owner}: {error}"))),
@@ -104,7 +107,74 @@ impl Protocol {
         self.table()
             .install_copy((dataset.id, page), version, &bytes)
             .map_err(pm_error)?;
+        if failed_over {
+            self.note_failed_over((dataset.id, page), owner);
+        }
         Ok(bytes)
+    }
+
+    /// A copy taken while `owner` did not answer: the owner has not recorded this node as a
+    /// holder, so its commits would not reach it. Fetched again from the owner (resolver).
+    fn note_failed_over(&self, key: PageKey, owner: NodeId) {
+        self.failed_over
+            .lock()
+            .expect("failed-over lock")
+            .insert(key, owner);
+    }
+
+    /// Resolver round: fetch again, from their owners now live, the pages taken elsewhere
+    /// while the owner was silent; the fetch makes this node a holder the owner knows, and a
+    /// newer version replaces the copy (and drops the kernel's cached page).
+    pub(in crate::node) fn refetch_failed_over(&self) {
+        let waiting: Vec<(PageKey, NodeId)> = self
+            .failed_over
+            .lock()
+            .expect("failed-over lock")
+            .iter()
+            .map(|(key, owner)| (*key, self.peers.resolve(*owner)))
+            .collect();
+        let live = self.peers.live();
+        for ((dataset, page), owner) in waiting {
+            if owner != self.id && !live.contains(&owner) {
+                continue;
+            }
+            let request = NodeRequest::Fetch {
+                dataset,
+                page,
+                from: self.id,
+            };
+            let copy = if owner == self.id {
+                None // promoted in the owner's place: the rejoin of its holders covers it
+            } else {
+                match self.call(owner, &request) {
+                    Ok(NodeReply::Page(copy)) => Some(copy),
+                    Ok(other) => {
+                        tracing::warn!(owner, ?other, "unexpected answer to a fetch");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::debug!(owner, %error, "owner still silent; fetching again later");
+                        continue;
+                    }
+                }
+            };
+            if let Some(copy) = copy {
+                if let Err(error) = self.install(dataset, &[copy]) {
+                    tracing::error!(%error, "cannot keep the owner's copy");
+                    continue;
+                }
+            }
+            tracing::info!(
+                owner,
+                dataset,
+                page,
+                "a page taken during failover is known to its owner again"
+            );
+            self.failed_over
+                .lock()
+                .expect("failed-over lock")
+                .remove(&(dataset, page));
+        }
     }
 
     /// The one-sided path (see the module comment); any failure falls back to `Fetch`.
