@@ -148,6 +148,10 @@ impl Protocol {
             } else {
                 match self.call(owner, &request) {
                     Ok(NodeReply::Page(copy)) => Some(copy),
+                    Ok(NodeReply::Failed(error)) => {
+                        tracing::debug!(owner, %error, "owner cannot answer yet; fetching again later");
+                        continue;
+                    }
                     Ok(other) => {
                         tracing::warn!(owner, ?other, "unexpected answer to a fetch");
                         continue;
