@@ -44,6 +44,18 @@ pub(super) struct OwnerState {
     behind: HashMap<PageKey, BTreeSet<NodeId>>,
 }
 
+impl OwnerState {
+    /// `node` holds (or was just sent) this owner's version of `key`.
+    fn caught_up(&mut self, node: NodeId, key: PageKey) {
+        if let Some(behind) = self.behind.get_mut(&key) {
+            behind.remove(&node);
+            if behind.is_empty() {
+                self.behind.remove(&key);
+            }
+        }
+    }
+}
+
 pub struct Protocol {
     pub id: NodeId,
     pub table: Mutex<PageTable>,
@@ -464,22 +476,18 @@ impl Protocol {
     pub(super) fn caught_up(&self, node: NodeId, keys: &[PageKey]) {
         let mut state = self.owner_state();
         for key in keys {
-            if let Some(behind) = state.behind.get_mut(key) {
-                behind.remove(&node);
-                if behind.is_empty() {
-                    state.behind.remove(key);
-                }
-            }
+            state.caught_up(node, *key);
         }
     }
 
-    /// The holders of `key` that are behind this owner.
-    pub(super) fn behind_of(&self, key: PageKey) -> BTreeSet<NodeId> {
+    /// The holders behind this owner of each page of `dataset` that has any.
+    pub(super) fn behind_in(&self, dataset: DatasetId) -> BTreeMap<u64, BTreeSet<NodeId>> {
         self.owner_state()
             .behind
-            .get(&key)
-            .cloned()
-            .unwrap_or_default()
+            .iter()
+            .filter(|(key, _)| key.0 == dataset)
+            .map(|(key, nodes)| (key.1, nodes.clone()))
+            .collect()
     }
 
     pub(super) fn holders_of(&self, keys: &[PageKey]) -> BTreeSet<NodeId> {
@@ -548,9 +556,7 @@ impl Protocol {
         let mut state = self.settled(&[key])?;
         state.holders.entry(key).or_default().insert(from);
         // It gets this owner's copy in the answer.
-        if let Some(behind) = state.behind.get_mut(&key) {
-            behind.remove(&from);
-        }
+        state.caught_up(from, key);
         Ok(read())
     }
 

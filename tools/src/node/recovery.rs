@@ -664,15 +664,18 @@ impl Protocol {
                 .map(|copy| copy.record.page)
                 .filter(|page| self.owner_of(&dataset, *page) == self.id)
                 .collect();
+            let behind = self.behind_in(dataset.id);
             for page in owned {
-                let key = (dataset.id, page);
-                let holders = self.holders_of(&[key]);
+                let holders = self.holders_of(&[(dataset.id, page)]);
                 let mut more: BTreeSet<NodeId> =
                     more_copies(self.id, dataset.params.replicas, &live, &holders)
                         .into_iter()
                         .collect();
-                more.extend(self.behind_of(key).intersection(&live));
                 below += u64::from(!more.is_empty());
+                // Holders behind get the page too; they do not make it short of copies.
+                if let Some(nodes) = behind.get(&page) {
+                    more.extend(nodes.intersection(&live));
+                }
                 for node in more {
                     wanted.entry(node).or_default().push(page);
                 }
