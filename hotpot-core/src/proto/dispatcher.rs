@@ -117,6 +117,11 @@ impl DispatcherState {
     }
 
     /// Replace a node as the owner of its chunks once it has been silent for `ms` (0: never).
+    /// Lost nodes and the nodes promoted in their place.
+    pub fn successors(&self) -> &BTreeMap<NodeId, NodeId> {
+        &self.successors
+    }
+
     pub fn set_promote_after_ms(&mut self, ms: u64) {
         self.promote_after_ms = ms;
     }

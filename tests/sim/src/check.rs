@@ -81,7 +81,7 @@ impl Checker {
         now_ms: u64,
         workload: &Workload,
         read: &ReadRecord,
-        owner: NodeId,
+        owners: &[NodeId],
         views: &Views,
     ) {
         let found = match stamps(workload, read.dataset, read.page, &read.bytes) {
@@ -112,7 +112,11 @@ impl Checker {
                 if seen >= *stamp {
                     break;
                 }
-                if views.counted_down(owner, read.node, write.started_ms, read.started_ms) {
+                let (from_ms, to_ms) = (write.started_ms, read.started_ms);
+                if owners
+                    .iter()
+                    .any(|owner| views.counted_down(*owner, read.node, from_ms, to_ms))
+                {
                     continue;
                 }
                 let what = format!(
@@ -155,7 +159,7 @@ impl Checker {
             let wanted = usize::from(dataset.params.replicas.max(1)).min(nodes);
             for page in 0..*pages {
                 let key = (dataset.id, page);
-                let owner = dataset.owner_of_page(page);
+                let owner = world.owner_of(dataset, page);
                 let table = |node: NodeId| {
                     world.nodes[&node]
                         .machine
@@ -239,8 +243,8 @@ impl Checker {
                 continue;
             };
             for other in write.pages.iter().filter(|other| **other != page) {
-                let Some((_, bytes)) = world.nodes
-                    [&world.datasets[dataset as usize - 1].0.owner_of_page(*other)]
+                let record = &world.datasets[dataset as usize - 1].0;
+                let Some((_, bytes)) = world.nodes[&world.owner_of(record, *other)]
                     .machine
                     .as_ref()
                     .and_then(|machine| machine.table().read_persisted((dataset, *other)))

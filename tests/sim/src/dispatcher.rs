@@ -3,9 +3,11 @@
 //! real runtime does. A crash loses everything not persisted (heartbeats, volatile fields);
 //! a restart reloads the persisted bytes.
 
+use std::collections::BTreeMap;
+
 use hotpot_core::proto::dispatcher::DispatcherState;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
-use hotpot_core::proto::types::{DatasetParams, Mode};
+use hotpot_core::proto::types::{DatasetParams, Mode, NodeId};
 
 pub(crate) struct SimDispatcher {
     live: Option<DispatcherState>,
@@ -15,22 +17,26 @@ pub(crate) struct SimDispatcher {
     /// When this start began: its clock counts from here, as the daemon's does (a node it
     /// has not heard from since counts as live for one timeout after a restart).
     started_ms: u64,
+    /// Its `--promote-after-ms` (a setting, given again at every start).
+    promote_after_ms: u64,
 }
 
 impl SimDispatcher {
-    pub(crate) fn new(cluster_id: u64) -> SimDispatcher {
+    pub(crate) fn new(cluster_id: u64, promote_after_ms: u64) -> SimDispatcher {
         let params = DatasetParams {
             mode: Mode::Mrsw,
             replicas: 2,
             chunk_pages: 4,
         };
-        let state = DispatcherState::new(cluster_id, params, 0);
+        let mut state = DispatcherState::new(cluster_id, params, 0);
+        state.set_promote_after_ms(promote_after_ms);
         let persisted = serde_json::to_vec(&state).expect("dispatcher state serialises");
         SimDispatcher {
             live: Some(state),
             persisted,
             incarnation: 1,
             started_ms: 0,
+            promote_after_ms,
         }
     }
 
@@ -53,13 +59,21 @@ impl SimDispatcher {
         Some(reply)
     }
 
+    /// The promotions it persisted: a lost node → the node that owns its chunks now.
+    pub(crate) fn successors(&self) -> BTreeMap<NodeId, NodeId> {
+        let state: DispatcherState =
+            serde_json::from_slice(&self.persisted).expect("persisted dispatcher state reloads");
+        state.successors().clone()
+    }
+
     pub(crate) fn crash(&mut self) {
         self.live = None;
     }
 
     pub(crate) fn restart(&mut self, now_ms: u64) {
-        let state: DispatcherState =
+        let mut state: DispatcherState =
             serde_json::from_slice(&self.persisted).expect("persisted dispatcher state reloads");
+        state.set_promote_after_ms(self.promote_after_ms);
         self.live = Some(state);
         self.incarnation += 1;
         self.started_ms = now_ms;

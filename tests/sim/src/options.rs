@@ -44,6 +44,11 @@ pub struct Options {
     pub wipes: bool,
     /// The dispatcher crashes and restarts on what it persisted.
     pub dispatcher_crashes: bool,
+    /// The dispatcher promotes a successor in place of a node silent this long (0: never).
+    /// Only with every dataset replicated and crash-stop silence: partitions then last at
+    /// most 2 s and the dispatcher's messages are never lost, so only a crashed node stays
+    /// silent that long (and a crashed node stays down up to 8 s) (promotion assumes it is dead; docs/design.md, "Owner promotion").
+    pub promote_after_ms: u64,
     /// Virtual milliseconds of workload (faults only in this phase).
     pub workload_ms: u64,
     /// Pause between a client's operations, bounds in ms.
@@ -104,8 +109,19 @@ impl Options {
             long_outages: (partitions || crashes) && rng.random_bool(0.5),
             workload_ms: rng.random_range(2_000..=8_000),
             think_ms: (0, rng.random_range(1..=40)),
+            promote_after_ms: 0,
             bugs,
         }
+        .with_promotion(rng)
+    }
+
+    /// Drawn last, so the other options of a seed are what they were before promotion.
+    fn with_promotion(mut self, rng: &mut ChaCha8Rng) -> Options {
+        let replicated = self.datasets.iter().all(|dataset| dataset.replicas >= 2);
+        if self.crashes && replicated && rng.random_bool(0.999) {
+            self.promote_after_ms = 4_000;
+        }
+        self
     }
 }
 
@@ -122,7 +138,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -136,6 +152,10 @@ impl fmt::Display for Options {
             if self.wipes { " wipes" } else { "" },
             if self.long_outages { ", outages up to 6 s" } else { "" },
             self.dispatcher_crashes,
+            match self.promote_after_ms {
+                0 => "never".to_string(),
+                ms => format!("after {ms} ms"),
+            },
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

@@ -54,9 +54,15 @@ pub(crate) fn describe(message: &Message) -> String {
             format!("Heartbeat n{node}")
         }
         Message::ToDispatcher(request) => format!("dispatcher request {request:?}"),
-        Message::FromDispatcher(DispatcherReply::Status { nodes, .. }) => {
+        Message::FromDispatcher(DispatcherReply::Status {
+            nodes, successors, ..
+        }) => {
             let live: Vec<_> = nodes.iter().filter(|n| n.live).map(|n| n.id).collect();
-            format!("dispatcher Status, live {live:?}")
+            if successors.is_empty() {
+                format!("dispatcher Status, live {live:?}")
+            } else {
+                format!("dispatcher Status, live {live:?}, promoted {successors:?}")
+            }
         }
         Message::FromDispatcher(reply) => format!("dispatcher reply {reply:?}"),
     }

@@ -83,8 +83,12 @@ pub(crate) struct SimNode {
     rebuilding: bool,
     /// Power is cut inside this node's next step: it dies there, sending nothing.
     dying: bool,
-    /// Started, waiting for the dispatcher's `Joined` (which names its incarnation).
+    /// Started, waiting for the dispatcher's `Joined` (which names its incarnation), then
+    /// for its view (who is live, who was promoted in place of whom), as the daemon asks
+    /// before it recovers.
     joining: bool,
+    /// The incarnation `Joined` gave this start, while it waits for the view.
+    joined: Option<u64>,
     /// The last incarnation the dispatcher gave it.
     joined_as: u64,
 }
@@ -106,6 +110,8 @@ pub struct World {
     checker: Checker,
     /// The live views given to each machine, for the coherence check of reads.
     views: Views,
+    /// Every promotion a node was told of: (lost node, node promoted in its place).
+    promoted: BTreeSet<(NodeId, NodeId)>,
     trace: Trace,
 }
 
@@ -134,6 +140,7 @@ impl World {
             })
             .collect();
         let workload = Workload::new(&datasets, &node_ids);
+        let dispatcher = SimDispatcher::new(CLUSTER_ID, options.promote_after_ms);
         let mut world = World {
             options,
             rng,
@@ -145,10 +152,11 @@ impl World {
             datasets,
             cut: BTreeSet::new(),
             healing: false,
-            dispatcher: SimDispatcher::new(CLUSTER_ID),
+            dispatcher,
             workload,
             checker: Checker::default(),
             views: Views::default(),
+            promoted: BTreeSet::new(),
             trace,
         };
         for id in node_ids {
@@ -162,6 +170,7 @@ impl World {
                     rebuilding: false,
                     dying: false,
                     joining: false,
+                    joined: None,
                     joined_as: 0,
                 },
             );
@@ -311,13 +320,21 @@ impl World {
             Message::FromDispatcher(DispatcherReply::Joined { incarnation, .. }) => {
                 return self.joined(to, incarnation);
             }
-            Message::FromDispatcher(DispatcherReply::Status { nodes, .. }) => {
+            Message::FromDispatcher(DispatcherReply::Status {
+                nodes, successors, ..
+            }) => {
                 let live: BTreeSet<NodeId> =
                     nodes.iter().filter(|n| n.live).map(|n| n.id).collect();
-                if self.nodes[&to].machine.is_some() {
-                    self.views.record(to, self.now_ms, live.clone());
+                self.promoted
+                    .extend(successors.iter().map(|(lost, by)| (*lost, *by)));
+                if let Some(incarnation) = self.nodes[&to].joined {
+                    self.start_machine(to, incarnation, successors.clone());
                 }
-                Input::Live(live)
+                if self.nodes[&to].machine.is_none() {
+                    return;
+                }
+                self.views.record(to, self.now_ms, live.clone());
+                Input::View { live, successors }
             }
             Message::FromDispatcher(_) => return,
         };
@@ -329,19 +346,26 @@ impl World {
         let node = self.nodes.get_mut(&id).expect("node");
         node.incarnation += 1;
         node.joining = true;
+        node.joined = None;
         self.ask_to_join(id);
     }
 
     fn ask_to_join(&mut self, id: NodeId) {
         let node = &self.nodes[&id];
-        let join = DispatcherRequest::Join {
-            node: id,
-            addr: format!("sim:{id}"),
-            mount: String::new(),
-            pm_cluster: (!node.rebuilding).then_some(CLUSTER_ID),
+        let request = if node.joined.is_some() {
+            // Joined: the view next.
+            let usage = Default::default();
+            DispatcherRequest::Heartbeat { node: id, usage }
+        } else {
+            DispatcherRequest::Join {
+                node: id,
+                addr: format!("sim:{id}"),
+                mount: String::new(),
+                pm_cluster: (!node.rebuilding).then_some(CLUSTER_ID),
+            }
         };
         let incarnation = node.incarnation;
-        self.send(id, DISPATCHER, Message::ToDispatcher(join));
+        self.send(id, DISPATCHER, Message::ToDispatcher(request));
         self.schedule(JOIN_RETRY_MS, Event::JoinRetry(id, incarnation));
     }
 
@@ -419,7 +443,10 @@ impl World {
             trace!(self, "cut {from}->{to} {}", trace::describe(&message));
             return;
         }
-        if faults && self.rng.random_range(0..1000) < self.options.loss_per_mille {
+        // With promotion, only a crash silences a node (crash-stop): no heartbeat is lost.
+        let losable =
+            self.options.promote_after_ms == 0 || (from != DISPATCHER && to != DISPATCHER);
+        if faults && losable && self.rng.random_range(0..1000) < self.options.loss_per_mille {
             trace!(self, "lose {from}->{to} {}", trace::describe(&message));
             return;
         }
@@ -466,25 +493,33 @@ impl World {
             trace::describe_result(&done.result)
         );
         if let Some(read) = self.workload.finish(node, &done, self.now_ms) {
-            let owner = self.datasets[read.dataset as usize - 1]
+            // The page's owner, and every node ever promoted in its place.
+            let first = self.datasets[read.dataset as usize - 1]
                 .0
                 .owner_of_page(read.page);
+            let owners: Vec<NodeId> = std::iter::once(first)
+                .chain(
+                    self.promoted
+                        .iter()
+                        .filter(|(lost, _)| *lost == first)
+                        .map(|(_, by)| *by),
+                )
+                .collect();
             self.checker
-                .check_read(self.now_ms, &self.workload, &read, owner, &self.views);
+                .check_read(self.now_ms, &self.workload, &read, &owners, &self.views);
         }
         let (low, high) = self.options.think_ms;
         let pause = self.rng.random_range(low..=high);
         self.schedule(pause, Event::Client(node));
     }
 
-    /// The dispatcher named this start of the node: its machine starts on its PM. Every
-    /// join must get a new name (transactions and calls are named after it).
+    /// The dispatcher named this start of the node: it asks for the view next. Every join
+    /// must get a new name (transactions and calls are named after it).
     fn joined(&mut self, id: NodeId, incarnation: u64) {
         let node = self.nodes.get_mut(&id).expect("node");
-        if !node.joining {
+        if !node.joining || node.joined.is_some() {
             return; // a duplicate answer
         }
-        node.joining = false;
         if incarnation <= node.joined_as {
             let what = format!(
                 "node {id} joined as incarnation {incarnation} after {}",
@@ -494,6 +529,20 @@ impl World {
             return;
         }
         node.joined_as = incarnation;
+        node.joined = Some(incarnation);
+        self.ask_to_join(id);
+    }
+
+    /// The view arrived: the machine starts on the node's PM.
+    fn start_machine(
+        &mut self,
+        id: NodeId,
+        incarnation: u64,
+        successors: BTreeMap<NodeId, NodeId>,
+    ) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.joining = false;
+        node.joined = None;
         let rebuilding = node.rebuilding;
         let config = Config {
             id,
@@ -501,13 +550,16 @@ impl World {
             nodes: (1..=self.options.nodes).collect(),
             datasets: self.datasets.clone(),
             rebuilding,
+            successors,
             timing: Timing::default(),
             bugs: self.options.bugs,
         };
         let region = Box::new(Arc::clone(&node.region));
-        match PageTable::open(region, id, CLUSTER_ID) {
-            Ok((table, _)) => {
-                node.machine = Some(Machine::start(config, table, self.now_ms));
+        let started = PageTable::open(region, id, CLUSTER_ID)
+            .and_then(|(table, _)| Machine::start(config, table, self.now_ms));
+        match started {
+            Ok(machine) => {
+                node.machine = Some(machine);
                 // A machine starts counting every node live.
                 let all = self.nodes.keys().copied().collect();
                 self.views.record(id, self.now_ms, all);
@@ -516,7 +568,7 @@ impl World {
             Err(error) => {
                 self.checker.violation(
                     self.now_ms,
-                    format!("node {id} cannot open its PM after a crash: {error}"),
+                    format!("node {id} cannot start on its PM: {error}"),
                 );
             }
         }
@@ -539,11 +591,23 @@ impl World {
                 node.machine.as_ref().is_some_and(|machine| {
                     machine.is_rejoined()
                         && machine.sees_live().len() == self.nodes.len()
+                        && *machine.successors() == self.dispatcher.successors()
                         && machine.in_flight() == (0, 0)
                         && machine.table().pending().is_empty()
                         && machine.fully_replicated()
                 })
             })
+    }
+
+    /// The owner of `page` now: its chunk's owner or the node the dispatcher promoted in
+    /// its place.
+    pub(crate) fn owner_of(&self, dataset: &Dataset, page: u64) -> NodeId {
+        let first = dataset.owner_of_page(page);
+        self.dispatcher
+            .successors()
+            .get(&first)
+            .copied()
+            .unwrap_or(first)
     }
 
     pub fn seed_rng(seed: u64) -> ChaCha8Rng {

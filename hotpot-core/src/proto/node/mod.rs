@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::page::Run;
 use crate::page::{PageTable, TxKey};
-use crate::pm::PageKey;
+use crate::pm::{PageKey, PmError};
 use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
@@ -76,6 +76,9 @@ pub struct Config {
     /// This node started on a new (wiped) PM while datasets exist: it rebuilds the pages it
     /// owns from the newest copies on the other nodes before it serves as their owner.
     pub rebuilding: bool,
+    /// The dispatcher's promotions when this start joined: a lost node → the node that owns
+    /// its chunks now (a node replaced stays replaced: it comes back as a holder only).
+    pub successors: BTreeMap<NodeId, NodeId>,
     pub timing: Timing,
     pub bugs: Bugs,
 }
@@ -104,13 +107,24 @@ impl Machine {
     }
 
     /// The dispatcher's view arrived: a node it counts as down is left out of commits (a
-    /// holder it skips catches up by re-replication once it is live again).
-    fn take_view(&mut self, live: BTreeSet<NodeId>) {
+    /// holder it skips catches up by re-replication once it is live again); a node promoted
+    /// in place of a lost one owns its chunks from now on (this one takes them over).
+    fn take_view(&mut self, live: BTreeSet<NodeId>, successors: BTreeMap<NodeId, NodeId>) {
         self.live = live
             .into_iter()
             .filter(|node| self.config.nodes.contains(node))
             .chain(std::iter::once(self.config.id))
             .collect();
+        let me = self.config.id;
+        let gained: Vec<NodeId> = successors
+            .iter()
+            .filter(|(lost, by)| **by == me && self.successors.get(*lost) != Some(by))
+            .map(|(lost, _)| *lost)
+            .collect();
+        self.successors = successors;
+        if !gained.is_empty() {
+            self.take_over();
+        }
     }
 
     /// `node` just asked this owner for a copy: it is up, whatever the last view said, so
@@ -139,8 +153,12 @@ pub enum Input {
     },
     /// A program on this node wants something done.
     Start(Op),
-    /// The nodes the dispatcher counts as live (its answer to a heartbeat).
-    Live(BTreeSet<NodeId>),
+    /// The dispatcher's view (its answer to a heartbeat): the nodes it counts as live, and
+    /// the nodes promoted in place of lost ones.
+    View {
+        live: BTreeSet<NodeId>,
+        successors: BTreeMap<NodeId, NodeId>,
+    },
     /// Time passed (every input carries `now_ms` too).
     Tick,
 }
@@ -201,6 +219,8 @@ pub struct Machine {
     next_tx: u64,
     calls: BTreeMap<u64, Call>,
     live: BTreeSet<NodeId>,
+    /// A lost node → the node promoted in its place (the dispatcher's last view).
+    successors: BTreeMap<NodeId, NodeId>,
     owner: owner::OwnerState,
     multi: multi::MultiState,
     client: client::ClientState,
@@ -210,13 +230,25 @@ pub struct Machine {
 
 impl Machine {
     /// A node starting on `table` (a new pool, or the crash image of an earlier start).
-    pub fn start(config: Config, table: PageTable, now_ms: u64) -> Machine {
+    ///
+    /// A node the dispatcher replaced (promoted another in its place) owns nothing any more,
+    /// and its copies of the pages it owned may hold commits it applied alone that never
+    /// reached anyone else (never acknowledged), under version numbers its successor may
+    /// since have given other bytes. It drops every copy first: every page it holds has an
+    /// owner elsewhere, whose copy is the one to have (the error: the drop failed).
+    pub fn start(config: Config, mut table: PageTable, now_ms: u64) -> Result<Machine, PmError> {
         assert!(
             config.nodes.contains(&config.id),
             "a node is in its cluster"
         );
+        if config.successors.contains_key(&config.id) {
+            for (dataset, _) in &config.datasets {
+                table.drop_dataset(dataset.id)?;
+            }
+        }
         let first_call = (config.incarnation << 40) | 1;
         let live = config.nodes.iter().copied().collect();
+        let successors = config.successors.clone();
         let mut machine = Machine {
             config,
             table,
@@ -227,6 +259,7 @@ impl Machine {
             next_tx: 1,
             calls: BTreeMap::new(),
             live,
+            successors,
             owner: Default::default(),
             multi: Default::default(),
             client: Default::default(),
@@ -235,7 +268,12 @@ impl Machine {
         };
         machine.lock_waiting_records();
         machine.start_rejoin();
-        machine
+        Ok(machine)
+    }
+
+    /// The promotions this machine knows (the dispatcher's last view).
+    pub fn successors(&self) -> &BTreeMap<NodeId, NodeId> {
+        &self.successors
     }
 
     pub fn id(&self) -> NodeId {
@@ -284,7 +322,7 @@ impl Machine {
             } => self.on_request(from, call, request),
             Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
             Input::Start(op) => self.start_op(op),
-            Input::Live(live) => self.take_view(live),
+            Input::View { live, successors } => self.take_view(live, successors),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
         }

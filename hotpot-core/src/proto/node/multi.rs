@@ -83,6 +83,9 @@ impl Machine {
         if !self.is_ready() {
             return NodeReply::Failed(FsError::Io("the leader is rejoining".into()));
         }
+        if let Some(reply) = self.not_owner(dataset, pages) {
+            return reply;
+        }
         if self.multi.aborted.contains(&tx) {
             return NodeReply::Failed(FsError::Io(format!("commit {tx:?} was given up")));
         }
@@ -275,7 +278,15 @@ impl Machine {
         if self.table.outcome_decided(tx) || self.multi.decided.contains(&tx) {
             return self.reply(from, call, NodeReply::Decision(true));
         }
-        if let Some(commit) = self.owner.commits.get(&tx) {
+        // Only a commit this node leads: acting for a lost leader, its own part of the
+        // commit may be a follower's, which the answer decides (found by hotpot-sim: the
+        // successor aborted its follower part, then answered that the commit was decided).
+        let leading = self
+            .owner
+            .commits
+            .get(&tx)
+            .filter(|commit| matches!(commit.role, Role::Leader { .. }));
+        if let Some(commit) = leading {
             if matches!(commit.step, Step::Deciding) {
                 return self.reply(from, call, NodeReply::Decision(true));
             }
@@ -289,7 +300,13 @@ impl Machine {
             let query = self.multi.queries.entry(tx).or_default();
             query.askers.push((from, call));
             if !asking {
-                let peers = self.config.peers();
+                // A lost node (down, replaced) decided nothing since: it is not asked.
+                let peers: Vec<NodeId> = self
+                    .config
+                    .peers()
+                    .into_iter()
+                    .filter(|peer| !self.successors.contains_key(peer) || self.live.contains(peer))
+                    .collect();
                 query.awaiting = peers.iter().copied().collect();
                 for peer in peers {
                     let request = NodeRequest::DecidedCommit { tx };

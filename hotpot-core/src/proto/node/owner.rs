@@ -107,8 +107,21 @@ impl OwnerState {
 }
 
 impl Machine {
+    /// The owner of `page` now: its chunk's owner, or the node promoted in its place.
     pub(super) fn owner_of(&self, dataset: &Dataset, page: u64) -> NodeId {
-        dataset.owner_of_page(page)
+        self.acting(dataset.owner_of_page(page))
+    }
+
+    /// `node`, or the node promoted in its place when it was lost.
+    pub(super) fn acting(&self, node: NodeId) -> NodeId {
+        self.successors.get(&node).copied().unwrap_or(node)
+    }
+
+    /// The pages of `dataset` (of `pages`) that `node` owns now.
+    pub(super) fn pages_of(&self, dataset: &Dataset, pages: u64, node: NodeId) -> Vec<u64> {
+        (0..pages)
+            .filter(|page| self.owner_of(dataset, *page) == node)
+            .collect()
     }
 
     pub(super) fn not_ready(&self) -> Option<NodeReply> {
@@ -118,6 +131,20 @@ impl Machine {
                 self.config.id
             )))
         })
+    }
+
+    /// A request for pages this node does not own by its own view: refused (the asker's
+    /// view is newer, or older; it asks again, as it would a busy owner). A node promoted
+    /// in place of a lost one must not serve its pages before it knows and took them over.
+    pub(super) fn not_owner(&self, dataset: DatasetId, pages: &[u64]) -> Option<NodeReply> {
+        let (record, _) = self.dataset(dataset)?;
+        let me = self.config.id;
+        let page = pages
+            .iter()
+            .find(|page| self.owner_of(record, **page) != me)?;
+        Some(NodeReply::Failed(FsError::Busy(format!(
+            "node {me} does not own page {page} of dataset {dataset} (its view of the owners may be older or newer than the asker's)"
+        ))))
     }
 
     pub(super) fn park(
@@ -185,7 +212,10 @@ impl Machine {
     /// `Fetch` at the owner: waits while a commit it has not applied holds the page, then
     /// answers its copy (version 0, no bytes: never written) and records the reader.
     pub(super) fn serve_fetch(&mut self, from: NodeId, call: u64, dataset: DatasetId, page: u64) {
-        if let Some(reply) = self.not_ready() {
+        if let Some(reply) = self
+            .not_ready()
+            .or_else(|| self.not_owner(dataset, &[page]))
+        {
             return self.reply(from, call, reply);
         }
         let key = (dataset, page);
@@ -222,7 +252,11 @@ impl Machine {
         pages: Vec<(u64, u64)>,
         tx: Option<TxKey>,
     ) {
-        if let Some(reply) = self.not_ready() {
+        let listed: Vec<u64> = pages.iter().map(|(page, _)| *page).collect();
+        if let Some(reply) = self
+            .not_ready()
+            .or_else(|| self.not_owner(dataset, &listed))
+        {
             return self.reply(from, call, reply);
         }
         self.mark_live(node);
@@ -316,7 +350,7 @@ impl Machine {
         let live = self.live();
         let datasets = self.config.datasets.clone();
         for (dataset, pages) in &datasets {
-            for page in (0..*pages).filter(|page| dataset.owner_of_page(*page) == me) {
+            for page in self.pages_of(dataset, *pages, me) {
                 let key = (dataset.id, page);
                 if self.owner.locked.contains_key(&key) {
                     continue;
@@ -356,16 +390,14 @@ impl Machine {
         let live = self.live();
         self.config.datasets.iter().all(|(dataset, pages)| {
             let want = replication::wanted(dataset.params.replicas, &live);
-            (0..*pages)
-                .filter(|page| dataset.owner_of_page(*page) == me)
-                .all(|page| {
-                    let key = (dataset.id, page);
-                    self.table.read_persisted(key).is_none()
-                        || (1 + self.owner.current.get(&key).map_or(0, |current| {
-                            current.iter().filter(|node| **node != me).count()
-                        }) >= want
-                            && self.owner.behind_of(key, &live).is_empty())
-                })
+            self.pages_of(dataset, *pages, me).into_iter().all(|page| {
+                let key = (dataset.id, page);
+                self.table.read_persisted(key).is_none()
+                    || (1 + self.owner.current.get(&key).map_or(0, |current| {
+                        current.iter().filter(|node| **node != me).count()
+                    }) >= want
+                        && self.owner.behind_of(key, &live).is_empty())
+            })
         })
     }
 

@@ -27,6 +27,9 @@ pub(super) struct TargetState {
     pub(super) registering: BTreeSet<(NodeId, DatasetId)>,
     /// Calls of the rejoin in flight, so a tick does not send them twice.
     asked: BTreeSet<(NodeId, DatasetId, bool)>,
+    /// Promoted in place of a lost node: the rejoin as an owner takes the newest copy of
+    /// every page (as a rebuild does) until it is over.
+    taking_over: bool,
 }
 
 impl Machine {
@@ -73,7 +76,7 @@ impl Machine {
             if let Some(copies) = record {
                 if let Some((dataset, _)) = self.dataset(copies.dataset).cloned() {
                     for page in &copies.pages {
-                        let owner = dataset.owner_of_page(*page);
+                        let owner = self.owner_of(&dataset, *page);
                         if owner != self.config.id {
                             self.target.registering.insert((owner, dataset.id));
                         }
@@ -153,7 +156,7 @@ impl Machine {
             return;
         };
         for page in &copies.pages {
-            let owner = dataset.owner_of_page(*page);
+            let owner = self.owner_of(&dataset, *page);
             if owner != self.config.id {
                 self.target.registering.insert((owner, dataset.id));
             }
@@ -225,12 +228,14 @@ impl Machine {
             };
             if let Some((commit, leader, target)) = across {
                 self.target.resolving.insert(copies.tx);
+                // A lost leader's commits are settled by the node promoted in its place.
                 let request = NodeRequest::Outcome { tx: commit, leader };
-                self.send(leader, request, Purpose::Outcome { tx: commit, target });
+                let to = self.acting(leader);
+                self.send(to, request, Purpose::Outcome { tx: commit, target });
                 continue;
             }
             let owner = decider
-                .map(|(owner, _)| owner)
+                .map(|(owner, _)| self.acting(owner))
                 .unwrap_or_else(|| self.owner_of(&dataset, first));
             if owner == self.config.id {
                 // An owner never prepares its own pages: nobody will decide this copy.
@@ -287,26 +292,65 @@ impl Machine {
 
     fn owner_of_copies(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Option<NodeId> {
         let (record, _) = self.dataset(dataset)?;
-        copies.first().map(|copy| record.owner_of_page(copy.page))
+        copies.first().map(|copy| self.owner_of(record, copy.page))
     }
 
     /// After a start: every peer is asked for its copies of the pages this node owns, and
-    /// every owner is told this node's copies of its pages.
+    /// every owner is told this node's copies of its pages (peers owning none of a
+    /// dataset's pages are left out as the calls go).
     pub(super) fn start_rejoin(&mut self) {
-        let me = self.config.id;
         let peers = self.config.peers();
         for (dataset, _) in &self.config.datasets {
             for peer in &peers {
-                if dataset.owners.contains(&me) {
-                    self.target.rejoin.insert((*peer, dataset.id));
-                }
+                self.target.rejoin.insert((*peer, dataset.id));
                 // A first start has no copies to tell about.
-                if dataset.owners.contains(peer) && self.config.incarnation > 1 {
+                if self.config.incarnation > 1 {
                     self.target.registering.insert((*peer, dataset.id));
                 }
             }
         }
         self.continue_rejoin();
+    }
+
+    /// Promoted in place of a lost node: this node owns its chunks now. Like a rejoin after
+    /// a wipe: it serves as no owner until every peer but the lost ones told its copies of
+    /// every page this node owns, and it takes the newest of each. Its own prepared copies
+    /// of those pages that the lost owner would have decided are dropped first (a decided
+    /// copy of such a commit is on another node, or the commit was never acknowledged).
+    pub(super) fn take_over(&mut self) {
+        let me = self.config.id;
+        for copies in self.table.pending() {
+            let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
+                continue;
+            };
+            let single_owner = match self.target.deciders.get(&copies.tx) {
+                Some((_, across)) => across.is_none(),
+                None => copies.tag.role != TxRole::Follower,
+            };
+            let owned = copies
+                .pages
+                .iter()
+                .any(|page| self.owner_of(&dataset, *page) == me);
+            if single_owner && owned {
+                self.target.deciders.remove(&copies.tx);
+                self.table.abort_copies(copies.tx);
+            }
+        }
+        self.target.taking_over = true;
+        for (dataset, _) in &self.config.datasets {
+            for peer in self.config.peers() {
+                self.target.rejoin.insert((peer, dataset.id));
+            }
+        }
+        self.continue_rejoin();
+    }
+
+    /// Rejoin as an owner from `peer` is over for `dataset`.
+    fn rejoined_from(&mut self, peer: NodeId, dataset: DatasetId) {
+        self.target.rejoin.remove(&(peer, dataset));
+        if self.target.rejoin.is_empty() {
+            self.target.taking_over = false;
+        }
     }
 
     /// Send the rejoin calls not answered and not in flight.
@@ -329,28 +373,26 @@ impl Machine {
             let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
                 continue;
             };
-            let owned =
-                (0..pages).any(|page| dataset.owner_of_page(page) == if learn { me } else { peer });
-            if !owned {
+            let owned = self.pages_of(&dataset, pages, if learn { me } else { peer });
+            // A lost node (down, replaced) has nothing to tell: its copies are on others.
+            let lost = self.successors.contains_key(&peer) && !self.live.contains(&peer);
+            if owned.is_empty() || (learn && lost) {
                 // Nothing to learn or tell.
                 if learn {
-                    self.target.rejoin.remove(&(peer, dataset_id));
+                    self.rejoined_from(peer, dataset_id);
                 } else {
                     self.target.registering.remove(&(peer, dataset_id));
                 }
                 continue;
             }
             let request = if learn {
-                let mine = (0..pages)
-                    .filter(|page| dataset.owner_of_page(*page) == me)
-                    .collect();
                 NodeRequest::FetchCopies {
                     dataset: dataset_id,
-                    pages: mine,
+                    pages: owned,
                 }
             } else {
-                let theirs = (0..pages)
-                    .filter(|page| dataset.owner_of_page(*page) == peer)
+                let theirs = owned
+                    .into_iter()
                     .filter(|page| self.table.read_persisted((dataset_id, *page)).is_some())
                     .map(|page| (page, self.table.version_of((dataset_id, page))))
                     .collect();
@@ -385,17 +427,20 @@ impl Machine {
             return; // asked again at the next input
         };
         if learn {
-            self.learn_copies(from, dataset, &copies);
-            self.target.rejoin.remove(&(from, dataset));
+            if self.learn_copies(from, dataset, &copies) {
+                self.rejoined_from(from, dataset);
+            }
         } else if self.install_all(dataset, &copies) {
             self.target.registering.remove(&(from, dataset));
         }
     }
 
     /// Rejoin as an owner: `from` holds `copies` of this node's pages. A node rebuilding
-    /// after a wipe takes any newer copy as its own.
-    fn learn_copies(&mut self, from: NodeId, dataset: DatasetId, copies: &[VersionedPage]) {
-        if self.config.rebuilding {
+    /// after a wipe, or taking over a lost node's chunks, takes any newer copy as its own.
+    /// Whether it is done with them (a newer copy not taken — a prepared copy of that page
+    /// waits here — is asked for again).
+    fn learn_copies(&mut self, from: NodeId, dataset: DatasetId, copies: &[VersionedPage]) -> bool {
+        if self.config.rebuilding || self.target.taking_over {
             for copy in copies {
                 let key = (dataset, copy.page);
                 if copy.version > self.table.version_of(key) {
@@ -403,10 +448,13 @@ impl Machine {
                     self.owner_outdated(key);
                 }
             }
-            self.serve_install(dataset, copies);
+            if !self.install_all(dataset, copies) {
+                return false;
+            }
         }
         for copy in copies {
             self.owner_learns_holder((dataset, copy.page), from, copy.version);
         }
+        true
     }
 }

@@ -44,11 +44,15 @@ impl World {
     /// cache lines when writes tear), or nothing when its PM is lost.
     pub(super) fn power_off(&mut self, id: NodeId) {
         let wipe = self.options.wipes && self.rng.random_bool(0.3) && self.can_wipe(id);
+        // Replacing a node is losing what only its PM holds, as a wipe is: a node holding a
+        // follower's part comes back before the dispatcher would promote another in its place.
+        let replaceable = self.options.promote_after_ms == 0 || !self.holds_follower_record(id);
         let torn_seed = self.rng.random();
         let node = self.nodes.get_mut(&id).expect("node");
         node.machine = None;
         node.dying = false;
         node.joining = false;
+        node.joined = None;
         let image = if wipe {
             vec![0u8; PM_BYTES]
         } else if self.options.torn_writes {
@@ -60,7 +64,12 @@ impl World {
         node.rebuilding |= wipe;
         self.workload.node_crashed(id);
         trace!(self, "crash n{id}{}", if wipe { " (PM wiped)" } else { "" });
-        let back = self.rng.random_range(100..self.outage_max_ms());
+        let longest = if replaceable {
+            self.outage_max_ms()
+        } else {
+            2_000
+        };
+        let back = self.rng.random_range(100..longest);
         self.schedule(back, Event::Restart(id));
     }
 
@@ -71,22 +80,12 @@ impl World {
         let others_whole = self.nodes.iter().all(|(other, node)| {
             *other == id || (node.machine.is_some() && !node.rebuilding && !node.dying)
         });
-        // A follower's part of a commit across owners has one copy that survives a crash (its
-        // own record) until it is decided: its targets' prepared copies are dropped when they
-        // restart (docs/design.md, "What the simulator found"). Losing that node then is
-        // beyond what the protocol replicates.
-        // Likewise a leader's kept outcome is the only durable record that it decided; after
-        // its loss the targets' memory of what they decided (volatile) must answer.
-        let holds_only_copy = self.nodes[&id].machine.as_ref().is_some_and(|machine| {
-            let table = machine.table();
-            !table.outcomes_waiting().is_empty()
-                || table
-                    .pending()
-                    .iter()
-                    .any(|copies| copies.tag.role == TxRole::Follower)
-        });
         others_whole
-            && !holds_only_copy
+            && !self.holds_follower_record(id)
+            && self.nodes[&id]
+                .machine
+                .as_ref()
+                .is_none_or(|machine| machine.table().outcomes_waiting().is_empty())
             && self.datasets.iter().all(|(dataset, pages)| {
                 dataset.params.replicas >= 2
                     && (0..*pages).all(|page| {
@@ -105,6 +104,22 @@ impl World {
                                 .any(|(node, version)| *node != id && *version == newest)
                     })
             })
+    }
+
+    /// A follower's part of a commit across owners has one copy that survives a crash (its
+    /// own record) until it is decided: its targets' prepared copies are dropped when they
+    /// restart (docs/design.md, "What the simulator found", item 10). Losing that node (its
+    /// PM, or its place as an owner) is then beyond what the protocol replicates. A wipe
+    /// also spares a leader's kept outcome (the only durable record that it decided, where
+    /// the targets' volatile memory would have to answer after its loss).
+    fn holds_follower_record(&self, id: NodeId) -> bool {
+        self.nodes[&id].machine.as_ref().is_some_and(|machine| {
+            machine
+                .table()
+                .pending()
+                .iter()
+                .any(|copies| copies.tag.role == TxRole::Follower)
+        })
     }
 
     fn persisted_version(&self, node: NodeId, key: (u64, u64)) -> Option<u64> {
@@ -158,13 +173,20 @@ impl World {
             "partition {side:?} vs rest{}",
             if one_way { " (one-way)" } else { "" }
         );
-        let lasts = self.rng.random_range(100..self.outage_max_ms().max(3_000));
+        let longest = if self.options.promote_after_ms > 0 {
+            2_000 // shorter than the promotion delay: only a crash gets a node replaced
+        } else {
+            self.outage_max_ms().max(3_000)
+        };
+        let lasts = self.rng.random_range(100..longest);
         self.schedule(lasts, Event::Partition { heal: true });
     }
 
     /// How long a crashed node stays down or a partition lasts, at most.
     fn outage_max_ms(&self) -> u64 {
-        if self.options.long_outages {
+        if self.options.promote_after_ms > 0 {
+            8_000 // often long enough to be replaced
+        } else if self.options.long_outages {
             6_000
         } else {
             2_000
