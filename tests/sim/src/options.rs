@@ -45,8 +45,8 @@ pub struct Options {
     /// The dispatcher crashes and restarts on what it persisted.
     pub dispatcher_crashes: bool,
     /// The dispatcher promotes a successor in place of a node silent this long (0: never).
-    /// Only with every dataset replicated and crash-stop silence: partitions then last at
-    /// most 2 s and the dispatcher's messages are never lost, so only a crashed node stays
+    /// Only with every dataset replicated and crash-stop silence: partitions then never cut
+    /// the dispatcher off and its messages are never lost, so only a crashed node stays
     /// silent that long (and a crashed node stays down up to 8 s) (promotion assumes it is dead; docs/design.md, "Owner promotion").
     pub promote_after_ms: u64,
     /// Virtual milliseconds of workload (faults only in this phase).
@@ -120,6 +120,7 @@ impl Options {
         let replicated = self.datasets.iter().all(|dataset| dataset.replicas >= 2);
         if self.crashes && replicated && rng.random_bool(0.999) {
             self.promote_after_ms = 4_000;
+            self.dispatcher_cut = false;
         }
         self
     }

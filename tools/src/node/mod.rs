@@ -203,6 +203,22 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         protocol.set_rebuilding();
     }
     refresh_peers(&dispatcher, &protocol)?;
+    if protocol.peers.successors().contains_key(&args.id) {
+        // Replaced by a promotion: this node owns nothing now, and its copies of the pages
+        // it owned may hold commits it applied alone (never acknowledged) under versions its
+        // successor has since given other bytes (found by hotpot-sim). Every copy goes; the
+        // owners' copies are the ones to have, and come back by fetches and re-replication.
+        let mut table = protocol.table();
+        for dataset in &datasets {
+            table
+                .drop_dataset(dataset.id)
+                .with_context(|| format!("dropping the copies of dataset {}", dataset.id))?;
+        }
+        tracing::warn!(
+            datasets = datasets.len(),
+            "replaced by a promotion while away: copies dropped, rejoining as a holder"
+        );
+    }
     protocol.set_incarnation(incarnation);
     protocol.take_home_blocks(&datasets);
     let engine = Arc::new(NodeEngine::new(
@@ -339,7 +355,7 @@ fn spawn_heartbeat(id: u32, dispatcher: Arc<Client>, protocol: Arc<Protocol>) {
             match dispatcher.call::<_, DispatcherReply>(&beat, Duration::from_secs(2)) {
                 Ok(DispatcherReply::Status {
                     nodes, successors, ..
-                }) => protocol.peers.update(&nodes, successors),
+                }) => protocol.take_view(&nodes, successors),
                 Ok(other) => tracing::warn!(?other, "unexpected heartbeat reply"),
                 Err(error) => tracing::warn!(%error, "heartbeat not delivered"),
             }

@@ -53,6 +53,7 @@ impl Protocol {
         release: bool,
     ) -> Result<Applied, FsError> {
         self.wait_ready()?;
+        self.check_owner(dataset, pages.iter().map(|(page, _)| *page))?;
         self.phase1_locks.lock().expect("phase 1 locks").remove(&tx);
         let keys: Vec<PageKey> = pages.iter().map(|(page, _)| (dataset.id, *page)).collect();
         let mut held = self.lock_pages(tx, &keys, false)?;

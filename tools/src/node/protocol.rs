@@ -14,7 +14,7 @@ use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
-use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId};
+use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
 use hotpot_fs::Invalidator;
 use hotpot_net::{multicall, Client, NetError};
 
@@ -107,6 +107,9 @@ pub struct Protocol {
     pub(super) published: super::versions::Published,
     /// The identical-page merger's numbers (merger.rs).
     pub(super) merging: super::merger::MergeCounters,
+    /// Dataset records (fixed at creation) this node looked up, for the owner check of
+    /// requests that name a dataset by id.
+    records: Mutex<HashMap<DatasetId, Dataset>>,
 }
 
 pub fn pm_error(error: PmError) -> FsError {
@@ -178,6 +181,7 @@ impl Protocol {
             fetches: reader::FetchCounters::default(),
             published: Default::default(),
             merging: Default::default(),
+            records: Mutex::new(HashMap::new()),
         }
     }
 
@@ -244,6 +248,64 @@ impl Protocol {
     /// The owner of `page` now: its chunk's owner, or the node promoted in its place.
     pub fn owner_of(&self, dataset: &Dataset, page: u64) -> NodeId {
         self.peers.resolve(dataset.owner_of_page(page))
+    }
+
+    /// The dispatcher's view: who is live, and who was promoted in place of whom. A node
+    /// that gains chunks serves as no owner from this moment until its take-over is over
+    /// (the resolver runs it): before, it would have answered for pages it never adopted
+    /// (found by hotpot-sim: a reader got the successor's older copy).
+    pub(super) fn take_view(&self, nodes: &[NodeInfo], successors: BTreeMap<NodeId, NodeId>) {
+        let known = self.peers.successors();
+        let gains = successors
+            .iter()
+            .any(|(lost, by)| *by == self.id && known.get(lost) != Some(by));
+        if gains {
+            self.set_ready_to(false);
+        }
+        self.peers.update(nodes, successors);
+    }
+
+    /// Requests for pages this node does not own by its own view are refused as busy: the
+    /// asker's view of the promotions is newer or older, and it asks again.
+    pub(super) fn check_owner(
+        &self,
+        dataset: &Dataset,
+        pages: impl IntoIterator<Item = u64>,
+    ) -> Result<(), FsError> {
+        match pages
+            .into_iter()
+            .find(|page| self.owner_of(dataset, *page) != self.id)
+        {
+            None => Ok(()),
+            Some(page) => Err(FsError::Busy(format!(
+                "node {} does not own page {page} of dataset {} (its view of the owners may be older or newer than the asker's)",
+                self.id, dataset.id
+            ))),
+        }
+    }
+
+    /// `check_owner` for a request naming its dataset by id (`Fetch`, `Locate`). Nothing
+    /// to check while nobody was promoted: every node then computes the same owners.
+    fn check_owner_of(&self, dataset: DatasetId, page: u64) -> Result<(), FsError> {
+        if self.peers.successors().is_empty() {
+            return Ok(());
+        }
+        let known = self
+            .records
+            .lock()
+            .expect("records lock")
+            .get(&dataset)
+            .cloned();
+        let record = match known {
+            Some(record) => record,
+            None => {
+                let records = self.datasets()?;
+                let mut cache = self.records.lock().expect("records lock");
+                cache.extend(records.into_iter().map(|record| (record.id, record)));
+                cache.get(&dataset).cloned().ok_or(FsError::NotFound)?
+            }
+        };
+        self.check_owner(&record, [page])
     }
 
     pub fn is_rebuilding(&self) -> bool {
@@ -501,7 +563,10 @@ impl Protocol {
     /// the lock change under one mutex, so a commit either sees the new holder or finishes
     /// before the copy is read.
     pub fn serve_fetch(&self, dataset: DatasetId, page: u64, from: NodeId) -> NodeReply {
-        if let Err(error) = self.wait_ready() {
+        if let Err(error) = self
+            .wait_ready()
+            .and_then(|()| self.check_owner_of(dataset, page))
+        {
             return NodeReply::Failed(error);
         }
         match self.register_holder((dataset, page), from) {
@@ -522,7 +587,10 @@ impl Protocol {
     /// `Locate` at the owner: where its committed copy lies in its PM, for a one-sided read;
     /// `from` becomes a holder exactly as with `Fetch`.
     pub fn serve_locate(&self, dataset: DatasetId, page: u64, from: NodeId) -> NodeReply {
-        if let Err(error) = self.wait_ready() {
+        if let Err(error) = self
+            .wait_ready()
+            .and_then(|()| self.check_owner_of(dataset, page))
+        {
             return NodeReply::Failed(error);
         }
         let key = (dataset, page);
@@ -604,6 +672,7 @@ impl Protocol {
         version: Option<u64>,
     ) -> Result<Applied, FsError> {
         self.wait_ready()?;
+        self.check_owner(dataset, pages.iter().map(|write| write.page))?;
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let _unlock = self.lock_pages(tx, &keys, true)?;
         self.commit_locked(

@@ -82,7 +82,7 @@ impl Protocol {
         let mut caught_up = 0usize;
         let mut pushed = 0usize;
         for dataset in datasets {
-            let (taken, sent) = self.adopt(&peers, dataset, self.is_rebuilding());
+            let (taken, sent) = self.adopt(&peers, dataset);
             fetched += taken;
             pushed += sent;
             let mut by_owner: BTreeMap<NodeId, Vec<(u64, u64)>> = dataset
@@ -138,10 +138,11 @@ impl Protocol {
     }
 
     /// As the owner of `dataset`'s pages (after a restart, or when promoted): learn their
-    /// holders from every live peer, take the newest copy of each if `take_newest` (this
-    /// node's own may be missing or behind), and bring holders that are behind up to date.
+    /// holders from every live peer, take the newest copy of each (this node's own may be
+    /// missing or behind: a rebuild, a take-over, or any start after one, which a crash may
+    /// have cut short — found by hotpot-sim), and bring holders that are behind up to date.
     /// Returns (pages fetched, pages pushed).
-    fn adopt(&self, peers: &[NodeId], dataset: &Dataset, take_newest: bool) -> (usize, usize) {
+    fn adopt(&self, peers: &[NodeId], dataset: &Dataset) -> (usize, usize) {
         let (mut fetched, mut pushed) = (0usize, 0usize);
         let mut newest: HashMap<u64, (u64, NodeId)> = HashMap::new();
         let mut held: BTreeMap<NodeId, Vec<(u64, u64)>> = BTreeMap::new();
@@ -181,9 +182,7 @@ impl Protocol {
             }
             self.set_holder(*peer, dataset.id, &mine, true);
         }
-        if take_newest {
-            fetched += self.take_newest(dataset.id, &newest);
-        }
+        fetched += self.take_newest(dataset.id, &newest);
         // Holders behind this owner (they missed a decision while it was down) get its
         // copies now, before anything reads them.
         for (peer, pages) in held {
@@ -458,7 +457,7 @@ impl Protocol {
         let peers: Vec<NodeId> = self.live_peers();
         let (mut fetched, mut pushed) = (0, 0);
         for dataset in &datasets {
-            let (taken, sent) = self.adopt(&peers, dataset, true);
+            let (taken, sent) = self.adopt(&peers, dataset);
             fetched += taken;
             pushed += sent;
         }
@@ -638,7 +637,7 @@ impl Protocol {
         }
     }
 
-    fn datasets(&self) -> Result<Vec<Dataset>, FsError> {
+    pub(super) fn datasets(&self) -> Result<Vec<Dataset>, FsError> {
         match self
             .peers
             .dispatcher()

@@ -27,9 +27,6 @@ pub(super) struct TargetState {
     pub(super) registering: BTreeSet<(NodeId, DatasetId)>,
     /// Calls of the rejoin in flight, so a tick does not send them twice.
     asked: BTreeSet<(NodeId, DatasetId, bool)>,
-    /// Promoted in place of a lost node: the rejoin as an owner takes the newest copy of
-    /// every page (as a rebuild does) until it is over.
-    taking_over: bool,
 }
 
 impl Machine {
@@ -312,8 +309,8 @@ impl Machine {
         self.continue_rejoin();
     }
 
-    /// Promoted in place of a lost node: this node owns its chunks now. Like a rejoin after
-    /// a wipe: it serves as no owner until every peer but the lost ones told its copies of
+    /// Promoted in place of a lost node: this node owns its chunks now. A rejoin as an
+    /// owner: it serves as no owner until every peer but the lost ones told its copies of
     /// every page this node owns, and it takes the newest of each. Its own prepared copies
     /// of those pages that the lost owner would have decided are dropped first (a decided
     /// copy of such a commit is on another node, or the commit was never acknowledged).
@@ -336,7 +333,6 @@ impl Machine {
                 self.table.abort_copies(copies.tx);
             }
         }
-        self.target.taking_over = true;
         for (dataset, _) in &self.config.datasets {
             for peer in self.config.peers() {
                 self.target.rejoin.insert((peer, dataset.id));
@@ -348,9 +344,6 @@ impl Machine {
     /// Rejoin as an owner from `peer` is over for `dataset`.
     fn rejoined_from(&mut self, peer: NodeId, dataset: DatasetId) {
         self.target.rejoin.remove(&(peer, dataset));
-        if self.target.rejoin.is_empty() {
-            self.target.taking_over = false;
-        }
     }
 
     /// Send the rejoin calls not answered and not in flight.
@@ -435,22 +428,23 @@ impl Machine {
         }
     }
 
-    /// Rejoin as an owner: `from` holds `copies` of this node's pages. A node rebuilding
-    /// after a wipe, or taking over a lost node's chunks, takes any newer copy as its own.
-    /// Whether it is done with them (a newer copy not taken — a prepared copy of that page
-    /// waits here — is asked for again).
+    /// Rejoin as an owner: `from` holds `copies` of this node's pages; any newer one is
+    /// taken as this owner's own. Only a node rebuilding after a wipe or taking over a lost
+    /// node's chunks finds newer ones — also at any start after it, as a crash in the
+    /// middle leaves no mark of it (found by hotpot-sim: a successor that restarted during
+    /// its take-over kept an older copy than an acknowledged commit's). Whether it is done
+    /// with them (a newer copy not taken — a prepared copy of that page waits here — is
+    /// asked for again).
     fn learn_copies(&mut self, from: NodeId, dataset: DatasetId, copies: &[VersionedPage]) -> bool {
-        if self.config.rebuilding || self.target.taking_over {
-            for copy in copies {
-                let key = (dataset, copy.page);
-                if copy.version > self.table.version_of(key) {
-                    // Nodes counted at the version this copy replaces are behind it now.
-                    self.owner_outdated(key);
-                }
+        for copy in copies {
+            let key = (dataset, copy.page);
+            if copy.version > self.table.version_of(key) {
+                // Nodes counted at the version this copy replaces are behind it now.
+                self.owner_outdated(key);
             }
-            if !self.install_all(dataset, copies) {
-                return false;
-            }
+        }
+        if !self.install_all(dataset, copies) {
+            return false;
         }
         for copy in copies {
             self.owner_learns_holder((dataset, copy.page), from, copy.version);

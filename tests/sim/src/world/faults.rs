@@ -173,12 +173,7 @@ impl World {
             "partition {side:?} vs rest{}",
             if one_way { " (one-way)" } else { "" }
         );
-        let longest = if self.options.promote_after_ms > 0 {
-            2_000 // shorter than the promotion delay: only a crash gets a node replaced
-        } else {
-            self.outage_max_ms().max(3_000)
-        };
-        let lasts = self.rng.random_range(100..longest);
+        let lasts = self.rng.random_range(100..self.outage_max_ms().max(3_000));
         self.schedule(lasts, Event::Partition { heal: true });
     }
 

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hotpot_core::pm::{PageKey, PAGE_BYTES};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, VersionedPage};
@@ -44,10 +45,27 @@ enum OneSided {
     Unreachable(NetError),
 }
 
+/// How long a reader asks again an owner that answers it does not own the page: right after
+/// a promotion, the two may not have the same view yet (they agree within a heartbeat).
+const VIEW_SETTLE: Duration = Duration::from_secs(3);
+
 impl Protocol {
     /// Bring a page this node lacks from its owner (or, if the owner is unreachable, the
     /// newest copy any live node has) and keep a Committed copy. Returns its bytes.
     pub fn fetch(&self, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
+        let deadline = Instant::now() + VIEW_SETTLE;
+        loop {
+            match self.fetch_once(dataset, page) {
+                Err(FsError::Busy(why)) if Instant::now() < deadline => {
+                    tracing::debug!(page, %why, "owner views differ; asking again");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn fetch_once(&self, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
         let owner = self.owner_of(dataset, page);
         if owner != self.id {
             match self.fetch_one_sided(owner, dataset.id, page) {
