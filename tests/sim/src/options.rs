@@ -118,7 +118,7 @@ impl Options {
     /// Drawn last, so the other options of a seed are what they were before promotion.
     fn with_promotion(mut self, rng: &mut ChaCha8Rng) -> Options {
         let replicated = self.datasets.iter().all(|dataset| dataset.replicas >= 2);
-        if self.crashes && replicated && rng.random_bool(0.999) {
+        if self.crashes && replicated && rng.random_bool(0.5) {
             self.promote_after_ms = 4_000;
             self.dispatcher_cut = false;
         }

@@ -341,11 +341,6 @@ impl Machine {
         self.continue_rejoin();
     }
 
-    /// Rejoin as an owner from `peer` is over for `dataset`.
-    fn rejoined_from(&mut self, peer: NodeId, dataset: DatasetId) {
-        self.target.rejoin.remove(&(peer, dataset));
-    }
-
     /// Send the rejoin calls not answered and not in flight.
     pub(super) fn continue_rejoin(&mut self) {
         let me = self.config.id;
@@ -372,7 +367,7 @@ impl Machine {
             if owned.is_empty() || (learn && lost) {
                 // Nothing to learn or tell.
                 if learn {
-                    self.rejoined_from(peer, dataset_id);
+                    self.target.rejoin.remove(&(peer, dataset_id));
                 } else {
                     self.target.registering.remove(&(peer, dataset_id));
                 }
@@ -421,7 +416,7 @@ impl Machine {
         };
         if learn {
             if self.learn_copies(from, dataset, &copies) {
-                self.rejoined_from(from, dataset);
+                self.target.rejoin.remove(&(from, dataset));
             }
         } else if self.install_all(dataset, &copies) {
             self.target.registering.remove(&(from, dataset));
