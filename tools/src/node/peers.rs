@@ -130,6 +130,25 @@ impl Peers {
             .collect()
     }
 
+    /// Ids of every node this node knows, in id order.
+    pub fn known(&self) -> Vec<NodeId> {
+        self.map
+            .read()
+            .expect("peers lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Replaced by a promotion and counted down: what it held is on other nodes.
+    pub fn is_lost(&self, id: NodeId) -> bool {
+        self.successors
+            .read()
+            .expect("successors lock")
+            .contains_key(&id)
+            && !self.live().contains(&id)
+    }
+
     /// Ids of the nodes currently live, in id order.
     pub fn live(&self) -> Vec<NodeId> {
         self.map

@@ -23,7 +23,7 @@ use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
 use hotpot_core::proto::replication::more_copies;
-use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId};
+use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId, PageCopy};
 
 use super::protocol::{pm_error, Protocol, RPC_TIMEOUT};
 
@@ -77,7 +77,7 @@ impl Protocol {
                 }
             }
         }
-        let peers: Vec<NodeId> = self.live_peers();
+        let peers = self.copy_sources();
         let mut fetched = 0usize;
         let mut caught_up = 0usize;
         let mut pushed = 0usize;
@@ -138,7 +138,7 @@ impl Protocol {
     }
 
     /// As the owner of `dataset`'s pages (after a restart, or when promoted): learn their
-    /// holders from every live peer, take the newest copy of each (this node's own may be
+    /// holders from `peers` (`copy_sources`), take the newest copy of each (this node's own may be
     /// missing or behind: a rebuild, a take-over, or any start after one, which a crash may
     /// have cut short — found by hotpot-sim), and bring holders that are behind up to date.
     /// Returns (pages fetched, pages pushed).
@@ -147,21 +147,8 @@ impl Protocol {
         let mut newest: HashMap<u64, (u64, NodeId)> = HashMap::new();
         let mut held: BTreeMap<NodeId, Vec<(u64, u64)>> = BTreeMap::new();
         for peer in peers {
-            let copies = match self.ask(
-                *peer,
-                &NodeRequest::PageCopies {
-                    dataset: dataset.id,
-                },
-            ) {
-                Ok(NodeReply::PageCopies(copies)) => copies,
-                Ok(other) => {
-                    tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
-                    continue;
-                }
-                Err(error) => {
-                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
-                    continue;
-                }
+            let Some(copies) = self.copies_of(*peer, dataset.id) else {
+                continue;
             };
             let mine: Vec<PageKey> = copies
                 .iter()
@@ -420,9 +407,8 @@ impl Protocol {
                     .filter(|(node, by)| **by == self.id && successors.get(node) != Some(by))
                     .map(|(node, _)| *node)
                     .collect();
-                successors = now;
-                if !gained.is_empty() {
-                    self.take_over(&gained);
+                if gained.is_empty() || self.take_over(&gained) {
+                    successors = now;
                 }
             }
             self.resolve_pending(None);
@@ -442,19 +428,20 @@ impl Protocol {
     }
 
     /// Promoted in place of `lost`: become the owner of their chunks (owner requests wait
-    /// meanwhile): holders from every live peer, the newest copy of every page, holders
-    /// behind brought up to date.
-    fn take_over(&self, lost: &[NodeId]) {
+    /// meanwhile): holders from every peer but the lost ones, the newest copy of every page,
+    /// holders behind brought up to date. False: not done (the datasets could not be
+    /// listed), the next round tries again.
+    fn take_over(&self, lost: &[NodeId]) -> bool {
         let started = Instant::now();
+        self.set_ready_to(false);
         let datasets = match self.datasets() {
             Ok(datasets) => datasets,
             Err(error) => {
                 tracing::error!(%error, "cannot list datasets to take over; next round");
-                return;
+                return false;
             }
         };
-        self.set_ready_to(false);
-        let peers: Vec<NodeId> = self.live_peers();
+        let peers = self.copy_sources();
         let (mut fetched, mut pushed) = (0, 0);
         for dataset in &datasets {
             let (taken, sent) = self.adopt(&peers, dataset);
@@ -471,6 +458,61 @@ impl Protocol {
             ms = started.elapsed().as_millis() as u64,
             "took over the chunks of lost nodes"
         );
+        true
+    }
+
+    /// The peers an owner rejoin learns copies from. Rebuilding, or owning a lost node's
+    /// chunks (a take-over, or a start after one a crash may have cut short), a peer may
+    /// hold the newest copy of an acknowledged commit: every peer but the lost ones, each
+    /// asked until it answers (`copies_of`). Otherwise this node's copies are the newest and
+    /// the live peers tell who holds what.
+    fn copy_sources(&self) -> Vec<NodeId> {
+        let patient = self.is_rebuilding() || self.successor_of_any();
+        self.peers
+            .known()
+            .into_iter()
+            .filter(|node| *node != self.id)
+            .filter(|node| {
+                if patient {
+                    !self.peers.is_lost(*node)
+                } else {
+                    self.peers.live().contains(node)
+                }
+            })
+            .collect()
+    }
+
+    /// Whether this node owns the chunks of a lost node.
+    fn successor_of_any(&self) -> bool {
+        self.peers.successors().values().any(|by| *by == self.id)
+    }
+
+    /// `peer`'s copies of `dataset`. When a peer may hold a newer copy than this owner's (see
+    /// `copy_sources`) it is asked again until it answers or is lost; otherwise a peer that
+    /// cannot answer registers its copies when it can.
+    fn copies_of(&self, peer: NodeId, dataset: DatasetId) -> Option<Vec<PageCopy>> {
+        let patient = self.is_rebuilding() || self.successor_of_any();
+        let mut told = Instant::now();
+        loop {
+            match self.ask(peer, &NodeRequest::PageCopies { dataset }) {
+                Ok(NodeReply::PageCopies(copies)) => return Some(copies),
+                Ok(other) => {
+                    tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
+                    return None;
+                }
+                Err(error) if !patient || self.peers.is_lost(peer) => {
+                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
+                    return None;
+                }
+                Err(error) => {
+                    if told.elapsed() >= Duration::from_secs(5) {
+                        tracing::warn!(peer, %error, "waiting for this peer's copies before serving as their owner (it may hold the newest)");
+                        told = Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
     }
 
     /// The outcome of multi-owner commit `commit` is known: every copy here waiting for it is

@@ -116,13 +116,11 @@ impl Machine {
             .chain(std::iter::once(self.config.id))
             .collect();
         let me = self.config.id;
-        let gained: Vec<NodeId> = successors
+        let gains = successors
             .iter()
-            .filter(|(lost, by)| **by == me && self.successors.get(*lost) != Some(by))
-            .map(|(lost, _)| *lost)
-            .collect();
+            .any(|(lost, by)| *by == me && self.successors.get(lost) != Some(by));
         self.successors = successors;
-        if !gained.is_empty() {
+        if gains {
             self.take_over();
         }
     }
