@@ -492,6 +492,13 @@ impl Cluster {
         })
     }
 
+    /// The first page of file `name`, read through node `node`'s mount.
+    pub fn first_page(&self, node: u32, name: &str) -> Vec<u8> {
+        let bytes = std::fs::read(self.mount(node).join(name))
+            .unwrap_or_else(|error| panic!("read {name} on node {node}: {error}"));
+        bytes[..4096].to_vec()
+    }
+
     pub fn node_log(&self, node: u32) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("n{node}")).join("node.log"))
             .unwrap_or_default()

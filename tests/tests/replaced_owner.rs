@@ -11,12 +11,6 @@ use hotpot_tests::{fuse_available, page_pattern, require_program, Cluster, Mappi
 
 const PAGES: u64 = 16;
 
-fn first_page(cluster: &Cluster, node: u32) -> Vec<u8> {
-    let bytes = std::fs::read(cluster.mount(node).join("data"))
-        .unwrap_or_else(|error| panic!("read on node {node}: {error}"));
-    bytes[..4096].to_vec()
-}
-
 #[test]
 fn a_replaced_owner_comes_back_without_the_commit_only_it_applied() {
     assert!(
@@ -84,12 +78,12 @@ fn a_replaced_owner_comes_back_without_the_commit_only_it_applied() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(first_page(&cluster, successor), page_pattern(3, 0));
+    assert_eq!(cluster.first_page(successor, "data"), page_pattern(3, 0));
 
     // The replaced owner comes back with its PM: it must show the third commit, never the
     // second (applied by it alone, never acknowledged).
     cluster.start(owner);
-    let back = first_page(&cluster, owner);
+    let back = cluster.first_page(owner, "data");
     assert!(
         back != page_pattern(2, 0),
         "node {owner} came back serving the commit only it had applied"
@@ -105,7 +99,7 @@ fn a_replaced_owner_comes_back_without_the_commit_only_it_applied() {
         .msync()
         .expect("a commit with the replaced node back");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while first_page(&cluster, owner) != page_pattern(4, 0) {
+    while cluster.first_page(owner, "data") != page_pattern(4, 0) {
         assert!(
             Instant::now() < deadline,
             "node {owner} did not get the commit after its return"

@@ -10,12 +10,6 @@ use hotpot_tests::{fuse_available, page_pattern, require_program, Cluster, Mappi
 
 const PAGES: u64 = 16;
 
-fn first_page(cluster: &Cluster, node: u32) -> Vec<u8> {
-    let bytes = std::fs::read(cluster.mount(node).join("data"))
-        .unwrap_or_else(|error| panic!("read on node {node}: {error}"));
-    bytes[..4096].to_vec()
-}
-
 #[test]
 fn a_holder_left_out_while_it_was_silent_catches_up_when_it_is_back() {
     assert!(
@@ -39,7 +33,7 @@ fn a_holder_left_out_while_it_was_silent_catches_up_when_it_is_back() {
     let mut mapping = Mapping::new(&file, (PAGES * 4096) as usize);
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(1, 0));
     mapping.msync().expect("the first commit");
-    assert_eq!(first_page(&cluster, holder), page_pattern(1, 0));
+    assert_eq!(cluster.first_page(holder, "data"), page_pattern(1, 0));
 
     // The holder stops answering; wait until the owner counts it as down.
     let paused = cluster.pause(holder);
@@ -80,7 +74,7 @@ fn a_holder_left_out_while_it_was_silent_catches_up_when_it_is_back() {
     drop(paused);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let page = first_page(&cluster, holder);
+        let page = cluster.first_page(holder, "data");
         if page == page_pattern(2, 0) {
             break;
         }

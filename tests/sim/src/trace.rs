@@ -142,7 +142,12 @@ pub(crate) fn describe_op(op: &Op) -> String {
 
 pub(crate) fn describe_result(result: &OpResult) -> String {
     match result {
-        OpResult::Read { version, .. } => format!("read v{version}"),
+        OpResult::Read {
+            version,
+            failed_over: false,
+            ..
+        } => format!("read v{version}"),
+        OpResult::Read { version, .. } => format!("read v{version} (failed over)"),
         other => format!("{other:?}"),
     }
 }

@@ -54,6 +54,8 @@ pub struct ReadRecord {
     pub started_ms: u64,
     pub version: u64,
     pub bytes: Vec<u8>,
+    /// Its owner did not answer: the copy is the newest among the nodes that did.
+    pub failed_over: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -200,7 +202,11 @@ impl Workload {
                     page,
                     started_ms,
                 },
-                OpResult::Read { version, bytes },
+                OpResult::Read {
+                    version,
+                    bytes,
+                    failed_over,
+                },
             ) => Some(ReadRecord {
                 node,
                 dataset,
@@ -208,6 +214,7 @@ impl Workload {
                 started_ms,
                 version: *version,
                 bytes: bytes.clone(),
+                failed_over: *failed_over,
             }),
             _ => None,
         }

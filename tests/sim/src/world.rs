@@ -593,6 +593,7 @@ impl World {
                         && machine.sees_live().len() == self.nodes.len()
                         && *machine.successors() == self.dispatcher.successors()
                         && machine.in_flight() == (0, 0)
+                        && machine.failed_over_pages() == 0
                         && machine.table().pending().is_empty()
                         && machine.fully_replicated()
                 })

@@ -49,6 +49,10 @@ pub enum OpResult {
     Read {
         version: u64,
         bytes: Vec<u8>,
+        /// The copy came from another node than the owner, which did not answer (or was
+        /// taken so and the owner not asked again yet): the newest only among the nodes that
+        /// answered.
+        failed_over: bool,
     },
 }
 
@@ -62,6 +66,8 @@ enum Step {
     Backoff { until_ms: u64 },
     /// Waiting for the owner's copy of a page.
     Reading { page: u64 },
+    /// The owner did not answer: gathering the other nodes' copies (failover.rs).
+    FailingOver(super::failover::Gathering),
     /// MRMW across owners (across.rs).
     Across(super::across::Phase),
 }
@@ -102,8 +108,15 @@ impl Machine {
                 }
                 let owner = self.owner_of(&dataset, page);
                 if !self.reads_through(&dataset, page) {
-                    if let Some((version, bytes)) = self.table.read_persisted((dataset_id, page)) {
-                        return self.op_done(id, OpResult::Read { version, bytes });
+                    let key = (dataset_id, page);
+                    if let Some((version, bytes)) = self.table.read_persisted(key) {
+                        let failed_over = self.is_failed_over(key);
+                        let result = OpResult::Read {
+                            version,
+                            bytes,
+                            failed_over,
+                        };
+                        return self.op_done(id, result);
                     }
                 }
                 self.client.ops.insert(
@@ -266,11 +279,17 @@ impl Machine {
         let Some(op) = self.client.ops.get(&id).cloned() else {
             return;
         };
-        if let Step::Across(phase) = op.step {
-            return self.across_answered(id, phase, from, reply);
+        match op.step {
+            Step::Across(phase) => return self.across_answered(id, phase, from, reply),
+            Step::FailingOver(gathering) => {
+                return self.gathering_answered(id, op.dataset.id, gathering, from, reply)
+            }
+            _ => {}
         }
         match (op.step, reply) {
+            (Step::Reading { page }, None) => self.fail_over(id, op.dataset.id, page, op.owner),
             (Step::Reading { page }, Some(NodeReply::Page(copy))) => {
+                self.fetched_from_owner((op.dataset.id, page));
                 let result = if self.reads_through(&op.dataset, page) {
                     // Not kept: what settles this node's copy comes by its own way.
                     OpResult::Read {
@@ -280,6 +299,7 @@ impl Machine {
                         } else {
                             copy.bytes
                         },
+                        failed_over: false,
                     }
                 } else {
                     self.take_fetched(op.dataset.id, page, copy)
@@ -372,6 +392,13 @@ impl Machine {
         groups
     }
 
+    /// Set op `id`'s step to gathering copies elsewhere.
+    pub(super) fn set_step_gathering(&mut self, id: OpId, gathering: super::failover::Gathering) {
+        if let Some(op) = self.client.ops.get_mut(&id) {
+            op.step = Step::FailingOver(gathering);
+        }
+    }
+
     /// Set op `id`'s step (an op that finished meanwhile is left alone).
     pub(super) fn set_step_across(&mut self, id: OpId, phase: super::across::Phase) {
         if let Some(op) = self.client.ops.get_mut(&id) {
@@ -408,10 +435,12 @@ impl Machine {
 
     /// A fetched copy stored (this node becomes a holder) and read back.
     fn take_fetched(&mut self, dataset: DatasetId, page: u64, copy: VersionedPage) -> OpResult {
+        self.fetched_from_owner((dataset, page));
         if copy.version == 0 {
             return OpResult::Read {
                 version: 0,
                 bytes: vec![0u8; PAGE_BYTES],
+                failed_over: false,
             };
         }
         if let Err(error) = self
@@ -423,6 +452,7 @@ impl Machine {
         OpResult::Read {
             version: copy.version,
             bytes: copy.bytes,
+            failed_over: false,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 mod across;
 mod client;
 mod commit;
+mod failover;
 mod multi;
 mod owner;
 mod target;
@@ -200,6 +201,8 @@ enum Purpose {
     /// Rejoin: a peer's copies of the pages this node owns (`learn`), or an owner told
     /// this node's copies of its pages.
     Rejoin { dataset: DatasetId, learn: bool },
+    /// A page taken elsewhere while its owner was silent, fetched again from the owner.
+    Refetch { key: PageKey },
 }
 
 #[derive(Clone, Debug)]
@@ -223,6 +226,7 @@ pub struct Machine {
     multi: multi::MultiState,
     client: client::ClientState,
     target: target::TargetState,
+    failover: failover::FailoverState,
     out: Vec<Output>,
 }
 
@@ -262,6 +266,7 @@ impl Machine {
             multi: Default::default(),
             client: Default::default(),
             target: Default::default(),
+            failover: Default::default(),
             out: Vec::new(),
         };
         machine.lock_waiting_records();
@@ -330,6 +335,7 @@ impl Machine {
         self.sweep_outcomes();
         self.resolve_pending();
         self.rereplicate();
+        self.refetch_taken();
         self.retry_ops();
         std::mem::take(&mut self.out)
     }
@@ -440,6 +446,7 @@ impl Machine {
             NodeRequest::Abort { tx } => self.serve_abort(tx),
             NodeRequest::Install { dataset, pages } => self.serve_install(dataset, &pages),
             NodeRequest::FetchCopies { dataset, pages } => self.serve_fetch_copies(dataset, &pages),
+            NodeRequest::FetchCopy { dataset, page } => self.serve_fetch_copy(dataset, page),
             other => NodeReply::Failed(FsError::Invalid(format!(
                 "the node machine does not serve {}",
                 request_name(&other)
@@ -473,6 +480,7 @@ impl Machine {
             Purpose::Pending { tx } => self.pending_answered(tx, from, reply),
             Purpose::DecidedCommit { tx } => self.decided_commit_answered(tx, from, reply),
             Purpose::Rejoin { dataset, learn } => self.rejoin_answered(from, dataset, learn, reply),
+            Purpose::Refetch { key } => self.refetch_answered(key, reply),
         }
     }
 
