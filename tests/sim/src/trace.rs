@@ -74,6 +74,7 @@ fn request_summary(request: &NodeRequest) -> String {
         NodeRequest::FetchCopies { dataset, pages } => format!("FetchCopies d{dataset} {pages:?}"),
         NodeRequest::Commit {
             tx,
+            followers,
             dataset,
             committer_prepared,
             pages,
@@ -81,7 +82,7 @@ fn request_summary(request: &NodeRequest) -> String {
         } => {
             let pages: Vec<(u64, u64)> = pages.iter().map(|w| (w.page, w.base_version)).collect();
             format!(
-                "Commit tx {tx:?} d{} own-copy {committer_prepared} (page, base) {pages:?}",
+                "Commit tx {tx:?} d{} followers {followers:?} own-copy {committer_prepared} (page, base) {pages:?}",
                 dataset.id
             )
         }

@@ -122,14 +122,8 @@ impl Workload {
             .collect();
         if !writable.is_empty() && rng.random_bool(0.55) {
             let (dataset, pages) = *writable.choose(rng).expect("not empty");
-            // MRMW commits span owners (three phases); MRSW ones stay with one owner.
-            let first = rng.random_range(0..*pages);
-            let owner = dataset.owner_of_page(first);
-            let candidates: Vec<u64> = (0..*pages)
-                .filter(|page| {
-                    dataset.params.mode == Mode::Mrmw || dataset.owner_of_page(*page) == owner
-                })
-                .collect();
+            // Commits of either mode may span owners (three phases).
+            let candidates: Vec<u64> = (0..*pages).collect();
             let count = rng.random_range(1..=candidates.len().min(4));
             let chosen: Vec<u64> = candidates.choose_multiple(rng, count).copied().collect();
             let stamp = stamp_bytes(op);

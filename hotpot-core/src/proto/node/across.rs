@@ -1,14 +1,18 @@
-//! The committer's side of an MRMW commit across owners (the three phases of docs/design.md,
-//! "MRMW"): `Lock` at the leader (the lowest-id owner), `OwnerPrepare` at each follower in
-//! node-id order, `CommitRuns` at the leader (its apply decides), `OwnerDecide` to the
-//! followers. A refusal in phase 1 undoes what was prepared and starts over after a pause.
-//! Must survive: any owner not answering (before phase 2 nothing is decided: refused; at
-//! phase 2 or 3 the owners settle it: in doubt), this node dying at any point.
+//! The committer's side of a commit across owners (the three phases of docs/design.md,
+//! "MRMW", and "Recovery": commits across owners). MRMW: `Lock` at the leader (the lowest-id
+//! owner), `OwnerPrepare` of byte runs at each follower in node-id order, `CommitRuns` at the
+//! leader (its apply decides), `OwnerDecide` to the followers; a refusal in phase 1 undoes
+//! what was prepared and starts over after a pause. MRSW (the dataset's single writer, so
+//! no phase-1 lock): this node's own copy of the other owners' pages prepared first, then
+//! `OwnerPrepare` of whole pages at every follower at once, `Commit` at the leader,
+//! `OwnerDecide`. Must survive: any owner not answering (before phase 2 nothing is decided:
+//! refused; at phase 2 or 3 the owners settle it: in doubt, and the own copy settles with
+//! the leader), this node dying at any point.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::client::OpResult;
-use super::{Machine, OpId, PageRuns, Purpose};
+use super::{Machine, OpId, Purpose};
 use crate::page::TxKey;
 use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages};
 use crate::proto::types::{FsError, NodeId};
@@ -16,7 +20,10 @@ use crate::proto::types::{FsError, NodeId};
 #[derive(Clone, Debug)]
 pub(super) struct Phase {
     tx: TxKey,
-    groups: BTreeMap<NodeId, Vec<PageRuns>>,
+    groups: BTreeMap<NodeId, OwnerPages>,
+    /// MRSW: this node's own copy of the other owners' pages, prepared under its own name
+    /// (this node may be a follower of this very commit under `tx`).
+    own_copy: Option<TxKey>,
     step: AcrossStep,
 }
 
@@ -26,6 +33,8 @@ enum AcrossStep {
     Locking,
     /// Phase 1 at follower number `next` (node-id order).
     Preparing { next: usize },
+    /// MRSW phase 1: every follower at once; these have not answered.
+    PreparingAll { awaiting: BTreeSet<NodeId> },
     /// Phase 2: the leader decides.
     Leading,
     /// Phase 3: followers not answered yet; whether the ack is in doubt.
@@ -45,16 +54,24 @@ impl Phase {
     }
 
     fn pages_of(&self, owner: NodeId) -> Vec<u64> {
-        self.groups[&owner].iter().map(|(page, _)| *page).collect()
+        match &self.groups[&owner] {
+            OwnerPages::Writes(writes) => writes.iter().map(|write| write.page).collect(),
+            OwnerPages::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),
+        }
+    }
+
+    fn runs(&self) -> bool {
+        matches!(self.groups.values().next(), Some(OwnerPages::Runs(_)))
     }
 }
 
 impl Machine {
-    pub(super) fn start_across(&mut self, id: OpId, groups: BTreeMap<NodeId, Vec<PageRuns>>) {
+    pub(super) fn start_across(&mut self, id: OpId, groups: BTreeMap<NodeId, OwnerPages>) {
         let tx = self.new_tx();
-        let phase = Phase {
+        let mut phase = Phase {
             tx,
             groups,
+            own_copy: None,
             step: AcrossStep::Locking,
         };
         let Some(op) = self.client.ops.get_mut(&id) else {
@@ -63,13 +80,76 @@ impl Machine {
         op.attempts += 1;
         let dataset = op.dataset.id;
         let leader = phase.leader();
+        if !phase.runs() {
+            return self.prepare_all(id, dataset, phase);
+        }
         let request = NodeRequest::Lock {
             tx,
             dataset,
             pages: phase.pages_of(leader),
         };
+        phase.step = AcrossStep::Locking;
         self.set_step_across(id, phase);
         self.send(leader, request, Purpose::Op(id));
+    }
+
+    /// MRSW phase 1: this node's own copy of the other owners' pages first (every owner
+    /// counts it and sends it nothing), then every follower at once.
+    fn prepare_all(&mut self, id: OpId, dataset: u64, mut phase: Phase) {
+        let me = self.config.id;
+        let copies: Vec<(u64, u64, Vec<u8>)> = phase
+            .groups
+            .iter()
+            .filter(|(owner, _)| **owner != me)
+            .flat_map(|(_, pages)| match pages {
+                OwnerPages::Writes(writes) => writes
+                    .iter()
+                    .map(|write| (write.page, write.base_version + 1, write.bytes.clone()))
+                    .collect(),
+                OwnerPages::Runs(_) => Vec::new(),
+            })
+            .collect();
+        if !copies.is_empty() {
+            let own = self.new_tx();
+            let borrowed: Vec<(u64, u64, &[u8])> = copies
+                .iter()
+                .map(|(page, version, bytes)| (*page, *version, bytes.as_slice()))
+                .collect();
+            let prepared =
+                self.table
+                    .prepare_copies(own, dataset, &borrowed, true, Default::default());
+            if let Err(error) = prepared {
+                let error = FsError::Io(format!("own copy: {error}"));
+                return self.op_done(id, OpResult::Refused(error));
+            }
+            phase.own_copy = Some(own);
+        }
+        let followers = phase.followers();
+        phase.step = AcrossStep::PreparingAll {
+            awaiting: followers.iter().copied().collect(),
+        };
+        let requests: Vec<(NodeId, NodeRequest)> = followers
+            .iter()
+            .map(|follower| (*follower, self.owner_prepare(id, &phase, *follower)))
+            .collect();
+        self.set_step_across(id, phase);
+        for (follower, request) in requests {
+            self.send(follower, request, Purpose::Op(id));
+        }
+    }
+
+    /// Phase 1's request to `follower`.
+    fn owner_prepare(&self, id: OpId, phase: &Phase, follower: NodeId) -> NodeRequest {
+        let dataset = self.client.ops[&id].dataset.clone();
+        NodeRequest::OwnerPrepare {
+            tx: phase.tx,
+            dataset,
+            ino: 0,
+            committer: self.config.id,
+            committer_prepared: phase.own_copy.is_some(),
+            leader: phase.leader(),
+            pages: phase.groups[&follower].clone(),
+        }
     }
 
     pub(super) fn across_answered(
@@ -85,9 +165,25 @@ impl Machine {
             (AcrossStep::Preparing { next }, Some(NodeReply::Done)) => {
                 self.prepare_next(id, phase, next + 1)
             }
-            (AcrossStep::Locking | AcrossStep::Preparing { .. }, reply) => {
+            (AcrossStep::PreparingAll { mut awaiting }, Some(NodeReply::Done)) => {
+                awaiting.remove(&from);
+                if awaiting.is_empty() {
+                    // Every follower prepared: phase 2.
+                    self.prepare_next(id, phase, followers.len());
+                } else {
+                    phase.step = AcrossStep::PreparingAll { awaiting };
+                    self.set_step_across(id, phase);
+                }
+            }
+            (
+                AcrossStep::Locking
+                | AcrossStep::Preparing { .. }
+                | AcrossStep::PreparingAll { .. },
+                reply,
+            ) => {
                 let asked = match phase.step {
                     AcrossStep::Preparing { next } => &followers[..=next],
+                    AcrossStep::PreparingAll { .. } => &followers[..],
                     _ => &[][..],
                 };
                 self.undo_phase1(id, &phase, asked);
@@ -116,10 +212,18 @@ impl Machine {
                     Some(NodeReply::InDoubt { why, .. }) => Some(why),
                     Some(other) => Some(format!("leader {from} answered {other:?}")),
                     None => {
+                        // The own copy settles with the leader's outcome.
+                        if let Some(own) = phase.own_copy {
+                            self.note_decider_across(own, phase.tx, from);
+                        }
                         let why = format!("leader {from} did not answer");
                         return self.op_done(id, OpResult::InDoubt(why));
                     }
                 };
+                // The leader applied it: the own copy is current.
+                if let Some(own) = phase.own_copy {
+                    self.table.decide_copies(own);
+                }
                 phase.step = AcrossStep::Releasing {
                     awaiting: followers.iter().copied().collect(),
                     in_doubt,
@@ -168,27 +272,30 @@ impl Machine {
         let (to, request) = match followers.get(next) {
             Some(follower) => {
                 phase.step = AcrossStep::Preparing { next };
-                let request = NodeRequest::OwnerPrepare {
-                    tx,
-                    dataset,
-                    ino: 0,
-                    committer: me,
-                    committer_prepared: false,
-                    leader,
-                    pages: OwnerPages::Runs(phase.groups[follower].clone()),
-                };
-                (*follower, request)
+                (*follower, self.owner_prepare(id, &phase, *follower))
             }
             None => {
                 phase.step = AcrossStep::Leading;
-                let request = NodeRequest::CommitRuns {
-                    tx,
-                    followers,
-                    dataset,
-                    ino: 0,
-                    committer: me,
-                    pages: phase.groups[&leader].clone(),
-                    release: true,
+                let request = match phase.groups[&leader].clone() {
+                    OwnerPages::Runs(pages) => NodeRequest::CommitRuns {
+                        tx,
+                        followers,
+                        dataset,
+                        ino: 0,
+                        committer: me,
+                        pages,
+                        release: true,
+                    },
+                    OwnerPages::Writes(pages) => NodeRequest::Commit {
+                        tx,
+                        followers,
+                        dataset,
+                        ino: 0,
+                        committer: me,
+                        committer_prepared: phase.own_copy.is_some(),
+                        pages,
+                        version: None,
+                    },
                 };
                 (leader, request)
             }
@@ -207,6 +314,12 @@ impl Machine {
         let tx = phase.tx;
         for follower in asked {
             self.send(*follower, NodeRequest::OwnerAbort { tx }, Purpose::Notice);
+        }
+        if let Some(own) = phase.own_copy {
+            self.table.abort_copies(own);
+        }
+        if !phase.runs() {
+            return; // MRSW: no phase-1 lock at the leader
         }
         let leader = phase.leader();
         let unlock = NodeRequest::Unlock {

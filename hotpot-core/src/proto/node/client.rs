@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{Machine, Purpose};
 use crate::page::{Run, TxKey};
 use crate::pm::PAGE_BYTES;
-use crate::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
+use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite, VersionedPage};
 use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
 
 pub type OpId = u64;
@@ -145,9 +145,8 @@ impl Machine {
                 let bad = stores.iter().any(|(page, offset, bytes)| {
                     *page >= pages || usize::from(*offset) + bytes.len() > PAGE_BYTES
                 });
-                let one_owner = owners.len() == 1 || dataset.params.mode == Mode::Mrmw;
-                let (Some(owner), true, false) = (owners.first().copied(), one_owner, bad) else {
-                    let why = "an MRSW commit's stores must lie in pages of one owner";
+                let (Some(owner), false) = (owners.first().copied(), bad) else {
+                    let why = "stores outside the dataset's pages";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 };
                 let missing: BTreeSet<u64> = match dataset.params.mode {
@@ -164,7 +163,8 @@ impl Machine {
                         page: *page,
                         from: self.config.id,
                     };
-                    self.send(owner, request, Purpose::Op(id));
+                    let to = self.owner_of(&dataset, *page);
+                    self.send(to, request, Purpose::Op(id));
                 }
                 let empty = missing.is_empty();
                 self.client.ops.insert(
@@ -195,6 +195,16 @@ impl Machine {
         let op = self.client.ops.get(&id).expect("op in flight").clone();
         let groups = self.runs_by_owner(&op.dataset, &op.stores);
         if groups.len() > 1 {
+            let groups = groups
+                .into_iter()
+                .map(|(owner, runs)| {
+                    let pages = match op.dataset.params.mode {
+                        Mode::Mrmw => OwnerPages::Runs(runs),
+                        Mode::Mrsw => OwnerPages::Writes(self.whole_pages(op.dataset.id, runs)),
+                    };
+                    (owner, pages)
+                })
+                .collect();
             return self.start_across(id, groups);
         }
         let tx = self.new_tx();
@@ -220,22 +230,7 @@ impl Machine {
                 (request, false)
             }
             Mode::Mrsw => {
-                let mut writes = Vec::with_capacity(by_page.len());
-                for (page, runs) in by_page {
-                    let (base_version, mut bytes) = self
-                        .table
-                        .read_persisted((op.dataset.id, page))
-                        .unwrap_or((0, vec![0u8; PAGE_BYTES]));
-                    for run in &runs {
-                        let start = usize::from(run.offset);
-                        bytes[start..start + run.bytes.len()].copy_from_slice(&run.bytes);
-                    }
-                    writes.push(PageWrite {
-                        page,
-                        base_version,
-                        bytes,
-                    });
-                }
+                let writes = self.whole_pages(op.dataset.id, by_page.into_iter().collect());
                 let own_copy = op.owner != me;
                 if own_copy {
                     let copies: Vec<(u64, u64, &[u8])> = writes
@@ -289,7 +284,6 @@ impl Machine {
         match (op.step, reply) {
             (Step::Reading { page }, None) => self.fail_over(id, op.dataset.id, page, op.owner),
             (Step::Reading { page }, Some(NodeReply::Page(copy))) => {
-                self.fetched_from_owner((op.dataset.id, page));
                 let result = if self.reads_through(&op.dataset, page) {
                     // Not kept: what settles this node's copy comes by its own way.
                     OpResult::Read {
@@ -369,6 +363,27 @@ impl Machine {
         }
     }
 
+    /// MRSW: each page as the stores leave this node's copy, against its version.
+    fn whole_pages(&self, dataset: DatasetId, runs: Vec<super::PageRuns>) -> Vec<PageWrite> {
+        runs.into_iter()
+            .map(|(page, runs)| {
+                let (base_version, mut bytes) = self
+                    .table
+                    .read_persisted((dataset, page))
+                    .unwrap_or((0, vec![0u8; PAGE_BYTES]));
+                for run in &runs {
+                    let start = usize::from(run.offset);
+                    bytes[start..start + run.bytes.len()].copy_from_slice(&run.bytes);
+                }
+                PageWrite {
+                    page,
+                    base_version,
+                    bytes,
+                }
+            })
+            .collect()
+    }
+
     /// The stores as runs, by page, by owner.
     fn runs_by_owner(
         &self,
@@ -435,7 +450,6 @@ impl Machine {
 
     /// A fetched copy stored (this node becomes a holder) and read back.
     fn take_fetched(&mut self, dataset: DatasetId, page: u64, copy: VersionedPage) -> OpResult {
-        self.fetched_from_owner((dataset, page));
         if copy.version == 0 {
             return OpResult::Read {
                 version: 0,
@@ -448,6 +462,11 @@ impl Machine {
             .install_copy((dataset, page), copy.version, &copy.bytes)
         {
             return OpResult::Refused(FsError::Io(format!("install: {error}")));
+        }
+        if self.table.version_of((dataset, page)) >= copy.version {
+            // A copy taken during a failover is now the owner's, and this node a holder
+            // it knows.
+            self.fetched_from_owner((dataset, page));
         }
         OpResult::Read {
             version: copy.version,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use super::{Machine, PageRuns, Purpose};
 use crate::page::{apply_runs, OwnedPage, TxKey};
 use crate::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
-use crate::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
+use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite, VersionedPage};
 use crate::proto::replication::{self, short_of_copies, Targets};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
@@ -123,9 +123,10 @@ impl Machine {
         if let Some(reply) = self.owner.answered.get(&tx).cloned() {
             return self.reply(from, call, reply);
         }
-        let parked = self.owner.parked.iter().any(
-            |parked| matches!(&parked.request, NodeRequest::Commit { tx: other, .. } if *other == tx),
-        );
+        let parked = self.owner.parked.iter().any(|parked| {
+            matches!(&parked.request, NodeRequest::Commit { tx: other, .. }
+                | NodeRequest::OwnerPrepare { tx: other, .. } if *other == tx)
+        });
         if let Some(commit) = self.owner.commits.get(&tx) {
             // A duplicate: a follower already prepared answers again; otherwise the first
             // call gets the answer.
@@ -137,7 +138,7 @@ impl Machine {
         if parked {
             return;
         }
-        if let Err(error) = self.may_commit(tx, role) {
+        if let Err(error) = self.may_commit(tx, role, matches!(work, Work::Runs(_))) {
             return self.refuse_commit(tx, from, call, NodeReply::Failed(error));
         }
         if let Some(reply) = self.not_ready() {
@@ -169,18 +170,40 @@ impl Machine {
                         NodeReply::Failed(FsError::Busy(why)),
                     );
                 }
-                let request = match work {
-                    Work::Writes(pages) => NodeRequest::Commit {
+                // MRSW: wait for the lock, asked again as it came.
+                let Work::Writes(pages) = work else {
+                    unreachable!("refused above")
+                };
+                let request = match role {
+                    Role::Follower { leader } => NodeRequest::OwnerPrepare {
                         tx,
-                        followers: Vec::new(),
                         dataset,
                         ino: 0,
                         committer,
                         committer_prepared,
-                        pages,
-                        version: None,
+                        leader,
+                        pages: OwnerPages::Writes(pages),
                     },
-                    Work::Runs(_) => unreachable!("refused above"),
+                    Role::Single | Role::Leader { .. } => {
+                        let me = self.config.id;
+                        let followers = match role {
+                            Role::Leader { participants } => TxTag::ids(participants)
+                                .into_iter()
+                                .filter(|node| *node != me)
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        NodeRequest::Commit {
+                            tx,
+                            followers,
+                            dataset,
+                            ino: 0,
+                            committer,
+                            committer_prepared,
+                            pages,
+                            version: None,
+                        }
+                    }
                 };
                 return self.park(from, call, request, keys);
             }

@@ -185,14 +185,17 @@ impl Machine {
         let Some(NodeReply::Page(copy)) = reply else {
             return; // asked again after another period
         };
-        // Only if newer; a prepared copy waiting keeps the page back, and settles it.
+        // Only if newer. Not stored (PM full), or kept back by a prepared copy of the page
+        // waiting here (which, if aborted, would leave the copy taken: found by hotpot-sim):
+        // asked again after another period.
         if copy.version > 0
-            && self
+            && (self
                 .table
                 .install_copy(key, copy.version, &copy.bytes)
                 .is_err()
+                || self.table.version_of(key) < copy.version)
         {
-            return; // not stored (PM full): asked again after another period
+            return;
         }
         self.fetched_from_owner(key);
     }

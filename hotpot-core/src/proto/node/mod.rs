@@ -369,6 +369,31 @@ impl Machine {
                 );
                 return;
             }
+            NodeRequest::Commit {
+                tx,
+                followers,
+                dataset,
+                committer,
+                committer_prepared,
+                pages,
+                ..
+            } => {
+                let Some(role) = self.leader_role(followers) else {
+                    return self.reply(from, call, across_ids_refused());
+                };
+                let work = commit::Work::Writes(pages);
+                self.serve_commit(
+                    from,
+                    call,
+                    tx,
+                    dataset,
+                    committer,
+                    committer_prepared,
+                    work,
+                    role,
+                );
+                return;
+            }
             NodeRequest::CommitRuns {
                 tx,
                 followers,
@@ -381,16 +406,10 @@ impl Machine {
                 let role = if followers.is_empty() {
                     commit::Role::Single
                 } else {
-                    let mut owners = followers;
-                    owners.push(self.config.id);
-                    match crate::pm::TxTag::bitmap(&owners) {
-                        Some(participants) => commit::Role::Leader { participants },
-                        None => {
-                            let why = "commits across owners need node ids 1..=64";
-                            let reply = NodeReply::Failed(FsError::Invalid(why.into()));
-                            return self.reply(from, call, reply);
-                        }
-                    }
+                    let Some(role) = self.leader_role(followers) else {
+                        return self.reply(from, call, across_ids_refused());
+                    };
+                    role
                 };
                 self.serve_commit(from, call, tx, dataset, committer, false, work, role);
                 return;
@@ -399,13 +418,26 @@ impl Machine {
                 tx,
                 dataset,
                 committer,
+                committer_prepared,
                 leader,
-                pages: OwnerPages::Runs(pages),
+                pages,
                 ..
             } => {
-                let work = commit::Work::Runs(pages);
+                let work = match pages {
+                    OwnerPages::Runs(pages) => commit::Work::Runs(pages),
+                    OwnerPages::Writes(pages) => commit::Work::Writes(pages),
+                };
                 let role = commit::Role::Follower { leader };
-                self.serve_commit(from, call, tx, dataset, committer, false, work, role);
+                self.serve_commit(
+                    from,
+                    call,
+                    tx,
+                    dataset,
+                    committer,
+                    committer_prepared,
+                    work,
+                    role,
+                );
                 return;
             }
             NodeRequest::OwnerDecide { tx, .. } => {
@@ -524,6 +556,13 @@ impl Machine {
         (self.config.id, seq)
     }
 
+    /// The leader's part in a commit with `followers` (`None`: a node id past 64).
+    fn leader_role(&self, mut followers: Vec<NodeId>) -> Option<commit::Role> {
+        followers.push(self.config.id);
+        crate::pm::TxTag::bitmap(&followers)
+            .map(|participants| commit::Role::Leader { participants })
+    }
+
     fn dataset(&self, id: DatasetId) -> Option<&(Dataset, u64)> {
         self.config
             .datasets
@@ -534,6 +573,11 @@ impl Machine {
 
 /// Runs of one page, as `CommitRuns` carries them.
 pub type PageRuns = (u64, Vec<Run>);
+
+fn across_ids_refused() -> NodeReply {
+    let why = "commits across owners need node ids 1..=64";
+    NodeReply::Failed(FsError::Invalid(why.into()))
+}
 
 fn request_name(request: &NodeRequest) -> String {
     let debug = format!("{request:?}");

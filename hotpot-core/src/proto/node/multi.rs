@@ -58,8 +58,14 @@ impl MultiState {
 }
 
 impl Machine {
-    /// Whether this owner may take part `role` in commit `tx`.
-    pub(super) fn may_commit(&mut self, tx: TxKey, role: Role) -> Result<(), FsError> {
+    /// Whether this owner may take part `role` in commit `tx` (`locked`: an MRMW commit,
+    /// whose leader took its phase-1 locks; an MRSW one has none, its writer is alone).
+    pub(super) fn may_commit(
+        &mut self,
+        tx: TxKey,
+        role: Role,
+        locked: bool,
+    ) -> Result<(), FsError> {
         // Given up, or being asked about (the answer may be that it is given up).
         let settling = self.multi.aborted.contains(&tx) || self.multi.queries.contains_key(&tx);
         if role != Role::Single && settling {
@@ -67,7 +73,7 @@ impl Machine {
                 "commit {tx:?} was given up here (it took too long)"
             )));
         }
-        if let Role::Leader { .. } = role {
+        if let (Role::Leader { .. }, true) = (role, locked) {
             let held = self.multi.phase1.remove(&tx).is_some();
             if !held && !self.config.bugs.skip_commit_lock {
                 return Err(FsError::Io(format!(

@@ -122,6 +122,14 @@ impl Machine {
         self.target.deciders.insert(tx, (owner, None));
     }
 
+    /// The committer's own copy `own` of commit `commit` across owners, whose leader did not
+    /// answer: it settles with the leader's outcome.
+    pub(super) fn note_decider_across(&mut self, own: TxKey, commit: TxKey, leader: NodeId) {
+        self.target
+            .deciders
+            .insert(own, (leader, Some((commit, leader))));
+    }
+
     /// Whether a copy prepared here for commit `tx` (across owners) waits for its outcome.
     pub(super) fn target_waits_for(&self, tx: TxKey) -> bool {
         self.target
