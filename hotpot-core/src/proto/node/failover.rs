@@ -41,14 +41,7 @@ impl Machine {
             .into_iter()
             .filter(|node| *node != me && *node != owner)
             .collect();
-        let best = self
-            .table
-            .read_persisted((dataset, page))
-            .map(|(version, bytes)| VersionedPage {
-                page,
-                version,
-                bytes,
-            });
+        let best = self.persisted_copy(dataset, page);
         let gathering = Gathering {
             page,
             owner,
@@ -117,15 +110,17 @@ impl Machine {
 
     /// `FetchCopy`: this node's persisted copy, if any.
     pub(super) fn serve_fetch_copy(&self, dataset: DatasetId, page: u64) -> NodeReply {
-        let copy = self
-            .table
+        NodeReply::Copy(self.persisted_copy(dataset, page))
+    }
+
+    fn persisted_copy(&self, dataset: DatasetId, page: u64) -> Option<VersionedPage> {
+        self.table
             .read_persisted((dataset, page))
             .map(|(version, bytes)| VersionedPage {
                 page,
                 version,
                 bytes,
-            });
-        NodeReply::Copy(copy)
+            })
     }
 
     /// Whether this node's copy of `key` was taken while its owner was silent and the owner
