@@ -58,6 +58,7 @@ impl Protocol {
             OwnerPages::Writes(writes) => writes.iter().map(|write| write.page).collect(),
             OwnerPages::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),
         };
+        self.check_owner(dataset, page_ids.iter().copied())?;
         let keys: Vec<PageKey> = page_ids.iter().map(|page| (dataset.id, *page)).collect();
         let mut held = self.lock_pages(tx, &keys, dataset.params.mode == Mode::Mrsw)?;
         let writes = match pages {
