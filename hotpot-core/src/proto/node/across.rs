@@ -68,7 +68,7 @@ impl Phase {
 impl Machine {
     pub(super) fn start_across(&mut self, id: OpId, groups: BTreeMap<NodeId, OwnerPages>) {
         let tx = self.new_tx();
-        let mut phase = Phase {
+        let phase = Phase {
             tx,
             groups,
             own_copy: None,
@@ -88,7 +88,6 @@ impl Machine {
             dataset,
             pages: phase.pages_of(leader),
         };
-        phase.step = AcrossStep::Locking;
         self.set_step_across(id, phase);
         self.send(leader, request, Purpose::Op(id));
     }
