@@ -45,8 +45,9 @@ impl World {
     pub(super) fn power_off(&mut self, id: NodeId) {
         let wipe = self.options.wipes && self.rng.random_bool(0.3) && self.can_wipe(id);
         // Replacing a node is losing what only its PM holds, as a wipe is: a node holding a
-        // follower's part comes back before the dispatcher would promote another in its place.
-        let replaceable = self.options.promote_after_ms == 0 || !self.holds_follower_record(id);
+        // follower's part or a leader's kept outcome comes back before the dispatcher would
+        // promote another in its place.
+        let replaceable = self.options.promote_after_ms == 0 || !self.holds_only_copy(id);
         let torn_seed = self.rng.random();
         let node = self.nodes.get_mut(&id).expect("node");
         node.machine = None;
@@ -81,11 +82,7 @@ impl World {
             *other == id || (node.machine.is_some() && !node.rebuilding && !node.dying)
         });
         others_whole
-            && !self.holds_follower_record(id)
-            && self.nodes[&id]
-                .machine
-                .as_ref()
-                .is_none_or(|machine| machine.table().outcomes_waiting().is_empty())
+            && !self.holds_only_copy(id)
             && self.datasets.iter().all(|(dataset, pages)| {
                 dataset.params.replicas >= 2
                     && (0..*pages).all(|page| {
@@ -108,17 +105,18 @@ impl World {
 
     /// A follower's part of a commit across owners has one copy that survives a crash (its
     /// own record) until it is decided: its targets' prepared copies are dropped when they
-    /// restart (docs/design.md, "What the simulator found", item 10). Losing that node (its
-    /// PM, or its place as an owner) is then beyond what the protocol replicates. A wipe
-    /// also spares a leader's kept outcome (the only durable record that it decided, where
-    /// the targets' volatile memory would have to answer after its loss).
-    fn holds_follower_record(&self, id: NodeId) -> bool {
+    /// restart. A leader's kept outcome is the only durable record that it decided: after its
+    /// loss the targets' volatile memory must answer (docs/design.md, "What the simulator
+    /// found", item 10). Losing such a node (its PM, or its place as an owner) is beyond what
+    /// the protocol replicates.
+    fn holds_only_copy(&self, id: NodeId) -> bool {
         self.nodes[&id].machine.as_ref().is_some_and(|machine| {
-            machine
-                .table()
-                .pending()
-                .iter()
-                .any(|copies| copies.tag.role == TxRole::Follower)
+            let table = machine.table();
+            !table.outcomes_waiting().is_empty()
+                || table
+                    .pending()
+                    .iter()
+                    .any(|copies| copies.tag.role == TxRole::Follower)
         })
     }
 
