@@ -59,11 +59,16 @@ impl SimDispatcher {
         Some(reply)
     }
 
-    /// The promotions it persisted: a lost node → the node that owns its chunks now.
+    /// Its promotions: a lost node → the node that owns its chunks now (persisted before
+    /// any answer, so a crash keeps them).
     pub(crate) fn successors(&self) -> BTreeMap<NodeId, NodeId> {
-        let state: DispatcherState =
-            serde_json::from_slice(&self.persisted).expect("persisted dispatcher state reloads");
-        state.successors().clone()
+        match &self.live {
+            Some(state) => state.successors().clone(),
+            None => serde_json::from_slice::<DispatcherState>(&self.persisted)
+                .expect("persisted dispatcher state reloads")
+                .successors()
+                .clone(),
+        }
     }
 
     pub(crate) fn crash(&mut self) {

@@ -586,12 +586,13 @@ impl World {
     /// Every node up, ready and counting every node live, nothing locked, no call waiting,
     /// no copy undecided, no program waiting.
     pub(crate) fn quiescent(&self) -> bool {
+        let successors = self.dispatcher.successors();
         self.workload.idle()
             && self.nodes.values().all(|node| {
                 node.machine.as_ref().is_some_and(|machine| {
                     machine.is_rejoined()
                         && machine.sees_live().len() == self.nodes.len()
-                        && *machine.successors() == self.dispatcher.successors()
+                        && *machine.successors() == successors
                         && machine.in_flight() == (0, 0)
                         && machine.failed_over_pages() == 0
                         && machine.table().pending().is_empty()

@@ -354,31 +354,8 @@ impl Machine {
                 committer_prepared,
                 pages,
                 ..
-            } if followers.is_empty() => {
-                let work = commit::Work::Writes(pages);
-                let role = commit::Role::Single;
-                self.serve_commit(
-                    from,
-                    call,
-                    tx,
-                    dataset,
-                    committer,
-                    committer_prepared,
-                    work,
-                    role,
-                );
-                return;
-            }
-            NodeRequest::Commit {
-                tx,
-                followers,
-                dataset,
-                committer,
-                committer_prepared,
-                pages,
-                ..
             } => {
-                let Some(role) = self.leader_role(followers) else {
+                let Some(role) = self.commit_role(followers) else {
                     return self.reply(from, call, across_ids_refused());
                 };
                 let work = commit::Work::Writes(pages);
@@ -402,15 +379,10 @@ impl Machine {
                 pages,
                 ..
             } => {
-                let work = commit::Work::Runs(pages);
-                let role = if followers.is_empty() {
-                    commit::Role::Single
-                } else {
-                    let Some(role) = self.leader_role(followers) else {
-                        return self.reply(from, call, across_ids_refused());
-                    };
-                    role
+                let Some(role) = self.commit_role(followers) else {
+                    return self.reply(from, call, across_ids_refused());
                 };
+                let work = commit::Work::Runs(pages);
                 self.serve_commit(from, call, tx, dataset, committer, false, work, role);
                 return;
             }
@@ -556,8 +528,12 @@ impl Machine {
         (self.config.id, seq)
     }
 
-    /// The leader's part in a commit with `followers` (`None`: a node id past 64).
-    fn leader_role(&self, mut followers: Vec<NodeId>) -> Option<commit::Role> {
+    /// This owner's part in a commit with `followers`: the only owner, or the leader
+    /// (`None`: a node id past 64, which a commit across owners cannot name).
+    fn commit_role(&self, mut followers: Vec<NodeId>) -> Option<commit::Role> {
+        if followers.is_empty() {
+            return Some(commit::Role::Single);
+        }
         followers.push(self.config.id);
         crate::pm::TxTag::bitmap(&followers)
             .map(|participants| commit::Role::Leader { participants })
