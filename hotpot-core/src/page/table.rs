@@ -106,6 +106,16 @@ impl PageTable {
         })
     }
 
+    /// Whether a write to `page` has something to be based on here: staged writes, the
+    /// kernel's copy, or a persisted copy. Without one, a write is based on zeros, which is
+    /// right only for a page never written anywhere (a commit sends the bytes that differ
+    /// from the base: zeros written over a zero base would not be sent).
+    pub fn has_base(&self, page: PageKey) -> bool {
+        self.dirty.contains_key(&page)
+            || self.served.contains_key(&page)
+            || self.pool.page(page).is_some()
+    }
+
     /// What the kernel gets for a READ: this node's view of `page` (a Dirty page rebased on
     /// the current committed copy first), remembered as the base of the kernel's copy.
     pub fn read_for_kernel(&mut self, page: PageKey, out: &mut [u8]) -> ReadOutcome {
@@ -254,6 +264,13 @@ impl PageTable {
             if pages.is_empty() {
                 self.dirty_by_dataset.remove(&page.0);
             }
+        }
+    }
+
+    /// Drop every staged write of `dataset` (a program gave them up).
+    pub fn drop_staged(&mut self, dataset: DatasetId) {
+        for page in self.dirty_pages(dataset) {
+            self.forget_dirty((dataset, page), true);
         }
     }
 

@@ -14,7 +14,7 @@ use std::fmt;
 use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::types::{DatasetId, NodeId};
 
-use crate::workload::{slot_offset, ReadRecord, Status, Workload, SLOT_BYTES};
+use crate::workload::{slot_offset, stamp_of, ReadRecord, Status, Workload, SLOT_BYTES};
 use crate::world::World;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,7 +281,7 @@ fn slot_stamp(bytes: &[u8], node: NodeId) -> u64 {
     let start = slot_offset(node);
     let mut word = [0u8; 8];
     word.copy_from_slice(&bytes[start..start + 8]);
-    u64::from_le_bytes(word)
+    stamp_of(u64::from_le_bytes(word))
 }
 
 /// Each slot's stamp, after checking the page is whole: every slot eight equal words of a

@@ -137,6 +137,7 @@ pub(crate) fn describe_op(op: &Op) -> String {
             let pages: Vec<u64> = stores.iter().map(|(page, _, _)| *page).collect();
             format!("op {op} write d{dataset} pages {pages:?}")
         }
+        Op::Commit { op, dataset } => format!("op {op} commit d{dataset}"),
         Op::Read { op, dataset, page } => format!("op {op} read d{dataset} p{page}"),
     }
 }

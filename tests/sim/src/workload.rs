@@ -2,6 +2,9 @@
 //! reads pages, one operation at a time. A store writes its operation's number into the
 //! committing node's own 64-byte slot of each page (eight equal words), so any page read
 //! tells which commit of which node each slot comes from. Records every commit's fate.
+//! The number is scrambled into its word (`word_of`), so a word's bytes vary, zero bytes
+//! included, from commit to commit: a commit that sent only some bytes of its slot shows
+//! as a torn slot.
 
 use std::collections::BTreeMap;
 
@@ -19,9 +22,29 @@ pub fn slot_offset(node: NodeId) -> usize {
 }
 
 pub fn stamp_bytes(stamp: u64) -> Vec<u8> {
-    std::iter::repeat_n(stamp.to_le_bytes(), SLOT_BYTES / 8)
+    std::iter::repeat_n(word_of(stamp).to_le_bytes(), SLOT_BYTES / 8)
         .flatten()
         .collect()
+}
+
+/// Odd, so multiplying by it is a bijection of u64.
+const SCRAMBLE: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A stamp's word: a bijection, 0 (never written) to 0.
+pub fn word_of(stamp: u64) -> u64 {
+    let word = stamp.wrapping_mul(SCRAMBLE);
+    word ^ (word >> 32)
+}
+
+/// The stamp whose word is `word` (`word_of` undone).
+pub fn stamp_of(word: u64) -> u64 {
+    // x ^ (x >> 32) is its own inverse; the multiplier's inverse modulo 2^64 by Newton's
+    // iteration (each step doubles the correct low bits: 3, 6, 12, 24, 48, 96).
+    let mut inverse = SCRAMBLE;
+    for _ in 0..5 {
+        inverse = inverse.wrapping_mul(2u64.wrapping_sub(SCRAMBLE.wrapping_mul(inverse)));
+    }
+    (word ^ (word >> 32)).wrapping_mul(inverse)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,5 +244,22 @@ impl Workload {
                 write.status = Status::InDoubt;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{stamp_of, word_of};
+
+    #[test]
+    fn a_stamp_comes_back_from_its_word() {
+        for stamp in [0, 1, 255, 256, 65_535, 1 << 40, u64::MAX] {
+            assert_eq!(stamp_of(word_of(stamp)), stamp, "stamp {stamp}");
+        }
+        assert_eq!(word_of(0), 0, "never written reads as stamp 0");
+        let zero_bytes = (1..2_000u64)
+            .filter(|stamp| word_of(*stamp).to_le_bytes().contains(&0))
+            .count();
+        assert!(zero_bytes > 20, "words have zero bytes: {zero_bytes}");
     }
 }

@@ -412,6 +412,10 @@ impl World {
                 self.send(node, to, Message::Reply { call, reply })
             }
             Output::Done(done) => self.op_done(node, done),
+            // No kernel caches pages here: the simulated programs read through the machine.
+            Output::Invalidate { dataset, pages } => {
+                trace!(self, "n{node} invalidates d{dataset} pages {pages:?}");
+            }
         }
     }
 

@@ -603,6 +603,20 @@ impl Engine for NodeEngine {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("write past the largest offset".into()))?;
+        // A page overwritten whole is not read by the kernel first: its base comes from its
+        // owner now, as a read would (found by hotpot-sim: zeros written over a page this
+        // node never read were lost, being no change from a zero base).
+        let pages = offset / PAGE_BYTES as u64..end.div_ceil(PAGE_BYTES as u64);
+        for page in pages {
+            if self.table().has_base((dataset.id, page)) {
+                continue;
+            }
+            if self.protocol.owner_of(&dataset, page) == self.id {
+                self.protocol.owned_copy(dataset.id, page)?;
+            } else {
+                self.protocol.fetch(&dataset, page)?;
+            }
+        }
         {
             let mut table = self.table();
             let mut at = offset;

@@ -5,9 +5,10 @@
 //! own copy is settled later), a refusal (nothing of the commit stays).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use super::{Machine, Purpose};
-use crate::page::{Run, TxKey};
+use super::{Machine, Output, Purpose};
+use crate::page::{DirtySnapshot, TxKey};
 use crate::pm::PAGE_BYTES;
 use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite, VersionedPage};
 use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
@@ -17,12 +18,20 @@ pub type OpId = u64;
 /// A program's request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Store `bytes` at `offset` of each page, then commit them all (msync).
+    /// A program's stores and its msync in one (the simulator's programs): each page this
+    /// node holds no copy of is fetched first (as a kernel reads a page before a partial
+    /// write), the stores are staged as the file system stages writes, and they are
+    /// committed as `Commit` commits. A program whose commit failed gives its stores up:
+    /// their staged pages are dropped.
     Write {
         op: OpId,
         dataset: DatasetId,
         stores: Vec<(u64, u16, Vec<u8>)>,
     },
+    /// msync: commit every page staged for `dataset` (MRSW: whole pages against their
+    /// versions; MRMW: the bytes changed against each page's base). A commit that failed
+    /// leaves them staged, for the next.
+    Commit { op: OpId, dataset: DatasetId },
     /// Read one page.
     Read {
         op: OpId,
@@ -58,7 +67,7 @@ pub enum OpResult {
 
 #[derive(Clone, Debug)]
 enum Step {
-    /// MRSW: fetching the pages this node has no copy of.
+    /// A `Write`: fetching the pages this node has no copy of.
     Fetching { missing: BTreeSet<u64> },
     /// Waiting for the owner's answer to commit `tx`.
     Committing { tx: TxKey, own_copy: bool },
@@ -72,14 +81,44 @@ enum Step {
     Across(super::across::Phase),
 }
 
+/// A commit's staged pages as it took them, and what goes to each owner.
+#[derive(Debug)]
+struct Staged {
+    snapshots: Vec<DirtySnapshot>,
+    groups: BTreeMap<NodeId, OwnerPages>,
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct ClientOp {
     pub(super) dataset: Dataset,
+    /// A `Write`'s stores, until they are staged.
     stores: Vec<(u64, u16, Vec<u8>)>,
+    /// A `Write`: the program gives its stores up if the commit fails.
+    gives_up: bool,
+    /// The staged pages being committed.
+    staged: Option<Arc<Staged>>,
+    /// The owner asked (a read's, or a one-owner commit's).
     owner: NodeId,
     step: Step,
     pub(super) started_ms: u64,
     pub(super) attempts: u32,
+}
+
+impl ClientOp {
+    fn new(dataset: Dataset, now_ms: u64) -> ClientOp {
+        ClientOp {
+            dataset,
+            stores: Vec::new(),
+            gives_up: false,
+            staged: None,
+            owner: 0,
+            step: Step::Fetching {
+                missing: BTreeSet::new(),
+            },
+            started_ms: now_ms,
+            attempts: 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -93,7 +132,9 @@ const BACKOFF_MAX_MS: u64 = 20;
 impl Machine {
     pub(super) fn start_op(&mut self, op: Op) {
         let (id, dataset_id) = match &op {
-            Op::Write { op, dataset, .. } | Op::Read { op, dataset, .. } => (*op, *dataset),
+            Op::Write { op, dataset, .. }
+            | Op::Commit { op, dataset }
+            | Op::Read { op, dataset, .. } => (*op, *dataset),
         };
         let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
             return self.op_done(id, OpResult::Refused(FsError::NotFound));
@@ -119,17 +160,10 @@ impl Machine {
                         return self.op_done(id, result);
                     }
                 }
-                self.client.ops.insert(
-                    id,
-                    ClientOp {
-                        dataset: dataset.clone(),
-                        stores: Vec::new(),
-                        owner,
-                        step: Step::Reading { page },
-                        started_ms: self.now_ms,
-                        attempts: 0,
-                    },
-                );
+                let mut reading = ClientOp::new(dataset.clone(), self.now_ms);
+                reading.owner = owner;
+                reading.step = Step::Reading { page };
+                self.client.ops.insert(id, reading);
                 let request = NodeRequest::Fetch {
                     dataset: dataset_id,
                     page,
@@ -138,25 +172,18 @@ impl Machine {
                 self.send(owner, request, Purpose::Op(id));
             }
             Op::Write { stores, .. } => {
-                let owners: BTreeSet<NodeId> = stores
-                    .iter()
-                    .map(|(page, _, _)| self.owner_of(&dataset, *page))
-                    .collect();
                 let bad = stores.iter().any(|(page, offset, bytes)| {
                     *page >= pages || usize::from(*offset) + bytes.len() > PAGE_BYTES
                 });
-                let (Some(owner), false) = (owners.first().copied(), bad) else {
+                if stores.is_empty() || bad {
                     let why = "stores outside the dataset's pages";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
-                };
-                let missing: BTreeSet<u64> = match dataset.params.mode {
-                    Mode::Mrsw => stores
-                        .iter()
-                        .map(|(page, _, _)| *page)
-                        .filter(|page| self.table.read_persisted((dataset_id, *page)).is_none())
-                        .collect(),
-                    Mode::Mrmw => BTreeSet::new(),
-                };
+                }
+                let missing: BTreeSet<u64> = stores
+                    .iter()
+                    .map(|(page, _, _)| *page)
+                    .filter(|page| self.table.read_persisted((dataset_id, *page)).is_none())
+                    .collect();
                 for page in &missing {
                     let request = NodeRequest::Fetch {
                         dataset: dataset_id,
@@ -167,70 +194,145 @@ impl Machine {
                     self.send(to, request, Purpose::Op(id));
                 }
                 let empty = missing.is_empty();
-                self.client.ops.insert(
-                    id,
-                    ClientOp {
-                        dataset,
-                        stores,
-                        owner,
-                        step: Step::Fetching { missing },
-                        started_ms: self.now_ms,
-                        attempts: 0,
-                    },
-                );
+                let mut write = ClientOp::new(dataset, self.now_ms);
+                write.stores = stores;
+                write.gives_up = true;
+                write.step = Step::Fetching { missing };
+                self.client.ops.insert(id, write);
                 if empty {
-                    self.send_commit(id);
+                    self.stage_and_commit(id);
                 }
+            }
+            Op::Commit { .. } => {
+                self.client
+                    .ops
+                    .insert(id, ClientOp::new(dataset, self.now_ms));
+                self.commit_staged(id);
             }
         }
     }
 
     pub(super) fn op_done(&mut self, op: OpId, result: OpResult) {
-        self.client.ops.remove(&op);
-        self.out.push(super::Output::Done(OpDone { op, result }));
+        if let Some(done) = self.client.ops.remove(&op) {
+            if let Some(staged) = &done.staged {
+                self.settle_staged(&done, staged, &result);
+            }
+        }
+        self.out.push(Output::Done(OpDone { op, result }));
     }
 
-    /// The commit message for op `id` (whole pages or runs), after this node's own copy.
+    /// A `Write`'s pages are all here: its stores staged, then committed.
+    fn stage_and_commit(&mut self, id: OpId) {
+        let Some(op) = self.client.ops.get_mut(&id) else {
+            return;
+        };
+        let stores = std::mem::take(&mut op.stores);
+        let dataset = op.dataset.id;
+        for (page, offset, bytes) in &stores {
+            if let Err(error) = self
+                .table
+                .stage((dataset, *page), usize::from(*offset), bytes)
+            {
+                self.table.drop_staged(dataset);
+                let error = FsError::Io(format!("staging page {page}: {error}"));
+                return self.op_done(id, OpResult::Refused(error));
+            }
+        }
+        self.commit_staged(id);
+    }
+
+    /// Take the staged pages of op `id`'s dataset (rebased on the newest copies this node
+    /// has), group them by owner, and commit them.
+    fn commit_staged(&mut self, id: OpId) {
+        let Some(dataset) = self.client.ops.get(&id).map(|op| op.dataset.clone()) else {
+            return;
+        };
+        self.table.rebase_dataset(dataset.id);
+        let snapshots = self.table.snapshot_dirty(dataset.id);
+        if snapshots.is_empty() {
+            return self.op_done(id, OpResult::Committed);
+        }
+        let mut groups: BTreeMap<NodeId, OwnerPages> = BTreeMap::new();
+        for snapshot in &snapshots {
+            let owner = self.owner_of(&dataset, snapshot.page);
+            let group = groups
+                .entry(owner)
+                .or_insert_with(|| match dataset.params.mode {
+                    Mode::Mrmw => OwnerPages::Runs(Vec::new()),
+                    Mode::Mrsw => OwnerPages::Writes(Vec::new()),
+                });
+            match group {
+                OwnerPages::Runs(runs) => runs.push((snapshot.page, snapshot.runs.clone())),
+                OwnerPages::Writes(writes) => writes.push(PageWrite {
+                    page: snapshot.page,
+                    base_version: snapshot.base_version,
+                    bytes: snapshot.bytes.clone(),
+                }),
+            }
+        }
+        if let Some(op) = self.client.ops.get_mut(&id) {
+            op.owner = *groups.keys().next().expect("a page staged");
+            op.staged = Some(Arc::new(Staged { snapshots, groups }));
+        }
+        self.send_commit(id);
+    }
+
+    /// After a commit of staged pages: committed, they are clean (writes staged since stay
+    /// staged, on top of the new bytes), and the kernel's copies of MRMW pages go (they lack
+    /// the other writers' bytes merged in); failed, they stay staged unless the program gave
+    /// them up.
+    fn settle_staged(&mut self, op: &ClientOp, staged: &Staged, result: &OpResult) {
+        let dataset = op.dataset.id;
+        let pages: Vec<u64> = staged.snapshots.iter().map(|s| s.page).collect();
+        if *result != OpResult::Committed {
+            if op.gives_up {
+                // Its pages as if never written: staged writes and what they were based on
+                // go (the next stores start from this node's copy).
+                self.table.drop_staged(dataset);
+                for page in &pages {
+                    self.table.forget_served((dataset, *page));
+                }
+            }
+            return;
+        }
+        match op.dataset.params.mode {
+            Mode::Mrmw => self.kernel_stale(dataset, pages),
+            Mode::Mrsw => {
+                for page in &pages {
+                    self.table.serve_committed((dataset, *page));
+                }
+            }
+        }
+        let done: Vec<&DirtySnapshot> = staged.snapshots.iter().collect();
+        self.table.finish_commit(dataset, &done);
+    }
+
+    /// The commit message for op `id`'s staged pages: one owner's, or the three phases
+    /// across owners.
     fn send_commit(&mut self, id: OpId) {
-        let op = self.client.ops.get(&id).expect("op in flight").clone();
-        let groups = self.runs_by_owner(&op.dataset, &op.stores);
-        if groups.len() > 1 {
-            let groups = groups
-                .into_iter()
-                .map(|(owner, runs)| {
-                    let pages = match op.dataset.params.mode {
-                        Mode::Mrmw => OwnerPages::Runs(runs),
-                        Mode::Mrsw => OwnerPages::Writes(self.whole_pages(op.dataset.id, runs)),
-                    };
-                    (owner, pages)
-                })
-                .collect();
-            return self.start_across(id, groups);
+        let Some(op) = self.client.ops.get(&id).cloned() else {
+            return;
+        };
+        let staged = op.staged.clone().expect("a commit's pages are staged");
+        if staged.groups.len() > 1 {
+            return self.start_across(id, staged.groups.clone());
         }
         let tx = self.new_tx();
         let me = self.config.id;
-        let mut by_page: BTreeMap<u64, Vec<Run>> = BTreeMap::new();
-        for (page, offset, bytes) in &op.stores {
-            by_page.entry(*page).or_default().push(Run {
-                offset: *offset,
-                bytes: bytes.clone(),
-            });
-        }
-        let (request, own_copy) = match op.dataset.params.mode {
-            Mode::Mrmw => {
+        let (request, own_copy) = match staged.groups.values().next() {
+            Some(OwnerPages::Runs(runs)) => {
                 let request = NodeRequest::CommitRuns {
                     tx,
                     followers: Vec::new(),
                     dataset: op.dataset.clone(),
                     ino: 0,
                     committer: me,
-                    pages: by_page.into_iter().collect(),
+                    pages: runs.clone(),
                     release: true,
                 };
                 (request, false)
             }
-            Mode::Mrsw => {
-                let writes = self.whole_pages(op.dataset.id, by_page.into_iter().collect());
+            Some(OwnerPages::Writes(writes)) => {
                 let own_copy = op.owner != me;
                 if own_copy {
                     let copies: Vec<(u64, u64, &[u8])> = writes
@@ -256,11 +358,12 @@ impl Machine {
                     ino: 0,
                     committer: me,
                     committer_prepared: own_copy,
-                    pages: writes,
+                    pages: writes.clone(),
                     version: None,
                 };
                 (request, own_copy)
             }
+            None => unreachable!("a commit has an owner"),
         };
         if let Some(op) = self.client.ops.get_mut(&id) {
             op.step = Step::Committing { tx, own_copy };
@@ -311,7 +414,7 @@ impl Machine {
                     op.step = Step::Fetching { missing };
                 }
                 if empty {
-                    self.send_commit(id);
+                    self.stage_and_commit(id);
                 }
             }
             (Step::Committing { tx, own_copy }, Some(NodeReply::Committed { .. })) => {
@@ -361,50 +464,6 @@ impl Machine {
                 self.op_done(id, OpResult::Refused(error));
             }
         }
-    }
-
-    /// MRSW: each page as the stores leave this node's copy, against its version.
-    fn whole_pages(&self, dataset: DatasetId, runs: Vec<super::PageRuns>) -> Vec<PageWrite> {
-        runs.into_iter()
-            .map(|(page, runs)| {
-                let (base_version, mut bytes) = self
-                    .table
-                    .read_persisted((dataset, page))
-                    .unwrap_or((0, vec![0u8; PAGE_BYTES]));
-                for run in &runs {
-                    let start = usize::from(run.offset);
-                    bytes[start..start + run.bytes.len()].copy_from_slice(&run.bytes);
-                }
-                PageWrite {
-                    page,
-                    base_version,
-                    bytes,
-                }
-            })
-            .collect()
-    }
-
-    /// The stores as runs, by page, by owner.
-    fn runs_by_owner(
-        &self,
-        dataset: &Dataset,
-        stores: &[(u64, u16, Vec<u8>)],
-    ) -> BTreeMap<NodeId, Vec<super::PageRuns>> {
-        let mut by_page: BTreeMap<u64, Vec<Run>> = BTreeMap::new();
-        for (page, offset, bytes) in stores {
-            by_page.entry(*page).or_default().push(Run {
-                offset: *offset,
-                bytes: bytes.clone(),
-            });
-        }
-        let mut groups: BTreeMap<NodeId, Vec<super::PageRuns>> = BTreeMap::new();
-        for (page, runs) in by_page {
-            groups
-                .entry(self.owner_of(dataset, page))
-                .or_default()
-                .push((page, runs));
-        }
-        groups
     }
 
     /// Set op `id`'s step to gathering copies elsewhere.

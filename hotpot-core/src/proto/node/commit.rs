@@ -409,9 +409,15 @@ impl Machine {
                 bytes: &write.bytes,
             })
             .collect();
-        self.table
+        let versions = self
+            .table
             .apply_owned(commit.dataset, &owned, tag)
-            .map_err(|error| FsError::Io(format!("apply at the owner: {error}")))
+            .map_err(|error| FsError::Io(format!("apply at the owner: {error}")))?;
+        if commit.committer != self.config.id {
+            let (dataset, pages) = (commit.dataset, owned.iter().map(|p| p.page).collect());
+            self.kernel_stale(dataset, pages);
+        }
+        Ok(versions)
     }
 
     pub(super) fn send_decisions(&mut self, tx: TxKey, versions: Option<Vec<u64>>) {

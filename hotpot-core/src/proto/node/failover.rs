@@ -183,14 +183,15 @@ impl Machine {
         // Only if newer. Not stored (PM full), or kept back by a prepared copy of the page
         // waiting here (which, if aborted, would leave the copy taken: found by hotpot-sim):
         // asked again after another period.
-        if copy.version > 0
-            && (self
-                .table
-                .install_copy(key, copy.version, &copy.bytes)
-                .is_err()
-                || self.table.version_of(key) < copy.version)
-        {
-            return;
+        if copy.version > 0 {
+            match self.table.install_copy(key, copy.version, &copy.bytes) {
+                Ok(true) => self.kernel_stale(key.0, vec![key.1]),
+                Ok(false) => {}
+                Err(_) => return,
+            }
+            if self.table.version_of(key) < copy.version {
+                return;
+            }
         }
         self.fetched_from_owner(key);
     }

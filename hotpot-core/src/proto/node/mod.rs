@@ -176,6 +176,12 @@ pub enum Output {
         reply: NodeReply,
     },
     Done(OpDone),
+    /// The kernel's cached copies of these pages are out of date (a commit changed the
+    /// bytes under them): drop them, so the next read asks the file system.
+    Invalidate {
+        dataset: DatasetId,
+        pages: Vec<u64>,
+    },
 }
 
 /// Why this machine is waiting for a call's answer.
@@ -519,6 +525,20 @@ impl Machine {
 
     fn reply(&mut self, to: NodeId, call: u64, reply: NodeReply) {
         self.out.push(Output::Reply { to, call, reply });
+    }
+
+    /// `pages` of `dataset` changed here under whatever the kernel caches of them (a commit
+    /// another node made, a copy installed): the base it was served is forgotten and the
+    /// kernel drops its copies. Not for this node's own commits of whole pages: its kernel
+    /// holds those bytes already.
+    fn kernel_stale(&mut self, dataset: DatasetId, pages: Vec<u64>) {
+        if pages.is_empty() {
+            return;
+        }
+        for page in &pages {
+            self.table.forget_served((dataset, *page));
+        }
+        self.out.push(Output::Invalidate { dataset, pages });
     }
 
     /// A transaction name no earlier start of this node used.

@@ -183,7 +183,9 @@ impl Machine {
             .is_some_and(|commit| matches!(commit.step, Step::Prepared));
         if prepared {
             self.note_decided_commit(tx);
-            self.table.decide_copies(tx);
+            if let Some((dataset, pages)) = self.table.decide_copies(tx) {
+                self.kernel_stale(dataset, pages);
+            }
             let commit = self.owner.commits.get_mut(&tx).expect("commit in flight");
             commit.reply_to = reply_to;
             let versions = commit.writes.iter().map(|w| w.base_version + 1).collect();
@@ -208,7 +210,9 @@ impl Machine {
         // settle with the leader themselves).
         if let Some(pages) = self.pending_record(tx) {
             self.note_decided_commit(tx);
-            self.table.decide_copies(tx);
+            if let Some((dataset, pages)) = self.table.decide_copies(tx) {
+                self.kernel_stale(dataset, pages);
+            }
             self.unlock(tx, &pages);
             self.send_confirm(tx);
         }

@@ -69,14 +69,14 @@ impl Machine {
             .pending()
             .into_iter()
             .find(|copies| copies.tx == tx);
-        if self.table.decide_copies(tx).is_none() {
-            if let Some(copies) = record {
-                if let Some((dataset, _)) = self.dataset(copies.dataset).cloned() {
-                    for page in &copies.pages {
-                        let owner = self.owner_of(&dataset, *page);
-                        if owner != self.config.id {
-                            self.target.registering.insert((owner, dataset.id));
-                        }
+        if let Some((dataset, pages)) = self.table.decide_copies(tx) {
+            self.kernel_stale(dataset, pages);
+        } else if let Some(copies) = record {
+            if let Some((dataset, _)) = self.dataset(copies.dataset).cloned() {
+                for page in &copies.pages {
+                    let owner = self.owner_of(&dataset, *page);
+                    if owner != self.config.id {
+                        self.target.registering.insert((owner, dataset.id));
                     }
                 }
             }
@@ -102,8 +102,9 @@ impl Machine {
             .iter()
             .map(|copy| (copy.page, copy.version, copy.bytes.as_slice()))
             .collect();
-        if let Err(error) = self.table.install_copies(dataset, &copies) {
-            return NodeReply::Failed(FsError::Io(format!("install: {error}")));
+        match self.table.install_copies(dataset, &copies) {
+            Ok(installed) => self.kernel_stale(dataset, installed),
+            Err(error) => return NodeReply::Failed(FsError::Io(format!("install: {error}"))),
         }
         match pages
             .iter()
