@@ -21,6 +21,8 @@ mod failover;
 mod multi;
 mod owner;
 mod target;
+#[cfg(test)]
+mod tests;
 
 pub use client::{Op, OpDone, OpId, OpResult};
 
@@ -291,6 +293,12 @@ impl Machine {
 
     pub fn table(&self) -> &PageTable {
         &self.table
+    }
+
+    /// The page table, for what the file system does to it directly (stage a program's
+    /// writes, serve its reads) between inputs.
+    pub fn table_mut(&mut self) -> &mut PageTable {
+        &mut self.table
     }
 
     /// Whether this node serves as an owner (its rejoin is over).

@@ -1,0 +1,132 @@
+//! The machine's commit of staged pages (`Op::Commit`, the daemon's msync) on its own: what
+//! it sends, and what is left staged after each end.
+
+use std::collections::BTreeMap;
+
+use super::{Config, Input, Machine, Op, OpDone, OpResult, Output};
+use crate::page::PageTable;
+use crate::pm::SimRegion;
+use crate::proto::messages::{NodeReply, NodeRequest};
+use crate::proto::types::{Dataset, DatasetParams, Mode};
+
+const DATASET: u64 = 1;
+
+/// Node 1 of two; node 2 owns every page of an MRMW dataset of 4 pages.
+fn committer() -> Machine {
+    let region = SimRegion::from_image(vec![0u8; 4 << 20]);
+    let table = PageTable::open(Box::new(region), 1, 1).unwrap().0;
+    let dataset = Dataset {
+        id: DATASET,
+        params: DatasetParams {
+            mode: Mode::Mrmw,
+            replicas: 1,
+            chunk_pages: 4,
+        },
+        owners: vec![2],
+        first_home: None,
+    };
+    let config = Config {
+        id: 1,
+        incarnation: 1,
+        nodes: vec![1, 2],
+        datasets: vec![(dataset, 4)],
+        rebuilding: false,
+        successors: BTreeMap::new(),
+        timing: Default::default(),
+        bugs: Default::default(),
+    };
+    Machine::start(config, table, 0).unwrap()
+}
+
+fn done(outputs: &[Output]) -> Option<OpResult> {
+    outputs.iter().find_map(|output| match output {
+        Output::Done(OpDone { result, .. }) => Some(result.clone()),
+        _ => None,
+    })
+}
+
+/// Stage `bytes` at `offset` of page 2, commit at `now_ms`; the CommitRuns call's id and
+/// the bytes it carries.
+fn commit_staged(
+    machine: &mut Machine,
+    now_ms: u64,
+    offset: usize,
+    bytes: &[u8],
+) -> (u64, Vec<u8>) {
+    machine
+        .table_mut()
+        .stage((DATASET, 2), offset, bytes)
+        .unwrap();
+    let outputs = machine.handle(
+        now_ms,
+        Input::Start(Op::Commit {
+            op: 7,
+            dataset: DATASET,
+        }),
+    );
+    let (call, pages) = outputs
+        .iter()
+        .find_map(|output| match output {
+            Output::Send {
+                to: 2,
+                call,
+                request: NodeRequest::CommitRuns { pages, .. },
+            } => Some((*call, pages.clone())),
+            _ => None,
+        })
+        .expect("a CommitRuns to the owner");
+    assert_eq!(pages.len(), 1, "one page staged, one page sent");
+    assert_eq!(pages[0].0, 2);
+    let sent: Vec<u8> = pages[0]
+        .1
+        .iter()
+        .flat_map(|run| run.bytes.clone())
+        .collect();
+    assert_eq!(
+        pages[0].1[0].offset as usize, offset,
+        "the run starts where the write did"
+    );
+    (call, sent)
+}
+
+#[test]
+fn a_committed_msync_sends_the_staged_bytes_and_leaves_the_page_clean() {
+    let mut machine = committer();
+    let (call, sent) = commit_staged(&mut machine, 10, 100, &[7, 8, 9]);
+    assert_eq!(sent, vec![7, 8, 9], "the bytes written, nothing else");
+    let reply = NodeReply::Committed {
+        versions: vec![1],
+        dataset_version: 0,
+    };
+    let outputs = machine.handle(
+        20,
+        Input::Reply {
+            from: 2,
+            call,
+            reply,
+        },
+    );
+    assert_eq!(done(&outputs), Some(OpResult::Committed));
+    assert!(
+        outputs.iter().any(|output| matches!(output,
+            Output::Invalidate { dataset: DATASET, pages } if pages == &vec![2])),
+        "the kernel's copy of the page lacks the other writers' bytes: invalidated"
+    );
+    assert!(machine.table().dirty_pages(DATASET).is_empty());
+}
+
+#[test]
+fn an_msync_the_owner_did_not_answer_leaves_the_writes_staged_for_the_next() {
+    let mut machine = committer();
+    commit_staged(&mut machine, 10, 0, &[1; 16]);
+    let timeout = machine.config.timing.call_timeout_ms;
+    let outputs = machine.handle(10 + timeout, Input::Tick);
+    assert!(
+        matches!(done(&outputs), Some(OpResult::InDoubt(_))),
+        "no answer: in doubt"
+    );
+    assert_eq!(machine.table().dirty_pages(DATASET), vec![2]);
+    // The next msync sends them again.
+    let (_, sent) = commit_staged(&mut machine, 20 + timeout, 0, &[1; 16]);
+    assert_eq!(sent, vec![1; 16]);
+}
