@@ -492,6 +492,15 @@ impl Cluster {
         })
     }
 
+    /// File `name` opened for reading and writing through node `node`'s mount.
+    pub fn open_rw(&self, node: u32, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.mount(node).join(name))
+            .unwrap_or_else(|error| panic!("open {name} on node {node}: {error}"))
+    }
+
     /// The first page of file `name`, read through node `node`'s mount.
     pub fn first_page(&self, node: u32, name: &str) -> Vec<u8> {
         let bytes = std::fs::read(self.mount(node).join(name))

@@ -16,19 +16,12 @@ fn zeros_written_over_a_page_never_read_here_reach_every_node() {
     // left out of its own commit's holders and reads its old copy until re-replication
     // (noted in docs/design.md; not what this test is about).
     cluster.wait_views_settled();
-    let open = |node: u32| {
-        std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open(cluster.mount(node).join("unread"))
-            .unwrap()
-    };
-    let first = open(1);
+    let first = cluster.open_rw(1, "unread");
     first.write_all_at(&[0xffu8; 4 * 4096], 0).unwrap();
     first.sync_all().unwrap();
     for writer in 2..=4u32 {
         let page = u64::from(writer - 2);
-        let file = open(writer);
+        let file = cluster.open_rw(writer, "unread");
         file.write_all_at(&[0u8; 4096], page * 4096).unwrap();
         file.sync_all().unwrap();
     }

@@ -30,11 +30,7 @@ fn a_replaced_owner_comes_back_without_the_commit_only_it_applied() {
     let path = cluster.create_chunked(1, "data", "64KiB", "mrsw", 2, "64KiB");
     let owner = cluster.chunk_owners(&path)[0] as u32;
     let writer = owner % 3 + 1;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(cluster.mount(writer).join("data"))
-        .expect("open on the writer");
+    let file = cluster.open_rw(writer, "data");
     let mut mapping = Mapping::new(&file, (PAGES * 4096) as usize);
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(1, 0));
     mapping.msync().expect("the first commit");

@@ -25,11 +25,7 @@ fn a_holder_left_out_while_it_was_silent_catches_up_when_it_is_back() {
     let writer = owner % 3 + 1;
     let holder = writer % 3 + 1;
 
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(cluster.mount(writer).join("data"))
-        .expect("open on the writer");
+    let file = cluster.open_rw(writer, "data");
     let mut mapping = Mapping::new(&file, (PAGES * 4096) as usize);
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(1, 0));
     mapping.msync().expect("the first commit");

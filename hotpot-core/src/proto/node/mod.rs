@@ -360,71 +360,10 @@ impl Machine {
                 self.serve_fetch(from, call, dataset, page);
                 return;
             }
-            NodeRequest::Commit {
-                tx,
-                followers,
-                dataset,
-                committer,
-                committer_prepared,
-                pages,
-                ..
-            } => {
-                let Some(role) = self.commit_role(followers) else {
-                    return self.reply(from, call, across_ids_refused());
-                };
-                let work = commit::Work::Writes(pages);
-                self.serve_commit(
-                    from,
-                    call,
-                    tx,
-                    dataset,
-                    committer,
-                    committer_prepared,
-                    work,
-                    role,
-                );
-                return;
-            }
-            NodeRequest::CommitRuns {
-                tx,
-                followers,
-                dataset,
-                committer,
-                pages,
-                ..
-            } => {
-                let Some(role) = self.commit_role(followers) else {
-                    return self.reply(from, call, across_ids_refused());
-                };
-                let work = commit::Work::Runs(pages);
-                self.serve_commit(from, call, tx, dataset, committer, false, work, role);
-                return;
-            }
-            NodeRequest::OwnerPrepare {
-                tx,
-                dataset,
-                committer,
-                committer_prepared,
-                leader,
-                pages,
-                ..
-            } => {
-                let work = match pages {
-                    OwnerPages::Runs(pages) => commit::Work::Runs(pages),
-                    OwnerPages::Writes(pages) => commit::Work::Writes(pages),
-                };
-                let role = commit::Role::Follower { leader };
-                self.serve_commit(
-                    from,
-                    call,
-                    tx,
-                    dataset,
-                    committer,
-                    committer_prepared,
-                    work,
-                    role,
-                );
-                return;
+            request @ (NodeRequest::Commit { .. }
+            | NodeRequest::CommitRuns { .. }
+            | NodeRequest::OwnerPrepare { .. }) => {
+                return self.on_commit_request(from, call, request);
             }
             NodeRequest::OwnerDecide { tx, .. } => {
                 self.follower_decide(tx, Some((from, call)));
@@ -471,6 +410,83 @@ impl Machine {
             ))),
         };
         self.reply(from, call, reply);
+    }
+
+    /// `Commit` (MRSW), `CommitRuns` (MRMW): this owner alone, or leading the owners in
+    /// `followers`; `OwnerPrepare`: a follower's part of a commit across owners.
+    fn on_commit_request(&mut self, from: NodeId, call: u64, request: NodeRequest) {
+        let (tx, dataset, committer, committer_prepared, work, followers) = match request {
+            NodeRequest::Commit {
+                tx,
+                followers,
+                dataset,
+                committer,
+                committer_prepared,
+                pages,
+                ..
+            } => {
+                let work = commit::Work::Writes(pages);
+                (
+                    tx,
+                    dataset,
+                    committer,
+                    committer_prepared,
+                    work,
+                    Ok(followers),
+                )
+            }
+            NodeRequest::CommitRuns {
+                tx,
+                followers,
+                dataset,
+                committer,
+                pages,
+                ..
+            } => {
+                let work = commit::Work::Runs(pages);
+                (tx, dataset, committer, false, work, Ok(followers))
+            }
+            NodeRequest::OwnerPrepare {
+                tx,
+                dataset,
+                committer,
+                committer_prepared,
+                leader,
+                pages,
+                ..
+            } => {
+                let work = match pages {
+                    OwnerPages::Runs(pages) => commit::Work::Runs(pages),
+                    OwnerPages::Writes(pages) => commit::Work::Writes(pages),
+                };
+                (
+                    tx,
+                    dataset,
+                    committer,
+                    committer_prepared,
+                    work,
+                    Err(leader),
+                )
+            }
+            _ => unreachable!("only commit requests come here"),
+        };
+        let role = match followers {
+            Ok(followers) => match self.commit_role(followers) {
+                Some(role) => role,
+                None => return self.reply(from, call, across_ids_refused()),
+            },
+            Err(leader) => commit::Role::Follower { leader },
+        };
+        self.serve_commit(
+            from,
+            call,
+            tx,
+            dataset,
+            committer,
+            committer_prepared,
+            work,
+            role,
+        );
     }
 
     fn on_reply(&mut self, from: NodeId, call: u64, reply: NodeReply) {
