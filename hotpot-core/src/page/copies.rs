@@ -7,7 +7,7 @@
 //! owner's is kept and resolved with its leader), a decision arriving after a newer version
 //! (never applied backwards).
 
-use crate::page::merge::{apply_runs, diff_runs, Run};
+use crate::page::merge::{apply_runs, diff_runs, diff_runs_including, Run};
 use crate::page::PageTable;
 use crate::pm::layout::TxTag;
 use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
@@ -100,10 +100,7 @@ impl PageTable {
             .map(|page| {
                 let dirty = self.dirty[&(dataset, page)];
                 let bytes = self.pool.frame(dirty.frame).to_vec();
-                let runs = match dirty.twin.frame {
-                    Some(twin) => diff_runs(self.pool.frame(twin), &bytes),
-                    None => diff_runs(&[0u8; PAGE_BYTES], &bytes),
-                };
+                let runs = self.runs_of((dataset, page));
                 DirtySnapshot {
                     page,
                     base_version: dirty.twin.version,
@@ -113,6 +110,43 @@ impl PageTable {
                 }
             })
             .collect()
+    }
+
+    /// The bytes this node changed in its Dirty page `key`: where it differs from its twin,
+    /// plus whatever a failed commit sent (`resend`). Empty without a Dirty page.
+    fn runs_of(&self, key: PageKey) -> Vec<Run> {
+        let Some(dirty) = self.dirty.get(&key) else {
+            return Vec::new();
+        };
+        let mine = self.pool.frame(dirty.frame);
+        let also = self.resend.get(&key).map_or(&[][..], Vec::as_slice);
+        match dirty.twin.frame {
+            Some(twin) => diff_runs_including(self.pool.frame(twin), mine, also),
+            None => diff_runs_including(&[0u8; PAGE_BYTES], mine, also),
+        }
+    }
+
+    /// A commit of `failed` did not succeed: the owners may have applied it all the same (in
+    /// doubt), so the bytes it sent are sent again by every later commit of those pages,
+    /// with what this node then holds there, whatever the program writes meanwhile.
+    pub fn keep_for_resend(&mut self, dataset: DatasetId, failed: &[&DirtySnapshot]) {
+        for snapshot in failed {
+            let key = (dataset, snapshot.page);
+            let ranges = self.resend.entry(key).or_default();
+            for run in &snapshot.runs {
+                let start = run.offset as usize;
+                ranges.push((start, start + run.bytes.len()));
+            }
+            // A snapshot's runs include the ranges kept before: merge them.
+            ranges.sort_unstable();
+            ranges.dedup_by(|later, earlier| {
+                let joins = later.0 <= earlier.1;
+                if joins {
+                    earlier.1 = earlier.1.max(later.1);
+                }
+                joins
+            });
+        }
     }
 
     /// Write `bytes` into fresh frames (one reference each, the caller's).
@@ -185,6 +219,8 @@ impl PageTable {
             let Some(dirty) = self.dirty.get(&key).copied() else {
                 continue;
             };
+            // The commit carried every byte kept for resending.
+            self.resend.remove(&key);
             if dirty.generation == snapshot.generation {
                 self.forget_dirty(key, true);
                 continue;
@@ -207,11 +243,7 @@ impl PageTable {
         if dirty.twin.frame == Some(current.frame) {
             return;
         }
-        let mine = self.pool.frame(dirty.frame);
-        let runs = match dirty.twin.frame {
-            Some(twin) => diff_runs(self.pool.frame(twin), mine),
-            None => diff_runs(&[0u8; PAGE_BYTES], mine),
-        };
+        let runs = self.runs_of(key);
         self.replay_on_committed(key, &runs);
     }
 
@@ -646,6 +678,41 @@ mod tests {
             merged[0].1[8..16].iter().all(|b| *b == 0xaa),
             "the other writer's bytes survive"
         );
+    }
+
+    #[test]
+    fn bytes_written_back_after_a_commit_in_doubt_are_sent_again() {
+        for learns_the_outcome in [false, true] {
+            // The owner applies the holder's commit of 0xaa but the holder hears nothing.
+            let mut owner = table();
+            let mut holder = table();
+            holder.stage((1, 0), 0, &[0xaa; 8]).unwrap();
+            let in_doubt = holder.snapshot_dirty(1);
+            let merged = owner.apply_merged(1, &[(0, &in_doubt[0].runs)]).unwrap();
+            holder.keep_for_resend(1, &[&in_doubt[0]]);
+            if learns_the_outcome {
+                // The decided copy reaches the holder: its staged page is rebased on it.
+                holder
+                    .prepare_copies((2, 1), 1, &[(0, 1, &merged[0].1)], false, TxTag::default())
+                    .unwrap();
+                holder.decide_copies((2, 1));
+                holder.rebase_dataset(1);
+            }
+            // The program writes the old bytes back, then commits again.
+            holder.stage((1, 0), 0, &[0u8; 8]).unwrap();
+            let next = holder.snapshot_dirty(1);
+            let merged = owner.apply_merged(1, &[(0, &next[0].runs)]).unwrap();
+            assert!(
+                merged[0].1[..8].iter().all(|b| *b == 0),
+                "learns the outcome: {learns_the_outcome}: the program's last bytes are lost: {:?}",
+                &merged[0].1[..8]
+            );
+            holder.finish_commit(1, &[&next[0]]);
+            assert!(
+                holder.resend.is_empty(),
+                "nothing kept after a commit succeeds"
+            );
+        }
     }
 
     #[test]

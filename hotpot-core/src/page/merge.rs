@@ -14,35 +14,38 @@ pub struct Run {
     pub bytes: Vec<u8>,
 }
 
-/// Runs separated by fewer equal bytes than this are sent as one (less framing).
-const JOIN_GAP_BYTES: usize = 8;
-
-/// The runs where `new` differs from `base` (both one page).
+/// The runs where `new` differs from `base` (both one page). Only changed bytes are sent:
+/// an unchanged byte inside a run would overwrite another writer's commit of that byte.
 pub fn diff_runs(base: &[u8], new: &[u8]) -> Vec<Run> {
+    diff_runs_including(base, new, &[])
+}
+
+/// The runs where `new` differs from `base`, plus the byte ranges `also` (start, end) with
+/// their bytes in `new` whether changed or not.
+pub fn diff_runs_including(base: &[u8], new: &[u8], also: &[(usize, usize)]) -> Vec<Run> {
     assert_eq!(base.len(), PAGE_BYTES);
     assert_eq!(new.len(), PAGE_BYTES);
-    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut send: Vec<bool> = base.iter().zip(new).map(|(b, n)| b != n).collect();
+    for (start, end) in also {
+        send[(*start).min(PAGE_BYTES)..(*end).min(PAGE_BYTES)].fill(true);
+    }
+    let mut runs = Vec::new();
     let mut at = 0;
     while at < PAGE_BYTES {
-        if base[at] == new[at] {
+        if !send[at] {
             at += 1;
             continue;
         }
         let start = at;
-        while at < PAGE_BYTES && base[at] != new[at] {
+        while at < PAGE_BYTES && send[at] {
             at += 1;
         }
-        match runs.last_mut() {
-            Some((_, end)) if start - *end < JOIN_GAP_BYTES => *end = at,
-            _ => runs.push((start, at)),
-        }
-    }
-    runs.into_iter()
-        .map(|(start, end)| Run {
+        runs.push(Run {
             offset: start as u16,
-            bytes: new[start..end].to_vec(),
-        })
-        .collect()
+            bytes: new[start..at].to_vec(),
+        });
+    }
+    runs
 }
 
 /// Apply `runs` to `page`. Runs that do not fit the page are refused (they come from the
@@ -85,6 +88,40 @@ mod tests {
             let mut rebuilt = base.clone();
             apply_runs(&mut rebuilt, &runs).unwrap();
             prop_assert_eq!(rebuilt, new);
+        }
+
+        #[test]
+        fn interleaved_writers_of_nearby_bytes_all_survive(
+            writes in proptest::collection::vec((0usize..PAGE_BYTES, 1u8..=255), 1..64),
+        ) {
+            // Each byte written goes to one of two writers by position parity; both commit
+            // their runs against the same base: every byte either wrote must be in the merge.
+            let base = vec![0u8; PAGE_BYTES];
+            let (mut a, mut b) = (base.clone(), base.clone());
+            for (at, byte) in &writes {
+                if at % 2 == 0 { a[*at] = *byte } else { b[*at] = *byte }
+            }
+            let mut merged = base.clone();
+            apply_runs(&mut merged, &diff_runs(&base, &a)).unwrap();
+            apply_runs(&mut merged, &diff_runs(&base, &b)).unwrap();
+            for at in 0..PAGE_BYTES {
+                let wrote = if at % 2 == 0 { a[at] } else { b[at] };
+                prop_assert_eq!(merged[at], wrote, "byte {}", at);
+            }
+        }
+
+        #[test]
+        fn forced_ranges_are_sent_with_their_current_bytes(
+            new in proptest::collection::vec(any::<u8>(), PAGE_BYTES),
+            start in 0usize..PAGE_BYTES,
+            len in 0usize..64,
+        ) {
+            let end = (start + len).min(PAGE_BYTES);
+            let runs = diff_runs_including(&new, &new, &[(start, end)]);
+            let mut target = vec![!0u8; PAGE_BYTES];
+            apply_runs(&mut target, &runs).unwrap();
+            prop_assert_eq!(&target[start..end], &new[start..end]);
+            prop_assert!(target[..start].iter().chain(&target[end..]).all(|b| *b == !0u8));
         }
 
         #[test]

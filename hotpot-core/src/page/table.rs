@@ -57,6 +57,11 @@ pub struct PageTable {
     /// The kernel writes back whole pages, so a write is diffed against this base, never
     /// against a committed copy that moved on since (that diff would revert other writers).
     pub(super) served: HashMap<PageKey, Twin>,
+    /// Per Dirty page, the byte ranges (start, end) a failed commit sent. Its owner may hold
+    /// them (a commit in doubt), so writing them back to the twin's bytes is a change a diff
+    /// against the twin would miss: every later commit sends them again, with their current
+    /// bytes, until one succeeds.
+    pub(super) resend: HashMap<PageKey, Vec<(usize, usize)>>,
     /// Copies pushed by owners, durable but not current until the owner decides.
     pub(super) prepared: HashMap<super::copies::TxKey, super::copies::PreparedCopies>,
     /// Published versions this node serves as an owner (versions.rs).
@@ -77,6 +82,7 @@ impl PageTable {
             dirty_by_dataset: HashMap::new(),
             next_generation: 1,
             served: HashMap::new(),
+            resend: HashMap::new(),
             prepared: HashMap::new(),
             versions: Default::default(),
         };
@@ -267,7 +273,9 @@ impl PageTable {
         }
     }
 
-    /// Drop every staged write of `dataset` (a program gave them up).
+    /// Drop every staged write of `dataset` (a program gave them up). What a commit in doubt
+    /// sent stays kept for resending: the owner may hold it, and the next writes to those
+    /// pages are based on this node's older copy.
     pub fn drop_staged(&mut self, dataset: DatasetId) {
         for page in self.dirty_pages(dataset) {
             self.forget_dirty((dataset, page), true);
@@ -304,6 +312,7 @@ impl PageTable {
         for page in self.dirty_pages(dataset) {
             if page >= keep_pages {
                 self.forget_dirty((dataset, page), true);
+                self.resend.remove(&(dataset, page));
             } else if tail != 0 && page == keep_pages - 1 {
                 let frame = self.dirty[&(dataset, page)].frame;
                 self.pool.frame_mut(frame)[tail..].fill(0);
@@ -334,6 +343,7 @@ impl PageTable {
         for page in self.dirty_pages(dataset) {
             self.forget_dirty((dataset, page), true);
         }
+        self.resend.retain(|key, _| key.0 != dataset);
         let changes: Vec<SlotChange> = self
             .pool
             .pages_of(dataset)

@@ -24,8 +24,12 @@ pub struct Targets {
 }
 
 /// The targets of a commit at `owner` of pages with `holders`, from `committer`. `live`: the
-/// nodes that count as up (the owner among them); holders and a committer not live are left
-/// out. Fewer than `wanted - 1` nodes means too few live nodes for the dataset.
+/// nodes that count as up (the owner among them); holders not live are left out. The
+/// committer never is, live or not (it is up: it sent the commit): the program that
+/// committed must read its own bytes back, and its next writes are diffed against them
+/// (a committer left with its old copy lost the bytes it wrote back to their old value:
+/// found by hotpot-sim). A committer not live does not count towards `wanted`. Fewer than
+/// `wanted - 1` live nodes means too few live nodes for the dataset.
 pub fn targets(
     owner: NodeId,
     replicas: u8,
@@ -36,7 +40,7 @@ pub fn targets(
     let mut nodes: BTreeSet<NodeId> = holders
         .into_iter()
         .chain(std::iter::once(committer))
-        .filter(|node| *node != owner && live.contains(node))
+        .filter(|node| *node != owner && (live.contains(node) || *node == committer))
         .collect();
     nodes.extend(more_copies(owner, replicas, live, &nodes));
     Targets {
@@ -107,11 +111,19 @@ mod tests {
             targets(1, 2, &live(&[1, 2, 3, 4]), [3, 4], 2).nodes,
             vec![2, 3, 4]
         );
-        // Down nodes are neither targets nor counted in the copies wanted.
+        // Down nodes are neither targets nor counted in the copies wanted...
+        assert_eq!(
+            targets(1, 3, &live(&[1, 3]), [2], 3),
+            Targets {
+                nodes: vec![3],
+                wanted: 2
+            }
+        );
+        // ...but a committer counted down gets its commit's bytes all the same.
         assert_eq!(
             targets(1, 3, &live(&[1, 3]), [2], 2),
             Targets {
-                nodes: vec![3],
+                nodes: vec![2, 3],
                 wanted: 2
             }
         );

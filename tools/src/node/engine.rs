@@ -236,8 +236,8 @@ impl NodeEngine {
 
     /// Commit every page this node staged for `dataset`: a snapshot of the staged pages,
     /// grouped by chunk owner. MRSW: each owner's group is atomic, all owners at once; MRMW:
-    /// three phases in node-id order. Pages of an owner that failed stay staged and the call
-    /// fails.
+    /// three phases in node-id order. Pages of an owner that failed stay staged, the bytes
+    /// sent kept for the next commit to send again, and the call fails.
     fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
         let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
         self.protocol.settle_before_commit(dataset.id);
@@ -275,8 +275,12 @@ impl NodeEngine {
                 }
             }
         }
-        super::committer::commit(&self.protocol, dataset, ino, &groups)?;
         let done: Vec<&hotpot_core::page::DirtySnapshot> = snapshots.iter().collect();
+        if let Err(error) = super::committer::commit(&self.protocol, dataset, ino, &groups) {
+            // The owners may have applied it (in doubt): what it sent goes again next time.
+            self.table().keep_for_resend(dataset.id, &done);
+            return Err(error);
+        }
         let pages: Vec<u64> = snapshots.iter().map(|s| s.page).collect();
         if dataset.params.mode == Mode::Mrmw {
             // The merge may hold other writers' bytes this kernel has not seen: its copies

@@ -815,11 +815,12 @@ impl Protocol {
             .into_iter()
             .filter(|node| *node != self.id && !nodes.contains(node))
             .collect();
-        if nodes.len() + 1 < wanted {
+        let live_targets = nodes.iter().filter(|node| live.contains(node)).count();
+        if live_targets + 1 < wanted {
             return Err(FsError::Io(format!(
                 "dataset {} needs {wanted} copies but only {} nodes are live",
                 dataset.id,
-                nodes.len() + 1
+                live_targets + 1
             )));
         }
         // Copies count from every target; messages go to those without a copy prepared.

@@ -280,11 +280,16 @@ impl Machine {
     /// After a commit of staged pages: committed, they are clean (writes staged since stay
     /// staged, on top of the new bytes), and the kernel's copies of MRMW pages go (they lack
     /// the other writers' bytes merged in); failed, they stay staged unless the program gave
-    /// them up.
+    /// them up, and what an unrefused one sent is kept for sending again (the owners may
+    /// hold it).
     fn settle_staged(&mut self, op: &ClientOp, staged: &Staged, result: &OpResult) {
         let dataset = op.dataset.id;
         let pages: Vec<u64> = staged.snapshots.iter().map(|s| s.page).collect();
         if *result != OpResult::Committed {
+            if !matches!(result, OpResult::Refused(_)) {
+                let failed: Vec<&DirtySnapshot> = staged.snapshots.iter().collect();
+                self.table.keep_for_resend(dataset, &failed);
+            }
             if op.gives_up {
                 // Its pages as if never written: staged writes and what they were based on
                 // go (the next stores start from this node's copy).
