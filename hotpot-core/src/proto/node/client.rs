@@ -179,10 +179,18 @@ impl Machine {
                     let why = "stores outside the dataset's pages";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 }
+                // A copy its owner has not confirmed since this node's start may be older
+                // than this node's own last commit of the page (one in flight at a crash):
+                // stores staged on it would be diffed against bytes the owner no longer
+                // has, and every stored byte equal to its stale value lost (found by
+                // hotpot-sim). Such pages come from the owner first, like missing ones.
                 let missing: BTreeSet<u64> = stores
                     .iter()
                     .map(|(page, _, _)| *page)
-                    .filter(|page| self.table.read_persisted((dataset_id, *page)).is_none())
+                    .filter(|page| {
+                        self.table.read_persisted((dataset_id, *page)).is_none()
+                            || self.unconfirmed(&dataset, *page)
+                    })
                     .collect();
                 for page in &missing {
                     let request = NodeRequest::Fetch {
@@ -505,11 +513,15 @@ impl Machine {
     /// and a copy kept over a restart may have missed commits until the owner answered this
     /// node's registration.
     fn reads_through(&self, dataset: &Dataset, page: u64) -> bool {
-        self.table.in_prepared((dataset.id, page))
-            || self
-                .target
-                .registering
-                .contains(&(self.owner_of(dataset, page), dataset.id))
+        self.table.in_prepared((dataset.id, page)) || self.unconfirmed(dataset, page)
+    }
+
+    /// Whether this node's copy of `page` waits for its owner to confirm it (a registration
+    /// after a start, or after a prepared copy nobody decided): it may be behind.
+    fn unconfirmed(&self, dataset: &Dataset, page: u64) -> bool {
+        self.target
+            .registering
+            .contains(&(self.owner_of(dataset, page), dataset.id))
     }
 
     /// A fetched copy stored (this node becomes a holder) and read back.
