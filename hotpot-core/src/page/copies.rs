@@ -716,6 +716,43 @@ mod tests {
     }
 
     #[test]
+    fn a_write_on_a_fetched_copy_a_prepared_one_kept_back_is_diffed_against_it() {
+        // The owner's page: another writer's 0x11 in bytes 0..8, this node's 0x22 in 8..16.
+        let mut owner = table();
+        let mut first = vec![0u8; PAGE_BYTES];
+        first[..8].fill(0x11);
+        first[8..16].fill(0x22);
+        owner
+            .apply_merged(1, &[(0, &diff_runs(&[0u8; PAGE_BYTES], &first))])
+            .unwrap();
+        // This node, without a copy, is a target of a commit of the page still undecided,
+        // and fetches it: the install is held back.
+        let mut node = table();
+        let free = node.pool().frames_free();
+        node.prepare_copies((3, 1), 1, &[(0, 2, &first)], false, TxTag::default())
+            .unwrap();
+        assert!(!node.install_copy((1, 0), 1, &first).unwrap());
+        node.serve_copy((1, 0), 1, &first).unwrap();
+        // The program writes its bytes 8..16, one of them zero (staged on zeros, that byte
+        // would be no change and keep the owner's 0x22).
+        let mut mine = [0x33u8; 8];
+        mine[2] = 0;
+        node.stage((1, 0), 8, &mine).unwrap();
+        let staged = node.snapshot_dirty(1);
+        let merged = owner.apply_merged(1, &[(0, &staged[0].runs)]).unwrap();
+        assert_eq!(
+            &merged[0].1[..8],
+            &[0x11; 8],
+            "the other writer's bytes survive"
+        );
+        assert_eq!(&merged[0].1[8..16], &mine, "this node's bytes are whole");
+        node.finish_commit(1, &[&staged[0]]);
+        node.forget_served((1, 0));
+        node.abort_copies((3, 1));
+        assert_eq!(node.pool().frames_free(), free, "the base's frame is freed");
+    }
+
+    #[test]
     fn a_stale_base_is_refused_and_changes_nothing() {
         let mut table = table();
         table.stage((1, 3), 0, b"x").unwrap();

@@ -150,6 +150,44 @@ impl PageTable {
         self.set_served(page, Some(committed));
     }
 
+    /// The kernel (or a write) now holds `bytes`, `page` at `version` as its owner sent it.
+    /// Usually that is this node's committed copy, installed from those bytes; when the
+    /// install was held back (a prepared copy of the page waits here), the base is a frame of
+    /// its own: staged on the old copy, or on zeros without one, a diff would send bytes the
+    /// program never changed and miss ones it wrote back (found by hotpot-sim).
+    pub fn serve_copy(&mut self, page: PageKey, version: u64, bytes: &[u8]) -> Result<(), PmError> {
+        assert_eq!(bytes.len(), PAGE_BYTES, "a copy is a whole page");
+        let installed = self
+            .pool
+            .page(page)
+            .is_some_and(|found| found.record.version == version);
+        if installed {
+            self.serve_committed(page);
+            return Ok(());
+        }
+        if version == 0 {
+            // Never written: zeros, whatever this node holds.
+            let zeros = Twin {
+                frame: None,
+                version: 0,
+            };
+            self.set_served(page, Some(zeros));
+            return Ok(());
+        }
+        let frame = self.pool.alloc_frame()?;
+        self.pool.frame_mut(frame).copy_from_slice(bytes);
+        self.set_served(
+            page,
+            Some(Twin {
+                frame: Some(frame),
+                version,
+            }),
+        );
+        // set_served took its own reference.
+        self.pool.unref_frame(frame);
+        Ok(())
+    }
+
     /// The kernel's copy of `page` is gone (invalidated): forget its base.
     pub fn forget_served(&mut self, page: PageKey) {
         self.set_served(page, None);

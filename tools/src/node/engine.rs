@@ -590,8 +590,12 @@ impl Engine for NodeEngine {
                     }
                 }
                 ReadOutcome::Absent => {
-                    page_bytes = self.protocol.fetch(&dataset, page)?;
-                    self.table().serve_committed((dataset.id, page));
+                    let (version, bytes) = self.protocol.fetch(&dataset, page)?;
+                    // The kernel's base is the bytes it gets, stored or not.
+                    self.table()
+                        .serve_copy((dataset.id, page), version, &bytes)
+                        .map_err(pm_error)?;
+                    page_bytes = bytes;
                 }
             }
             out.extend_from_slice(&page_bytes[within..within + take]);
@@ -618,7 +622,10 @@ impl Engine for NodeEngine {
             if self.protocol.owner_of(&dataset, page) == self.id {
                 self.protocol.owned_copy(dataset.id, page)?;
             } else {
-                self.protocol.fetch(&dataset, page)?;
+                let (version, bytes) = self.protocol.fetch(&dataset, page)?;
+                self.table()
+                    .serve_copy((dataset.id, page), version, &bytes)
+                    .map_err(pm_error)?;
             }
         }
         {

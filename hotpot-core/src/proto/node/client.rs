@@ -412,16 +412,34 @@ impl Machine {
                         failed_over: false,
                     }
                 } else {
-                    self.take_fetched(op.dataset.id, page, copy)
+                    match self.take_fetched(op.dataset.id, page, copy) {
+                        Ok((version, bytes)) => OpResult::Read {
+                            version,
+                            bytes,
+                            failed_over: false,
+                        },
+                        Err(error) => OpResult::Refused(error),
+                    }
                 };
                 self.op_done(id, result);
             }
             (Step::Fetching { mut missing }, Some(NodeReply::Page(copy))) => {
                 let page = copy.page;
-                if let OpResult::Refused(error) = self.take_fetched(op.dataset.id, page, copy) {
-                    return self.op_done(id, OpResult::Refused(error));
+                let (version, bytes) = match self.take_fetched(op.dataset.id, page, copy) {
+                    Ok(fetched) => fetched,
+                    Err(error) => return self.op_done(id, OpResult::Refused(error)),
+                };
+                // The stores are staged on the owner's bytes, stored or not (a prepared copy
+                // waiting here keeps them from being stored).
+                if missing.remove(&page) {
+                    if let Err(error) =
+                        self.table
+                            .serve_copy((op.dataset.id, page), version, &bytes)
+                    {
+                        let error = FsError::Io(format!("keeping page {page}'s base: {error}"));
+                        return self.op_done(id, OpResult::Refused(error));
+                    }
                 }
-                missing.remove(&page);
                 let empty = missing.is_empty();
                 if let Some(op) = self.client.ops.get_mut(&id) {
                     op.step = Step::Fetching { missing };
@@ -524,31 +542,29 @@ impl Machine {
             .contains(&(self.owner_of(dataset, page), dataset.id))
     }
 
-    /// A fetched copy stored (this node becomes a holder) and read back.
-    fn take_fetched(&mut self, dataset: DatasetId, page: u64, copy: VersionedPage) -> OpResult {
+    /// A fetched copy stored (this node becomes a holder; unless a prepared copy of the
+    /// page waits here) and read back: its version and bytes.
+    fn take_fetched(
+        &mut self,
+        dataset: DatasetId,
+        page: u64,
+        copy: VersionedPage,
+    ) -> Result<(u64, Vec<u8>), FsError> {
         if copy.version == 0 {
-            return OpResult::Read {
-                version: 0,
-                bytes: vec![0u8; PAGE_BYTES],
-                failed_over: false,
-            };
+            return Ok((0, vec![0u8; PAGE_BYTES]));
         }
         if let Err(error) = self
             .table
             .install_copy((dataset, page), copy.version, &copy.bytes)
         {
-            return OpResult::Refused(FsError::Io(format!("install: {error}")));
+            return Err(FsError::Io(format!("install: {error}")));
         }
         if self.table.version_of((dataset, page)) >= copy.version {
             // A copy taken during a failover is now the owner's, and this node a holder
             // it knows.
             self.fetched_from_owner((dataset, page));
         }
-        OpResult::Read {
-            version: copy.version,
-            bytes: copy.bytes,
-            failed_over: false,
-        }
+        Ok((copy.version, copy.bytes))
     }
 
     /// A random-looking pause below a ceiling that doubles with each try (the same for the

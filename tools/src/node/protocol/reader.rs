@@ -51,8 +51,10 @@ const VIEW_SETTLE: Duration = Duration::from_secs(3);
 
 impl Protocol {
     /// Bring a page this node lacks from its owner (or, if the owner is unreachable, the
-    /// newest copy any live node has) and keep a Committed copy. Returns its bytes.
-    pub fn fetch(&self, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
+    /// newest copy any live node has) and keep a Committed copy. Returns its version and
+    /// bytes (which a prepared copy of the page waiting here may have kept from being
+    /// stored).
+    pub fn fetch(&self, dataset: &Dataset, page: u64) -> Result<(u64, Vec<u8>), FsError> {
         let deadline = Instant::now() + VIEW_SETTLE;
         loop {
             match self.fetch_once(dataset, page) {
@@ -65,7 +67,7 @@ impl Protocol {
         }
     }
 
-    fn fetch_once(&self, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
+    fn fetch_once(&self, dataset: &Dataset, page: u64) -> Result<(u64, Vec<u8>), FsError> {
         let owner = self.owner_of(dataset, page);
         if owner != self.id {
             match self.fetch_one_sided(owner, dataset.id, page) {
@@ -74,7 +76,7 @@ impl Protocol {
                     self.table()
                         .install_copy((dataset.id, page), version, &bytes)
                         .map_err(pm_error)?;
-                    return Ok(bytes);
+                    return Ok((version, bytes));
                 }
                 OneSided::Moved => {
                     self.fetches
@@ -88,7 +90,7 @@ impl Protocol {
                         .install_copy((dataset.id, page), version, &bytes)
                         .map_err(pm_error)?;
                     self.note_failed_over((dataset.id, page), owner);
-                    return Ok(bytes);
+                    return Ok((version, bytes));
                 }
             }
         }
@@ -128,7 +130,7 @@ impl Protocol {
         if failed_over {
             self.note_failed_over((dataset.id, page), owner);
         }
-        Ok(bytes)
+        Ok((version, bytes))
     }
 
     /// A copy taken while `owner` did not answer: the owner has not recorded this node as a
