@@ -188,6 +188,11 @@ impl PageTable {
         Ok(())
     }
 
+    /// Whether the kernel may hold a copy of `page` (it was served one, not invalidated since).
+    pub fn is_served(&self, page: PageKey) -> bool {
+        self.served.contains_key(&page)
+    }
+
     /// The kernel's copy of `page` is gone (invalidated): forget its base.
     pub fn forget_served(&mut self, page: PageKey) {
         self.set_served(page, None);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hotpot_core::page::PageTable;
 use hotpot_core::pm::SimRegion;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
-use hotpot_core::proto::node::{Config, Input, Machine, OpDone, Output, Timing};
+use hotpot_core::proto::node::{Config, Input, Machine, Op, OpDone, OpResult, Output, Timing};
 use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,6 +22,7 @@ use crate::trace::{self, Trace};
 use crate::workload::Workload;
 
 mod faults;
+mod kernel;
 
 /// Bytes of each node's simulated PM.
 const PM_BYTES: usize = 1 << 20;
@@ -91,6 +92,8 @@ pub(crate) struct SimNode {
     joined: Option<u64>,
     /// The last incarnation the dispatcher gave it.
     joined_as: u64,
+    /// Its kernel's page cache.
+    pub(crate) kernel: kernel::KernelCache,
 }
 
 pub struct World {
@@ -172,6 +175,7 @@ impl World {
                     joining: false,
                     joined: None,
                     joined_as: 0,
+                    kernel: Default::default(),
                 },
             );
             world.boot(id);
@@ -412,9 +416,10 @@ impl World {
                 self.send(node, to, Message::Reply { call, reply })
             }
             Output::Done(done) => self.op_done(node, done),
-            // No kernel caches pages here: the simulated programs read through the machine.
             Output::Invalidate { dataset, pages } => {
                 trace!(self, "n{node} invalidates d{dataset} pages {pages:?}");
+                let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+                kernel.invalidate(dataset, &pages);
             }
         }
     }
@@ -486,6 +491,32 @@ impl World {
         }
         let op = self.workload.next_op(node, &mut self.rng, self.now_ms);
         trace!(self, "start n{node} {}", trace::describe_op(&op));
+        let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+        match &op {
+            Op::Read { op, dataset, page } => {
+                if let Some((version, bytes, failed_over)) = kernel.cached((*dataset, *page)) {
+                    let result = OpResult::Read {
+                        version: *version,
+                        bytes: bytes.clone(),
+                        failed_over: *failed_over,
+                    };
+                    trace!(
+                        self,
+                        "n{node} reads d{dataset} p{page} from its kernel's cache"
+                    );
+                    return self.op_done(node, OpDone { op: *op, result });
+                }
+                kernel.start_read(*op, (*dataset, *page));
+            }
+            Op::Write {
+                dataset, stores, ..
+            } => {
+                for (page, _, _) in stores {
+                    kernel.written((*dataset, *page));
+                }
+            }
+            Op::Commit { .. } => {}
+        }
         self.input(node, Input::Start(op));
     }
 
@@ -497,6 +528,9 @@ impl World {
             trace::describe_result(&done.result)
         );
         if let Some(read) = self.workload.finish(node, &done, self.now_ms) {
+            let cached = (read.version, read.bytes.clone(), read.failed_over);
+            let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+            kernel.read_done(done.op, (read.dataset, read.page), cached);
             // The page's owner, and every node ever promoted in its place.
             let first = self.datasets[read.dataset as usize - 1]
                 .0

@@ -157,7 +157,7 @@ impl Machine {
                             bytes,
                             failed_over,
                         };
-                        return self.op_done(id, result);
+                        return self.read_done(id, key, result);
                     }
                 }
                 let mut reading = ClientOp::new(dataset.clone(), self.now_ms);
@@ -178,6 +178,11 @@ impl Machine {
                 if stores.is_empty() || bad {
                     let why = "stores outside the dataset's pages";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
+                }
+                // The program writes past the kernel's cache (its pages left it as the write
+                // began): the stores are based on this node's copy, or the owner's.
+                for (page, _, _) in &stores {
+                    self.table.forget_served((dataset_id, *page));
                 }
                 // A copy its owner has not confirmed since this node's start may be older
                 // than this node's own last commit of the page (one in flight at a crash):
@@ -227,6 +232,18 @@ impl Machine {
             }
         }
         self.out.push(Output::Done(OpDone { op, result }));
+    }
+
+    /// A read's end: the kernel holds what it read, based on exactly those bytes (this
+    /// node's copy, or the owner's, or another node's), until this node invalidates it.
+    pub(super) fn read_done(&mut self, id: OpId, key: crate::pm::PageKey, result: OpResult) {
+        if let OpResult::Read { version, bytes, .. } = &result {
+            if let Err(error) = self.table.serve_copy(key, *version, bytes) {
+                let error = FsError::Io(format!("keeping page {}'s base: {error}", key.1));
+                return self.op_done(id, OpResult::Refused(error));
+            }
+        }
+        self.op_done(id, result);
     }
 
     /// A `Write`'s pages are all here: its stores staged, then committed.
@@ -299,12 +316,10 @@ impl Machine {
                 self.table.keep_for_resend(dataset, &failed);
             }
             if op.gives_up {
-                // Its pages as if never written: staged writes and what they were based on
-                // go (the next stores start from this node's copy).
+                // Its pages as if never written: staged writes go, and so do the kernel's
+                // copies holding them (the next stores start from this node's copy).
                 self.table.drop_staged(dataset);
-                for page in &pages {
-                    self.table.forget_served((dataset, *page));
-                }
+                self.kernel_stale(dataset, pages);
             }
             return;
         }
@@ -421,7 +436,7 @@ impl Machine {
                         Err(error) => OpResult::Refused(error),
                     }
                 };
-                self.op_done(id, result);
+                self.read_done(id, (op.dataset.id, page), result);
             }
             (Step::Fetching { mut missing }, Some(NodeReply::Page(copy))) => {
                 let page = copy.page;

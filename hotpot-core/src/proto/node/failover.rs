@@ -105,7 +105,7 @@ impl Machine {
             bytes: copy.bytes,
             failed_over: true,
         };
-        self.op_done(id, result);
+        self.read_done(id, key, result);
     }
 
     /// `FetchCopy`: this node's persisted copy, if any.

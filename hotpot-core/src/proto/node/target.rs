@@ -49,6 +49,11 @@ impl Machine {
         {
             Ok(()) => {
                 self.target.deciders.insert(tx, (owner, commit));
+                // The kernel's copies go now, not at the Decide, which may be lost: read
+                // again, a page with a prepared copy is read through its owner, whose answer
+                // waits for the commit's apply.
+                let pages = pages.iter().map(|copy| copy.page).collect();
+                self.kernel_stale(dataset, pages);
                 NodeReply::Done
             }
             Err(error) => NodeReply::Failed(FsError::Io(format!("prepare: {error}"))),
@@ -188,6 +193,19 @@ impl Machine {
                 copies.pages
             )));
         }
+        // The owner restarted and forgot its holders. A page the kernel here was served
+        // without a copy behind it (never written, when it was read) is on no list this node
+        // registers: no commit would invalidate it. The kernel drops it now, before the
+        // owner serves again.
+        let unlisted: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|page| {
+                let key = (dataset, *page);
+                self.table.is_served(key) && self.table.read_persisted(key).is_none()
+            })
+            .collect();
+        self.kernel_stale(dataset, unlisted);
         let copies = pages
             .iter()
             .filter_map(|page| {

@@ -51,6 +51,7 @@ impl World {
         let torn_seed = self.rng.random();
         let node = self.nodes.get_mut(&id).expect("node");
         node.machine = None;
+        node.kernel.clear();
         node.dying = false;
         node.joining = false;
         node.joined = None;
