@@ -11,50 +11,52 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+static HOTPOT_BIN: OnceLock<PathBuf> = OnceLock::new();
+
 /// The `hotpot` binary of this workspace, built once per test process, with the crash points
 /// of the recovery tests compiled in (inert unless armed) and the verbs transport.
 /// `HOTPOT_TEST_BIN` names a binary built that way instead (the rxe guest of `.ci/run`, where
 /// cargo is slow, uses it).
 pub fn hotpot_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("HOTPOT_TEST_BIN") {
-            let bin = PathBuf::from(bin);
-            assert!(
-                bin.exists(),
-                "HOTPOT_TEST_BIN={} does not exist",
-                bin.display()
-            );
-            return bin;
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace")
-            .to_path_buf();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "hotpot-tools",
-                "--bin",
-                "hotpot",
-                "--features",
-                "fault-injection,verbs",
-            ])
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build for the hotpot binary");
-        assert!(status.success(), "building the hotpot binary failed");
-        let bin = target.join("debug").join("hotpot");
-        assert!(bin.exists(), "no hotpot binary at {}", bin.display());
-        bin
-    })
-    .clone()
+    HOTPOT_BIN
+        .get_or_init(|| {
+            if let Some(bin) = std::env::var_os("HOTPOT_TEST_BIN") {
+                let bin = PathBuf::from(bin);
+                assert!(
+                    bin.exists(),
+                    "HOTPOT_TEST_BIN={} does not exist",
+                    bin.display()
+                );
+                return bin;
+            }
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace")
+                .to_path_buf();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"));
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "hotpot-tools",
+                    "--bin",
+                    "hotpot",
+                    "--features",
+                    "fault-injection,verbs",
+                ])
+                .current_dir(&workspace)
+                .status()
+                .expect("run cargo build for the hotpot binary");
+            assert!(status.success(), "building the hotpot binary failed");
+            let bin = target.join("debug").join("hotpot");
+            assert!(bin.exists(), "no hotpot binary at {}", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// `true` if the test should run; `false` (with a note) only under the explicit opt-out.
@@ -528,7 +530,11 @@ impl Drop for Paused {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let output = Command::new(hotpot_bin())
+        // No binary, no cluster started (and building it again would panic while unwinding).
+        let Some(bin) = HOTPOT_BIN.get() else {
+            return;
+        };
+        let output = Command::new(bin)
             .args(["cluster", "down", "--dir"])
             .arg(self.dir.path())
             .output();
