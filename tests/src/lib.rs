@@ -357,6 +357,32 @@ impl Cluster {
         }
     }
 
+    /// Wait until node `owner` counts node `node` as down.
+    pub fn wait_counted_down(&self, owner: u32, node: u32) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.status_json();
+            let owner_sees = status["nodes"]
+                .as_array()
+                .expect("nodes")
+                .iter()
+                .find(|entry| entry["id"] == owner)
+                .map(|entry| entry["usage"]["sees_live"].clone())
+                .expect("the owner in the status");
+            if owner_sees
+                .as_array()
+                .is_some_and(|live| !live.iter().any(|id| *id == node))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the owner, node {owner}, still counts node {node} as live: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// SIGKILL node `node` and delete its PM file: the node is lost with its data.
     pub fn kill_and_wipe(&self, node: u32) {
         run_ok(
