@@ -5,4 +5,5 @@ pub mod dispatcher;
 pub mod messages;
 pub mod node;
 pub mod replication;
+pub mod staged;
 pub mod types;

@@ -3,13 +3,14 @@
 //! Must survive: a dispatcher that is briefly away (calls retry with backoff), and a crash
 //! at any point (only committed bytes are in PM slots; staged bytes are volatile by design).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::{PageTable, ReadOutcome};
 use hotpot_core::pm::PAGE_BYTES;
-use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, OwnerPages, PageWrite};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
+use hotpot_core::proto::staged::{Ended, StagedCommit};
 use hotpot_core::proto::types::*;
 use hotpot_fs::{Engine, Invalidator, Space};
 use hotpot_net::{Client, NetError};
@@ -241,61 +242,26 @@ impl NodeEngine {
     fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
         let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
         self.protocol.settle_before_commit(dataset.id);
-        let snapshots = {
-            let mut table = self.table();
-            table.rebase_dataset(dataset.id);
-            table.snapshot_dirty(dataset.id)
-        };
-        if snapshots.is_empty() {
+        let snapshots = StagedCommit::snapshot(&mut self.table(), dataset.id);
+        let owner_of = |page| self.protocol.owner_of(dataset, page);
+        let Some(staged) = StagedCommit::group(snapshots, dataset, owner_of) else {
             return Ok(0);
+        };
+        // An error does not tell a refusal from a commit in doubt: what was sent is kept
+        // for resending either way (the program's own staged bytes).
+        let result = super::committer::commit(&self.protocol, dataset, ino, &staged.groups);
+        let ended = match result {
+            Ok(()) => Ended::Committed,
+            Err(_) => Ended::Failed,
+        };
+        let stale = staged.stale_kernel_pages(&mut self.table(), dataset, ended);
+        // Dropped from the kernel (a page dirty there written back first, against the base
+        // it was read at) before the staged pages settle.
+        if !stale.is_empty() {
+            self.protocol.invalidate(ino, dataset.id, &stale);
         }
-        let mut groups: BTreeMap<NodeId, OwnerPages> = BTreeMap::new();
-        for snapshot in &snapshots {
-            let owner = self.protocol.owner_of(dataset, snapshot.page);
-            match dataset.params.mode {
-                Mode::Mrmw => {
-                    let group = groups
-                        .entry(owner)
-                        .or_insert_with(|| OwnerPages::Runs(Vec::new()));
-                    if let OwnerPages::Runs(runs) = group {
-                        runs.push((snapshot.page, snapshot.runs.clone()));
-                    }
-                }
-                Mode::Mrsw => {
-                    let group = groups
-                        .entry(owner)
-                        .or_insert_with(|| OwnerPages::Writes(Vec::new()));
-                    if let OwnerPages::Writes(writes) = group {
-                        writes.push(PageWrite {
-                            page: snapshot.page,
-                            base_version: snapshot.base_version,
-                            bytes: snapshot.bytes.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        let done: Vec<&hotpot_core::page::DirtySnapshot> = snapshots.iter().collect();
-        if let Err(error) = super::committer::commit(&self.protocol, dataset, ino, &groups) {
-            // The owners may have applied it (in doubt): what it sent goes again next time.
-            self.table().keep_for_resend(dataset.id, &done);
-            return Err(error);
-        }
-        let pages: Vec<u64> = snapshots.iter().map(|s| s.page).collect();
-        if dataset.params.mode == Mode::Mrmw {
-            // The merge may hold other writers' bytes this kernel has not seen: its copies
-            // went at the Decide (or below, for pages this node owns); rebuild on top.
-            self.protocol.invalidate(ino, dataset.id, &pages);
-        } else {
-            // One writer (MRSW): this kernel's copies are the committed bytes; only their
-            // base moves.
-            let mut table = self.table();
-            for page in &pages {
-                table.serve_committed((dataset.id, *page));
-            }
-        }
-        self.table().finish_commit(dataset.id, &done);
-        Ok(done.len())
+        staged.settle(&mut self.table(), dataset, ended);
+        result.map(|()| staged.snapshots.len())
     }
 }
 

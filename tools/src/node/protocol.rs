@@ -413,7 +413,6 @@ impl Protocol {
         client.call(request, RPC_TIMEOUT)
     }
 
-    /// Drop the kernel's cached pages of `ino` and wait until it has.
     /// Drop the kernel's cached pages of `ino` and wait until it has (a dirty one is
     /// written back first, against the base it was read at); then forget those bases.
     pub fn invalidate(&self, ino: Ino, dataset: DatasetId, pages: &[u64]) {

@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::{Machine, Output, Purpose};
-use crate::page::{DirtySnapshot, TxKey};
+use crate::page::TxKey;
 use crate::pm::PAGE_BYTES;
-use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite, VersionedPage};
-use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
+use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, VersionedPage};
+use crate::proto::staged::{Ended, StagedCommit};
+use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 pub type OpId = u64;
 
@@ -81,13 +82,6 @@ enum Step {
     Across(super::across::Phase),
 }
 
-/// A commit's staged pages as it took them, and what goes to each owner.
-#[derive(Debug)]
-struct Staged {
-    snapshots: Vec<DirtySnapshot>,
-    groups: BTreeMap<NodeId, OwnerPages>,
-}
-
 #[derive(Clone, Debug)]
 pub(super) struct ClientOp {
     pub(super) dataset: Dataset,
@@ -96,7 +90,7 @@ pub(super) struct ClientOp {
     /// A `Write`: the program gives its stores up if the commit fails.
     gives_up: bool,
     /// The staged pages being committed.
-    staged: Option<Arc<Staged>>,
+    staged: Option<Arc<StagedCommit>>,
     /// The owner asked (a read's, or a one-owner commit's).
     owner: NodeId,
     step: Step,
@@ -272,32 +266,14 @@ impl Machine {
         let Some(dataset) = self.client.ops.get(&id).map(|op| op.dataset.clone()) else {
             return;
         };
-        self.table.rebase_dataset(dataset.id);
-        let snapshots = self.table.snapshot_dirty(dataset.id);
-        if snapshots.is_empty() {
+        let snapshots = StagedCommit::snapshot(&mut self.table, dataset.id);
+        let owner_of = |page| self.owner_of(&dataset, page);
+        let Some(staged) = StagedCommit::group(snapshots, &dataset, owner_of) else {
             return self.op_done(id, OpResult::Committed);
-        }
-        let mut groups: BTreeMap<NodeId, OwnerPages> = BTreeMap::new();
-        for snapshot in &snapshots {
-            let owner = self.owner_of(&dataset, snapshot.page);
-            let group = groups
-                .entry(owner)
-                .or_insert_with(|| match dataset.params.mode {
-                    Mode::Mrmw => OwnerPages::Runs(Vec::new()),
-                    Mode::Mrsw => OwnerPages::Writes(Vec::new()),
-                });
-            match group {
-                OwnerPages::Runs(runs) => runs.push((snapshot.page, snapshot.runs.clone())),
-                OwnerPages::Writes(writes) => writes.push(PageWrite {
-                    page: snapshot.page,
-                    base_version: snapshot.base_version,
-                    bytes: snapshot.bytes.clone(),
-                }),
-            }
-        }
+        };
         if let Some(op) = self.client.ops.get_mut(&id) {
-            op.owner = *groups.keys().next().expect("a page staged");
-            op.staged = Some(Arc::new(Staged { snapshots, groups }));
+            op.owner = *staged.groups.keys().next().expect("a page staged");
+            op.staged = Some(Arc::new(staged));
         }
         self.send_commit(id);
     }
@@ -307,32 +283,21 @@ impl Machine {
     /// the other writers' bytes merged in); failed, they stay staged unless the program gave
     /// them up, and what an unrefused one sent is kept for sending again (the owners may
     /// hold it).
-    fn settle_staged(&mut self, op: &ClientOp, staged: &Staged, result: &OpResult) {
-        let dataset = op.dataset.id;
-        let pages: Vec<u64> = staged.snapshots.iter().map(|s| s.page).collect();
-        if *result != OpResult::Committed {
-            if !matches!(result, OpResult::Refused(_)) {
-                let failed: Vec<&DirtySnapshot> = staged.snapshots.iter().collect();
-                self.table.keep_for_resend(dataset, &failed);
-            }
-            if op.gives_up {
-                // Its pages as if never written: staged writes go, and so do the kernel's
-                // copies holding them (the next stores start from this node's copy).
-                self.table.drop_staged(dataset);
-                self.kernel_stale(dataset, pages);
-            }
-            return;
+    fn settle_staged(&mut self, op: &ClientOp, staged: &StagedCommit, result: &OpResult) {
+        let ended = match result {
+            OpResult::Committed => Ended::Committed,
+            OpResult::Refused(_) => Ended::Refused,
+            _ => Ended::Failed,
+        };
+        let stale = staged.stale_kernel_pages(&mut self.table, &op.dataset, ended);
+        self.kernel_stale(op.dataset.id, stale);
+        staged.settle(&mut self.table, &op.dataset, ended);
+        if ended != Ended::Committed && op.gives_up {
+            // Its pages as if never written: staged writes go, and so do the kernel's
+            // copies holding them (the next stores start from this node's copy).
+            self.table.drop_staged(op.dataset.id);
+            self.kernel_stale(op.dataset.id, staged.pages());
         }
-        match op.dataset.params.mode {
-            Mode::Mrmw => self.kernel_stale(dataset, pages),
-            Mode::Mrsw => {
-                for page in &pages {
-                    self.table.serve_committed((dataset, *page));
-                }
-            }
-        }
-        let done: Vec<&DirtySnapshot> = staged.snapshots.iter().collect();
-        self.table.finish_commit(dataset, &done);
     }
 
     /// The commit message for op `id`'s staged pages: one owner's, or the three phases
