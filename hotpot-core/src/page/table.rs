@@ -117,9 +117,17 @@ impl PageTable {
     /// right only for a page never written anywhere (a commit sends the bytes that differ
     /// from the base: zeros written over a zero base would not be sent).
     pub fn has_base(&self, page: PageKey) -> bool {
+        self.has_kernel_base(page) || self.pool.page(page).is_some()
+    }
+
+    /// `has_base` without the persisted copy: staged writes, or the kernel's copy.
+    pub fn has_kernel_base(&self, page: PageKey) -> bool {
+        self.is_staged(page) || self.served.contains_key(&page)
+    }
+
+    /// Whether writes to `page` are staged here.
+    pub fn is_staged(&self, page: PageKey) -> bool {
         self.dirty.contains_key(&page)
-            || self.served.contains_key(&page)
-            || self.pool.page(page).is_some()
     }
 
     /// What the kernel gets for a READ: this node's view of `page` (a Dirty page rebased on

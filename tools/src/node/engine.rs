@@ -543,9 +543,17 @@ impl Engine for NodeEngine {
             let page = at / PAGE_BYTES as u64;
             let within = (at % PAGE_BYTES as u64) as usize;
             let take = (PAGE_BYTES - within).min((end - at) as usize);
-            let outcome = self
-                .table()
-                .read_for_kernel((dataset.id, page), &mut page_bytes);
+            let key = (dataset.id, page);
+            // A copy its owner has not confirmed since this node's start may be behind.
+            let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
+            let outcome = {
+                let mut table = self.table();
+                if unconfirmed && !table.is_staged(key) {
+                    ReadOutcome::Absent
+                } else {
+                    table.read_for_kernel(key, &mut page_bytes)
+                }
+            };
             match outcome {
                 ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
                 // The owner without a copy: the page was never written.
@@ -580,9 +588,17 @@ impl Engine for NodeEngine {
         // A page overwritten whole is not read by the kernel first: its base comes from its
         // owner now, as a read would (found by hotpot-sim: zeros written over a page this
         // node never read were lost, being no change from a zero base).
+        // A stored copy its owner has not confirmed since this node's start is no base
+        // either: it may miss a commit this node made as it stopped (found by hotpot-sim).
         let pages = offset / PAGE_BYTES as u64..end.div_ceil(PAGE_BYTES as u64);
         for page in pages {
-            if self.table().has_base((dataset.id, page)) {
+            let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
+            let based = {
+                let table = self.table();
+                table.has_kernel_base((dataset.id, page))
+                    || (!unconfirmed && table.has_base((dataset.id, page)))
+            };
+            if based {
                 continue;
             }
             if self.protocol.owner_of(&dataset, page) == self.id {

@@ -97,6 +97,11 @@ pub struct Protocol {
     /// Pages this node took from another node while their owner did not answer, and the
     /// owner: it does not know this node holds them until it is asked again (reader.rs).
     pub(super) failed_over: Mutex<BTreeMap<PageKey, NodeId>>,
+    /// Datasets whose owner has not confirmed this node's copies of its pages since this
+    /// node started (it did not answer the rejoin's registration in time; recovery.rs):
+    /// such a copy may miss a commit this node made as it stopped, so until the owner
+    /// confirms, reads and writes of those pages go to the owner as if it were not here.
+    pub(super) unconfirmed: Mutex<BTreeMap<(NodeId, DatasetId), Dataset>>,
     /// False while the node rejoins (recovery.rs): owner requests wait.
     ready: Mutex<bool>,
     became_ready: Condvar,
@@ -176,6 +181,7 @@ impl Protocol {
             rereplicated: AtomicU64::new(0),
             rereplicate_soon: AtomicBool::new(false),
             failed_over: Mutex::new(BTreeMap::new()),
+            unconfirmed: Mutex::new(BTreeMap::new()),
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
             fetches: reader::FetchCounters::default(),

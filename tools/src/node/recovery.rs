@@ -85,23 +85,7 @@ impl Protocol {
             let (taken, sent) = self.adopt(&peers, dataset);
             fetched += taken;
             pushed += sent;
-            let mut by_owner: BTreeMap<NodeId, Vec<(u64, u64)>> = dataset
-                .owners
-                .iter()
-                .map(|owner| self.peers.resolve(*owner))
-                .filter(|owner| *owner != self.id)
-                .map(|owner| (owner, Vec::new()))
-                .collect();
-            for copy in self.table().pool().pages_of(dataset.id) {
-                let owner = self.owner_of(dataset, copy.record.page);
-                if owner != self.id {
-                    by_owner
-                        .entry(owner)
-                        .or_default()
-                        .push((copy.record.page, copy.record.version));
-                }
-            }
-            for (owner, pages) in by_owner {
+            for (owner, pages) in self.copies_by_owner(dataset) {
                 // Until the owner has confirmed them, these copies may be stale: keep asking
                 // (its pages may be in a commit a resolver is settling) before serving.
                 let deadline = Instant::now() + REGISTER_PATIENCE;
@@ -112,7 +96,11 @@ impl Protocol {
                             break;
                         }
                         Err(error) if Instant::now() > deadline => {
-                            tracing::error!(owner, %error, "copies not confirmed by their owner; serving them anyway");
+                            tracing::error!(owner, %error, "copies not confirmed by their owner; their pages go to it until it confirms");
+                            self.unconfirmed
+                                .lock()
+                                .expect("unconfirmed lock")
+                                .insert((owner, dataset.id), dataset.clone());
                             break;
                         }
                         Err(error) => {
@@ -239,6 +227,74 @@ impl Protocol {
             }
         }
         taken
+    }
+
+    /// Per owner of `dataset` (other than this node), the pages this node holds a copy of,
+    /// with their versions (an owner of none of them too: it learns this node holds none).
+    fn copies_by_owner(&self, dataset: &Dataset) -> BTreeMap<NodeId, Vec<(u64, u64)>> {
+        let mut by_owner: BTreeMap<NodeId, Vec<(u64, u64)>> = dataset
+            .owners
+            .iter()
+            .map(|owner| self.peers.resolve(*owner))
+            .filter(|owner| *owner != self.id)
+            .map(|owner| (owner, Vec::new()))
+            .collect();
+        for copy in self.table().pool().pages_of(dataset.id) {
+            let owner = self.owner_of(dataset, copy.record.page);
+            if owner != self.id {
+                by_owner
+                    .entry(owner)
+                    .or_default()
+                    .push((copy.record.page, copy.record.version));
+            }
+        }
+        by_owner
+    }
+
+    /// Whether this node's copy of `page` waits for its owner's confirmation (see
+    /// `Protocol::unconfirmed`).
+    pub fn is_unconfirmed(&self, dataset: &Dataset, page: u64) -> bool {
+        let owner = self.owner_of(dataset, page);
+        self.unconfirmed
+            .lock()
+            .expect("unconfirmed lock")
+            .keys()
+            .any(|(by, of)| *of == dataset.id && self.peers.resolve(*by) == owner)
+    }
+
+    /// The registrations the rejoin gave up on, asked again (a resolver round): an owner
+    /// that answers confirms this node's copies (sending newer ones) and its pages are
+    /// served from here again.
+    fn confirm_copies(&self) {
+        let waiting: Vec<((NodeId, DatasetId), Dataset)> = self
+            .unconfirmed
+            .lock()
+            .expect("unconfirmed lock")
+            .iter()
+            .map(|(key, dataset)| (*key, dataset.clone()))
+            .collect();
+        for ((by, dataset_id), dataset) in waiting {
+            let owner = self.peers.resolve(by);
+            let pages = self
+                .copies_by_owner(&dataset)
+                .remove(&owner)
+                .unwrap_or_default();
+            match self.register_with(owner, dataset_id, pages, None) {
+                Ok(newer) => {
+                    tracing::info!(
+                        owner,
+                        dataset = dataset_id,
+                        newer,
+                        "owner confirmed this node's copies"
+                    );
+                    self.unconfirmed
+                        .lock()
+                        .expect("unconfirmed lock")
+                        .remove(&(by, dataset_id));
+                }
+                Err(error) => tracing::debug!(owner, %error, "owner cannot confirm copies yet"),
+            }
+        }
     }
 
     /// Tell `owner` which of its pages this node holds; keep what it sends back (newer).
@@ -413,6 +469,7 @@ impl Protocol {
             }
             self.resolve_pending(None);
             self.refetch_failed_over();
+            self.confirm_copies();
             self.resolve_outcomes(&mut outcome_seen);
             self.expire_phase1_locks(resolve_after() * 2);
             let soon = self

@@ -1,0 +1,135 @@
+//! A node restarts after its own MRMW commit reached its owner but not its own copy (it died
+//! taking the decision), and the owner does not answer its rejoin: the node's stored copy is
+//! one commit behind, and nobody has confirmed it. Found by hotpot-sim (finding 20 in
+//! docs/design.md): a write staged on such a copy is diffed against bytes the owner no longer
+//! has, so every byte written back to its value in that stale copy is lost. Until the owner
+//! confirms, the node now takes such pages from the owner (or, while it is silent, the newest
+//! copy another node has), as if it held none.
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use hotpot_tests::{fuse_available, page_pattern, Cluster};
+
+/// Wait until the dispatcher counts `node` down (a starting node leaves it out then).
+fn wait_counted_down_by_dispatcher(cluster: &Cluster, node: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = cluster.status_json();
+        let live = status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|entry| entry["id"] == node)
+            .map(|entry| entry["live"] == true)
+            .expect("the node in the status");
+        if !live {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dispatcher still counts node {node} as live: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_write_on_a_copy_its_owner_has_not_confirmed_since_a_restart_is_whole() {
+    if !fuse_available() {
+        return;
+    }
+    // Nobody takes over the silent owner's chunk during the test.
+    let cluster = Cluster::up_with(3, "64MiB", &[], &["--promote-after-ms", "600000"]);
+    cluster.wait_views_settled();
+    // One chunk, one owner, a copy on every node.
+    let path = cluster.create_chunked(1, "data", "64KiB", "mrmw", 3, "64KiB");
+    let owner = cluster.chunk_owners(&path)[0] as u32;
+    let writer = owner % 3 + 1;
+    let first = page_pattern(1, 0);
+    let second = page_pattern(2, 0);
+
+    let file = cluster.open_rw(writer, "data");
+    file.write_all_at(&first, 0).unwrap();
+    file.sync_all().expect("the first commit");
+    // The second commit is applied at the owner and the third node; the writer dies taking
+    // its own copy's decision, and comes back with the first.
+    cluster.arm_fault(writer, "target.deciding");
+    file.write_all_at(&second, 0).unwrap();
+    let _in_doubt = file.sync_all();
+    drop(file);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.is_running(writer) {
+        assert!(
+            Instant::now() < deadline,
+            "node {writer} never took the decision: {}",
+            cluster.node_log(writer)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        cluster
+            .node_log(writer)
+            .contains("crashing at target.deciding"),
+        "node {writer} died elsewhere: {}",
+        cluster.node_log(writer)
+    );
+    assert_eq!(cluster.first_page(owner, "data"), second);
+
+    // The owner goes silent; the writer rejoins without its confirmation.
+    let paused = cluster.pause(owner);
+    wait_counted_down_by_dispatcher(&cluster, owner);
+    let restarting = Instant::now();
+    cluster.start(writer);
+    println!("node {writer} rejoined in {:?}", restarting.elapsed());
+    assert!(
+        cluster
+            .node_log(writer)
+            .contains("copies not confirmed by their owner"),
+        "node {writer} rejoined with its copies confirmed: {}",
+        cluster.node_log(writer)
+    );
+
+    // The program overwrites the page whole: 8 new bytes, the rest the first commit's bytes
+    // (equal to the writer's stale copy, not to the owner's).
+    let mut mine = first.clone();
+    mine[..8].fill(0x5a);
+    let file = cluster.open_rw(writer, "data");
+    let writing = Instant::now();
+    file.write_all_at(&mine, 0).unwrap();
+    println!("the write took {:?}", writing.elapsed());
+    drop(paused);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(error) = file.sync_all() {
+        assert!(
+            Instant::now() < deadline,
+            "the writer's commit failed for 30 s: {error}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(file);
+    // Back, the owner confirms the writer's copies at its resolver's next round.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cluster
+        .node_log(writer)
+        .contains("owner confirmed this node's copies")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node {writer}'s copies still unconfirmed: {}",
+            cluster.node_log(writer)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let committed = cluster.first_page(owner, "data");
+    let kept_stale = committed
+        .iter()
+        .zip(&mine)
+        .filter(|(got, wrote)| got != wrote)
+        .count();
+    assert_eq!(
+        kept_stale, 0,
+        "{kept_stale} bytes the program wrote kept the owner's value (diffed against the \
+         writer's unconfirmed copy)"
+    );
+}
