@@ -254,12 +254,20 @@ impl Protocol {
     /// Whether this node's copy of `page` waits for its owner's confirmation (see
     /// `Protocol::unconfirmed`).
     pub fn is_unconfirmed(&self, dataset: &Dataset, page: u64) -> bool {
-        let owner = self.owner_of(dataset, page);
-        self.unconfirmed
+        let waiting: Vec<NodeId> = self
+            .unconfirmed
             .lock()
             .expect("unconfirmed lock")
             .keys()
-            .any(|(by, of)| *of == dataset.id && self.peers.resolve(*by) == owner)
+            .filter(|(_, of)| *of == dataset.id)
+            .map(|(by, _)| *by)
+            .collect();
+        // Usually empty: the read path pays for no owner lookup then.
+        if waiting.is_empty() {
+            return false;
+        }
+        let owner = self.owner_of(dataset, page);
+        waiting.iter().any(|by| self.peers.resolve(*by) == owner)
     }
 
     /// The registrations the rejoin gave up on, asked again (a resolver round): an owner
