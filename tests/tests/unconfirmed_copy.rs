@@ -11,6 +11,35 @@ use std::time::{Duration, Instant};
 
 use hotpot_tests::{fuse_available, page_pattern, Cluster};
 
+/// Wait until `node`'s heartbeat reports `owners` as the owners that have not confirmed its
+/// copies (`hotpot status`).
+fn wait_unconfirmed_by(cluster: &Cluster, node: u32, owners: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = cluster.status_json();
+        let reported: Vec<u64> = status["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|entry| entry["id"] == node)
+            .and_then(|entry| entry["usage"]["recovery"]["unconfirmed_by"].as_array())
+            .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
+            .unwrap_or_default();
+        if reported
+            .iter()
+            .copied()
+            .eq(owners.iter().map(|id| *id as u64))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node} reports copies unconfirmed by {reported:?}, not {owners:?}: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Wait until the dispatcher counts `node` down (a starting node leaves it out then).
 fn wait_counted_down_by_dispatcher(cluster: &Cluster, node: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -89,6 +118,7 @@ fn a_write_on_a_copy_its_owner_has_not_confirmed_since_a_restart_is_whole() {
         "node {writer} rejoined with its copies confirmed: {}",
         cluster.node_log(writer)
     );
+    wait_unconfirmed_by(&cluster, writer, &[owner]);
 
     // The program overwrites the page whole: 8 new bytes, the rest the first commit's bytes
     // (equal to the writer's stale copy, not to the owner's).
@@ -121,6 +151,7 @@ fn a_write_on_a_copy_its_owner_has_not_confirmed_since_a_restart_is_whole() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    wait_unconfirmed_by(&cluster, writer, &[]);
     let committed = cluster.first_page(owner, "data");
     let kept_stale = committed
         .iter()

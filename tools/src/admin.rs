@@ -255,6 +255,14 @@ pub fn status(target: Target, json: bool) -> anyhow::Result<()> {
         if recovery.pages_below_copies > 0 {
             said.push(format!("{} under-copied", recovery.pages_below_copies));
         }
+        if !recovery.unconfirmed_by.is_empty() {
+            let by: Vec<String> = recovery
+                .unconfirmed_by
+                .iter()
+                .map(|id| id.to_string())
+                .collect();
+            said.push(format!("copies unconfirmed by {}", by.join(",")));
+        }
         if let Some(by) = successors.get(&node.id) {
             said.push(format!("its chunks owned by node {by}"));
         }

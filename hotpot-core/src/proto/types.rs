@@ -288,6 +288,10 @@ pub struct RecoveryStatus {
     pub pages_below_copies: u64,
     /// Pages this node has copied to other nodes to restore copy counts, since it started.
     pub pages_rereplicated: u64,
+    /// Owners that have not confirmed this node's copies of their pages since it started:
+    /// those pages are read and written through the owner until it does.
+    #[serde(default)]
+    pub unconfirmed_by: Vec<NodeId>,
 }
 
 /// One node as the dispatcher sees it.

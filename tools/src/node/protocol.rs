@@ -227,6 +227,7 @@ impl Protocol {
             outcomes_kept: outcomes as u64,
             pages_below_copies: self.below_copies.load(Ordering::Relaxed),
             pages_rereplicated: self.rereplicated.load(Ordering::Relaxed),
+            unconfirmed_by: self.unconfirmed_by(),
         }
     }
 

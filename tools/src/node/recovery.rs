@@ -270,6 +270,22 @@ impl Protocol {
         waiting.iter().any(|by| self.peers.resolve(*by) == owner)
     }
 
+    /// The owners (as they are now) that have not confirmed this node's copies.
+    pub(super) fn unconfirmed_by(&self) -> Vec<NodeId> {
+        let waiting: Vec<NodeId> = self
+            .unconfirmed
+            .lock()
+            .expect("unconfirmed lock")
+            .keys()
+            .map(|(by, _)| *by)
+            .collect();
+        let owners: BTreeSet<NodeId> = waiting
+            .into_iter()
+            .map(|by| self.peers.resolve(by))
+            .collect();
+        owners.into_iter().collect()
+    }
+
     /// The registrations the rejoin gave up on, asked again (a resolver round): an owner
     /// that answers confirms this node's copies (sending newer ones) and its pages are
     /// served from here again.
