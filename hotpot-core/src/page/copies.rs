@@ -9,8 +9,9 @@
 
 use crate::page::merge::{apply_runs, diff_runs, diff_runs_including, Run};
 use crate::page::PageTable;
-use crate::pm::layout::TxTag;
+use crate::pm::layout::{TxRole, TxTag};
 use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
+use crate::proto::messages::PageWrite;
 use crate::proto::types::{DatasetId, NodeId, PageLocation};
 
 /// A commit, named across the cluster: the owner that runs it and its sequence number there.
@@ -311,6 +312,28 @@ impl PageTable {
             .collect();
         self.apply_owned(dataset, &owned, TxTag::default())?;
         Ok(merged)
+    }
+
+    /// A follower owner's record of its part of commit `tx` across owners, led by `leader`:
+    /// each write at its base version + 1, durable and readable here, until the outcome.
+    pub fn prepare_follower(
+        &mut self,
+        tx: TxKey,
+        dataset: DatasetId,
+        writes: &[PageWrite],
+        leader: NodeId,
+    ) -> Result<(), PmError> {
+        let copies: Vec<(u64, u64, &[u8])> = writes
+            .iter()
+            .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
+            .collect();
+        let tag = TxTag {
+            role: TxRole::Follower,
+            tx,
+            leader,
+            participants: 0,
+        };
+        self.prepare_copies(tx, dataset, &copies, true, tag)
     }
 
     /// A holder's or replica's first step (or a follower owner's): the new bytes durable

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use hotpot_core::page::TxKey;
-use hotpot_core::pm::{PageKey, TxRole, TxTag};
+use hotpot_core::pm::{PageKey, TxRole};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, OwnerPages};
 use hotpot_core::proto::types::{Dataset, FsError, Ino, Mode, NodeId};
 
@@ -72,19 +72,9 @@ impl Protocol {
             &writes,
             Some((tx, leader)),
         )?;
-        let copies: Vec<(u64, u64, &[u8])> = writes
-            .iter()
-            .map(|write| (write.page, write.base_version + 1, write.bytes.as_slice()))
-            .collect();
-        let tag = TxTag {
-            role: TxRole::Follower,
-            tx,
-            leader,
-            participants: 0,
-        };
         let prepared = self
             .table()
-            .prepare_copies(tx, dataset.id, &copies, true, tag);
+            .prepare_follower(tx, dataset.id, &writes, leader);
         if let Err(error) = prepared {
             let abort = NodeRequest::Abort {
                 tx: replicated.target_tx,

@@ -147,23 +147,10 @@ impl Machine {
     /// A follower's pages are prepared at its targets: now in its own PM, then the answer.
     pub(super) fn follower_prepared(&mut self, tx: TxKey, leader: NodeId) {
         let commit = self.owner.commits.get(&tx).expect("commit in flight");
-        let copies: Vec<(u64, u64, Vec<u8>)> = commit
-            .writes
-            .iter()
-            .map(|write| (write.page, write.base_version + 1, write.bytes.clone()))
-            .collect();
-        let borrowed: Vec<(u64, u64, &[u8])> = copies
-            .iter()
-            .map(|(page, version, bytes)| (*page, *version, bytes.as_slice()))
-            .collect();
-        let tag = TxTag {
-            role: TxRole::Follower,
-            tx,
-            leader,
-            participants: 0,
-        };
-        let dataset = commit.dataset;
-        if let Err(error) = self.table.prepare_copies(tx, dataset, &borrowed, true, tag) {
+        let prepared = self
+            .table
+            .prepare_follower(tx, commit.dataset, &commit.writes, leader);
+        if let Err(error) = prepared {
             return self.abort_commit(tx, format!("follower record: {error}"));
         }
         let commit = self.owner.commits.get_mut(&tx).expect("commit in flight");
