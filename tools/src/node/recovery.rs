@@ -251,8 +251,10 @@ impl Protocol {
         by_owner
     }
 
-    /// Whether this node's copy of `page` waits for its owner's confirmation (see
-    /// `Protocol::unconfirmed`).
+    /// Whether this node's copy of `page` is not to be used: it waits for its owner's
+    /// confirmation (see `Protocol::unconfirmed`) and was not fetched since while the owner
+    /// was silent (then it is the newest copy a live node has, and no commit can change the
+    /// page until the owner is back, when it is fetched again: reader.rs).
     pub fn is_unconfirmed(&self, dataset: &Dataset, page: u64) -> bool {
         let waiting: Vec<NodeId> = self
             .unconfirmed
@@ -268,6 +270,11 @@ impl Protocol {
         }
         let owner = self.owner_of(dataset, page);
         waiting.iter().any(|by| self.peers.resolve(*by) == owner)
+            && !self
+                .failed_over
+                .lock()
+                .expect("failed-over lock")
+                .contains_key(&(dataset.id, page))
     }
 
     /// The owners (as they are now) that have not confirmed this node's copies.
@@ -299,6 +306,10 @@ impl Protocol {
             .collect();
         for ((by, dataset_id), dataset) in waiting {
             let owner = self.peers.resolve(by);
+            // A silent owner would hold this thread for a whole call timeout each round.
+            if !self.peers.live().contains(&owner) {
+                continue;
+            }
             let pages = self
                 .copies_by_owner(&dataset)
                 .remove(&owner)
