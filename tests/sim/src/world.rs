@@ -383,6 +383,10 @@ impl World {
     /// One input to a live node, and its outputs carried out.
     fn input(&mut self, node: NodeId, input: Input) {
         let now = self.now_ms;
+        // A power cut inside this step leaves PM as it was before the step, or partly
+        // written: what only this node's PM holds is judged on that state too.
+        let held_before_step =
+            self.nodes.get(&node).is_some_and(|n| n.dying) && self.holds_only_copy(node);
         let Some(machine) = self.nodes.get_mut(&node).and_then(|n| n.machine.as_mut()) else {
             return;
         };
@@ -399,7 +403,7 @@ impl World {
                 "power cut in n{node}'s step ({} outputs lost)",
                 outputs.len()
             );
-            self.power_off(node);
+            self.power_off(node, held_before_step);
             return;
         }
         for output in outputs {

@@ -32,7 +32,7 @@ impl World {
                     "n{id} loses power within {persists} persists of its next step"
                 );
             } else {
-                self.power_off(id);
+                self.power_off(id, false);
             }
         }
         let next = self.rng.random_range(300..3_000);
@@ -41,13 +41,19 @@ impl World {
     }
 
     /// The node stops; what a restart finds is its persisted image (with some unpersisted
-    /// cache lines when writes tear), or nothing when its PM is lost.
-    pub(super) fn power_off(&mut self, id: NodeId) {
-        let wipe = self.options.wipes && self.rng.random_bool(0.3) && self.can_wipe(id);
+    /// cache lines when writes tear), or nothing when its PM is lost. `held_before_step`: the
+    /// power was cut inside a step, and before it the node held what only its PM holds (its
+    /// memory after the step may have let go of it while the cut PM has not).
+    pub(super) fn power_off(&mut self, id: NodeId, held_before_step: bool) {
+        let wipe = self.options.wipes
+            && self.rng.random_bool(0.3)
+            && !held_before_step
+            && self.can_wipe(id);
         // Replacing a node is losing what only its PM holds, as a wipe is: a node holding a
         // follower's part or a leader's kept outcome comes back before the dispatcher would
         // promote another in its place.
-        let replaceable = self.options.promote_after_ms == 0 || !self.holds_only_copy(id);
+        let holds = held_before_step || self.holds_only_copy(id);
+        let replaceable = self.options.promote_after_ms == 0 || !holds;
         let torn_seed = self.rng.random();
         let node = self.nodes.get_mut(&id).expect("node");
         node.machine = None;
@@ -110,7 +116,7 @@ impl World {
     /// loss the targets' volatile memory must answer (docs/design.md, "What the simulator
     /// found", item 10). Losing such a node (its PM, or its place as an owner) is beyond what
     /// the protocol replicates.
-    fn holds_only_copy(&self, id: NodeId) -> bool {
+    pub(super) fn holds_only_copy(&self, id: NodeId) -> bool {
         self.nodes[&id].machine.as_ref().is_some_and(|machine| {
             let table = machine.table();
             !table.outcomes_waiting().is_empty()
@@ -209,7 +215,7 @@ impl World {
             .map(|(id, _)| *id)
             .collect();
         for id in dying {
-            self.power_off(id);
+            self.power_off(id, false);
             self.boot(id);
         }
     }
