@@ -327,60 +327,57 @@ impl Cluster {
         serde_json::from_str(&text).expect("status JSON")
     }
 
+    /// Poll `hotpot status --json` until `ready` holds for it, and return it; fails after
+    /// `within`, saying `what` did not happen, with the last status.
+    pub fn wait_for_status(
+        &self,
+        within: Duration,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.status_json();
+            if ready(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait until every live node counts every live node as live (each learns of a node
     /// that joined at its next heartbeat, and replicates only to nodes it counts as live).
     pub fn wait_views_settled(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = self.status_json();
+        let what = "nodes' views of who is live settle";
+        self.wait_for_status(Duration::from_secs(20), what, |status| {
             let nodes = status["nodes"].as_array().expect("nodes");
             let live: Vec<&serde_json::Value> = nodes
                 .iter()
                 .filter(|node| node["live"] == true)
                 .map(|node| &node["id"])
                 .collect();
-            let settled = nodes
+            nodes
                 .iter()
                 .filter(|node| node["live"] == true)
                 .all(|node| {
                     let sees = node["usage"]["sees_live"].as_array();
                     sees.is_some_and(|sees| live.iter().all(|id| sees.contains(id)))
-                });
-            if settled {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nodes' views of who is live did not settle in 20 s: {status}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                })
+        });
     }
 
     /// Wait until node `owner` counts node `node` as down.
     pub fn wait_counted_down(&self, owner: u32, node: u32) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = self.status_json();
-            let owner_sees = status["nodes"]
-                .as_array()
-                .expect("nodes")
-                .iter()
-                .find(|entry| entry["id"] == owner)
-                .map(|entry| entry["usage"]["sees_live"].clone())
-                .expect("the owner in the status");
-            if owner_sees
+        let what = format!("the owner, node {owner}, counts node {node} as down");
+        self.wait_for_status(Duration::from_secs(20), &what, |status| {
+            node_in(status, owner)["usage"]["sees_live"]
                 .as_array()
                 .is_some_and(|live| !live.iter().any(|id| *id == node))
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the owner, node {owner}, still counts node {node} as live: {status}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        });
     }
 
     /// SIGKILL node `node` and delete its PM file: the node is lost with its data.
@@ -536,10 +533,41 @@ impl Cluster {
         bytes[..4096].to_vec()
     }
 
+    /// Wait until node `node` has died at crash point `point` (armed with `arm_fault` or
+    /// `HOTPOT_FAULT`); fails if it is still running after `within` or died elsewhere.
+    pub fn wait_crashed_at(&self, node: u32, point: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.is_running(node) {
+            assert!(
+                Instant::now() < deadline,
+                "node {node} never reached {point} within {within:?}: {}\nstatus: {}",
+                self.node_log(node),
+                self.status_json()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            self.node_log(node)
+                .contains(&format!("crashing at {point}")),
+            "node {node} died elsewhere than {point}: {}",
+            self.node_log(node)
+        );
+    }
+
     pub fn node_log(&self, node: u32) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("n{node}")).join("node.log"))
             .unwrap_or_default()
     }
+}
+
+/// Node `id`'s entry in a `hotpot status --json`.
+pub fn node_in(status: &serde_json::Value, id: u32) -> &serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|entry| entry["id"] == id)
+        .unwrap_or_else(|| panic!("node {id} is not in the status: {status}"))
 }
 
 /// A node stopped by `Cluster::pause`; continued (SIGCONT) on drop, even when a test fails.

@@ -46,24 +46,7 @@ fn a_commit_whose_replica_missed_the_decision_is_not_acknowledged() {
     let mut mapping = Mapping::new(&file, (PAGES * 4096) as usize);
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(1, 0));
     let first = mapping.msync();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.is_running(replica) {
-        assert!(
-            Instant::now() < deadline,
-            "node {replica} never got the Decide: {}\nthe owner, node {owner}: {}\nstatus: {}",
-            cluster.node_log(replica),
-            cluster.node_log(owner),
-            cluster.status_json()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        cluster
-            .node_log(replica)
-            .contains("crashing at target.deciding"),
-        "node {replica} died elsewhere: {}",
-        cluster.node_log(replica)
-    );
+    cluster.wait_crashed_at(replica, "target.deciding", Duration::from_secs(10));
     let error =
         first.expect_err("a commit whose only replica missed the decision was acknowledged");
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");

@@ -3,7 +3,7 @@
 //! whole (found by hotpot-sim: it served pages it never rebuilt as zeros).
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hotpot_tests::{fuse_available, page_pattern, Cluster, Mapping};
 
@@ -36,22 +36,7 @@ fn a_crash_in_the_middle_of_a_rebuild_is_followed_by_a_rebuild() {
     // Node 2 is lost with its PM, comes back, and dies as its rebuild starts.
     cluster.kill_and_wipe(2);
     let _ = cluster.try_start_with_env(2, &[("HOTPOT_FAULT", "node.rebuild_started")]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.is_running(2) {
-        assert!(
-            Instant::now() < deadline,
-            "node 2 never reached its rebuild: {}",
-            cluster.node_log(2)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        cluster
-            .node_log(2)
-            .contains("crashing at node.rebuild_started"),
-        "node 2 died elsewhere: {}",
-        cluster.node_log(2)
-    );
+    cluster.wait_crashed_at(2, "node.rebuild_started", Duration::from_secs(30));
     let marker = {
         let mut name = cluster.pm_file(2).into_os_string();
         name.push(".rebuilding");

@@ -9,58 +9,20 @@
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use hotpot_tests::{fuse_available, page_pattern, Cluster};
+use hotpot_tests::{fuse_available, node_in, page_pattern, Cluster};
 
 /// Wait until `node`'s heartbeat reports `owners` as the owners that have not confirmed its
 /// copies (`hotpot status`).
 fn wait_unconfirmed_by(cluster: &Cluster, node: u32, owners: &[u32]) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let status = cluster.status_json();
-        let reported: Vec<u64> = status["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .find(|entry| entry["id"] == node)
-            .and_then(|entry| entry["usage"]["recovery"]["unconfirmed_by"].as_array())
-            .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
-            .unwrap_or_default();
-        if reported
-            .iter()
-            .copied()
-            .eq(owners.iter().map(|id| *id as u64))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {node} reports copies unconfirmed by {reported:?}, not {owners:?}: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Wait until the dispatcher counts `node` down (a starting node leaves it out then).
-fn wait_counted_down_by_dispatcher(cluster: &Cluster, node: u32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = cluster.status_json();
-        let live = status["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .find(|entry| entry["id"] == node)
-            .map(|entry| entry["live"] == true)
-            .expect("the node in the status");
-        if !live {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dispatcher still counts node {node} as live: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let what = format!("node {node} reports copies unconfirmed by {owners:?}");
+    cluster.wait_for_status(Duration::from_secs(15), &what, |status| {
+        let reported = node_in(status, node)["usage"]["recovery"]["unconfirmed_by"].as_array();
+        reported.is_some_and(|ids| {
+            ids.iter()
+                .map(|id| id.as_u64())
+                .eq(owners.iter().map(|id| Some(*id as u64)))
+        })
+    });
 }
 
 #[test]
@@ -87,27 +49,16 @@ fn a_write_on_a_copy_its_owner_has_not_confirmed_since_a_restart_is_whole() {
     file.write_all_at(&second, 0).unwrap();
     let _in_doubt = file.sync_all();
     drop(file);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.is_running(writer) {
-        assert!(
-            Instant::now() < deadline,
-            "node {writer} never took the decision: {}",
-            cluster.node_log(writer)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        cluster
-            .node_log(writer)
-            .contains("crashing at target.deciding"),
-        "node {writer} died elsewhere: {}",
-        cluster.node_log(writer)
-    );
+    cluster.wait_crashed_at(writer, "target.deciding", Duration::from_secs(20));
     assert_eq!(cluster.first_page(owner, "data"), second);
 
     // The owner goes silent; the writer rejoins without its confirmation.
     let paused = cluster.pause(owner);
-    wait_counted_down_by_dispatcher(&cluster, owner);
+    // The dispatcher counts it down (a starting node leaves it out then).
+    let what = format!("the dispatcher counts node {owner} down");
+    cluster.wait_for_status(Duration::from_secs(20), &what, |status| {
+        node_in(status, owner)["live"] == false
+    });
     let restarting = Instant::now();
     cluster.start(writer);
     println!("node {writer} rejoined in {:?}", restarting.elapsed());
