@@ -77,33 +77,30 @@ impl StagedCommit {
     /// The pages whose kernel copies must go once the commit ended as `ended`; the caller
     /// drops them (and forgets their bases) before `settle`. Acknowledged MRMW pages: the
     /// merge may hold other writers' bytes the kernel has not seen. Acknowledged MRSW pages
-    /// stay (one writer: the kernel holds the committed bytes), their bases moved to the new
-    /// copies here. A failed commit leaves the kernel's copies as they are.
-    pub fn stale_kernel_pages(
-        &self,
-        table: &mut PageTable,
-        dataset: &Dataset,
-        ended: Ended,
-    ) -> Vec<u64> {
+    /// stay (one writer: the kernel holds the committed bytes). A failed commit leaves the
+    /// kernel's copies as they are.
+    pub fn stale_kernel_pages(&self, dataset: &Dataset, ended: Ended) -> Vec<u64> {
         match (ended, dataset.params.mode) {
             (Ended::Committed, Mode::Mrmw) => self.pages(),
-            (Ended::Committed, Mode::Mrsw) => {
-                for page in self.pages() {
-                    table.serve_committed((dataset.id, page));
-                }
-                Vec::new()
-            }
-            (Ended::Refused | Ended::Failed, _) => Vec::new(),
+            _ => Vec::new(),
         }
     }
 
     /// After the kernel's stale copies went: acknowledged, the pages are clean (or stay
-    /// staged with what was written since the snapshot); failed, they stay staged and the
-    /// bytes the commit sent are kept to be sent again, unless it was refused.
+    /// staged with what was written since the snapshot), and the MRSW kernel copies, kept,
+    /// are based on the new copies; failed, they stay staged and the bytes the commit sent
+    /// are kept to be sent again, unless it was refused.
     pub fn settle(&self, table: &mut PageTable, dataset: &Dataset, ended: Ended) {
         let taken: Vec<&DirtySnapshot> = self.snapshots.iter().collect();
         match ended {
-            Ended::Committed => table.finish_commit(dataset.id, &taken),
+            Ended::Committed => {
+                if dataset.params.mode == Mode::Mrsw {
+                    for page in self.pages() {
+                        table.serve_committed((dataset.id, page));
+                    }
+                }
+                table.finish_commit(dataset.id, &taken);
+            }
             Ended::Failed => table.keep_for_resend(dataset.id, &taken),
             Ended::Refused => {}
         }
@@ -197,7 +194,7 @@ mod tests {
             stage_pages(&mut table, &[0]);
             let snapshots = StagedCommit::snapshot(&mut table, 1);
             let staged = StagedCommit::group(snapshots, &dataset, owner_of).unwrap();
-            let stale = staged.stale_kernel_pages(&mut table, &dataset, ended);
+            let stale = staged.stale_kernel_pages(&dataset, ended);
             staged.settle(&mut table, &dataset, ended);
             let left = table.snapshot_dirty(1);
             if ended == Ended::Committed {

@@ -254,7 +254,7 @@ impl NodeEngine {
             Ok(()) => Ended::Committed,
             Err(_) => Ended::Failed,
         };
-        let stale = staged.stale_kernel_pages(&mut self.table(), dataset, ended);
+        let stale = staged.stale_kernel_pages(dataset, ended);
         // Dropped from the kernel (a page dirty there written back first, against the base
         // it was read at) before the staged pages settle.
         if !stale.is_empty() {

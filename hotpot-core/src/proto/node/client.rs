@@ -289,7 +289,7 @@ impl Machine {
             OpResult::Refused(_) => Ended::Refused,
             _ => Ended::Failed,
         };
-        let stale = staged.stale_kernel_pages(&mut self.table, &op.dataset, ended);
+        let stale = staged.stale_kernel_pages(&op.dataset, ended);
         self.kernel_stale(op.dataset.id, stale);
         staged.settle(&mut self.table, &op.dataset, ended);
         if ended != Ended::Committed && op.gives_up {
