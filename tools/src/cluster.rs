@@ -3,6 +3,7 @@
 //! `down` works after crashes: it stops what still runs and unmounts what is still mounted.
 //! Only processes this cluster started are signalled (pid and command line are checked).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::mounts;
+use crate::{mounts, ports};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DispatcherEntry {
@@ -96,11 +97,6 @@ fn save(cluster: &ClusterFile) -> anyhow::Result<()> {
     std::fs::write(&temp, serde_json::to_string_pretty(cluster)?)?;
     std::fs::rename(&temp, &path)?;
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn spawn_logged(args: &[String], log: &Path) -> anyhow::Result<u32> {
@@ -306,7 +302,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     ]);
     let data = dir.join("dispatcher");
     let log = dir.join("dispatcher.log");
-    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut ports = BTreeSet::new();
+    let port = ports::pick(&ports)?;
+    ports.insert(port);
+    let addr = format!("127.0.0.1:{port}");
     let secret = ensure_secret(&dir)?;
     let dispatcher_args: Vec<String> = vec![
         "dispatcher".into(),
@@ -343,9 +342,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let node_dir = dir.join(format!("n{id}"));
         let mount = node_dir.join("mnt");
         std::fs::create_dir_all(&mount)?;
+        let port = ports::pick(&ports)?;
+        ports.insert(port);
         let mut node = NodeEntry {
             id,
-            addr: format!("127.0.0.1:{}", free_port()?),
+            addr: format!("127.0.0.1:{port}"),
             pid: 0,
             mount,
             pm: node_dir.join("pm"),

@@ -8,6 +8,7 @@ mod demo;
 mod dispatcher;
 mod mounts;
 mod node;
+mod ports;
 mod signals;
 mod size;
 
