@@ -1,6 +1,7 @@
 //! Protocol state machines and messages (sans-IO): the dispatcher's namespace and registry,
 //! and the messages nodes, tools and the dispatcher exchange.
 
+pub mod copies;
 pub mod dispatcher;
 pub mod messages;
 pub mod node;

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use super::{Machine, PageRuns, Purpose};
 use crate::page::{apply_runs, OwnedPage, TxKey};
 use crate::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
+use crate::proto::copies::Reached;
 use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite, VersionedPage};
 use crate::proto::replication::{self, short_of_copies, Targets};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
@@ -89,9 +90,7 @@ impl Machine {
         let holders: BTreeSet<NodeId> = if self.config.bugs.skip_holder_invalidation {
             BTreeSet::new()
         } else {
-            keys.iter()
-                .flat_map(|key| self.owner.holders_of(*key))
-                .collect()
+            self.owner.copies.holders_of(keys)
         };
         let targets = replication::targets(
             self.config.id,
@@ -483,16 +482,14 @@ impl Machine {
         if commit.committer_prepared {
             decided.insert(commit.committer);
         }
-        for key in &keys {
-            let holders = self.owner.holders.entry(*key).or_default();
-            holders.extend(commit.counted.iter().copied());
-            let current = self.owner.current.entry(*key).or_default();
-            current.clear();
-            current.extend(decided.iter().copied());
-            let behind = self.owner.behind.entry(*key).or_default();
-            behind.extend(commit.skipped.iter().copied());
-            behind.retain(|node| !decided.contains(node));
-        }
+        self.owner.copies.committed(
+            &keys,
+            Reached {
+                counted: &commit.counted,
+                skipped: &commit.skipped,
+                decided: &decided,
+            },
+        );
         // Acknowledged only once enough nodes hold the decided bytes (proto/replication.rs).
         let short = short_of_copies(1 + decided.len(), commit.copies_wanted);
         let reply = match (versions, short) {

@@ -319,12 +319,12 @@ impl Machine {
 
     /// Nodes this owner counts as holding `key` (may hold a copy; get every commit).
     pub fn holders_of(&self, key: PageKey) -> BTreeSet<NodeId> {
-        self.owner.holders_of(key)
+        self.owner.copies.holders_of(&[key])
     }
 
     /// Nodes this owner counts as holding its current version of `key`.
     pub fn current_copies(&self, key: PageKey) -> BTreeSet<NodeId> {
-        self.owner.current_of(key)
+        self.owner.copies.current_of(key)
     }
 
     /// Take one input at `now_ms`; the outputs, to be carried out in order.

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{Machine, Purpose};
 use crate::page::TxKey;
 use crate::pm::PageKey;
+use crate::proto::copies::CopyBook;
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use crate::proto::replication;
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
@@ -29,13 +30,8 @@ pub(super) struct OwnerState {
     pub(super) locked: BTreeMap<PageKey, TxKey>,
     /// Locked pages whose commit is applied here: fetches read the new version.
     pub(super) applied: BTreeSet<PageKey>,
-    /// Nodes that may hold a copy of each page (a superset: every commit reaches them).
-    pub(super) holders: BTreeMap<PageKey, BTreeSet<NodeId>>,
-    /// Nodes known to hold the current version of each page (re-replication counts these).
-    pub(super) current: BTreeMap<PageKey, BTreeSet<NodeId>>,
-    /// Holders a commit left out because they were not live: their copy is older than this
-    /// owner's until re-replication sends them the page (once they are live again).
-    pub(super) behind: BTreeMap<PageKey, BTreeSet<NodeId>>,
+    /// Holders, current and behind copies of each page (proto/copies.rs).
+    pub(super) copies: CopyBook,
     pub(super) commits: BTreeMap<TxKey, super::commit::OwnerCommit>,
     /// Commit requests answered, by tx: a duplicate gets the same answer.
     pub(super) answered: BTreeMap<TxKey, NodeReply>,
@@ -55,14 +51,6 @@ impl OwnerState {
         self.locked.len()
     }
 
-    pub(super) fn holders_of(&self, key: PageKey) -> BTreeSet<NodeId> {
-        self.holders.get(&key).cloned().unwrap_or_default()
-    }
-
-    pub(super) fn current_of(&self, key: PageKey) -> BTreeSet<NodeId> {
-        self.current.get(&key).cloned().unwrap_or_default()
-    }
-
     /// Whether a commit this owner has not applied holds any of `keys`.
     pub(super) fn unsettled(&self, keys: &[PageKey]) -> bool {
         keys.iter()
@@ -76,24 +64,6 @@ impl OwnerState {
                 .filter(|holder| **holder != tx)
                 .map(|holder| (*key, *holder))
         })
-    }
-
-    /// `node` holds this owner's version of `key`.
-    pub(super) fn caught_up(&mut self, key: PageKey, node: NodeId) {
-        if let Some(behind) = self.behind.get_mut(&key) {
-            behind.remove(&node);
-            if behind.is_empty() {
-                self.behind.remove(&key);
-            }
-        }
-    }
-
-    /// Live holders of `key` whose copy is older than this owner's.
-    fn behind_of(&self, key: PageKey, live: &BTreeSet<NodeId>) -> Vec<NodeId> {
-        self.behind
-            .get(&key)
-            .map(|behind| behind.intersection(live).copied().collect())
-            .unwrap_or_default()
     }
 
     pub(super) fn remember_answer(&mut self, tx: TxKey, reply: NodeReply) {
@@ -228,7 +198,7 @@ impl Machine {
             };
             return self.park(from, call, request, vec![key]);
         }
-        self.owner.holders.entry(key).or_default().insert(from);
+        self.owner.copies.sending(key, from);
         let (version, bytes) = self.table.read_persisted(key).unwrap_or((0, Vec::new()));
         // Not counted as a copy yet: the answer may be lost (it is, once the reader says so
         // at a Register or rejoin).
@@ -299,27 +269,23 @@ impl Machine {
             // copies (it may have lost some). It stays a holder of everything it held: the
             // list may be older than a commit that reached it since (a superset of holders
             // costs messages, a missing holder would keep a stale copy).
-            for (key, current) in self.owner.current.iter_mut() {
-                if key.0 == dataset {
-                    current.remove(&node);
-                }
-            }
+            self.owner.copies.rejoined(dataset, node);
         }
         let mut newer = Vec::new();
         for (page, version) in &pages {
             let key = (dataset, *page);
-            self.owner.holders.entry(key).or_default().insert(node);
             match self.table.read_persisted(key) {
-                Some((mine, bytes)) if mine > *version => newer.push(VersionedPage {
-                    page: *page,
-                    version: mine,
-                    bytes,
-                }),
-                Some((mine, _)) if mine == *version => {
-                    self.owner.current.entry(key).or_default().insert(node);
-                    self.owner.caught_up(key, node);
+                Some((mine, bytes)) if mine > *version => {
+                    // Sent in the answer, which may be lost: not counted yet.
+                    self.owner.copies.sending(key, node);
+                    newer.push(VersionedPage {
+                        page: *page,
+                        version: mine,
+                        bytes,
+                    });
                 }
-                _ => {}
+                Some((mine, _)) if mine == *version => self.owner.copies.has_current(key, node),
+                _ => self.owner.copies.sending(key, node),
             }
         }
         self.reply(from, call, NodeReply::Pages(newer));
@@ -358,16 +324,16 @@ impl Machine {
                 let Some((version, bytes)) = self.table.read_persisted(key) else {
                     continue;
                 };
-                let current = self.owner.current.get(&key).cloned().unwrap_or_default();
+                let current = self.owner.copies.current_of(key);
                 let replicas = dataset.params.replicas;
                 let mut to: BTreeSet<NodeId> =
                     replication::more_copies(me, replicas, &live, &current)
                         .into_iter()
                         .collect();
-                to.extend(self.owner.behind_of(key, &live));
+                to.extend(self.owner.copies.behind_of(key, &live));
                 for node in to {
                     // A holder before it has the bytes: every later commit reaches it.
-                    self.owner.holders.entry(key).or_default().insert(node);
+                    self.owner.copies.sending(key, node);
                     let copy = VersionedPage {
                         page,
                         version,
@@ -393,31 +359,17 @@ impl Machine {
             self.pages_of(dataset, *pages, me).into_iter().all(|page| {
                 let key = (dataset.id, page);
                 self.table.read_persisted(key).is_none()
-                    || (1 + self.owner.current.get(&key).map_or(0, |current| {
-                        current.iter().filter(|node| **node != me).count()
-                    }) >= want
-                        && self.owner.behind_of(key, &live).is_empty())
+                    || (1 + self
+                        .owner
+                        .copies
+                        .current_of(key)
+                        .iter()
+                        .filter(|node| **node != me)
+                        .count()
+                        >= want
+                        && self.owner.copies.behind_of(key, &live).is_empty())
             })
         })
-    }
-
-    /// This owner takes a newer copy of `key` (a rebuild): every copy it counted is behind.
-    pub(super) fn owner_outdated(&mut self, key: PageKey) {
-        if let Some(current) = self.owner.current.remove(&key) {
-            self.owner.behind.entry(key).or_default().extend(current);
-        }
-    }
-
-    /// Rejoin: `node` holds a copy of `key` at `version`.
-    pub(super) fn owner_learns_holder(&mut self, key: PageKey, node: NodeId, version: u64) {
-        self.owner.holders.entry(key).or_default().insert(node);
-        let mine = self.table.version_of(key);
-        if version == mine {
-            self.owner.current.entry(key).or_default().insert(node);
-            self.owner.caught_up(key, node);
-        } else if version < mine {
-            self.owner.behind.entry(key).or_default().insert(node);
-        }
     }
 
     pub(super) fn install_answered(
@@ -428,8 +380,7 @@ impl Machine {
         reply: Option<NodeReply>,
     ) {
         if matches!(reply, Some(NodeReply::Done)) && self.table.version_of(key) == version {
-            self.owner.current.entry(key).or_default().insert(from);
-            self.owner.caught_up(key, from);
+            self.owner.copies.has_current(key, from);
         }
     }
 }

@@ -462,14 +462,16 @@ impl Machine {
             let key = (dataset, copy.page);
             if copy.version > self.table.version_of(key) {
                 // Nodes counted at the version this copy replaces are behind it now.
-                self.owner_outdated(key);
+                self.owner.copies.outdated(key);
             }
         }
         if !self.install_all(dataset, copies) {
             return false;
         }
         for copy in copies {
-            self.owner_learns_holder((dataset, copy.page), from, copy.version);
+            let key = (dataset, copy.page);
+            let mine = self.table.version_of(key);
+            self.owner.copies.learned(key, from, copy.version, mine);
         }
         true
     }
