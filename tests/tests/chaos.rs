@@ -73,7 +73,11 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(90)
         .min(600);
-    let seed: u64 = rand::random();
+    // HOTPOT_CHAOS_SEED=<seed>: the same kills and wipes again (their timing still varies).
+    let seed: u64 = std::env::var("HOTPOT_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("chaos seed {seed}, {secs} s");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let cluster = Arc::new(Cluster::up_with_env(
@@ -202,9 +206,10 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
         }
         assert!(
             Instant::now() < deadline,
-            "seed {seed}: {} acknowledged commits not found, e.g. {:?}",
+            "seed {seed}: {} acknowledged commits not found, e.g. {:?} (logs kept in {})",
             missing.len(),
-            &missing[..missing.len().min(10)]
+            &missing[..missing.len().min(10)],
+            keep_logs(&cluster, seed).display()
         );
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -217,4 +222,18 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
         acknowledged > 0,
         "seed {seed}: no commit was acknowledged at all"
     );
+}
+
+/// The cluster's logs, copied where a failed run leaves them.
+fn keep_logs(cluster: &Cluster, seed: u64) -> std::path::PathBuf {
+    let kept = std::env::temp_dir().join(format!("hotpot-chaos-failure-{seed}"));
+    let _ = std::fs::create_dir_all(&kept);
+    for node in 1..=3 {
+        let _ = std::fs::write(kept.join(format!("n{node}.log")), cluster.node_log(node));
+    }
+    let _ = std::fs::copy(
+        cluster.dir.path().join("dispatcher.log"),
+        kept.join("dispatcher.log"),
+    );
+    kept
 }

@@ -19,6 +19,11 @@ pub struct Targets {
     /// Nodes that get the new bytes besides the owner (a prepared committer among them
     /// counts without a message).
     pub nodes: Vec<NodeId>,
+    /// The nodes sent the Prepare (and then the Decide or Abort): `nodes` but a committer
+    /// that persisted its own copy.
+    pub asked: Vec<NodeId>,
+    /// Holders left out because they are not live: behind once the commit is decided.
+    pub skipped: BTreeSet<NodeId>,
     /// The copies the dataset needs, the owner's included: `min(replicas, live)`, at least 1.
     pub wanted: usize,
 }
@@ -29,22 +34,36 @@ pub struct Targets {
 /// committed must read its own bytes back, and its next writes are diffed against them
 /// (a committer left with its old copy lost the bytes it wrote back to their old value:
 /// found by hotpot-sim). A committer not live does not count towards `wanted`. Fewer than
-/// `wanted - 1` live nodes means too few live nodes for the dataset.
+/// `wanted - 1` live nodes means too few live nodes for the dataset. `committer_prepared`:
+/// the committer persisted its own copy already (MRSW) and is sent no Prepare.
 pub fn targets(
     owner: NodeId,
     replicas: u8,
     live: &BTreeSet<NodeId>,
-    holders: impl IntoIterator<Item = NodeId>,
-    committer: NodeId,
+    holders: &BTreeSet<NodeId>,
+    (committer, committer_prepared): (NodeId, bool),
 ) -> Targets {
     let mut nodes: BTreeSet<NodeId> = holders
-        .into_iter()
+        .iter()
+        .copied()
         .chain(std::iter::once(committer))
         .filter(|node| *node != owner && (live.contains(node) || *node == committer))
         .collect();
     nodes.extend(more_copies(owner, replicas, live, &nodes));
+    let skipped = holders
+        .iter()
+        .copied()
+        .filter(|node| *node != owner && !nodes.contains(node))
+        .collect();
+    let asked = nodes
+        .iter()
+        .copied()
+        .filter(|node| !(committer_prepared && *node == committer))
+        .collect();
     Targets {
         nodes: nodes.into_iter().collect(),
+        asked,
+        skipped,
         wanted: wanted(replicas, live),
     }
 }
@@ -99,41 +118,56 @@ mod tests {
     fn targets_are_holders_and_the_committer_then_the_next_nodes_after_the_owner() {
         // Nobody holds the page: the next node after the owner, wrapping around.
         assert_eq!(
-            targets(3, 2, &live(&[1, 2, 3]), [], 3),
+            targets(3, 2, &live(&[1, 2, 3]), &live(&[]), (3, false)),
             Targets {
                 nodes: vec![1],
+                asked: vec![1],
+                skipped: live(&[]),
                 wanted: 2
             }
         );
-        assert_eq!(targets(1, 3, &live(&[1, 2, 3, 4]), [], 1).nodes, vec![2, 3]);
+        let none = live(&[]);
+        assert_eq!(
+            targets(1, 3, &live(&[1, 2, 3, 4]), &none, (1, false)).nodes,
+            vec![2, 3]
+        );
         // Holders and the committer always, even beyond the replicas.
         assert_eq!(
-            targets(1, 2, &live(&[1, 2, 3, 4]), [3, 4], 2).nodes,
+            targets(1, 2, &live(&[1, 2, 3, 4]), &live(&[3, 4]), (2, false)).nodes,
             vec![2, 3, 4]
         );
-        // Down nodes are neither targets nor counted in the copies wanted...
+        // Down nodes are neither targets nor counted in the copies wanted: left out...
         assert_eq!(
-            targets(1, 3, &live(&[1, 3]), [2], 3),
+            targets(1, 3, &live(&[1, 3]), &live(&[2]), (3, false)),
             Targets {
                 nodes: vec![3],
+                asked: vec![3],
+                skipped: live(&[2]),
                 wanted: 2
             }
         );
         // ...but a committer counted down gets its commit's bytes all the same.
         assert_eq!(
-            targets(1, 3, &live(&[1, 3]), [2], 2),
+            targets(1, 3, &live(&[1, 3]), &live(&[2]), (2, false)),
             Targets {
                 nodes: vec![2, 3],
+                asked: vec![2, 3],
+                skipped: live(&[]),
                 wanted: 2
             }
         );
         assert_eq!(
-            targets(1, 2, &live(&[1]), [], 1),
+            targets(1, 2, &live(&[1]), &none, (1, false)),
             Targets {
                 nodes: vec![],
+                asked: vec![],
+                skipped: live(&[]),
                 wanted: 1
             }
         );
+        // A committer that persisted its own copy counts but is sent nothing.
+        let prepared = targets(1, 2, &live(&[1, 2, 3]), &live(&[3]), (2, true));
+        assert_eq!((prepared.nodes, prepared.asked), (vec![2, 3], vec![3]));
     }
 
     #[test]

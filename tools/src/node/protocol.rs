@@ -765,18 +765,20 @@ impl Protocol {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let live: BTreeSet<NodeId> = self.peers.live().into_iter().collect();
         let holders = self.copies(|copies| copies.holders_of(&keys));
-        let Targets { nodes, wanted } = targets(
+        // Holders not live are left out (`skipped`): their copies fall behind this commit.
+        // Copies count from every target; messages go to those without a copy prepared.
+        let Targets {
+            nodes,
+            asked,
+            skipped,
+            wanted,
+        } = targets(
             self.id,
             dataset.params.replicas,
             &live,
-            holders.iter().copied(),
-            committer,
+            &holders,
+            (committer, committer_prepared),
         );
-        // Holders not live are left out: their copies fall behind this commit.
-        let skipped: BTreeSet<NodeId> = holders
-            .into_iter()
-            .filter(|node| *node != self.id && !nodes.contains(node))
-            .collect();
         let live_targets = nodes.iter().filter(|node| live.contains(node)).count();
         if live_targets + 1 < wanted {
             return Err(FsError::Io(format!(
@@ -785,12 +787,6 @@ impl Protocol {
                 live_targets + 1
             )));
         }
-        // Copies count from every target; messages go to those without a copy prepared.
-        let counted = nodes.clone();
-        let targets: Vec<NodeId> = nodes
-            .into_iter()
-            .filter(|node| !(committer_prepared && *node == committer))
-            .collect();
         for write in pages {
             self.owned_copy(dataset.id, write.page)?;
         }
@@ -807,11 +803,11 @@ impl Protocol {
         // Targets know the copies under this owner's own name for them: one commit across
         // owners reaches a node from several owners, and each set is decided by its owner.
         let target_tx = self.next_tx();
-        self.prepare_targets(target_tx, commit, dataset.id, committer, &targets, copies)?;
+        self.prepare_targets(target_tx, commit, dataset.id, committer, &asked, copies)?;
         Ok(Replicated {
             target_tx,
-            targets,
-            counted,
+            targets: asked,
+            counted: nodes,
             skipped,
             keys,
             wanted,

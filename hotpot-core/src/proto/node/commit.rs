@@ -79,31 +79,25 @@ impl Machine {
         self.reply(from, call, reply);
     }
 
-    /// The nodes that must hold a commit's new bytes (proto/replication.rs), and the
-    /// holders left out because they are not live.
+    /// The nodes that must hold a commit's new bytes (proto/replication.rs).
     pub(super) fn targets(
         &self,
         dataset: &Dataset,
         keys: &[PageKey],
-        committer: NodeId,
-    ) -> (Targets, BTreeSet<NodeId>) {
+        committer: (NodeId, bool),
+    ) -> Targets {
         let holders: BTreeSet<NodeId> = if self.config.bugs.skip_holder_invalidation {
             BTreeSet::new()
         } else {
             self.owner.copies.holders_of(keys)
         };
-        let targets = replication::targets(
+        replication::targets(
             self.config.id,
             dataset.params.replicas,
             &self.live(),
-            holders.iter().copied(),
+            &holders,
             committer,
-        );
-        let skipped = holders
-            .into_iter()
-            .filter(|node| *node != self.config.id && !targets.nodes.contains(node))
-            .collect();
-        (targets, skipped)
+        )
     }
 
     /// `Commit` / `CommitRuns` at the owner (one owner, no followers).
@@ -214,13 +208,8 @@ impl Machine {
             Ok(writes) => writes,
             Err(error) => return self.finish_commit_early(tx, &keys, Some((from, call)), error),
         };
-        let (targets, skipped) = self.targets(&dataset, &keys, committer);
-        let asked: Vec<NodeId> = targets
-            .nodes
-            .iter()
-            .copied()
-            .filter(|node| !(committer_prepared && *node == committer))
-            .collect();
+        let targets = self.targets(&dataset, &keys, (committer, committer_prepared));
+        let asked = targets.asked;
         let target_tx = self.new_tx();
         let commit = OwnerCommit {
             role,
@@ -230,7 +219,7 @@ impl Machine {
             writes,
             asked: asked.clone(),
             counted: targets.nodes,
-            skipped,
+            skipped: targets.skipped,
             target_tx,
             awaiting: asked.iter().copied().collect(),
             confirmed: BTreeSet::new(),
