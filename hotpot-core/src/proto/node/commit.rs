@@ -131,9 +131,10 @@ impl Machine {
         if parked {
             return;
         }
-        if let Err(error) = self.may_commit(tx, role, matches!(work, Work::Runs(_))) {
-            return self.refuse_commit(tx, from, call, NodeReply::Failed(error));
-        }
+        // Refusals that leave a leader's phase-1 locks to the committer's Unlock (or their
+        // expiry) come before `may_commit` takes them over: a refusal after it must unlock
+        // (a leader taking over a lost node's chunks refused as rejoining after it, and the
+        // Unlock was lost: its locks stayed for good, found by hotpot-sim, seed 3086714).
         if let Some(reply) = self.not_ready() {
             return self.refuse_commit(tx, from, call, reply);
         }
@@ -148,6 +149,9 @@ impl Machine {
         {
             let why = format!("page {page} of dataset {} has another owner", dataset.id);
             return self.refuse_commit(tx, from, call, NodeReply::Failed(FsError::Invalid(why)));
+        }
+        if let Err(error) = self.may_commit(tx, role, matches!(work, Work::Runs(_))) {
+            return self.refuse_commit(tx, from, call, NodeReply::Failed(error));
         }
         if !self.config.bugs.skip_commit_lock {
             if let Some((key, holder)) = self.owner.held_by_other(tx, &keys) {
