@@ -558,6 +558,20 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join(format!("n{node}")).join("node.log"))
             .unwrap_or_default()
     }
+
+    /// Every node's log, the dispatcher's and `cluster.json`, copied to `name` in the temp
+    /// directory, which outlives the cluster (for a failing test to point at).
+    pub fn keep_logs(&self, name: &str) -> PathBuf {
+        let kept = std::env::temp_dir().join(name);
+        let _ = std::fs::create_dir_all(&kept);
+        for node in 1..=self.nodes {
+            let _ = std::fs::write(kept.join(format!("n{node}.log")), self.node_log(node));
+        }
+        for file in ["dispatcher.log", "cluster.json"] {
+            let _ = std::fs::copy(self.dir.path().join(file), kept.join(file));
+        }
+        kept
+    }
 }
 
 /// Node `id`'s entry in a `hotpot status --json`.

@@ -209,7 +209,9 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
             "seed {seed}: {} acknowledged commits not found, e.g. {:?} (logs kept in {})",
             missing.len(),
             &missing[..missing.len().min(10)],
-            keep_logs(&cluster, seed).display()
+            cluster
+                .keep_logs(&format!("hotpot-chaos-failure-{seed}"))
+                .display()
         );
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -222,18 +224,4 @@ fn random_kills_and_restarts_lose_no_acknowledged_commit() {
         acknowledged > 0,
         "seed {seed}: no commit was acknowledged at all"
     );
-}
-
-/// The cluster's logs, copied where a failed run leaves them.
-fn keep_logs(cluster: &Cluster, seed: u64) -> std::path::PathBuf {
-    let kept = std::env::temp_dir().join(format!("hotpot-chaos-failure-{seed}"));
-    let _ = std::fs::create_dir_all(&kept);
-    for node in 1..=3 {
-        let _ = std::fs::write(kept.join(format!("n{node}.log")), cluster.node_log(node));
-    }
-    let _ = std::fs::copy(
-        cluster.dir.path().join("dispatcher.log"),
-        kept.join("dispatcher.log"),
-    );
-    kept
 }

@@ -200,15 +200,7 @@ fn settle(cluster: &Cluster, dataset: &Dataset, committer: u32, what: &str) {
 
 /// Fail with the nodes' log tails (full logs copied to a kept directory).
 fn fail(cluster: &Cluster, why: &str) -> ! {
-    let kept = std::env::temp_dir().join("hotpot-recovery-failure");
-    let _ = std::fs::create_dir_all(&kept);
-    for node in 1..=3 {
-        let _ = std::fs::write(kept.join(format!("n{node}.log")), cluster.node_log(node));
-    }
-    let _ = std::fs::copy(
-        cluster.dir.path().join("cluster.json"),
-        kept.join("cluster.json"),
-    );
+    let kept = cluster.keep_logs("hotpot-recovery-failure");
     // Where each node process's threads are (a hung restart shows here).
     let mut states = String::new();
     for entry in cluster.info()["nodes"]
@@ -233,10 +225,6 @@ fn fail(cluster: &Cluster, why: &str) -> ! {
         }
     }
     let _ = std::fs::write(kept.join("processes.txt"), states);
-    let _ = std::fs::copy(
-        cluster.dir.path().join("dispatcher.log"),
-        kept.join("dispatcher.log"),
-    );
     panic!(
         "{why}\n(full node logs copied to {})\n--- node 1 log tail ---\n{}\n--- node 2 ---\n{}\n--- node 3 ---\n{}",
         kept.display(),
