@@ -119,7 +119,8 @@ enum ClusterCommand {
         /// Node id.
         #[arg(long)]
         node: u32,
-        /// Point name, e.g. follower.prepared.
+        /// Point name, e.g. follower.prepared; panic:<point> makes the thread that reaches it
+        /// panic instead (which stops the node: fail-stop).
         #[arg(long)]
         point: String,
     },
@@ -136,9 +137,27 @@ pub fn load_secret(path: Option<&std::path::Path>) -> anyhow::Result<hotpot_net:
     }
 }
 
+/// A daemon stops whole when any of its threads panics (fail-stop). Left running, a node with
+/// a dead heartbeat or RPC worker keeps serving its copies while its peers count it down and
+/// commit without it: it reads stale bytes. A stopped node is a crash, which recovery handles
+/// (its restart, or its loss). The default hook prints the panic and its backtrace first.
+fn stop_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!(
+            "hotpot: a thread panicked: the process stops (fail-stop; restart it on its PM file)"
+        );
+        std::process::abort();
+    }));
+}
+
 fn main() {
     let cli = Cli::parse();
     let daemon = matches!(cli.command, Command::Dispatcher(_) | Command::Node(_));
+    if daemon {
+        stop_on_panic();
+    }
     let default_level = if daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(

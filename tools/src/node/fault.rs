@@ -2,7 +2,9 @@
 //! `fault-injection`. A point is armed by `HOTPOT_FAULT=<point>` at start or by
 //! `hotpot cluster arm-fault` on a running node; the first time the node reaches it, it kills
 //! itself with SIGKILL, exactly as `kill -9` would: no unwinding, no unmount, PM left as the
-//! crash leaves it. The points are listed in docs/design.md ("Recovery").
+//! crash leaves it. Armed as `panic:<point>`, the thread that reaches it panics instead (a bug
+//! in one thread, which stops the whole node: `main.rs`, fail-stop). The points are listed in
+//! docs/design.md ("Recovery").
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
@@ -26,12 +28,19 @@ mod enabled {
     }
 
     pub fn point(name: &str) {
-        if armed().as_deref() == Some(name) {
-            eprintln!("fault injection: crashing at {name}");
-            // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
+        let armed = armed().clone();
+        match armed.as_deref() {
+            Some(point) if point == name => {
+                eprintln!("fault injection: crashing at {name}");
+                // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
             }
+            Some(point) if point.strip_prefix("panic:") == Some(name) => {
+                panic!("fault injection: panic at {name}")
+            }
+            _ => {}
         }
     }
 }

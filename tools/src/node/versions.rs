@@ -43,6 +43,26 @@ impl Blocks {
             spare: None,
         }
     }
+
+    /// The newest version given out from these blocks (0 before the first), also once the
+    /// current block is used up.
+    fn latest(&self) -> u64 {
+        self.next - 1
+    }
+
+    /// The next version. A used-up block is followed by the spare, or with none by the block
+    /// `new_block` takes from the dispatcher.
+    fn take<E>(&mut self, new_block: impl FnOnce() -> Result<u64, E>) -> Result<u64, E> {
+        if self.next == self.end {
+            let start = match self.spare {
+                Some(start) => start,
+                None => new_block()?,
+            };
+            *self = Blocks::starting_at(start);
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
 }
 
 #[derive(Default)]
@@ -185,7 +205,7 @@ impl Protocol {
     fn give_version(&self, dataset: &Dataset, take: bool) -> Result<u64, FsError> {
         let incarnation = self.published.incarnation.load(Ordering::Relaxed);
         let mut blocks = self.published.blocks.lock().expect("version blocks lock");
-        let current = match blocks.get(&dataset.id).copied() {
+        let mut current = match blocks.get(&dataset.id).copied() {
             Some(current) => current,
             // The incarnation that created an MRMW dataset owns the first block as its home
             // (an MRSW writer takes a block when it takes the lease).
@@ -196,21 +216,13 @@ impl Protocol {
             }
             None => Blocks::starting_at(self.take_block(dataset.id)?),
         };
-        let current = if take && current.next == current.end {
-            match current.spare {
-                Some(start) => Blocks::starting_at(start),
-                None => Blocks::starting_at(self.take_block(dataset.id)?),
-            }
+        let answer = if take {
+            current.take(|| self.take_block(dataset.id))?
         } else {
-            current
+            // A used-up block still knows the latest: a new one is taken for the next commit.
+            current.latest()
         };
-        assert!(current.next >= 1 && current.next < current.end);
-        let (answer, next) = if take {
-            (current.next, current.next + 1)
-        } else {
-            (current.next - 1, current.next)
-        };
-        blocks.insert(dataset.id, Blocks { next, ..current });
+        blocks.insert(dataset.id, current);
         Ok(answer)
     }
 
@@ -414,5 +426,46 @@ impl Protocol {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Blocks, VERSION_BLOCK};
+
+    /// A block from the dispatcher, which must not be asked for one.
+    fn no_dispatcher() -> Result<u64, &'static str> {
+        Err("asked the dispatcher")
+    }
+
+    #[test]
+    fn a_used_up_block_still_answers_the_latest_version() {
+        let mut blocks = Blocks::starting_at(1);
+        assert_eq!(blocks.latest(), 0);
+        for version in 1..=VERSION_BLOCK {
+            assert_eq!(blocks.take(no_dispatcher), Ok(version));
+        }
+        // Every version of the block given out: the latest is its last (this panicked in
+        // session 13's chaos runs and took the home's heartbeat thread down with it).
+        assert_eq!(blocks.latest(), VERSION_BLOCK);
+        assert_eq!(blocks.take(no_dispatcher), Err("asked the dispatcher"));
+        assert_eq!(blocks.latest(), VERSION_BLOCK);
+        assert_eq!(
+            blocks.take(|| Ok::<_, ()>(1 + 3 * VERSION_BLOCK)),
+            Ok(1 + 3 * VERSION_BLOCK)
+        );
+        assert_eq!(blocks.latest(), 1 + 3 * VERSION_BLOCK);
+    }
+
+    #[test]
+    fn the_spare_block_follows_a_used_up_one() {
+        let mut blocks = Blocks::starting_at(1);
+        blocks.spare = Some(1 + 5 * VERSION_BLOCK);
+        for _ in 0..VERSION_BLOCK {
+            blocks.take(no_dispatcher).unwrap();
+        }
+        assert_eq!(blocks.take(no_dispatcher), Ok(1 + 5 * VERSION_BLOCK));
+        assert_eq!(blocks.spare, None);
+        assert_eq!(blocks.latest(), 1 + 5 * VERSION_BLOCK);
     }
 }
