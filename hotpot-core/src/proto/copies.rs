@@ -1,6 +1,5 @@
-//! What an owner knows of the other nodes' copies of its pages, in the node machine
-//! (volatile: a restarted owner learns it again at its rejoin). The daemon still keeps its
-//! own maps (docs/design.md, "An owner's copy book").
+//! What an owner knows of the other nodes' copies of its pages, one for the daemon and the
+//! node machine (volatile: a restarted owner learns it again at its rejoin).
 //!
 //! Three sets per page. **Holders** may hold a copy: every commit of the page reaches them,
 //! so no node keeps a stale copy; the set is a superset (a holder that lost its copy costs a

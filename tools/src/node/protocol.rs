@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
+use hotpot_core::proto::copies::{CopyBook, Reached};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
@@ -37,23 +38,8 @@ pub(super) struct OwnerState {
     /// (they read the new version), so a reader whose kernel blocks the commit's cache
     /// invalidation on this very fetch does not stall the commit (design.md, step 5).
     applied: HashSet<PageKey>,
-    /// Nodes holding a copy of each page this node owns (volatile, see design.md).
-    holders: HashMap<PageKey, BTreeSet<NodeId>>,
-    /// Holders whose copy is older than this owner's: a commit left them out because they
-    /// were not live. Re-replication sends them the page once they are live again.
-    behind: HashMap<PageKey, BTreeSet<NodeId>>,
-}
-
-impl OwnerState {
-    /// `node` holds (or was just sent) this owner's version of `key`.
-    fn caught_up(&mut self, node: NodeId, key: PageKey) {
-        if let Some(behind) = self.behind.get_mut(&key) {
-            behind.remove(&node);
-            if behind.is_empty() {
-                self.behind.remove(&key);
-            }
-        }
-    }
+    /// Holders, current and behind copies of each page this node owns (proto/copies.rs).
+    pub(super) copies: CopyBook,
 }
 
 pub struct Protocol {
@@ -506,63 +492,25 @@ impl Protocol {
         self.unlocked.notify_all();
     }
 
-    /// Record `node` as holding `keys` (`replace`: the only pages of `dataset` it holds).
-    pub(super) fn set_holder(
+    /// What this owner knows of the other nodes' copies of its pages, changed under the
+    /// owner state's lock (proto/copies.rs).
+    pub(super) fn copies<T>(&self, change: impl FnOnce(&mut CopyBook) -> T) -> T {
+        change(&mut self.owner_state().copies)
+    }
+
+    /// `copies`, and `keys` (locked by the caller) read as final by fetches from now until
+    /// they are unlocked, as if a commit had been applied: the lock changes no copy here.
+    pub(super) fn copies_final<T>(
         &self,
-        node: NodeId,
-        dataset: DatasetId,
         keys: &[PageKey],
-        replace: bool,
-    ) {
+        change: impl FnOnce(&mut CopyBook) -> T,
+    ) -> T {
         let mut state = self.owner_state();
-        if replace {
-            for (key, holders) in state.holders.iter_mut() {
-                if key.0 == dataset {
-                    holders.remove(&node);
-                }
-            }
-            for (key, behind) in state.behind.iter_mut() {
-                if key.0 == dataset {
-                    behind.remove(&node);
-                }
-            }
-        }
-        for key in keys {
-            state.holders.entry(*key).or_default().insert(node);
-        }
-    }
-
-    /// `node` holds an older copy of `keys` than this owner.
-    pub(super) fn mark_behind(&self, node: NodeId, keys: &[PageKey]) {
-        let mut state = self.owner_state();
-        for key in keys {
-            state.behind.entry(*key).or_default().insert(node);
-        }
-    }
-
-    /// `node` holds (or was just sent) this owner's version of `keys`.
-    pub(super) fn caught_up(&self, node: NodeId, keys: &[PageKey]) {
-        let mut state = self.owner_state();
-        for key in keys {
-            state.caught_up(node, *key);
-        }
-    }
-
-    /// The holders behind this owner of each page of `dataset` that has any.
-    pub(super) fn behind_in(&self, dataset: DatasetId) -> BTreeMap<u64, BTreeSet<NodeId>> {
-        self.owner_state()
-            .behind
-            .iter()
-            .filter(|(key, _)| key.0 == dataset)
-            .map(|(key, nodes)| (key.1, nodes.clone()))
-            .collect()
-    }
-
-    pub(super) fn holders_of(&self, keys: &[PageKey]) -> BTreeSet<NodeId> {
-        let state = self.owner_state();
-        keys.iter()
-            .flat_map(|key| state.holders.get(key).into_iter().flatten().copied())
-            .collect()
+        state.applied.extend(keys.iter().copied());
+        let changed = change(&mut state.copies);
+        drop(state);
+        self.unlocked.notify_all();
+        changed
     }
 
     /// `Fetch` at the owner: the committed page; `from` becomes a holder. The holder set and
@@ -575,7 +523,7 @@ impl Protocol {
         {
             return NodeReply::Failed(error);
         }
-        match self.register_holder((dataset, page), from) {
+        match self.register_holder((dataset, page), from, None) {
             Err(error) => NodeReply::Failed(error),
             Ok(Some((version, bytes))) => NodeReply::Page(VersionedPage {
                 page,
@@ -600,7 +548,7 @@ impl Protocol {
             return NodeReply::Failed(error);
         }
         let key = (dataset, page);
-        match self.register_holder_then(key, from, || self.table().locate_persisted(key)) {
+        match self.register_holder_then(key, from, |_| self.table().locate_persisted(key)) {
             Ok(location) => NodeReply::Located(location),
             Err(error) => NodeReply::Failed(error),
         }
@@ -608,13 +556,23 @@ impl Protocol {
 
     /// Wait (bounded) until no commit holds `key`, make `from` a holder and read this
     /// owner's copy, under one lock: a commit either sees the new holder or finishes before
-    /// the copy is read.
+    /// the copy is read. `listed`: the version `from` says it holds; at this owner's, its
+    /// copy counts as current (a fetch's answer does not count: it may be lost).
     pub(super) fn register_holder(
         &self,
         key: PageKey,
         from: NodeId,
+        listed: Option<u64>,
     ) -> Result<Option<(u64, Vec<u8>)>, FsError> {
-        self.register_holder_then(key, from, || self.owned_copy(key.0, key.1))?
+        self.register_holder_then(key, from, |copies| {
+            let copy = self.owned_copy(key.0, key.1)?;
+            if let (Some((mine, _)), Some(version)) = (&copy, listed) {
+                if *mine == version {
+                    copies.has_current(key, from);
+                }
+            }
+            Ok(copy)
+        })?
     }
 
     /// `register_holder`, with `read` run under the same lock.
@@ -622,16 +580,14 @@ impl Protocol {
         &self,
         key: PageKey,
         from: NodeId,
-        read: impl FnOnce() -> T,
+        read: impl FnOnce(&mut CopyBook) -> T,
     ) -> Result<T, FsError> {
         if from != self.id {
             self.peers.mark_live(from);
         }
         let mut state = self.settled(&[key])?;
-        state.holders.entry(key).or_default().insert(from);
-        // It gets this owner's copy in the answer.
-        state.caught_up(from, key);
-        Ok(read())
+        state.copies.sending(key, from);
+        Ok(read(&mut state.copies))
     }
 
     /// The owner state once no commit this owner has not applied holds any of `keys`
@@ -808,19 +764,21 @@ impl Protocol {
     ) -> Result<Replicated, FsError> {
         let keys: Vec<PageKey> = pages.iter().map(|write| (dataset.id, write.page)).collect();
         let live: BTreeSet<NodeId> = self.peers.live().into_iter().collect();
-        let holders = self.holders_of(&keys);
-        let Targets { nodes, wanted, .. } = targets(
+        let holders = self.copies(|copies| copies.holders_of(&keys));
+        // Holders not live are left out (`skipped`): their copies fall behind this commit.
+        // Copies count from every target; messages go to those without a copy prepared.
+        let Targets {
+            nodes,
+            asked,
+            skipped,
+            wanted,
+        } = targets(
             self.id,
             dataset.params.replicas,
             &live,
             &holders,
             (committer, committer_prepared),
         );
-        // Holders not live are left out: their copies fall behind this commit.
-        let skipped: BTreeSet<NodeId> = holders
-            .into_iter()
-            .filter(|node| *node != self.id && !nodes.contains(node))
-            .collect();
         let live_targets = nodes.iter().filter(|node| live.contains(node)).count();
         if live_targets + 1 < wanted {
             return Err(FsError::Io(format!(
@@ -829,12 +787,6 @@ impl Protocol {
                 live_targets + 1
             )));
         }
-        // Copies count from every target; messages go to those without a copy prepared.
-        let counted = nodes.clone();
-        let targets: Vec<NodeId> = nodes
-            .into_iter()
-            .filter(|node| !(committer_prepared && *node == committer))
-            .collect();
         for write in pages {
             self.owned_copy(dataset.id, write.page)?;
         }
@@ -851,11 +803,11 @@ impl Protocol {
         // Targets know the copies under this owner's own name for them: one commit across
         // owners reaches a node from several owners, and each set is decided by its owner.
         let target_tx = self.next_tx();
-        self.prepare_targets(target_tx, commit, dataset.id, committer, &targets, copies)?;
+        self.prepare_targets(target_tx, commit, dataset.id, committer, &asked, copies)?;
         Ok(Replicated {
             target_tx,
-            targets,
-            counted,
+            targets: asked,
+            counted: nodes,
             skipped,
             keys,
             wanted,
@@ -891,9 +843,10 @@ impl Protocol {
                 false
             }
         };
-        let delivered = if let [node] = replicated.targets.as_slice() {
-            usize::from(delivered(node, self.call(*node, &decide(node))))
-        } else if !replicated.targets.is_empty() {
+        let mut decided: BTreeSet<NodeId> = if let [node] = replicated.targets.as_slice() {
+            let call = self.call(*node, &decide(node));
+            delivered(node, call).then_some(*node).into_iter().collect()
+        } else {
             std::thread::scope(|scope| {
                 let calls: Vec<_> = replicated
                     .targets
@@ -905,27 +858,30 @@ impl Protocol {
                     .collect();
                 calls
                     .into_iter()
-                    .map(|(node, call)| delivered(node, call.join().expect("decide thread")))
-                    .filter(|got| *got)
-                    .count()
+                    .filter_map(|(node, call)| {
+                        delivered(node, call.join().expect("decide thread")).then_some(*node)
+                    })
+                    .collect()
             })
-        } else {
-            0
         };
-        let mut state = self.owner_state();
-        for key in &replicated.keys {
-            state
-                .holders
-                .entry(*key)
-                .or_default()
-                .extend(replicated.counted.iter().copied());
-            let behind = state.behind.entry(*key).or_default();
-            behind.extend(replicated.skipped.iter().copied());
-            behind.retain(|node| !replicated.counted.contains(node));
-            if behind.is_empty() {
-                state.behind.remove(key);
-            }
-        }
+        let delivered = decided.len();
+        // A committer that persisted its own copy holds the decided bytes with no Decide.
+        decided.extend(
+            replicated
+                .counted
+                .iter()
+                .filter(|node| !replicated.targets.contains(node)),
+        );
+        self.copies(|copies| {
+            copies.committed(
+                &replicated.keys,
+                Reached {
+                    counted: &replicated.counted,
+                    skipped: &replicated.skipped,
+                    decided: &decided,
+                },
+            )
+        });
         delivered
     }
 

@@ -138,11 +138,7 @@ impl Protocol {
             let Some(copies) = self.copies_of(*peer, dataset.id) else {
                 continue;
             };
-            let mine: Vec<PageKey> = copies
-                .iter()
-                .filter(|copy| self.owner_of(dataset, copy.page) == self.id)
-                .map(|copy| (dataset.id, copy.page))
-                .collect();
+            held.entry(*peer).or_default();
             for copy in copies
                 .iter()
                 .filter(|c| self.owner_of(dataset, c.page) == self.id)
@@ -155,9 +151,36 @@ impl Protocol {
                     *best = (copy.version, *peer);
                 }
             }
-            self.set_holder(*peer, dataset.id, &mine, true);
         }
+        let outdated: Vec<PageKey> = {
+            let table = self.table();
+            newest
+                .iter()
+                .map(|(page, (version, _))| ((dataset.id, *page), *version))
+                .filter(|(key, version)| *version > table.version_of(*key))
+                .map(|(key, _)| key)
+                .collect()
+        };
         fetched += self.take_newest(dataset.id, &newest);
+        // What every peer holds, against this owner's versions now.
+        let mine: HashMap<u64, u64> = {
+            let table = self.table();
+            newest
+                .keys()
+                .map(|page| (*page, table.version_of((dataset.id, *page))))
+                .collect()
+        };
+        self.copies(|book| {
+            for key in outdated {
+                book.outdated(key);
+            }
+            for (peer, pages) in &held {
+                book.rejoined(dataset.id, *peer);
+                for (page, version) in pages {
+                    book.learned((dataset.id, *page), *peer, *version, mine[page]);
+                }
+            }
+        });
         // Holders behind this owner (they missed a decision while it was down) get its
         // copies now, before anything reads them.
         for (peer, pages) in held {
@@ -181,13 +204,16 @@ impl Protocol {
                     pages: batch.to_vec(),
                 };
                 match self.ask(peer, &request) {
-                    Ok(_) => pushed += batch.len(),
-                    Err(error) => {
-                        tracing::warn!(peer, %error, "holder behind not updated; re-replication retries");
-                        let keys: Vec<PageKey> =
-                            batch.iter().map(|copy| (dataset.id, copy.page)).collect();
-                        self.mark_behind(peer, &keys);
+                    Ok(_) => {
+                        pushed += batch.len();
+                        self.copies(|book| {
+                            for copy in batch {
+                                book.has_current((dataset.id, copy.page), peer);
+                            }
+                        });
                     }
+                    // Counted behind above: re-replication retries.
+                    Err(error) => tracing::warn!(peer, %error, "holder behind not updated"),
                 }
             }
         }
@@ -416,7 +442,8 @@ impl Protocol {
             ));
         }
         if tx.is_none() {
-            self.set_holder(from, dataset, &[], true);
+            // A rejoin: none of its copies counts until listed (it may have lost some).
+            self.copies(|copies| copies.rejoined(dataset, from));
             self.rereplicate_soon
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -426,7 +453,7 @@ impl Protocol {
             if self.is_rebuilding() && *version > self.table().version_of(*key) {
                 self.catch_up_from(from, dataset, *page);
             }
-            match self.register_holder(*key, from) {
+            match self.register_holder(*key, from, Some(*version)) {
                 Ok(Some((current, bytes))) if current != *version => newer.push(VersionedPage {
                     page: *page,
                     version: current,
@@ -442,11 +469,16 @@ impl Protocol {
     fn catch_up_from(&self, node: NodeId, dataset: DatasetId, page: u64) {
         match self.ask(node, &NodeRequest::FetchCopy { dataset, page }) {
             Ok(NodeReply::Copy(Some(copy))) if copy.bytes.len() == PAGE_BYTES => {
-                if let Err(error) =
+                let installed =
                     self.table()
-                        .install_copy((dataset, page), copy.version, &copy.bytes)
-                {
-                    tracing::error!(%error, "cannot keep a page caught up from a holder");
+                        .install_copy((dataset, page), copy.version, &copy.bytes);
+                match installed {
+                    // Copies counted at the version this one replaces are behind it now.
+                    Ok(true) => self.copies(|copies| copies.outdated((dataset, page))),
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "cannot keep a page caught up from a holder")
+                    }
                 }
             }
             Ok(other) => tracing::warn!(node, ?other, "holder has no copy after all"),
@@ -462,22 +494,36 @@ impl Protocol {
         let copies = self.persisted_copies(keys);
         self.invalidate_dataset(dataset, &keys.iter().map(|key| key.1).collect::<Vec<_>>());
         let mut all = true;
-        for node in self.holders_of(keys) {
+        let mark = |node: NodeId, current: bool| {
+            self.copies(|copies| {
+                for key in keys {
+                    if current {
+                        copies.has_current(*key, node);
+                    } else {
+                        copies.is_behind(*key, node);
+                    }
+                }
+            })
+        };
+        for node in self.copies(|copies| copies.holders_of(keys)) {
             if node == self.id {
                 continue;
             }
             if !live.contains(&node) {
-                self.mark_behind(node, keys);
+                mark(node, false);
                 continue;
             }
             let request = NodeRequest::Install {
                 dataset,
                 pages: copies.clone(),
             };
-            if let Err(error) = self.ask(node, &request) {
-                tracing::warn!(node, %error, "a holder missed a recovered commit; re-replication retries");
-                self.mark_behind(node, keys);
-                all = false;
+            match self.ask(node, &request) {
+                Ok(_) => mark(node, true),
+                Err(error) => {
+                    tracing::warn!(node, %error, "a holder missed a recovered commit; re-replication retries");
+                    mark(node, false);
+                    all = false;
+                }
             }
         }
         all
@@ -797,18 +843,17 @@ impl Protocol {
                 .map(|copy| copy.record.page)
                 .filter(|page| self.owner_of(&dataset, *page) == self.id)
                 .collect();
-            let behind = self.behind_in(dataset.id);
             for page in owned {
-                let holders = self.holders_of(&[(dataset.id, page)]);
+                let key = (dataset.id, page);
+                let (current, behind) =
+                    self.copies(|copies| (copies.current_of(key), copies.behind_of(key, &live)));
                 let mut more: BTreeSet<NodeId> =
-                    more_copies(self.id, dataset.params.replicas, &live, &holders)
+                    more_copies(self.id, dataset.params.replicas, &live, &current)
                         .into_iter()
                         .collect();
                 below += u64::from(!more.is_empty());
                 // Holders behind get the page too; they do not make it short of copies.
-                if let Some(nodes) = behind.get(&page) {
-                    more.extend(nodes.intersection(&live));
-                }
+                more.extend(behind);
                 for node in more {
                     wanted.entry(node).or_default().push(page);
                 }
@@ -832,6 +877,13 @@ impl Protocol {
             return Ok(()); // next round
         };
         let copies = self.persisted_copies(&keys);
+        // This owner's copies stay as they are: fetches need not wait (the Install drops the
+        // node's kernel copies, which waits for a read in flight there, which may be a fetch
+        // of these very pages: it would stall both until the fetch timed out, 10 s). And a
+        // holder before it has the bytes: if the answer is lost, later commits reach it.
+        self.copies_final(&keys, |book| {
+            keys.iter().for_each(|key| book.sending(*key, node))
+        });
         self.ask(
             node,
             &NodeRequest::Install {
@@ -839,8 +891,7 @@ impl Protocol {
                 pages: copies,
             },
         )?;
-        self.set_holder(node, dataset, &keys, false);
-        self.caught_up(node, &keys);
+        self.copies(|book| keys.iter().for_each(|key| book.has_current(*key, node)));
         self.rereplicated
             .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(node, dataset, pages = pages.len(), "re-replicated");
