@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::process::Process;
 use crate::{mounts, ports};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -172,7 +173,6 @@ fn log_tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// Is `pid` a live hotpot process of this cluster (not a recycled pid)?
 /// Whether `pid` is a live process of this cluster. A killed process keeps its files, ports
 /// and mappings until its last thread has exited, even once its main thread is a zombie, so
 /// it counts as alive while any thread is not.
@@ -199,22 +199,11 @@ fn ours(pid: u32, dir: &Path) -> bool {
             || String::from_utf8_lossy(&cmdline).contains(&*dir.display().to_string()))
 }
 
-fn wait_gone(pid: u32, dir: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if !ours(pid, dir) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    !ours(pid, dir)
-}
-
-fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid we verified belongs to this cluster.
-    unsafe {
-        libc::kill(pid as i32, signal);
-    }
+/// Process `pid` if it is a live process of this cluster, held so that a reused pid is never
+/// signalled.
+fn our_process(pid: u32, dir: &Path) -> Option<Process> {
+    let process = Process::open(pid)?;
+    ours(pid, dir).then_some(process)
 }
 
 fn wait_for_mount(node: &NodeEntry, dir: &Path, timeout: Duration) -> anyhow::Result<()> {
@@ -378,23 +367,34 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("no cluster at {}", dir.display()))?;
     let cluster = load(&dir)?;
-    for node in &cluster.nodes {
-        if ours(node.pid, &dir) {
-            signal(node.pid, libc::SIGTERM);
-        }
+    let nodes: Vec<(&NodeEntry, Option<Process>)> = cluster
+        .nodes
+        .iter()
+        .map(|node| (node, our_process(node.pid, &dir)))
+        .collect();
+    for process in nodes.iter().filter_map(|(_, process)| process.as_ref()) {
+        process.signal(libc::SIGTERM);
     }
-    for node in &cluster.nodes {
-        if !wait_gone(node.pid, &dir, Duration::from_secs(10)) {
-            eprintln!("node {} did not stop on SIGTERM; sending SIGKILL", node.id);
-            signal(node.pid, libc::SIGKILL);
-            wait_gone(node.pid, &dir, Duration::from_secs(5));
+    for (node, process) in &nodes {
+        if let Some(process) = process {
+            if !process.wait_ended(Duration::from_secs(10)) {
+                eprintln!("node {} did not stop on SIGTERM; sending SIGKILL", node.id);
+                process.signal(libc::SIGKILL);
+                if !process.wait_ended(Duration::from_secs(5)) {
+                    eprintln!(
+                        "node {} (pid {}) survived SIGKILL for 5 s",
+                        node.id, node.pid
+                    );
+                }
+            }
         }
         mounts::unmount_if_mounted(&node.mount);
     }
-    if ours(cluster.dispatcher.pid, &dir) {
-        signal(cluster.dispatcher.pid, libc::SIGTERM);
-        if !wait_gone(cluster.dispatcher.pid, &dir, Duration::from_secs(10)) {
-            signal(cluster.dispatcher.pid, libc::SIGKILL);
+    if let Some(process) = our_process(cluster.dispatcher.pid, &dir) {
+        process.signal(libc::SIGTERM);
+        if !process.wait_ended(Duration::from_secs(10)) {
+            process.signal(libc::SIGKILL);
+            process.wait_ended(Duration::from_secs(5));
         }
     }
     println!("cluster in {} is down", dir.display());
@@ -422,11 +422,11 @@ pub fn kill(dir: &Path, id: u32, wipe: bool) -> anyhow::Result<()> {
         .with_context(|| format!("no cluster at {}", dir.display()))?;
     let cluster = load(&dir)?;
     let node = node_entry(&cluster, id)?;
-    if !ours(node.pid, &dir) {
+    let Some(process) = our_process(node.pid, &dir) else {
         bail!("node {id} (pid {}) is not running", node.pid);
-    }
-    signal(node.pid, libc::SIGKILL);
-    if !wait_gone(node.pid, &dir, Duration::from_secs(10)) {
+    };
+    process.signal(libc::SIGKILL);
+    if !process.wait_ended(Duration::from_secs(10)) {
         bail!("node {id} (pid {}) survived SIGKILL for 10 s", node.pid);
     }
     if wipe {
@@ -497,11 +497,11 @@ pub fn kill_dispatcher(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("no cluster at {}", dir.display()))?;
     let cluster = load(&dir)?;
     let pid = cluster.dispatcher.pid;
-    if !ours(pid, &dir) {
+    let Some(process) = our_process(pid, &dir) else {
         bail!("the dispatcher (pid {pid}) is not running");
-    }
-    signal(pid, libc::SIGKILL);
-    if !wait_gone(pid, &dir, Duration::from_secs(10)) {
+    };
+    process.signal(libc::SIGKILL);
+    if !process.wait_ended(Duration::from_secs(10)) {
         bail!("the dispatcher (pid {pid}) survived SIGKILL for 10 s");
     }
     println!("dispatcher killed (pid {pid})");

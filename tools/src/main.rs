@@ -9,6 +9,7 @@ mod dispatcher;
 mod mounts;
 mod node;
 mod ports;
+mod process;
 mod signals;
 mod size;
 
