@@ -2,6 +2,7 @@
 //! and the messages nodes, tools and the dispatcher exchange.
 
 pub mod copies;
+pub mod deciders;
 pub mod dispatcher;
 pub mod messages;
 pub mod node;

@@ -14,12 +14,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::TxKey;
+use hotpot_core::proto::deciders::Decider;
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, OwnerPages, PageWrite};
 use hotpot_core::proto::types::{Dataset, FsError, Ino, NodeId};
 use rand::Rng;
 
 use super::fault;
-use super::protocol::{pm_error, Decider, Protocol};
+use super::protocol::{pm_error, Protocol};
 use super::service;
 
 const COMMIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
@@ -185,13 +186,15 @@ fn one_owner_writes(
         // with the owner (recovery.rs) before this node's next commit of the dataset.
         Err(error) => {
             drop(table);
-            protocol.deciders.lock().expect("deciders lock").insert(
-                tx,
-                Decider {
-                    owner,
-                    commit: None,
-                },
-            );
+            protocol.deciders(|deciders| {
+                deciders.prepared(
+                    tx,
+                    Decider {
+                        owner,
+                        commit: None,
+                    },
+                )
+            });
             Err(error)
         }
     }
@@ -376,13 +379,15 @@ fn across_owners(
         Err(why) => {
             // Decided or not, the leader will say: the own copy waits for its answer.
             if committer_prepared {
-                protocol.deciders.lock().expect("deciders lock").insert(
-                    own_tx,
-                    Decider {
-                        owner: *leader,
-                        commit: Some((tx, *leader)),
-                    },
-                );
+                protocol.deciders(|deciders| {
+                    deciders.prepared(
+                        own_tx,
+                        Decider {
+                            owner: *leader,
+                            commit: Some((tx, *leader)),
+                        },
+                    )
+                });
             }
             return Err(FsError::Io(format!(
                 "leader {leader} did not answer the decision ({why}): the owners settle it"

@@ -229,12 +229,7 @@ impl Protocol {
     /// Whether anything here still waits for the outcome of commit `tx`: a follower's
     /// record, or a holder's copy of it.
     pub fn serve_pending(&self, tx: TxKey) -> NodeReply {
-        let copy_waits = self
-            .deciders
-            .lock()
-            .expect("deciders lock")
-            .values()
-            .any(|decider| decider.commit.is_some_and(|(commit, _)| commit == tx));
+        let copy_waits = self.deciders(|deciders| deciders.waits_for_commit(tx));
         NodeReply::Decision(copy_waits || self.table().is_pending(tx))
     }
 

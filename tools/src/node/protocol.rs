@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::copies::{CopyBook, Reached};
+use hotpot_core::proto::deciders::{Decider, Deciders};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
@@ -66,11 +67,9 @@ pub struct Protocol {
     pub(super) phase1_locks: Mutex<HashMap<TxKey, (Vec<PageKey>, Instant)>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
     pub(super) followers: Mutex<HashMap<TxKey, super::multi::FollowerTx>>,
-    /// As a holder or replica: who decides each prepared copy.
-    pub(super) deciders: Mutex<HashMap<TxKey, Decider>>,
-    /// Multi-owner commits this node decided copies of, newest last (bounded): a leader
-    /// that lost its PM asks for them.
-    decided_commits: Mutex<(HashSet<TxKey>, std::collections::VecDeque<TxKey>)>,
+    /// As a holder or replica: who decides each prepared copy, and the multi-owner commits
+    /// this node decided copies of (a leader that lost its PM asks for them).
+    deciders: Mutex<Deciders>,
     /// Followers' confirmations to send to leaders (see multi.rs).
     pub(super) confirmations: crossbeam_channel::Sender<(NodeId, TxKey)>,
     confirm_queue: crossbeam_channel::Receiver<(NodeId, TxKey)>,
@@ -158,8 +157,7 @@ impl Protocol {
             aborted: Mutex::new(HashSet::new()),
             followers: Mutex::new(HashMap::new()),
             phase1_locks: Mutex::new(HashMap::new()),
-            deciders: Mutex::new(HashMap::new()),
-            decided_commits: Mutex::new(Default::default()),
+            deciders: Mutex::new(Deciders::default()),
             confirmations,
             confirm_queue,
             rejoin_ms: AtomicU64::new(0),
@@ -996,10 +994,7 @@ impl Protocol {
                 .prepare_copies(tx, dataset, &borrowed, committer, TxTag::default());
         match prepared {
             Ok(()) => {
-                self.deciders
-                    .lock()
-                    .expect("deciders lock")
-                    .insert(tx, Decider { owner, commit });
+                self.deciders(|deciders| deciders.prepared(tx, Decider { owner, commit }));
                 NodeReply::Done
             }
             Err(error) => NodeReply::Failed(pm_error(error)),
@@ -1008,10 +1003,7 @@ impl Protocol {
 
     pub fn serve_decide(&self, tx: TxKey, ino: Option<Ino>) -> NodeReply {
         fault::point("target.deciding");
-        let decider = self.deciders.lock().expect("deciders lock").remove(&tx);
-        if let Some((commit, _)) = decider.and_then(|decider| decider.commit) {
-            self.note_decided_commit(commit);
-        }
+        self.deciders(|deciders| deciders.decided(tx));
         let decided = self.table().decide_copies(tx);
         match (decided, ino) {
             (Some((dataset, pages)), Some(ino)) => self.invalidate(ino, dataset, &pages),
@@ -1027,43 +1019,25 @@ impl Protocol {
         NodeReply::Done
     }
 
+    /// Who settles the copies prepared here (`proto/deciders.rs`).
+    pub(super) fn deciders<T>(&self, change: impl FnOnce(&mut Deciders) -> T) -> T {
+        change(&mut self.deciders.lock().expect("deciders lock"))
+    }
+
     pub(super) fn note_decided_commit(&self, commit: TxKey) {
-        let mut decided = self.decided_commits.lock().expect("decided commits lock");
-        if decided.0.insert(commit) {
-            decided.1.push_back(commit);
-            if decided.1.len() > DECIDED_COMMITS_KEPT {
-                if let Some(oldest) = decided.1.pop_front() {
-                    decided.0.remove(&oldest);
-                }
-            }
-        }
+        self.deciders(|deciders| deciders.note_decided_commit(commit));
     }
 
     pub fn decided_commit(&self, commit: TxKey) -> bool {
-        self.decided_commits
-            .lock()
-            .expect("decided commits lock")
-            .0
-            .contains(&commit)
+        self.deciders(|deciders| deciders.decided_commit(commit))
     }
 
     pub fn serve_abort(&self, tx: TxKey) -> NodeReply {
-        self.deciders.lock().expect("deciders lock").remove(&tx);
+        self.deciders(|deciders| deciders.settled(tx));
         self.table().abort_copies(tx);
         NodeReply::Done
     }
 }
-
-/// Who decides a holder's prepared copy: its owner, and for a multi-owner commit, the
-/// commit and its leader.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Decider {
-    pub owner: NodeId,
-    pub commit: Option<(TxKey, NodeId)>,
-}
-
-/// How many decided multi-owner commits a node remembers for leaders that lost their PM.
-const DECIDED_COMMITS_KEPT: usize = 65_536;
 
 /// Where a commit's new copies were prepared (see `Protocol::replicate`).
 pub(super) struct Replicated {

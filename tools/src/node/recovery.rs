@@ -378,7 +378,7 @@ impl Protocol {
             other => return Err(FsError::Io(format!("owner {owner} answered {other:?}"))),
         };
         if let Some(tx) = tx {
-            self.deciders.lock().expect("deciders lock").remove(&tx);
+            self.deciders(|deciders| deciders.settled(tx));
             self.table().abort_copies(tx);
         }
         let installed = self.install(dataset, &newer)?;
@@ -657,25 +657,9 @@ impl Protocol {
     /// decided or dropped. This node's own copy of its own commit, when it is no owner in it,
     /// is a participant of its own: it confirms to the leader.
     fn settle_copies_of(&self, commit: TxKey, decided: bool) {
-        let waiting: Vec<(TxKey, NodeId)> = {
-            let mut deciders = self.deciders.lock().expect("deciders lock");
-            let settled: Vec<(TxKey, NodeId)> = deciders
-                .iter()
-                .filter_map(|(tx, decider)| {
-                    decider
-                        .commit
-                        .filter(|(of, _)| *of == commit)
-                        .map(|(_, leader)| (*tx, leader))
-                })
-                .collect();
-            for (tx, _) in &settled {
-                deciders.remove(tx);
-            }
-            settled
-        };
+        let waiting = self.deciders(|deciders| deciders.commit_settled(commit, decided));
         for (tx, leader) in waiting {
             let pages = if decided {
-                self.note_decided_commit(commit);
                 self.table().decide_copies(tx)
             } else {
                 self.table().abort_copies(tx);
@@ -695,8 +679,7 @@ impl Protocol {
     /// Settle copies of `dataset` left waiting by commits this node made (a commit whose
     /// outcome it never heard): its next snapshot must build on the outcome.
     pub fn settle_before_commit(&self, dataset: DatasetId) {
-        let waiting = self.deciders.lock().expect("deciders lock").len();
-        if waiting > 0 {
+        if !self.deciders(|deciders| deciders.is_empty()) {
             self.resolve_pending(Some(dataset));
         }
     }
@@ -724,12 +707,7 @@ impl Protocol {
                 }
                 continue;
             }
-            let decider = self
-                .deciders
-                .lock()
-                .expect("deciders lock")
-                .get(&pending.tx)
-                .copied();
+            let decider = self.deciders(|deciders| deciders.get(pending.tx));
             // No decider recorded: this node's own prepared copy; its commit call decides it.
             let Some(decider) = decider else { continue };
             // Before a commit, only this node's own earlier commits: asking a leader about

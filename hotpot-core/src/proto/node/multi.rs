@@ -28,10 +28,6 @@ pub(super) struct MultiState {
     outcome_seen: BTreeMap<TxKey, u64>,
     /// As a leader: outcomes whose nodes are being asked `Pending`, and who has not answered.
     sweeps: BTreeMap<TxKey, BTreeSet<NodeId>>,
-    /// Commits across owners whose copies this node decided (volatile, bounded): a leader
-    /// that lost its PM asks, to answer `Outcome` for a commit it may have decided.
-    decided: BTreeSet<TxKey>,
-    decided_order: std::collections::VecDeque<TxKey>,
     /// As a leader without the outcome: `Outcome` questions waiting for every node's
     /// `DecidedCommit` answer (who asked, who has not answered).
     queries: BTreeMap<TxKey, OutcomeQuery>,
@@ -42,9 +38,6 @@ struct OutcomeQuery {
     askers: Vec<(NodeId, u64)>,
     awaiting: BTreeSet<NodeId>,
 }
-
-/// How many decided commits a node remembers for leaders that lost their PM.
-const DECIDED_KEPT: usize = 65_536;
 
 impl MultiState {
     fn give_up(&mut self, tx: TxKey) {
@@ -272,7 +265,7 @@ impl Machine {
     /// of `tx` (`DecidedCommit`, asked of every node); otherwise the commit is given up here
     /// for good (a commit still preparing is aborted), so the answer is final.
     pub(super) fn serve_outcome(&mut self, from: NodeId, call: u64, tx: TxKey) {
-        if self.table.outcome_decided(tx) || self.multi.decided.contains(&tx) {
+        if self.table.outcome_decided(tx) || self.target.deciders.decided_commit(tx) {
             return self.reply(from, call, NodeReply::Decision(true));
         }
         // Only a commit this node leads: acting for a lost leader, its own part of the
@@ -373,18 +366,11 @@ impl Machine {
 
     /// This node decided a copy of commit `tx` (across owners).
     pub(super) fn note_decided_commit(&mut self, tx: TxKey) {
-        if self.multi.decided.insert(tx) {
-            self.multi.decided_order.push_back(tx);
-            if self.multi.decided_order.len() > DECIDED_KEPT {
-                if let Some(oldest) = self.multi.decided_order.pop_front() {
-                    self.multi.decided.remove(&oldest);
-                }
-            }
-        }
+        self.target.deciders.note_decided_commit(tx);
     }
 
     pub(super) fn serve_decided_commit(&self, tx: TxKey) -> NodeReply {
-        NodeReply::Decision(self.multi.decided.contains(&tx))
+        NodeReply::Decision(self.target.deciders.decided_commit(tx))
     }
 
     pub(super) fn serve_confirm(&mut self, txs: &[TxKey], node: NodeId) -> NodeReply {

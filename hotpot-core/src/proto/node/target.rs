@@ -9,14 +9,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{Machine, Purpose};
 use crate::page::TxKey;
 use crate::pm::TxRole;
+use crate::proto::deciders::{Decider, Deciders};
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use crate::proto::types::{DatasetId, FsError, NodeId};
 
 #[derive(Default)]
 pub(super) struct TargetState {
     /// Who decides each prepared copy (volatile: after a restart, the owner of its pages),
-    /// and the commit across owners and its leader it belongs to, if any.
-    deciders: BTreeMap<TxKey, (NodeId, Option<(TxKey, NodeId)>)>,
+    /// and which commits across owners this node decided a copy of (`proto/deciders.rs`).
+    pub(super) deciders: Deciders,
     /// When this machine first saw each prepared copy waiting.
     waiting_since: BTreeMap<TxKey, u64>,
     /// Prepared copies being settled with their owner now.
@@ -48,7 +49,7 @@ impl Machine {
             .prepare_copies(tx, dataset, &borrowed, committer, Default::default())
         {
             Ok(()) => {
-                self.target.deciders.insert(tx, (owner, commit));
+                self.target.deciders.prepared(tx, Decider { owner, commit });
                 // The kernel's copies go now, not at the Decide, which may be lost: read
                 // again, a page with a prepared copy is read through its owner, whose answer
                 // waits for the commit's apply.
@@ -64,10 +65,7 @@ impl Machine {
     /// newer here already is dropped whole (never backwards); the owners of its pages then
     /// send what is current (through a registration).
     pub(super) fn serve_decide(&mut self, tx: TxKey) -> NodeReply {
-        if let Some((_, Some((commit, _)))) = self.target.deciders.get(&tx).copied() {
-            self.note_decided_commit(commit);
-        }
-        self.target.deciders.remove(&tx);
+        self.target.deciders.decided(tx);
         self.target.waiting_since.remove(&tx);
         let record = self
             .table
@@ -90,7 +88,7 @@ impl Machine {
     }
 
     pub(super) fn serve_abort(&mut self, tx: TxKey) -> NodeReply {
-        self.target.deciders.remove(&tx);
+        self.target.deciders.settled(tx);
         self.target.waiting_since.remove(&tx);
         self.table.abort_copies(tx);
         NodeReply::Done
@@ -125,23 +123,30 @@ impl Machine {
 
     /// A committer's own copy whose commit got no answer: `owner` settles it.
     pub(super) fn note_decider(&mut self, tx: TxKey, owner: NodeId) {
-        self.target.deciders.insert(tx, (owner, None));
+        self.target.deciders.prepared(
+            tx,
+            Decider {
+                owner,
+                commit: None,
+            },
+        );
     }
 
     /// The committer's own copy `own` of commit `commit` across owners, whose leader did not
     /// answer: it settles with the leader's outcome.
     pub(super) fn note_decider_across(&mut self, own: TxKey, commit: TxKey, leader: NodeId) {
-        self.target
-            .deciders
-            .insert(own, (leader, Some((commit, leader))));
+        self.target.deciders.prepared(
+            own,
+            Decider {
+                owner: leader,
+                commit: Some((commit, leader)),
+            },
+        );
     }
 
     /// Whether a copy prepared here for commit `tx` (across owners) waits for its outcome.
     pub(super) fn target_waits_for(&self, tx: TxKey) -> bool {
-        self.target
-            .deciders
-            .values()
-            .any(|(_, commit)| commit.is_some_and(|(commit, _)| commit == tx))
+        self.target.deciders.waits_for_commit(tx)
     }
 
     pub(super) fn target_resolved(&mut self, waiting: TxKey) {
@@ -184,8 +189,8 @@ impl Machine {
                 && self
                     .target
                     .deciders
-                    .get(&copies.tx)
-                    .is_some_and(|(_, commit)| commit.is_some())
+                    .get(copies.tx)
+                    .is_some_and(|decider| decider.commit.is_some())
         });
         if let Some(copies) = waiting {
             return NodeReply::Failed(FsError::Busy(format!(
@@ -244,10 +249,10 @@ impl Machine {
                 continue;
             };
             // A follower record, or a copy of a commit across owners: the leader decides.
-            let decider = self.target.deciders.get(&copies.tx).copied();
-            let across = match (copies.tag.role, decider) {
+            let decider = self.target.deciders.get(copies.tx);
+            let across = match (copies.tag.role, decider.and_then(|decider| decider.commit)) {
                 (TxRole::Follower, _) => Some((copies.tx, copies.tag.leader, None)),
-                (_, Some((_, Some((commit, leader))))) => Some((commit, leader, Some(copies.tx))),
+                (_, Some((commit, leader))) => Some((commit, leader, Some(copies.tx))),
                 _ => None,
             };
             if let Some((commit, leader, target)) = across {
@@ -259,7 +264,7 @@ impl Machine {
                 continue;
             }
             let owner = decider
-                .map(|(owner, _)| self.acting(owner))
+                .map(|decider| self.acting(decider.owner))
                 .unwrap_or_else(|| self.owner_of(&dataset, first));
             if owner == self.config.id {
                 // An owner never prepares its own pages: nobody will decide this copy.
@@ -299,7 +304,7 @@ impl Machine {
             return; // decided or aborted meanwhile
         };
         self.table.abort_copies(tx);
-        self.target.deciders.remove(&tx);
+        self.target.deciders.settled(tx);
         if !self.install_all(dataset, &current) {
             // Another waiting copy of these pages kept them back: ask the owner again.
             if let Some(owner) = self.owner_of_copies(dataset, &current) {
@@ -347,8 +352,8 @@ impl Machine {
             let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
                 continue;
             };
-            let single_owner = match self.target.deciders.get(&copies.tx) {
-                Some((_, across)) => across.is_none(),
+            let single_owner = match self.target.deciders.get(copies.tx) {
+                Some(decider) => decider.commit.is_none(),
                 None => copies.tag.role != TxRole::Follower,
             };
             let owned = copies
@@ -356,7 +361,7 @@ impl Machine {
                 .iter()
                 .any(|page| self.owner_of(&dataset, *page) == me);
             if single_owner && owned {
-                self.target.deciders.remove(&copies.tx);
+                self.target.deciders.settled(copies.tx);
                 self.table.abort_copies(copies.tx);
             }
         }
