@@ -6,6 +6,7 @@ pub mod deciders;
 pub mod dispatcher;
 pub mod messages;
 pub mod node;
+pub mod outcome;
 pub mod replication;
 pub mod staged;
 pub mod types;

@@ -17,7 +17,7 @@ impl Protocol {
             return NodeReply::Failed(error);
         }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
-        if self.aborted.lock().expect("aborted lock").contains(&tx) {
+        if self.aborted.lock().expect("aborted lock").contains(tx) {
             return NodeReply::Failed(FsError::Io(format!("commit {tx:?} was given up")));
         }
         match self.lock_pages(tx, &keys, false) {

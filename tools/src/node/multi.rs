@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use hotpot_core::page::TxKey;
 use hotpot_core::pm::{PageKey, TxRole};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, OwnerPages};
+use hotpot_core::proto::outcome::{to_ask, Query, Verdict};
 use hotpot_core::proto::types::{Dataset, FsError, Ino, Mode, NodeId};
 
 use super::fault;
@@ -183,39 +184,65 @@ impl Protocol {
         }
     }
 
-    /// At the leader: the final answer for `tx`. Without an outcome kept here (never
-    /// decided, or lost with this node's PM at this start or an earlier one, or this node is
-    /// promoted in place of a lost leader), it asks the live nodes whether any decided copies
-    /// of `tx` (the leader's replicas did, if it had decided). Found by hotpot-sim: a leader
-    /// rebuilt at an earlier start answered "aborted" for a commit its replicas had decided.
+    /// At the leader: the final answer for `tx` (`proto/outcome.rs`). Without an outcome kept
+    /// here (never decided, or lost with this node's PM at this start or an earlier one, or
+    /// this node is promoted in place of a lost leader), it asks every node but the lost ones
+    /// whether it decided a copy of `tx` (the leader's replicas did, if it had decided). Found
+    /// by hotpot-sim: a leader rebuilt at an earlier start answered "aborted" for a commit its
+    /// replicas had decided.
     pub fn serve_outcome(&self, tx: TxKey) -> NodeReply {
         let mut aborted = self.aborted.lock().expect("aborted lock");
         if self.table().outcome_decided(tx) || self.decided_commit(tx) {
             return NodeReply::Decision(true);
         }
-        if !aborted.contains(&tx) {
-            let others: Vec<NodeId> = self.live_peers();
-            for node in others {
-                let Some(client) = self.peers.client(node) else {
-                    continue;
-                };
-                match client.call::<_, NodeReply>(&NodeRequest::DecidedCommit { tx }, RPC_TIMEOUT) {
-                    Ok(NodeReply::Decision(true)) => {
-                        self.note_decided_commit(tx);
-                        return NodeReply::Decision(true);
-                    }
-                    Ok(_) => {}
-                    Err(error) => {
-                        // Cannot be sure: ask again later rather than abort a decided commit.
-                        return NodeReply::Failed(FsError::Io(format!(
-                            "leader without the outcome cannot reach node {node}: {error}"
-                        )));
-                    }
-                }
-            }
+        if aborted.contains(tx) {
+            return NodeReply::Decision(false);
         }
-        aborted.insert(tx);
-        NodeReply::Decision(false)
+        let peers = self
+            .peers
+            .known()
+            .into_iter()
+            .filter(|node| *node != self.id);
+        let asked = to_ask(peers, |node| self.peers.is_lost(node));
+        let mut answers = Query::new(&asked);
+        let mut verdict = answers.verdict();
+        for node in asked {
+            if verdict.is_some() {
+                break;
+            }
+            let answer = match self.peers.client(node) {
+                Some(client) => client
+                    .call::<_, NodeReply>(&NodeRequest::DecidedCommit { tx }, RPC_TIMEOUT)
+                    .map_err(|error| error.to_string()),
+                None => Err("not known (not joined yet?)".into()),
+            };
+            let decided = match answer {
+                Ok(NodeReply::Decision(decided)) => Some(decided),
+                Ok(other) => {
+                    tracing::warn!(node, ?other, "unexpected answer to DecidedCommit");
+                    None
+                }
+                Err(error) => {
+                    tracing::info!(node, %error, ?tx, "leader without the outcome cannot ask this node yet; the asker asks again");
+                    None
+                }
+            };
+            verdict = answers.answered(node, decided);
+        }
+        match verdict.unwrap_or(Verdict::Unknown) {
+            Verdict::Decided => {
+                self.note_decided_commit(tx);
+                NodeReply::Decision(true)
+            }
+            Verdict::Aborted => {
+                aborted.insert(tx);
+                NodeReply::Decision(false)
+            }
+            // Cannot be sure: ask again later rather than abort a decided commit.
+            Verdict::Unknown => NodeReply::Failed(FsError::Io(format!(
+                "commit {tx:?}: not every node said whether it decided a copy"
+            ))),
+        }
     }
 
     pub fn serve_confirm(&self, txs: &[TxKey], node: NodeId) -> NodeReply {

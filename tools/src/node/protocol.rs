@@ -15,6 +15,7 @@ use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::copies::{CopyBook, Reached};
 use hotpot_core::proto::deciders::{Decider, Deciders};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
+use hotpot_core::proto::outcome::GivenUp;
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
 use hotpot_fs::Invalidator;
@@ -62,7 +63,7 @@ pub struct Protocol {
     ino_of: Mutex<HashMap<DatasetId, Ino>>,
     /// As a leader: commits this node promised never to decide (a follower asked for their
     /// outcome first). Held while the leader decides, so the two cannot interleave.
-    pub(super) aborted: Mutex<HashSet<TxKey>>,
+    pub(super) aborted: Mutex<GivenUp>,
     /// As an MRMW leader: pages locked in phase 1, by commit, and since when.
     pub(super) phase1_locks: Mutex<HashMap<TxKey, (Vec<PageKey>, Instant)>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
@@ -154,7 +155,7 @@ impl Protocol {
             rebuilding: AtomicBool::new(false),
             cached_inos: Mutex::new(HashSet::new()),
             ino_of: Mutex::new(HashMap::new()),
-            aborted: Mutex::new(HashSet::new()),
+            aborted: Mutex::new(GivenUp::default()),
             followers: Mutex::new(HashMap::new()),
             phase1_locks: Mutex::new(HashMap::new()),
             deciders: Mutex::new(Deciders::default()),
@@ -386,15 +387,6 @@ impl Protocol {
         self.peers
             .client(node)
             .ok_or_else(|| FsError::Io(format!("node {node} is not known (not joined yet?)")))
-    }
-
-    /// The live nodes other than this one, in id order.
-    pub(super) fn live_peers(&self) -> Vec<NodeId> {
-        self.peers
-            .live()
-            .into_iter()
-            .filter(|node| *node != self.id)
-            .collect()
     }
 
     fn call(&self, node: NodeId, request: &NodeRequest) -> Result<NodeReply, NetError> {
@@ -700,7 +692,7 @@ impl Protocol {
         let page_ids: Vec<u64> = pages.iter().map(|write| write.page).collect();
         let applied = {
             let aborted = self.aborted.lock().expect("aborted lock");
-            if aborted.contains(&tx) {
+            if aborted.contains(tx) {
                 Err(FsError::Io(format!(
                     "commit {tx:?} was already given up by its followers (it took too long)"
                 )))

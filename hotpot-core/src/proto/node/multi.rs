@@ -13,17 +13,15 @@ use super::{Machine, Purpose};
 use crate::page::TxKey;
 use crate::pm::{PageKey, TxRole, TxTag};
 use crate::proto::messages::{NodeReply, NodeRequest};
+use crate::proto::outcome::{to_ask, GivenUp, Query, Verdict};
 use crate::proto::types::{DatasetId, FsError, NodeId};
-
-/// How many given-up commits a leader remembers (a late phase 2 of one is refused).
-const ABORTED_KEPT: usize = 4_096;
 
 #[derive(Default)]
 pub(super) struct MultiState {
     /// As a leader: pages locked in phase 1, by commit, and since when.
     phase1: BTreeMap<TxKey, (Vec<PageKey>, u64)>,
     /// Commits given up here: a late phase 2 (leader) or prepare (follower) is refused.
-    aborted: BTreeSet<TxKey>,
+    aborted: GivenUp,
     /// As a leader: when each kept outcome was first seen waiting for confirmations.
     outcome_seen: BTreeMap<TxKey, u64>,
     /// As a leader: outcomes whose nodes are being asked `Pending`, and who has not answered.
@@ -33,21 +31,9 @@ pub(super) struct MultiState {
     queries: BTreeMap<TxKey, OutcomeQuery>,
 }
 
-#[derive(Default)]
 struct OutcomeQuery {
     askers: Vec<(NodeId, u64)>,
-    awaiting: BTreeSet<NodeId>,
-}
-
-impl MultiState {
-    fn give_up(&mut self, tx: TxKey) {
-        if self.aborted.len() >= ABORTED_KEPT {
-            if let Some(oldest) = self.aborted.iter().next().copied() {
-                self.aborted.remove(&oldest);
-            }
-        }
-        self.aborted.insert(tx);
-    }
+    answers: Query,
 }
 
 impl Machine {
@@ -60,7 +46,7 @@ impl Machine {
         locked: bool,
     ) -> Result<(), FsError> {
         // Given up, or being asked about (the answer may be that it is given up).
-        let settling = self.multi.aborted.contains(&tx) || self.multi.queries.contains_key(&tx);
+        let settling = self.multi.aborted.contains(tx) || self.multi.queries.contains_key(&tx);
         if role != Role::Single && settling {
             return Err(FsError::Io(format!(
                 "commit {tx:?} was given up here (it took too long)"
@@ -85,7 +71,7 @@ impl Machine {
         if let Some(reply) = self.not_owner(dataset, pages) {
             return reply;
         }
-        if self.multi.aborted.contains(&tx) {
+        if self.multi.aborted.contains(tx) {
             return NodeReply::Failed(FsError::Io(format!("commit {tx:?} was given up")));
         }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
@@ -113,7 +99,7 @@ impl Machine {
     ) -> NodeReply {
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
         self.multi.phase1.remove(&tx);
-        self.multi.give_up(tx);
+        self.multi.aborted.insert(tx);
         self.unlock(tx, &keys);
         NodeReply::Done
     }
@@ -131,7 +117,7 @@ impl Machine {
             .collect();
         for tx in expired {
             if let Some((keys, _)) = self.multi.phase1.remove(&tx) {
-                self.multi.give_up(tx);
+                self.multi.aborted.insert(tx);
                 self.unlock(tx, &keys);
             }
         }
@@ -211,7 +197,7 @@ impl Machine {
 
     /// The commit is given up: the follower's record and its targets' copies go.
     pub(super) fn follower_abort(&mut self, tx: TxKey) {
-        self.multi.give_up(tx);
+        self.multi.aborted.insert(tx);
         if self.owner.commits.contains_key(&tx) {
             return self.abort_commit(tx, "the commit was given up".into());
         }
@@ -285,26 +271,26 @@ impl Machine {
         // No outcome here: never decided, or decided and forgotten (every node confirmed),
         // or lost with this node's PM (at this start or an earlier one). Every node is asked
         // whether it decided a copy of `tx` before the answer is given for good.
-        if !self.multi.aborted.contains(&tx) {
-            let asking = self.multi.queries.contains_key(&tx);
-            let query = self.multi.queries.entry(tx).or_default();
-            query.askers.push((from, call));
-            if !asking {
-                // A lost node (down, replaced) decided nothing since: it is not asked.
-                let peers: Vec<NodeId> = self
-                    .config
-                    .peers()
-                    .into_iter()
-                    .filter(|peer| !self.successors.contains_key(peer) || self.live.contains(peer))
-                    .collect();
-                query.awaiting = peers.iter().copied().collect();
-                for peer in peers {
-                    let request = NodeRequest::DecidedCommit { tx };
-                    self.send(peer, request, Purpose::DecidedCommit { tx });
-                }
-                if self.multi.queries[&tx].awaiting.is_empty() {
-                    self.answer_outcome_query(tx, Some(false));
-                }
+        if !self.multi.aborted.contains(tx) {
+            if let Some(query) = self.multi.queries.get_mut(&tx) {
+                query.askers.push((from, call));
+                return;
+            }
+            let peers = to_ask(self.config.peers(), |peer| {
+                self.successors.contains_key(&peer) && !self.live.contains(&peer)
+            });
+            let query = OutcomeQuery {
+                askers: vec![(from, call)],
+                answers: Query::new(&peers),
+            };
+            let verdict = query.answers.verdict();
+            self.multi.queries.insert(tx, query);
+            for peer in peers {
+                let request = NodeRequest::DecidedCommit { tx };
+                self.send(peer, request, Purpose::DecidedCommit { tx });
+            }
+            if let Some(verdict) = verdict {
+                self.answer_outcome_query(tx, verdict);
             }
             return;
         }
@@ -313,7 +299,7 @@ impl Machine {
     }
 
     fn give_up_commit(&mut self, tx: TxKey) {
-        self.multi.give_up(tx);
+        self.multi.aborted.insert(tx);
         if let Some((keys, _)) = self.multi.phase1.remove(&tx) {
             self.unlock(tx, &keys);
         }
@@ -329,33 +315,30 @@ impl Machine {
         let Some(query) = self.multi.queries.get_mut(&tx) else {
             return;
         };
-        match reply {
-            Some(NodeReply::Decision(true)) => return self.answer_outcome_query(tx, Some(true)),
-            Some(NodeReply::Decision(false)) => {
-                query.awaiting.remove(&from);
-            }
+        let decided = match reply {
+            Some(NodeReply::Decision(decided)) => Some(decided),
             // Unknown: the asker asks again later.
-            _ => return self.answer_outcome_query(tx, None),
-        }
-        if query.awaiting.is_empty() {
-            self.answer_outcome_query(tx, Some(false));
+            _ => None,
+        };
+        if let Some(verdict) = query.answers.answered(from, decided) {
+            self.answer_outcome_query(tx, verdict);
         }
     }
 
-    fn answer_outcome_query(&mut self, tx: TxKey, decided: Option<bool>) {
+    fn answer_outcome_query(&mut self, tx: TxKey, verdict: Verdict) {
         let Some(query) = self.multi.queries.remove(&tx) else {
             return;
         };
-        let reply = match decided {
-            Some(true) => {
+        let reply = match verdict {
+            Verdict::Decided => {
                 self.note_decided_commit(tx);
                 NodeReply::Decision(true)
             }
-            Some(false) => {
+            Verdict::Aborted => {
                 self.give_up_commit(tx);
                 NodeReply::Decision(false)
             }
-            None => NodeReply::Failed(FsError::Io(format!(
+            Verdict::Unknown => NodeReply::Failed(FsError::Io(format!(
                 "commit {tx:?}: not every node said whether it decided a copy"
             ))),
         };
