@@ -13,6 +13,12 @@
 //! machine's rule; the daemon asked only the live peers until session 14, and could answer
 //! "aborted" for a commit whose one decided copy was on a node that was restarting).
 //!
+//! A kept outcome is forgotten once the same nodes all said nothing of theirs waits for it
+//! (`Pending`): a follower record or a copy prepared for the commit. A node that is only down
+//! keeps it (its record will ask when it is back). Until session 14 the machine also waited
+//! for lost nodes, which never answer (the outcome stayed for good), and the daemon asked only
+//! live nodes, after waiting for the commit's participants that were down.
+//!
 //! Must survive: a peer that never answers (unknown, never aborted), a commit asked about
 //! twice (one answer), a leader that gives up more commits than it can remember (the oldest
 //! go first).

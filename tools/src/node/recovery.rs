@@ -22,6 +22,7 @@ use hotpot_core::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
+use hotpot_core::proto::outcome::to_ask;
 use hotpot_core::proto::replication::more_copies;
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId, PageCopy};
 
@@ -759,7 +760,9 @@ impl Protocol {
     }
 
     /// A kept outcome nobody confirmed in time (a participant crashed, a target missed a
-    /// decision) is freed once every participant is live and no live node waits for it.
+    /// decision) is freed once no node but the lost ones waits for it (`proto/outcome.rs`): a
+    /// node that is down may still hold a record that will ask; one replaced by a promotion
+    /// owns nothing any more and does not count.
     fn resolve_outcomes(&self, seen: &mut HashMap<TxKey, Instant>) {
         let waiting = self.table().outcomes_waiting();
         seen.retain(|tx, _| waiting.iter().any(|(kept, _)| kept == tx));
@@ -768,27 +771,22 @@ impl Protocol {
             if first.elapsed() < resolve_after() {
                 continue;
             }
-            let live = self.peers.live();
-            let participants = TxTag::ids(participants);
-            // A participant that is down may still hold a record that will ask; one replaced
-            // by a promotion owns nothing any more and does not count.
-            let replaced = self.peers.successors();
-            if participants.iter().any(|node| {
-                *node != self.id && !live.contains(node) && !replaced.contains_key(node)
-            }) {
-                continue;
-            }
-            let nobody_waits = live.iter().all(|node| {
-                let answer = if *node == self.id {
-                    Ok(self.serve_pending(tx))
-                } else {
-                    self.ask(*node, &NodeRequest::Pending { tx })
-                };
-                matches!(answer, Ok(NodeReply::Decision(false)))
-            });
+            let peers = self
+                .peers
+                .known()
+                .into_iter()
+                .filter(|node| *node != self.id);
+            let asked = to_ask(peers, |node| self.peers.is_lost(node));
+            let nobody_waits = matches!(self.serve_pending(tx), NodeReply::Decision(false))
+                && asked.iter().all(|node| {
+                    matches!(
+                        self.ask(*node, &NodeRequest::Pending { tx }),
+                        Ok(NodeReply::Decision(false))
+                    )
+                });
             if nobody_waits {
                 let mut table = self.table();
-                for node in participants {
+                for node in TxTag::ids(participants) {
                     table.confirm_outcome(tx, node);
                 }
             }

@@ -374,15 +374,20 @@ impl Machine {
             || self.target_waits_for(tx)
     }
 
-    /// A leader's kept outcomes not confirmed for `resolve_after_ms`: every other node is
-    /// asked whether it still waits for one; when none does, it is forgotten.
+    /// A leader's kept outcomes not confirmed for `resolve_after_ms`: every other node but the
+    /// lost ones is asked whether it still waits for one (`proto/outcome.rs`); when none does,
+    /// it is forgotten.
     pub(super) fn sweep_outcomes(&mut self) {
         let now = self.now_ms;
         let waiting = self.table.outcomes_waiting();
         let kept: BTreeSet<TxKey> = waiting.iter().map(|(tx, _)| *tx).collect();
         self.multi.outcome_seen.retain(|tx, _| kept.contains(tx));
         self.multi.sweeps.retain(|tx, _| kept.contains(tx));
-        let peers: BTreeSet<NodeId> = self.config.peers().into_iter().collect();
+        let peers: BTreeSet<NodeId> = to_ask(self.config.peers(), |peer| {
+            self.successors.contains_key(&peer) && !self.live.contains(&peer)
+        })
+        .into_iter()
+        .collect();
         for (tx, _) in waiting {
             let seen = *self.multi.outcome_seen.entry(tx).or_insert(now);
             if now < seen + self.config.timing.resolve_after_ms
