@@ -496,7 +496,14 @@ impl Protocol {
         change: impl FnOnce(&mut CopyBook) -> T,
     ) -> T {
         let mut state = self.owner_state();
-        state.applied.extend(keys.iter().copied());
+        // Only keys locked now: their unlock clears the mark (one left behind would let
+        // fetches read through a later commit's lock).
+        let locked: Vec<PageKey> = keys
+            .iter()
+            .copied()
+            .filter(|key| state.locked.contains_key(key))
+            .collect();
+        state.applied.extend(locked);
         let changed = change(&mut state.copies);
         drop(state);
         self.unlocked.notify_all();

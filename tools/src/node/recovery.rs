@@ -491,6 +491,10 @@ impl Protocol {
     /// decided after a restart, when the holders that prepared it are not known.
     /// Returns whether every live holder got them.
     pub(super) fn push_to_holders(&self, dataset: DatasetId, keys: &[PageKey]) -> bool {
+        // Decided here: fetches of these pages need not wait for the Installs below, which
+        // drop the holders' kernel copies and so wait for their reads in flight (the stall
+        // `copy_to` avoids the same way, and `announce` before its Decides).
+        self.copies_final(keys, |_| ());
         let live = self.peers.live();
         let copies = self.persisted_copies(keys);
         self.invalidate_dataset(dataset, &keys.iter().map(|key| key.1).collect::<Vec<_>>());
