@@ -12,9 +12,10 @@
 //! one commit settled at once by one answer of its leader, a node deciding more commits than it
 //! can remember (the oldest go first).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 
 use crate::page::TxKey;
+use crate::proto::recent::Recent;
 use crate::proto::types::NodeId;
 
 /// How many decided commits across owners a node remembers for leaders that lost their PM.
@@ -32,8 +33,7 @@ pub struct Decider {
 #[derive(Default, Debug)]
 pub struct Deciders {
     waiting: BTreeMap<TxKey, Decider>,
-    decided: BTreeSet<TxKey>,
-    decided_order: VecDeque<TxKey>,
+    decided: Recent<DECIDED_KEPT>,
 }
 
 impl Deciders {
@@ -103,19 +103,12 @@ impl Deciders {
     /// This node decided a copy of commit `commit` across owners (its own part as a
     /// follower included).
     pub fn note_decided_commit(&mut self, commit: TxKey) {
-        if self.decided.insert(commit) {
-            self.decided_order.push_back(commit);
-            if self.decided_order.len() > DECIDED_KEPT {
-                if let Some(oldest) = self.decided_order.pop_front() {
-                    self.decided.remove(&oldest);
-                }
-            }
-        }
+        self.decided.insert(commit);
     }
 
     /// Whether this node decided a copy of commit `commit` (among the newest `DECIDED_KEPT`).
     pub fn decided_commit(&self, commit: TxKey) -> bool {
-        self.decided.contains(&commit)
+        self.decided.contains(commit)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod dispatcher;
 pub mod messages;
 pub mod node;
 pub mod outcome;
+pub mod recent;
 pub mod replication;
 pub mod staged;
 pub mod types;

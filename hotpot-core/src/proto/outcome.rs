@@ -23,9 +23,9 @@
 //! twice (one answer), a leader that gives up more commits than it can remember (the oldest
 //! go first).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
-use crate::page::TxKey;
+use crate::proto::recent::Recent;
 use crate::proto::types::NodeId;
 
 /// How many given-up commits a leader remembers (a late phase 2 of one is refused).
@@ -82,28 +82,7 @@ impl Query {
 }
 
 /// Commits a leader gave up for good, the newest `GIVEN_UP_KEPT`.
-#[derive(Default, Debug)]
-pub struct GivenUp {
-    set: BTreeSet<TxKey>,
-    order: VecDeque<TxKey>,
-}
-
-impl GivenUp {
-    pub fn insert(&mut self, tx: TxKey) {
-        if self.set.insert(tx) {
-            self.order.push_back(tx);
-            if self.order.len() > GIVEN_UP_KEPT {
-                if let Some(oldest) = self.order.pop_front() {
-                    self.set.remove(&oldest);
-                }
-            }
-        }
-    }
-
-    pub fn contains(&self, tx: TxKey) -> bool {
-        self.set.contains(&tx)
-    }
-}
+pub type GivenUp = Recent<GIVEN_UP_KEPT>;
 
 #[cfg(test)]
 mod tests {
