@@ -4,21 +4,11 @@
 //! mounted, read acknowledged commits of other nodes old for good. A stopped node is a crash:
 //! it restarts on its PM file and catches up.
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use hotpot_tests::{fuse_available, page_pattern, Cluster, Mapping};
 
 const PAGES: u64 = 16;
-
-fn first_page(cluster: &Cluster, node: u32) -> Vec<u8> {
-    let mut bytes = vec![0u8; 4096];
-    std::fs::File::open(cluster.mount(node).join("data"))
-        .unwrap_or_else(|error| panic!("open on node {node}: {error}"))
-        .read_exact(&mut bytes)
-        .unwrap_or_else(|error| panic!("read on node {node}: {error}"));
-    bytes
-}
 
 #[test]
 fn a_panic_in_any_thread_stops_the_node() {
@@ -61,5 +51,5 @@ fn a_panic_in_any_thread_stops_the_node() {
     mapping
         .msync()
         .expect("a commit with the restarted replica is acknowledged");
-    assert_eq!(first_page(&cluster, replica), page_pattern(1, 0));
+    assert_eq!(cluster.first_page(replica, "data"), page_pattern(1, 0));
 }

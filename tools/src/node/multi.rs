@@ -198,12 +198,7 @@ impl Protocol {
         if aborted.contains(tx) {
             return NodeReply::Decision(false);
         }
-        let peers = self
-            .peers
-            .known()
-            .into_iter()
-            .filter(|node| *node != self.id);
-        let asked = to_ask(peers, |node| self.peers.is_lost(node));
+        let asked = self.outcome_askees();
         let mut answers = Query::new(&asked);
         let mut verdict = answers.verdict();
         for node in asked {
@@ -243,6 +238,16 @@ impl Protocol {
                 "commit {tx:?}: not every node said whether it decided a copy"
             ))),
         }
+    }
+
+    /// Who a leader asks about a commit whose outcome it does not keep (`proto/outcome.rs`).
+    pub(super) fn outcome_askees(&self) -> Vec<NodeId> {
+        let peers = self
+            .peers
+            .known()
+            .into_iter()
+            .filter(|node| *node != self.id);
+        to_ask(peers, |node| self.peers.is_lost(node))
     }
 
     pub fn serve_confirm(&self, txs: &[TxKey], node: NodeId) -> NodeReply {

@@ -22,7 +22,6 @@ use hotpot_core::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
-use hotpot_core::proto::outcome::to_ask;
 use hotpot_core::proto::replication::more_copies;
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId, PageCopy};
 
@@ -775,12 +774,7 @@ impl Protocol {
             if first.elapsed() < resolve_after() {
                 continue;
             }
-            let peers = self
-                .peers
-                .known()
-                .into_iter()
-                .filter(|node| *node != self.id);
-            let asked = to_ask(peers, |node| self.peers.is_lost(node));
+            let asked = self.outcome_askees();
             let nobody_waits = matches!(self.serve_pending(tx), NodeReply::Decision(false))
                 && asked.iter().all(|node| {
                     matches!(

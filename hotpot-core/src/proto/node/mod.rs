@@ -128,6 +128,11 @@ impl Machine {
         }
     }
 
+    /// Replaced by a promotion and counted down: what it held is on other nodes.
+    pub(super) fn is_lost(&self, node: NodeId) -> bool {
+        self.successors.contains_key(&node) && !self.live.contains(&node)
+    }
+
     /// `node` just asked this owner for a copy: it is up, whatever the last view said, so
     /// the next commit counts it (and sends it the new bytes) at once.
     pub(super) fn mark_live(&mut self, node: NodeId) {

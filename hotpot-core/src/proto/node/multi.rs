@@ -276,9 +276,7 @@ impl Machine {
                 query.askers.push((from, call));
                 return;
             }
-            let peers = to_ask(self.config.peers(), |peer| {
-                self.successors.contains_key(&peer) && !self.live.contains(&peer)
-            });
+            let peers = self.outcome_askees();
             let query = OutcomeQuery {
                 askers: vec![(from, call)],
                 answers: Query::new(&peers),
@@ -296,6 +294,11 @@ impl Machine {
         }
         self.give_up_commit(tx);
         self.reply(from, call, NodeReply::Decision(false));
+    }
+
+    /// Who a leader asks about a commit whose outcome it does not keep (`proto/outcome.rs`).
+    fn outcome_askees(&self) -> Vec<NodeId> {
+        to_ask(self.config.peers(), |peer| self.is_lost(peer))
     }
 
     fn give_up_commit(&mut self, tx: TxKey) {
@@ -383,11 +386,7 @@ impl Machine {
         let kept: BTreeSet<TxKey> = waiting.iter().map(|(tx, _)| *tx).collect();
         self.multi.outcome_seen.retain(|tx, _| kept.contains(tx));
         self.multi.sweeps.retain(|tx, _| kept.contains(tx));
-        let peers: BTreeSet<NodeId> = to_ask(self.config.peers(), |peer| {
-            self.successors.contains_key(&peer) && !self.live.contains(&peer)
-        })
-        .into_iter()
-        .collect();
+        let peers: BTreeSet<NodeId> = self.outcome_askees().into_iter().collect();
         for (tx, _) in waiting {
             let seen = *self.multi.outcome_seen.entry(tx).or_insert(now);
             if now < seen + self.config.timing.resolve_after_ms

@@ -395,8 +395,7 @@ impl Machine {
             };
             let owned = self.pages_of(&dataset, pages, if learn { me } else { peer });
             // A lost node (down, replaced) has nothing to tell: its copies are on others.
-            let lost = self.successors.contains_key(&peer) && !self.live.contains(&peer);
-            if owned.is_empty() || (learn && lost) {
+            if owned.is_empty() || (learn && self.is_lost(peer)) {
                 // Nothing to learn or tell.
                 if learn {
                     self.target.rejoin.remove(&(peer, dataset_id));
