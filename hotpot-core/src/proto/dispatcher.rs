@@ -19,6 +19,10 @@ use namespace::check_name;
 /// Dataset versions a home or MRSW writer takes at once (docs/design.md, "Dataset versions").
 pub const VERSION_BLOCK: u64 = 1024;
 
+fn version_block() -> u64 {
+    VERSION_BLOCK
+}
+
 /// A node is live while its last heartbeat is younger than this.
 pub const NODE_TIMEOUT_MS: u64 = 3_000;
 
@@ -63,6 +67,10 @@ pub struct DispatcherState {
     /// Per dataset: the first dataset version of the next block a home or writer takes.
     #[serde(default)]
     version_blocks: BTreeMap<DatasetId, u64>,
+    /// How many versions a block holds (`VERSION_BLOCK`; smaller in `hotpot-sim`, so its
+    /// short runs use blocks up).
+    #[serde(default = "version_block")]
+    version_block: u64,
     /// Per node: how many times it joined.
     #[serde(default)]
     incarnations: BTreeMap<NodeId, u64>,
@@ -108,6 +116,7 @@ impl DispatcherState {
             nodes: BTreeMap::new(),
             leases: BTreeMap::new(),
             version_blocks: BTreeMap::new(),
+            version_block: VERSION_BLOCK,
             incarnations: BTreeMap::new(),
             user_locks: BTreeMap::new(),
             barriers: BTreeMap::new(),
@@ -124,6 +133,22 @@ impl DispatcherState {
 
     pub fn set_promote_after_ms(&mut self, ms: u64) {
         self.promote_after_ms = ms;
+    }
+
+    /// Blocks of `size` versions from now on (persisted; set before any is granted).
+    pub fn set_version_block(&mut self, size: u64) {
+        assert!(size > 0, "a version block holds at least one version");
+        self.version_block = size;
+    }
+
+    pub fn version_block(&self) -> u64 {
+        self.version_block
+    }
+
+    /// `dataset`'s first block belongs to its first home (`Dataset::first_home`), which
+    /// gives its versions without asking: the blocks granted start after it.
+    pub fn first_block_taken(&mut self, dataset: DatasetId) {
+        self.version_blocks.insert(dataset, 1 + self.version_block);
     }
 
     /// Promote a successor for every node silent longer than `promote_after_ms` that still
@@ -312,9 +337,7 @@ impl DispatcherState {
                     owners,
                     first_home: Some((first_home, incarnation)),
                 };
-                // The first block is the first home's (it needs no request for it).
-                self.version_blocks
-                    .insert(self.next_dataset, 1 + VERSION_BLOCK);
+                self.first_block_taken(self.next_dataset);
                 self.next_dataset += 1;
                 let attr = self.add_child(
                     parent,
@@ -451,7 +474,7 @@ impl DispatcherState {
             R::VersionBlock { dataset } => {
                 let start = self.version_blocks.entry(dataset).or_insert(1);
                 let block = *start;
-                *start += VERSION_BLOCK;
+                *start += self.version_block;
                 (DispatcherReply::VersionBlock { start: block }, true)
             }
             R::ReleaseLease { dataset, node } => {

@@ -11,3 +11,4 @@ pub mod recent;
 pub mod replication;
 pub mod staged;
 pub mod types;
+pub mod versions;

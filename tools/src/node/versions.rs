@@ -18,6 +18,7 @@ use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId, VersionCounts};
+use hotpot_core::proto::versions::{Give, Sequencer};
 
 use super::protocol::{Protocol, RPC_TIMEOUT};
 
@@ -26,53 +27,23 @@ pub const PIN_LEASE: Duration = Duration::from_secs(10);
 /// How often a viewing node renews its pins.
 pub const PIN_RENEW_EVERY: Duration = Duration::from_secs(2);
 
-/// The versions of one dataset this node (home or writer) may still give out: `next..end`, then the spare
-/// block starting at `spare` (taken ahead, so commits rarely wait for the dispatcher).
-#[derive(Clone, Copy, Debug)]
-struct Blocks {
-    next: u64,
-    end: u64,
-    spare: Option<u64>,
-}
-
-impl Blocks {
-    fn starting_at(start: u64) -> Blocks {
-        Blocks {
-            next: start,
-            end: start + VERSION_BLOCK,
-            spare: None,
-        }
-    }
-
-    /// The newest version given out from these blocks (0 before the first), also once the
-    /// current block is used up.
-    fn latest(&self) -> u64 {
-        self.next - 1
-    }
-
-    /// The next version. A used-up block is followed by the spare, or with none by the block
-    /// `new_block` takes from the dispatcher.
-    fn take<E>(&mut self, new_block: impl FnOnce() -> Result<u64, E>) -> Result<u64, E> {
-        if self.next == self.end {
-            let start = match self.spare {
-                Some(start) => start,
-                None => new_block()?,
-            };
-            *self = Blocks::starting_at(start);
-        }
-        self.next += 1;
-        Ok(self.next - 1)
-    }
-}
-
-#[derive(Default)]
 pub struct Published {
     /// This node's incarnation (how many times it joined the cluster).
     incarnation: AtomicU64,
-    /// As a home or writer: per dataset, the current block.
-    blocks: Mutex<HashMap<DatasetId, Blocks>>,
+    /// As a home or writer: the versions it may give out (proto/versions.rs).
+    blocks: Mutex<Sequencer>,
     /// As an owner: when each pin was last renewed.
     leases: Mutex<HashMap<ViewKey, Instant>>,
+}
+
+impl Default for Published {
+    fn default() -> Published {
+        Published {
+            incarnation: AtomicU64::new(0),
+            blocks: Mutex::new(Sequencer::new(VERSION_BLOCK)),
+            leases: Mutex::default(),
+        }
+    }
 }
 
 impl Protocol {
@@ -95,11 +66,11 @@ impl Protocol {
     /// out are all below it), so its first commit needs no dispatcher.
     pub fn start_writing(&self, dataset: &Dataset) -> Result<(), FsError> {
         let mut blocks = self.published.blocks.lock().expect("version blocks lock");
-        if blocks.contains_key(&dataset.id) {
+        if blocks.has(dataset.id) {
             return Ok(());
         }
         let start = self.take_block(dataset.id)?;
-        blocks.insert(dataset.id, Blocks::starting_at(start));
+        blocks.add_block(dataset.id, start);
         Ok(())
     }
 
@@ -108,7 +79,7 @@ impl Protocol {
             .blocks
             .lock()
             .expect("version blocks lock")
-            .contains_key(&dataset.id)
+            .has(dataset.id)
     }
 
     /// This node gave an MRSW dataset's lease back: another writer's versions come next.
@@ -117,7 +88,7 @@ impl Protocol {
             .blocks
             .lock()
             .expect("version blocks lock")
-            .remove(&dataset.id);
+            .drop_dataset(dataset.id);
     }
 
     /// Ask the home for a version: the next one (`take`) or the latest given out.
@@ -203,27 +174,17 @@ impl Protocol {
     }
 
     fn give_version(&self, dataset: &Dataset, take: bool) -> Result<u64, FsError> {
-        let incarnation = self.published.incarnation.load(Ordering::Relaxed);
+        let me = (self.id, self.published.incarnation.load(Ordering::Relaxed));
         let mut blocks = self.published.blocks.lock().expect("version blocks lock");
-        let mut current = match blocks.get(&dataset.id).copied() {
-            Some(current) => current,
-            // The incarnation that created an MRMW dataset owns the first block as its home
-            // (an MRSW writer takes a block when it takes the lease).
-            None if dataset.params.mode == Mode::Mrmw
-                && dataset.first_home == Some((self.id, incarnation)) =>
-            {
-                Blocks::starting_at(1)
+        loop {
+            match blocks.give(dataset, me, take) {
+                Give::Version(version) => return Ok(version),
+                Give::NeedBlock => {
+                    let start = self.take_block(dataset.id)?;
+                    blocks.add_block(dataset.id, start);
+                }
             }
-            None => Blocks::starting_at(self.take_block(dataset.id)?),
-        };
-        let answer = if take {
-            current.take(|| self.take_block(dataset.id))?
-        } else {
-            // A used-up block still knows the latest: a new one is taken for the next commit.
-            current.latest()
-        };
-        blocks.insert(dataset.id, current);
-        Ok(answer)
+        }
     }
 
     pub fn set_incarnation(&self, incarnation: u64) {
@@ -245,7 +206,7 @@ impl Protocol {
                         .blocks
                         .lock()
                         .expect("version blocks lock")
-                        .insert(dataset.id, Blocks::starting_at(start));
+                        .add_block(dataset.id, start);
                 }
                 Err(error) => {
                     tracing::warn!(dataset = dataset.id, %error, "no version block yet; asked again at the first commit")
@@ -256,29 +217,20 @@ impl Protocol {
 
     /// From the heartbeat: a spare block for every block more than half given out.
     pub fn refill_version_blocks(&self) {
-        let low: Vec<DatasetId> = self
+        let low = self
             .published
             .blocks
             .lock()
             .expect("version blocks lock")
-            .iter()
-            .filter(|(_, blocks)| {
-                blocks.spare.is_none() && blocks.end - blocks.next <= VERSION_BLOCK / 2
-            })
-            .map(|(dataset, _)| *dataset)
-            .collect();
+            .running_low();
         for dataset in low {
             let Ok(start) = self.take_block(dataset) else {
                 return; // the dispatcher is away: the next heartbeat tries again
             };
-            if let Some(blocks) = self
-                .published
-                .blocks
-                .lock()
-                .expect("version blocks lock")
-                .get_mut(&dataset)
-            {
-                blocks.spare.get_or_insert(start);
+            let mut blocks = self.published.blocks.lock().expect("version blocks lock");
+            // Not if the lease went meanwhile (an MRSW writer that stopped writing).
+            if blocks.has(dataset) {
+                blocks.add_block(dataset, start);
             }
         }
     }
@@ -426,46 +378,5 @@ impl Protocol {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Blocks, VERSION_BLOCK};
-
-    /// A block from the dispatcher, which must not be asked for one.
-    fn no_dispatcher() -> Result<u64, &'static str> {
-        Err("asked the dispatcher")
-    }
-
-    #[test]
-    fn a_used_up_block_still_answers_the_latest_version() {
-        let mut blocks = Blocks::starting_at(1);
-        assert_eq!(blocks.latest(), 0);
-        for version in 1..=VERSION_BLOCK {
-            assert_eq!(blocks.take(no_dispatcher), Ok(version));
-        }
-        // Every version of the block given out: the latest is its last (this panicked in
-        // session 13's chaos runs and took the home's heartbeat thread down with it).
-        assert_eq!(blocks.latest(), VERSION_BLOCK);
-        assert_eq!(blocks.take(no_dispatcher), Err("asked the dispatcher"));
-        assert_eq!(blocks.latest(), VERSION_BLOCK);
-        assert_eq!(
-            blocks.take(|| Ok::<_, ()>(1 + 3 * VERSION_BLOCK)),
-            Ok(1 + 3 * VERSION_BLOCK)
-        );
-        assert_eq!(blocks.latest(), 1 + 3 * VERSION_BLOCK);
-    }
-
-    #[test]
-    fn the_spare_block_follows_a_used_up_one() {
-        let mut blocks = Blocks::starting_at(1);
-        blocks.spare = Some(1 + 5 * VERSION_BLOCK);
-        for _ in 0..VERSION_BLOCK {
-            blocks.take(no_dispatcher).unwrap();
-        }
-        assert_eq!(blocks.take(no_dispatcher), Ok(1 + 5 * VERSION_BLOCK));
-        assert_eq!(blocks.spare, None);
-        assert_eq!(blocks.latest(), 1 + 5 * VERSION_BLOCK);
     }
 }
