@@ -14,6 +14,8 @@ use std::fmt;
 use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::types::{DatasetId, NodeId};
 
+mod versions;
+
 use crate::workload::{slot_offset, stamp_of, ReadRecord, Status, Workload, SLOT_BYTES};
 use crate::world::World;
 

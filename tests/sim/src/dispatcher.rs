@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use hotpot_core::proto::dispatcher::DispatcherState;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
-use hotpot_core::proto::types::{DatasetParams, Mode, NodeId};
+use hotpot_core::proto::types::{DatasetId, DatasetParams, Mode, NodeId};
+
+use crate::options::Options;
 
 pub(crate) struct SimDispatcher {
     live: Option<DispatcherState>,
@@ -22,7 +24,10 @@ pub(crate) struct SimDispatcher {
 }
 
 impl SimDispatcher {
-    pub(crate) fn new(cluster_id: u64, promote_after_ms: u64) -> SimDispatcher {
+    /// `datasets`: the cluster's datasets, made before it started (their first blocks are
+    /// their first homes').
+    pub(crate) fn new(cluster_id: u64, options: &Options, datasets: &[DatasetId]) -> SimDispatcher {
+        let promote_after_ms = options.promote_after_ms;
         let params = DatasetParams {
             mode: Mode::Mrsw,
             replicas: 2,
@@ -30,6 +35,10 @@ impl SimDispatcher {
         };
         let mut state = DispatcherState::new(cluster_id, params, 0);
         state.set_promote_after_ms(promote_after_ms);
+        state.set_version_block(options.version_block);
+        for dataset in datasets {
+            state.first_block_taken(*dataset);
+        }
         let persisted = serde_json::to_vec(&state).expect("dispatcher state serialises");
         SimDispatcher {
             live: Some(state),

@@ -45,6 +45,8 @@ enum Plant {
     SkipLock,
     /// The owner does not send holders the new copy.
     SkipInvalidation,
+    /// A home gives out the first block's versions again after a restart or a promotion.
+    ReuseVersions,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -54,6 +56,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::AckBeforePersist => bugs.ack_before_persist = true,
             Plant::SkipLock => bugs.skip_commit_lock = true,
             Plant::SkipInvalidation => bugs.skip_holder_invalidation = true,
+            Plant::ReuseVersions => bugs.reuse_first_block = true,
         }
     }
     bugs

@@ -49,6 +49,9 @@ pub struct Options {
     /// the dispatcher off and its messages are never lost, so only a crashed node stays
     /// silent that long (and a crashed node stays down up to 8 s) (promotion assumes it is dead; docs/design.md, "Owner promotion").
     pub promote_after_ms: u64,
+    /// Dataset versions per block the dispatcher grants (small, so homes run out of
+    /// versions and take new blocks within a seed).
+    pub version_block: u64,
     /// Virtual milliseconds of workload (faults only in this phase).
     pub workload_ms: u64,
     /// Pause between a client's operations, bounds in ms.
@@ -110,9 +113,17 @@ impl Options {
             workload_ms: rng.random_range(2_000..=8_000),
             think_ms: (0, rng.random_range(1..=40)),
             promote_after_ms: 0,
+            version_block: 0,
             bugs,
         }
         .with_promotion(rng)
+        .with_version_block(rng)
+    }
+
+    /// Drawn after promotion, so a seed's other options are what they were before versions.
+    fn with_version_block(mut self, rng: &mut ChaCha8Rng) -> Options {
+        self.version_block = rng.random_range(1..=6);
+        self
     }
 
     /// Drawn last, so the other options of a seed are what they were before promotion.
@@ -139,7 +150,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -157,6 +168,7 @@ impl fmt::Display for Options {
                 0 => "never".to_string(),
                 ms => format!("after {ms} ms"),
             },
+            self.version_block,
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

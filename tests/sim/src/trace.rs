@@ -65,6 +65,8 @@ pub(crate) fn describe(message: &Message) -> String {
             }
         }
         Message::FromDispatcher(reply) => format!("dispatcher reply {reply:?}"),
+        Message::DispatcherCall { call, request } => format!("dispatcher call {call} {request:?}"),
+        Message::DispatcherAnswer { call, reply } => format!("dispatcher answer {call} {reply:?}"),
     }
 }
 
@@ -72,6 +74,7 @@ fn request_summary(request: &NodeRequest) -> String {
     match request {
         NodeRequest::Fetch { dataset, page, .. } => format!("Fetch d{dataset} p{page}"),
         NodeRequest::FetchCopies { dataset, pages } => format!("FetchCopies d{dataset} {pages:?}"),
+        NodeRequest::Version { dataset, take } => format!("Version d{} take {take}", dataset.id),
         NodeRequest::Commit {
             tx,
             followers,

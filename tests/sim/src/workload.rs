@@ -66,6 +66,8 @@ pub struct WriteRecord {
     pub started_ms: u64,
     /// When the program got the acknowledgement.
     pub acked_ms: Option<u64>,
+    /// The dataset version the acknowledgement named (MRMW; 0 for MRSW).
+    pub dataset_version: u64,
 }
 
 /// A read that finished: what it returned.
@@ -164,6 +166,7 @@ impl Workload {
                     status: Status::InFlight,
                     started_ms: now_ms,
                     acked_ms: None,
+                    dataset_version: 0,
                 },
             );
             self.running.insert(node, (op, Running::Write));
@@ -200,8 +203,9 @@ impl Workload {
         assert_eq!(op, done.op, "a node runs one operation at a time");
         if let Some(write) = self.writes.get_mut(&op) {
             write.status = match &done.result {
-                OpResult::Committed => {
+                OpResult::Committed { dataset_version } => {
                     write.acked_ms = Some(now_ms);
+                    write.dataset_version = *dataset_version;
                     for page in &write.pages {
                         let key = (write.dataset, *page, write.node);
                         self.acked.entry(key).or_default().push(op);

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use hotpot_core::page::PageTable;
 use hotpot_core::pm::SimRegion;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
-use hotpot_core::proto::node::{Config, Input, Machine, Op, OpDone, OpResult, Output, Timing};
+use hotpot_core::proto::node::{
+    Config, Input, Machine, Op, OpDone, OpResult, Output, Timing, DISPATCHER,
+};
 use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -34,18 +36,31 @@ const SETTLE_MS: u64 = 60_000;
 /// More events than this in one seed is a storm (a liveness failure of its own).
 const EVENTS_MAX: u64 = 3_000_000;
 
-/// The dispatcher's address on the simulated network.
-pub(crate) const DISPATCHER: NodeId = 0;
 /// A starting node asks the dispatcher to join again this often until it answers.
 const JOIN_RETRY_MS: u64 = 300;
 const HEARTBEAT_MS: u64 = 1_000;
 
 #[derive(Clone, Debug)]
 pub(crate) enum Message {
-    Request { call: u64, request: NodeRequest },
-    Reply { call: u64, reply: NodeReply },
+    Request {
+        call: u64,
+        request: NodeRequest,
+    },
+    Reply {
+        call: u64,
+        reply: NodeReply,
+    },
     ToDispatcher(DispatcherRequest),
     FromDispatcher(DispatcherReply),
+    /// A machine's call to the dispatcher, and its answer.
+    DispatcherCall {
+        call: u64,
+        request: DispatcherRequest,
+    },
+    DispatcherAnswer {
+        call: u64,
+        reply: DispatcherReply,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -136,14 +151,17 @@ impl World {
                         replicas: dataset.replicas,
                         chunk_pages: dataset.chunk_pages,
                     },
+                    // The first start of the first home gives the versions of the first
+                    // block, as after a `create` through the dispatcher.
+                    first_home: Some((owners[0], 1)),
                     owners,
-                    first_home: None,
                 };
                 (record, dataset.pages)
             })
             .collect();
         let workload = Workload::new(&datasets, &node_ids);
-        let dispatcher = SimDispatcher::new(CLUSTER_ID, options.promote_after_ms);
+        let ids: Vec<_> = datasets.iter().map(|(dataset, _)| dataset.id).collect();
+        let dispatcher = SimDispatcher::new(CLUSTER_ID, &options, &ids);
         let mut world = World {
             options,
             rng,
@@ -220,6 +238,11 @@ impl World {
             if self.healing && self.quiescent() {
                 break;
             }
+        }
+        if !self.checker.failed() {
+            let (now_ms, datasets) = (self.now_ms, &self.datasets);
+            self.checker
+                .check_versions(now_ms, &self.workload, datasets);
         }
         if !self.checker.failed() {
             let quiescent = self.quiescent();
@@ -321,6 +344,13 @@ impl World {
                 }
                 return;
             }
+            Message::DispatcherCall { call, request } => {
+                if let Some(reply) = self.dispatcher.handle(request, self.now_ms) {
+                    self.send(DISPATCHER, from, Message::DispatcherAnswer { call, reply });
+                }
+                return;
+            }
+            Message::DispatcherAnswer { call, reply } => Input::DispatcherReply { call, reply },
             Message::FromDispatcher(DispatcherReply::Joined { incarnation, .. }) => {
                 return self.joined(to, incarnation);
             }
@@ -420,6 +450,9 @@ impl World {
                 self.send(node, to, Message::Reply { call, reply })
             }
             Output::Done(done) => self.op_done(node, done),
+            Output::AskDispatcher { call, request } => {
+                self.send(node, DISPATCHER, Message::DispatcherCall { call, request })
+            }
             Output::Invalidate { dataset, pages } => {
                 trace!(self, "n{node} invalidates d{dataset} pages {pages:?}");
                 let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
@@ -594,6 +627,7 @@ impl World {
             rebuilding,
             successors,
             timing: Timing::default(),
+            version_block: self.options.version_block,
             bugs: self.options.bugs,
         };
         let region = Box::new(Arc::clone(&node.region));

@@ -108,6 +108,14 @@ fn forgetting_to_update_a_holder_is_caught() {
 }
 
 #[test]
+fn a_home_reusing_versions_is_caught() {
+    caught(Bugs {
+        reuse_first_block: true,
+        ..Bugs::default()
+    });
+}
+
+#[test]
 fn a_seed_replays_to_the_same_trace() {
     let planted = Bugs {
         ack_before_persist: true,

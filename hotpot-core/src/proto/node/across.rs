@@ -37,10 +37,12 @@ enum AcrossStep {
     PreparingAll { awaiting: BTreeSet<NodeId> },
     /// Phase 2: the leader decides.
     Leading,
-    /// Phase 3: followers not answered yet; whether the ack is in doubt.
+    /// Phase 3: followers not answered yet; whether the ack is in doubt; the dataset
+    /// version the leader applied with.
     Releasing {
         awaiting: BTreeSet<NodeId>,
         in_doubt: Option<String>,
+        version: u64,
     },
 }
 
@@ -206,10 +208,15 @@ impl Machine {
             }
             (AcrossStep::Leading, reply) => {
                 // Decided (or not) at the leader: the followers ask it if they miss phase 3.
-                let in_doubt = match reply {
-                    Some(NodeReply::Committed { .. }) => None,
-                    Some(NodeReply::InDoubt { why, .. }) => Some(why),
-                    Some(other) => Some(format!("leader {from} answered {other:?}")),
+                let (in_doubt, version) = match reply {
+                    Some(NodeReply::Committed {
+                        dataset_version, ..
+                    }) => (None, dataset_version),
+                    Some(NodeReply::InDoubt {
+                        why,
+                        dataset_version,
+                    }) => (Some(why), dataset_version),
+                    Some(other) => (Some(format!("leader {from} answered {other:?}")), 0),
                     None => {
                         // The own copy settles with the leader's outcome.
                         if let Some(own) = phase.own_copy {
@@ -226,11 +233,12 @@ impl Machine {
                 phase.step = AcrossStep::Releasing {
                     awaiting: followers.iter().copied().collect(),
                     in_doubt,
+                    version,
                 };
                 let tx = phase.tx;
                 self.set_step_across(id, phase);
                 for follower in followers {
-                    let decide = NodeRequest::OwnerDecide { tx, version: 0 };
+                    let decide = NodeRequest::OwnerDecide { tx, version };
                     self.send(follower, decide, Purpose::Op(id));
                 }
             }
@@ -238,6 +246,7 @@ impl Machine {
                 AcrossStep::Releasing {
                     mut awaiting,
                     mut in_doubt,
+                    version,
                 },
                 reply,
             ) => {
@@ -246,11 +255,17 @@ impl Machine {
                     in_doubt = Some(format!("follower {from} answered the decision {reply:?}"));
                 }
                 if !awaiting.is_empty() {
-                    phase.step = AcrossStep::Releasing { awaiting, in_doubt };
+                    phase.step = AcrossStep::Releasing {
+                        awaiting,
+                        in_doubt,
+                        version,
+                    };
                     return self.set_step_across(id, phase);
                 }
                 let result = match in_doubt {
-                    None => OpResult::Committed,
+                    None => OpResult::Committed {
+                        dataset_version: version,
+                    },
                     Some(why) => OpResult::InDoubt(why),
                 };
                 self.op_done(id, result);

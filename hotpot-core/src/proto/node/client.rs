@@ -50,7 +50,9 @@ pub struct OpDone {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpResult {
-    Committed,
+    /// Acknowledged, with the dataset version it took (MRMW; 0 for MRSW, whose versions
+    /// this machine does not model, and for a commit with nothing staged).
+    Committed { dataset_version: u64 },
     /// Nothing of it was applied.
     Refused(FsError),
     /// It may or may not have been applied (the owner did not answer, or applied it with
@@ -269,7 +271,7 @@ impl Machine {
         let snapshots = StagedCommit::snapshot(&mut self.table, dataset.id);
         let owner_of = |page| self.owner_of(&dataset, page);
         let Some(staged) = StagedCommit::group(snapshots, &dataset, owner_of) else {
-            return self.op_done(id, OpResult::Committed);
+            return self.op_done(id, OpResult::Committed { dataset_version: 0 });
         };
         if let Some(op) = self.client.ops.get_mut(&id) {
             op.owner = *staged.groups.keys().next().expect("a page staged");
@@ -285,7 +287,7 @@ impl Machine {
     /// hold it).
     fn settle_staged(&mut self, op: &ClientOp, staged: &StagedCommit, result: &OpResult) {
         let ended = match result {
-            OpResult::Committed => Ended::Committed,
+            OpResult::Committed { .. } => Ended::Committed,
             OpResult::Refused(_) => Ended::Refused,
             _ => Ended::Failed,
         };
@@ -428,11 +430,16 @@ impl Machine {
                     self.stage_and_commit(id);
                 }
             }
-            (Step::Committing { tx, own_copy }, Some(NodeReply::Committed { .. })) => {
+            (
+                Step::Committing { tx, own_copy },
+                Some(NodeReply::Committed {
+                    dataset_version, ..
+                }),
+            ) => {
                 if own_copy {
                     self.table.decide_copies(tx);
                 }
-                self.op_done(id, OpResult::Committed);
+                self.op_done(id, OpResult::Committed { dataset_version });
             }
             (Step::Committing { tx, own_copy }, Some(NodeReply::Failed(FsError::Busy(why)))) => {
                 if own_copy {

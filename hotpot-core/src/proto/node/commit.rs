@@ -40,6 +40,9 @@ pub(super) enum Step {
     Preparing,
     /// A follower's pages are prepared here and at its targets: waiting for the outcome.
     Prepared,
+    /// MRMW, every target prepared: waiting for the dataset version from the home
+    /// (versions.rs).
+    Versioning,
     /// Applied here (or, with the planted bug, answered); Decide sent, waiting for these.
     Deciding,
 }
@@ -69,6 +72,8 @@ pub(super) struct OwnerCommit {
     pub(super) step: Step,
     /// Set once this owner's apply is persisted.
     pub(super) versions: Option<Vec<u64>>,
+    /// The dataset version the home gave this commit (0: none, MRSW).
+    pub(super) dataset_version: u64,
 }
 
 impl Machine {
@@ -231,6 +236,7 @@ impl Machine {
             copies_wanted: targets.wanted,
             step: Step::Preparing,
             versions: None,
+            dataset_version: 0,
         };
         let copies: Vec<VersionedPage> = commit.writes.iter().map(PageWrite::next_copy).collect();
         self.owner.commits.insert(tx, commit);
@@ -329,8 +335,9 @@ impl Machine {
                     self.all_prepared(tx);
                 }
             }
-            // A duplicate answer to a Prepare: the follower waits for the outcome.
-            Step::Prepared => {}
+            // A duplicate answer to a Prepare: the follower waits for the outcome, the
+            // owner for its version.
+            Step::Prepared | Step::Versioning => {}
             // A target that missed the decision settles its copy with this owner later.
             Step::Deciding => {
                 commit.awaiting.remove(&from);
@@ -366,11 +373,17 @@ impl Machine {
         self.finish_commit_early(tx, &keys, commit.reply_to, error);
     }
 
-    /// Step 4, the commit point: this owner's apply, persisted; then Decide to the targets.
+    /// Every target prepared: a follower waits for the outcome; a single owner or leader
+    /// takes the dataset version (versions.rs), then applies.
     pub(super) fn all_prepared(&mut self, tx: TxKey) {
         if let Some(Role::Follower { leader }) = self.owner.commits.get(&tx).map(|c| c.role) {
             return self.follower_prepared(tx, leader);
         }
+        self.ask_version(tx);
+    }
+
+    /// The commit point, with the dataset version given: this owner's apply, then Decide.
+    pub(super) fn apply_and_decide(&mut self, tx: TxKey) {
         if self.config.bugs.ack_before_persist {
             // Planted bug: decide and answer now, apply when the targets have acked.
             return self.send_decisions(tx, None);
@@ -489,11 +502,11 @@ impl Machine {
             (Some(_), None) if matches!(commit.role, Role::Follower { .. }) => NodeReply::Done,
             (Some(versions), None) => NodeReply::Committed {
                 versions,
-                dataset_version: 0,
+                dataset_version: commit.dataset_version,
             },
             (Some(_), Some(why)) => NodeReply::InDoubt {
                 why,
-                dataset_version: 0,
+                dataset_version: commit.dataset_version,
             },
             (None, _) => NodeReply::Failed(FsError::Io("apply at the owner failed".into())),
         };
@@ -531,7 +544,7 @@ impl Machine {
             .collect();
         let reply = NodeReply::Committed {
             versions,
-            dataset_version: 0,
+            dataset_version: commit.dataset_version,
         };
         let reply_to = commit.reply_to;
         self.owner.remember_answer(tx, reply.clone());

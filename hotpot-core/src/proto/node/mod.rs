@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::page::Run;
 use crate::page::{PageTable, TxKey};
 use crate::pm::{PageKey, PmError};
-use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages};
+use crate::proto::messages::{
+    DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, OwnerPages,
+};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 mod across;
@@ -23,6 +25,7 @@ mod owner;
 mod target;
 #[cfg(test)]
 mod tests;
+mod versions;
 
 pub use client::{Op, OpDone, OpId, OpResult};
 
@@ -36,6 +39,9 @@ pub struct Bugs {
     pub skip_commit_lock: bool,
     /// The owner leaves holders out of a commit's targets: their copies go stale.
     pub skip_holder_invalidation: bool,
+    /// A home gives out the first block's versions at every start, as only the first start
+    /// of the dataset's first home may: numbers given before come again.
+    pub reuse_first_block: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -83,6 +89,8 @@ pub struct Config {
     /// its chunks now (a node replaced stays replaced: it comes back as a holder only).
     pub successors: BTreeMap<NodeId, NodeId>,
     pub timing: Timing,
+    /// How many versions a block from the dispatcher holds (its `version_block`).
+    pub version_block: u64,
     pub bugs: Bugs,
 }
 
@@ -165,6 +173,8 @@ pub enum Input {
         live: BTreeSet<NodeId>,
         successors: BTreeMap<NodeId, NodeId>,
     },
+    /// The dispatcher's answer to one of this machine's calls (`Output::AskDispatcher`).
+    DispatcherReply { call: u64, reply: DispatcherReply },
     /// Time passed (every input carries `now_ms` too).
     Tick,
 }
@@ -183,6 +193,11 @@ pub enum Output {
         reply: NodeReply,
     },
     Done(OpDone),
+    /// A call to the dispatcher (its answer comes as `Input::DispatcherReply`).
+    AskDispatcher {
+        call: u64,
+        request: DispatcherRequest,
+    },
     /// The kernel's cached copies of these pages are out of date (a commit changed the
     /// bytes under them): drop them, so the next read asks the file system.
     Invalidate {
@@ -216,7 +231,14 @@ enum Purpose {
     Rejoin { dataset: DatasetId, learn: bool },
     /// A page taken elsewhere while its owner was silent, fetched again from the owner.
     Refetch { key: PageKey },
+    /// A commit this node owns: the home's answer to `Version`.
+    Version { tx: TxKey },
+    /// As a home: a block of versions from the dispatcher.
+    VersionBlock { dataset: DatasetId },
 }
+
+/// The dispatcher, as the peer of a machine's calls (node ids start at 1).
+pub const DISPATCHER: NodeId = 0;
 
 #[derive(Clone, Debug)]
 struct Call {
@@ -240,6 +262,7 @@ pub struct Machine {
     client: client::ClientState,
     target: target::TargetState,
     failover: failover::FailoverState,
+    versions: versions::VersionState,
     out: Vec<Output>,
 }
 
@@ -264,6 +287,7 @@ impl Machine {
         let first_call = (config.incarnation << 40) | 1;
         let live = config.nodes.iter().copied().collect();
         let successors = config.successors.clone();
+        let versions = versions::VersionState::new(config.version_block);
         let mut machine = Machine {
             config,
             table,
@@ -280,6 +304,7 @@ impl Machine {
             client: Default::default(),
             target: Default::default(),
             failover: Default::default(),
+            versions,
             out: Vec::new(),
         };
         machine.lock_waiting_records();
@@ -345,6 +370,7 @@ impl Machine {
             Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
             Input::Start(op) => self.start_op(op),
             Input::View { live, successors } => self.take_view(live, successors),
+            Input::DispatcherReply { call, reply } => self.on_dispatcher_reply(call, reply),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
         }
@@ -409,6 +435,9 @@ impl Machine {
             NodeRequest::Install { dataset, pages } => self.serve_install(dataset, &pages),
             NodeRequest::FetchCopies { dataset, pages } => self.serve_fetch_copies(dataset, &pages),
             NodeRequest::FetchCopy { dataset, page } => self.serve_fetch_copy(dataset, page),
+            NodeRequest::Version { dataset, take } => {
+                return self.serve_version(from, call, dataset, take);
+            }
             other => NodeReply::Failed(FsError::Invalid(format!(
                 "the node machine does not serve {}",
                 request_name(&other)
@@ -507,6 +536,19 @@ impl Machine {
         self.answered(pending.purpose, from, Some(reply));
     }
 
+    fn on_dispatcher_reply(&mut self, call: u64, reply: DispatcherReply) {
+        let Some(pending) = self.calls.remove(&call) else {
+            return;
+        };
+        match pending.purpose {
+            Purpose::VersionBlock { dataset } => self.block_answered(dataset, Some(reply)),
+            // Only block requests go to the dispatcher.
+            purpose => {
+                self.calls.insert(call, Call { purpose, ..pending });
+            }
+        }
+    }
+
     /// A call's answer, or `None` when it timed out.
     fn answered(&mut self, purpose: Purpose, from: NodeId, reply: Option<NodeReply>) {
         match purpose {
@@ -520,6 +562,9 @@ impl Machine {
             Purpose::DecidedCommit { tx } => self.decided_commit_answered(tx, from, reply),
             Purpose::Rejoin { dataset, learn } => self.rejoin_answered(from, dataset, learn, reply),
             Purpose::Refetch { key } => self.refetch_answered(key, reply),
+            Purpose::Version { tx } => self.version_answered(tx, from, reply),
+            // Timed out (a dispatcher answer comes through `on_dispatcher_reply`).
+            Purpose::VersionBlock { dataset } => self.block_answered(dataset, None),
         }
     }
 
@@ -539,6 +584,12 @@ impl Machine {
     }
 
     fn send(&mut self, to: NodeId, request: NodeRequest, purpose: Purpose) {
+        let call = self.new_call(to, purpose);
+        self.out.push(Output::Send { to, call, request });
+    }
+
+    /// A call to `to`, failed (answered `None`) if no answer comes within the timeout.
+    fn new_call(&mut self, to: NodeId, purpose: Purpose) -> u64 {
         let call = self.next_call;
         self.next_call += 1;
         self.calls.insert(
@@ -549,7 +600,7 @@ impl Machine {
                 deadline_ms: self.now_ms + self.config.timing.call_timeout_ms,
             },
         );
-        self.out.push(Output::Send { to, call, request });
+        call
     }
 
     fn reply(&mut self, to: NodeId, call: u64, reply: NodeReply) {

@@ -33,6 +33,7 @@ fn committer() -> Machine {
         rebuilding: false,
         successors: BTreeMap::new(),
         timing: Default::default(),
+        version_block: 4,
         bugs: Default::default(),
     };
     Machine::start(config, table, 0).unwrap()
@@ -96,7 +97,7 @@ fn a_committed_msync_sends_the_staged_bytes_and_leaves_the_page_clean() {
     assert_eq!(sent, vec![7, 8, 9], "the bytes written, nothing else");
     let reply = NodeReply::Committed {
         versions: vec![1],
-        dataset_version: 0,
+        dataset_version: 9,
     };
     let outputs = machine.handle(
         20,
@@ -106,7 +107,11 @@ fn a_committed_msync_sends_the_staged_bytes_and_leaves_the_page_clean() {
             reply,
         },
     );
-    assert_eq!(done(&outputs), Some(OpResult::Committed));
+    assert_eq!(
+        done(&outputs),
+        Some(OpResult::Committed { dataset_version: 9 }),
+        "acknowledged with the version the owner gave"
+    );
     assert!(
         outputs.iter().any(|output| matches!(output,
             Output::Invalidate { dataset: DATASET, pages } if pages == &vec![2])),

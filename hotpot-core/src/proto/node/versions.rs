@@ -1,0 +1,354 @@
+//! Dataset versions (docs/design.md, "Dataset versions"): an MRMW commit takes the next
+//! version of its dataset from the dataset's home (the owner of chunk 0 now) once all its
+//! pages are locked and prepared, and applies with it; the home gives them out of blocks the
+//! dispatcher grants (`proto/versions.rs`, the daemon's own sequencer). Must survive: a home
+//! that does not answer (the commit aborts, nothing applied), a dispatcher that does not
+//! answer (every asker refused, asked again by the next commit), a home that restarts or is
+//! replaced (a new block: versions skip, they never repeat or go back), a commit given up
+//! while it waits for its version (the version is skipped).
+
+use std::collections::BTreeMap;
+
+use super::commit::Step;
+use super::{Machine, Output, Purpose, DISPATCHER};
+use crate::page::TxKey;
+use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
+use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
+use crate::proto::versions::{Give, Sequencer};
+
+/// Who waits for a version.
+#[derive(Clone, Copy, Debug)]
+enum Asker {
+    /// A peer's `Version` call.
+    Peer { from: NodeId, call: u64, take: bool },
+    /// A commit this node owns, waiting to apply.
+    Commit { tx: TxKey },
+}
+
+#[derive(Debug)]
+pub(super) struct VersionState {
+    /// As a home: the versions this start may give out (volatile: a restart takes new blocks).
+    sequencer: Sequencer,
+    /// As a home: askers waiting for a block from the dispatcher, per dataset, in order.
+    waiting: BTreeMap<DatasetId, Vec<Asker>>,
+}
+
+impl VersionState {
+    pub(super) fn new(block: u64) -> VersionState {
+        VersionState {
+            sequencer: Sequencer::new(block),
+            waiting: BTreeMap::new(),
+        }
+    }
+}
+
+impl Machine {
+    /// The node that gives `dataset`'s versions: the owner of its chunk 0 now.
+    fn home_of(&self, dataset: &Dataset) -> NodeId {
+        self.owner_of(dataset, 0)
+    }
+
+    /// Step 4a of an MRMW commit this node leads or owns alone, every target prepared: its
+    /// dataset version, from the home. MRSW commits apply at once (their writer's versions
+    /// come with its lease, which this machine does not model).
+    pub(super) fn ask_version(&mut self, tx: TxKey) {
+        let Some(id) = self.owner.commits.get(&tx).map(|commit| commit.dataset) else {
+            return;
+        };
+        let Some((dataset, _)) = self.dataset(id).cloned() else {
+            return self.abort_commit(tx, format!("dataset {id} is not known here"));
+        };
+        if dataset.params.mode != Mode::Mrmw {
+            return self.apply_and_decide(tx);
+        }
+        if let Some(commit) = self.owner.commits.get_mut(&tx) {
+            commit.step = Step::Versioning;
+        }
+        let home = self.home_of(&dataset);
+        if home == self.config.id {
+            return self.give_version(&dataset, Asker::Commit { tx }, true);
+        }
+        let request = NodeRequest::Version {
+            dataset,
+            take: true,
+        };
+        self.send(home, request, Purpose::Version { tx });
+    }
+
+    /// The version for commit `tx` came (or, `Err`, did not): apply, or abort.
+    pub(super) fn version_given(&mut self, tx: TxKey, version: Result<u64, String>) {
+        let Some(commit) = self.owner.commits.get_mut(&tx) else {
+            return; // given up meanwhile: the version is skipped
+        };
+        if !matches!(commit.step, Step::Versioning) {
+            return;
+        }
+        match version {
+            Ok(version) => {
+                commit.dataset_version = version;
+                self.apply_and_decide(tx);
+            }
+            Err(why) => self.abort_commit(tx, format!("no dataset version: {why}")),
+        }
+    }
+
+    /// The home's answer to a commit's `Version` call (`None`: none in time).
+    pub(super) fn version_answered(&mut self, tx: TxKey, from: NodeId, reply: Option<NodeReply>) {
+        let version = match reply {
+            Some(NodeReply::Version(version)) => Ok(version),
+            Some(NodeReply::Failed(error)) => Err(format!("home {from}: {error}")),
+            Some(other) => Err(format!("home {from} answered {other:?}")),
+            None => Err(format!("home {from} did not answer")),
+        };
+        self.version_given(tx, version);
+    }
+
+    /// `Version` at the home: the next version (`take`) or the newest given out.
+    pub(super) fn serve_version(&mut self, from: NodeId, call: u64, dataset: Dataset, take: bool) {
+        let refusal = if dataset.params.mode != Mode::Mrmw {
+            Some(format!(
+                "dataset {} is MRSW: its writer gives its versions",
+                dataset.id
+            ))
+        } else if self.home_of(&dataset) != self.config.id {
+            Some(format!(
+                "node {} is not the home of dataset {} (node {} is)",
+                self.config.id,
+                dataset.id,
+                self.home_of(&dataset)
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            return self.reply(from, call, NodeReply::Failed(FsError::Io(why)));
+        }
+        self.give_version(&dataset, Asker::Peer { from, call, take }, take);
+    }
+
+    /// A version for `asker` now, or once the dispatcher granted a block.
+    fn give_version(&mut self, dataset: &Dataset, asker: Asker, take: bool) {
+        let me = match dataset.first_home {
+            Some(first) if self.config.bugs.reuse_first_block => first,
+            _ => (self.config.id, self.config.incarnation),
+        };
+        match self.versions.sequencer.give(dataset, me, take) {
+            Give::Version(version) => self.answer_asker(asker, Ok(version)),
+            Give::NeedBlock => {
+                self.versions
+                    .waiting
+                    .entry(dataset.id)
+                    .or_default()
+                    .push(asker);
+                self.ask_block(dataset.id);
+            }
+        }
+    }
+
+    /// One block request per dataset in flight.
+    fn ask_block(&mut self, dataset: DatasetId) {
+        let asking = self.calls.values().any(
+            |call| matches!(call.purpose, Purpose::VersionBlock { dataset: d } if d == dataset),
+        );
+        if asking {
+            return;
+        }
+        let call = self.new_call(DISPATCHER, Purpose::VersionBlock { dataset });
+        let request = DispatcherRequest::VersionBlock { dataset };
+        self.out.push(Output::AskDispatcher { call, request });
+    }
+
+    /// The dispatcher's answer to a block request (`None`: none in time): the waiting askers
+    /// get their versions, or are refused.
+    pub(super) fn block_answered(&mut self, dataset: DatasetId, reply: Option<DispatcherReply>) {
+        let waiting = self.versions.waiting.remove(&dataset).unwrap_or_default();
+        let start = match reply {
+            Some(DispatcherReply::VersionBlock { start }) => start,
+            other => {
+                let why = match other {
+                    Some(DispatcherReply::Failed(error)) => format!("dispatcher: {error}"),
+                    Some(other) => format!("dispatcher answered {other:?}"),
+                    None => "the dispatcher did not answer a block request".to_string(),
+                };
+                for asker in waiting {
+                    self.answer_asker(asker, Err(why.clone()));
+                }
+                return;
+            }
+        };
+        self.versions.sequencer.add_block(dataset, start);
+        let Some((record, _)) = self.dataset(dataset).cloned() else {
+            return;
+        };
+        for asker in waiting {
+            let take = match asker {
+                Asker::Peer { take, .. } => take,
+                Asker::Commit { .. } => true,
+            };
+            // A small block may be used up again: the rest wait for the next one.
+            self.give_version(&record, asker, take);
+        }
+    }
+
+    fn answer_asker(&mut self, asker: Asker, version: Result<u64, String>) {
+        match asker {
+            Asker::Peer { from, call, .. } => {
+                let reply = match version {
+                    Ok(version) => NodeReply::Version(version),
+                    Err(why) => NodeReply::Failed(FsError::Io(why)),
+                };
+                self.reply(from, call, reply);
+            }
+            Asker::Commit { tx } => self.version_given(tx, version),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::{Config, Input, Machine, Output};
+    use crate::page::{PageTable, Run};
+    use crate::pm::SimRegion;
+    use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
+    use crate::proto::types::{Dataset, DatasetParams, Mode};
+
+    /// A one-node cluster: node 1 owns (and is the home of) an MRMW dataset of 4 pages, and
+    /// takes blocks of 2 versions.
+    fn home() -> (Machine, Dataset) {
+        let region = SimRegion::from_image(vec![0u8; 4 << 20]);
+        let table = PageTable::open(Box::new(region), 1, 1).unwrap().0;
+        let dataset = Dataset {
+            id: 1,
+            params: DatasetParams {
+                mode: Mode::Mrmw,
+                replicas: 1,
+                chunk_pages: 4,
+            },
+            owners: vec![1],
+            first_home: None,
+        };
+        let config = Config {
+            id: 1,
+            incarnation: 1,
+            nodes: vec![1],
+            datasets: vec![(dataset.clone(), 4)],
+            rebuilding: false,
+            successors: BTreeMap::new(),
+            timing: Default::default(),
+            version_block: 2,
+            bugs: Default::default(),
+        };
+        (Machine::start(config, table, 0).unwrap(), dataset)
+    }
+
+    fn commit(machine: &mut Machine, dataset: &Dataset, now_ms: u64, seq: u64) -> Vec<Output> {
+        let request = NodeRequest::CommitRuns {
+            tx: (1, 1_000 + seq),
+            followers: Vec::new(),
+            dataset: dataset.clone(),
+            ino: 0,
+            committer: 1,
+            pages: vec![(
+                0,
+                vec![Run {
+                    offset: 0,
+                    bytes: vec![seq as u8; 8],
+                }],
+            )],
+            release: true,
+        };
+        let call = 500 + seq;
+        machine.handle(
+            now_ms,
+            Input::Request {
+                from: 1,
+                call,
+                request,
+            },
+        )
+    }
+
+    fn block_call(outputs: &[Output]) -> Option<u64> {
+        outputs.iter().find_map(|output| match output {
+            Output::AskDispatcher {
+                call,
+                request: DispatcherRequest::VersionBlock { dataset: 1 },
+            } => Some(*call),
+            _ => None,
+        })
+    }
+
+    fn answer(outputs: &[Output]) -> Option<NodeReply> {
+        outputs.iter().find_map(|output| match output {
+            Output::Reply { reply, .. } => Some(reply.clone()),
+            _ => None,
+        })
+    }
+
+    fn committed_at(reply: Option<NodeReply>) -> u64 {
+        match reply {
+            Some(NodeReply::Committed {
+                dataset_version, ..
+            }) => dataset_version,
+            other => panic!("not committed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commits_take_versions_from_blocks_and_a_lost_block_request_refuses_the_commit() {
+        let (mut machine, dataset) = home();
+        // The first commit waits for the first block: nothing is applied before it.
+        let outputs = commit(&mut machine, &dataset, 10, 1);
+        let call = block_call(&outputs).expect("a block asked for");
+        assert_eq!(answer(&outputs), None);
+        assert_eq!(machine.table().version_of((1, 0)), 0);
+        let block = DispatcherReply::VersionBlock { start: 5 };
+        let outputs = machine.handle(20, Input::DispatcherReply { call, reply: block });
+        assert_eq!(committed_at(answer(&outputs)), 5);
+        let outputs = commit(&mut machine, &dataset, 30, 2);
+        assert_eq!(block_call(&outputs), None, "the block has a second version");
+        assert_eq!(committed_at(answer(&outputs)), 6);
+        // The block is used up; the dispatcher's answer is lost: refused, nothing applied.
+        let outputs = commit(&mut machine, &dataset, 40, 3);
+        assert!(block_call(&outputs).is_some());
+        let timeout = machine.config.timing.call_timeout_ms;
+        let outputs = machine.handle(40 + timeout, Input::Tick);
+        assert!(
+            matches!(answer(&outputs), Some(NodeReply::Failed(_))),
+            "refused: {outputs:?}"
+        );
+        assert_eq!(machine.table().version_of((1, 0)), 2, "two commits applied");
+        // The next commit asks again, and goes on from the new block.
+        let outputs = commit(&mut machine, &dataset, 50 + timeout, 4);
+        let call = block_call(&outputs).expect("a block asked for again");
+        let block = DispatcherReply::VersionBlock { start: 9 };
+        let outputs = machine.handle(60 + timeout, Input::DispatcherReply { call, reply: block });
+        assert_eq!(committed_at(answer(&outputs)), 9);
+    }
+
+    #[test]
+    fn a_used_up_block_still_answers_the_latest_version() {
+        let (mut machine, dataset) = home();
+        let outputs = commit(&mut machine, &dataset, 10, 1);
+        let call = block_call(&outputs).expect("a block asked for");
+        let block = DispatcherReply::VersionBlock { start: 5 };
+        machine.handle(20, Input::DispatcherReply { call, reply: block });
+        commit(&mut machine, &dataset, 30, 2);
+        let latest = NodeRequest::Version {
+            dataset: dataset.clone(),
+            take: false,
+        };
+        let outputs = machine.handle(
+            40,
+            Input::Request {
+                from: 1,
+                call: 900,
+                request: latest,
+            },
+        );
+        assert_eq!(answer(&outputs), Some(NodeReply::Version(6)));
+        assert_eq!(block_call(&outputs), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! Dataset versions, as programs saw them: every acknowledged MRMW commit names a version,
+//! no two acknowledged commits of a dataset name the same one, and a commit that began after
+//! another was acknowledged names a higher one (versions order commits in real time, across
+//! homes that restart or are replaced).
+
+use std::collections::BTreeMap;
+
+use hotpot_core::proto::types::{Dataset, DatasetId, Mode};
+
+use super::Checker;
+use crate::workload::{Status, Workload};
+
+impl Checker {
+    pub fn check_versions(
+        &mut self,
+        now_ms: u64,
+        workload: &Workload,
+        datasets: &[(Dataset, u64)],
+    ) {
+        let mrmw = |id: DatasetId| {
+            datasets
+                .iter()
+                .any(|(dataset, _)| dataset.id == id && dataset.params.mode == Mode::Mrmw)
+        };
+        // Per dataset: (acked at, started at, version, stamp) of each acknowledged commit.
+        let mut acked: BTreeMap<DatasetId, Vec<(u64, u64, u64, u64)>> = BTreeMap::new();
+        for (stamp, write) in &workload.writes {
+            if write.status != Status::Acked || !mrmw(write.dataset) {
+                continue;
+            }
+            let acked_ms = write.acked_ms.expect("an acknowledged commit has its time");
+            if write.dataset_version == 0 {
+                let what = format!(
+                    "commit {stamp} of node {} to dataset {} was acknowledged with no dataset version",
+                    write.node, write.dataset
+                );
+                self.violation(now_ms, what);
+                continue;
+            }
+            acked.entry(write.dataset).or_default().push((
+                acked_ms,
+                write.started_ms,
+                write.dataset_version,
+                *stamp,
+            ));
+        }
+        for (dataset, mut commits) in acked {
+            let mut by_version: BTreeMap<u64, u64> = BTreeMap::new();
+            for (_, _, version, stamp) in &commits {
+                if let Some(other) = by_version.insert(*version, *stamp) {
+                    let what = format!(
+                        "commits {other} and {stamp} of dataset {dataset} were both acknowledged as version {version}"
+                    );
+                    self.violation(now_ms, what);
+                }
+            }
+            // In acknowledgement order: the highest version acknowledged so far, which every
+            // commit started after that acknowledgement must exceed.
+            commits.sort();
+            let mut highest: Vec<(u64, u64, u64)> = Vec::with_capacity(commits.len());
+            for (acked_ms, _, version, stamp) in &commits {
+                let best = match highest.last() {
+                    Some((_, top, top_stamp)) if top >= version => (*acked_ms, *top, *top_stamp),
+                    _ => (*acked_ms, *version, *stamp),
+                };
+                highest.push(best);
+            }
+            for (_, started_ms, version, stamp) in &commits {
+                let before = highest.partition_point(|(acked_ms, _, _)| acked_ms < started_ms);
+                if before == 0 {
+                    continue;
+                }
+                let (acked_ms, top, top_stamp) = highest[before - 1];
+                if top >= *version {
+                    let what = format!(
+                        "commit {stamp} of dataset {dataset} began at {started_ms} ms and took version {version}, but commit {top_stamp} was acknowledged at {acked_ms} ms with version {top}"
+                    );
+                    self.violation(now_ms, what);
+                }
+            }
+        }
+    }
+}
