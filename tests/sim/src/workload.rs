@@ -83,9 +83,23 @@ pub struct ReadRecord {
     pub failed_over: bool,
 }
 
+/// A `Latest` that was answered: an MRMW dataset's newest version given out.
+#[derive(Clone, Debug)]
+pub struct LatestRecord {
+    pub node: NodeId,
+    pub dataset: DatasetId,
+    pub started_ms: u64,
+    pub answered_ms: u64,
+    pub version: u64,
+}
+
 #[derive(Clone, Debug)]
 enum Running {
     Write,
+    Latest {
+        dataset: DatasetId,
+        started_ms: u64,
+    },
     Read {
         dataset: DatasetId,
         page: u64,
@@ -101,6 +115,8 @@ pub struct Workload {
     pub writes: BTreeMap<OpId, WriteRecord>,
     /// Acknowledged commits per (dataset, page, committing node), in acknowledgement order.
     pub acked: BTreeMap<(DatasetId, u64, NodeId), Vec<OpId>>,
+    /// Every `Latest` answered.
+    pub latests: Vec<LatestRecord>,
     running: BTreeMap<NodeId, (OpId, Running)>,
     next_op: OpId,
 }
@@ -120,6 +136,7 @@ impl Workload {
             writers,
             writes: BTreeMap::new(),
             acked: BTreeMap::new(),
+            latests: Vec::new(),
             running: BTreeMap::new(),
             next_op: 1,
         }
@@ -133,7 +150,8 @@ impl Workload {
         self.running.is_empty()
     }
 
-    /// The node's next operation (a write where it may write, half the time).
+    /// The node's next operation: a write where it may write, about half the time; else a
+    /// read, or now and then an MRMW dataset's latest version (`hotpot stat`).
     pub fn next_op(&mut self, node: NodeId, rng: &mut ChaCha8Rng, now_ms: u64) -> Op {
         let op = self.next_op;
         self.next_op += 1;
@@ -177,6 +195,17 @@ impl Workload {
             }
         } else {
             let (dataset, pages) = self.datasets.choose(rng).expect("a dataset");
+            if dataset.params.mode == Mode::Mrmw && rng.random_bool(0.2) {
+                let running = Running::Latest {
+                    dataset: dataset.id,
+                    started_ms: now_ms,
+                };
+                self.running.insert(node, (op, running));
+                return Op::Latest {
+                    op,
+                    dataset: dataset.id,
+                };
+            }
             let page = rng.random_range(0..*pages);
             self.running.insert(
                 node,
@@ -217,6 +246,22 @@ impl Workload {
             };
         }
         match (running, &done.result) {
+            (
+                Running::Latest {
+                    dataset,
+                    started_ms,
+                },
+                OpResult::Latest { version },
+            ) => {
+                self.latests.push(LatestRecord {
+                    node,
+                    dataset,
+                    started_ms,
+                    answered_ms: now_ms,
+                    version: *version,
+                });
+                None
+            }
             (
                 Running::Read {
                     dataset,

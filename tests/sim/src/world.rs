@@ -552,7 +552,7 @@ impl World {
                     kernel.written((*dataset, *page));
                 }
             }
-            Op::Commit { .. } => {}
+            Op::Commit { .. } | Op::Latest { .. } => {}
         }
         self.input(node, Input::Start(op));
     }

@@ -39,6 +39,9 @@ pub enum Op {
         dataset: DatasetId,
         page: u64,
     },
+    /// `hotpot stat`'s version of an MRMW dataset: the newest its home gave out, an upper
+    /// bound of every version committed.
+    Latest { op: OpId, dataset: DatasetId },
 }
 
 /// The end of a program's request.
@@ -66,6 +69,8 @@ pub enum OpResult {
         /// answered.
         failed_over: bool,
     },
+    /// `Latest`'s answer.
+    Latest { version: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +87,8 @@ enum Step {
     FailingOver(super::failover::Gathering),
     /// MRMW across owners (across.rs).
     Across(super::across::Phase),
+    /// `Latest`: waiting for the home's answer.
+    AskingLatest,
 }
 
 #[derive(Clone, Debug)]
@@ -130,7 +137,8 @@ impl Machine {
         let (id, dataset_id) = match &op {
             Op::Write { op, dataset, .. }
             | Op::Commit { op, dataset }
-            | Op::Read { op, dataset, .. } => (*op, *dataset),
+            | Op::Read { op, dataset, .. }
+            | Op::Latest { op, dataset } => (*op, *dataset),
         };
         let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
             return self.op_done(id, OpResult::Refused(FsError::NotFound));
@@ -217,6 +225,12 @@ impl Machine {
                     .ops
                     .insert(id, ClientOp::new(dataset, self.now_ms));
                 self.commit_staged(id);
+            }
+            Op::Latest { .. } => {
+                let mut asking = ClientOp::new(dataset.clone(), self.now_ms);
+                asking.step = Step::AskingLatest;
+                self.client.ops.insert(id, asking);
+                self.ask_latest(id, dataset);
             }
         }
     }
@@ -440,6 +454,9 @@ impl Machine {
                     self.table.decide_copies(tx);
                 }
                 self.op_done(id, OpResult::Committed { dataset_version });
+            }
+            (Step::AskingLatest, Some(NodeReply::Version(version))) => {
+                self.op_done(id, OpResult::Latest { version });
             }
             (Step::Committing { tx, own_copy }, Some(NodeReply::Failed(FsError::Busy(why)))) => {
                 if own_copy {

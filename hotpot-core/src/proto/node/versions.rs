@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use super::commit::Step;
 use super::{Machine, Output, Purpose, DISPATCHER};
+use super::{OpId, OpResult};
 use crate::page::TxKey;
 use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
@@ -23,6 +24,8 @@ enum Asker {
     Peer { from: NodeId, call: u64, take: bool },
     /// A commit this node owns, waiting to apply.
     Commit { tx: TxKey },
+    /// A program's `Latest` on this node.
+    Op { id: OpId },
 }
 
 #[derive(Debug)]
@@ -73,6 +76,24 @@ impl Machine {
             take: true,
         };
         self.send(home, request, Purpose::Version { tx });
+    }
+
+    /// A program's `Latest` (client.rs): the home's newest version, asked of it, or of this
+    /// node's own sequencer.
+    pub(super) fn ask_latest(&mut self, id: OpId, dataset: Dataset) {
+        if dataset.params.mode != Mode::Mrmw {
+            let why = "the node machine keeps the versions of MRMW datasets only";
+            return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
+        }
+        let home = self.home_of(&dataset);
+        if home == self.config.id {
+            return self.give_version(&dataset, Asker::Op { id }, false);
+        }
+        let request = NodeRequest::Version {
+            dataset,
+            take: false,
+        };
+        self.send(home, request, Purpose::Op(id));
     }
 
     /// The version for commit `tx` came (or, `Err`, did not): apply, or abort.
@@ -184,6 +205,7 @@ impl Machine {
             let take = match asker {
                 Asker::Peer { take, .. } => take,
                 Asker::Commit { .. } => true,
+                Asker::Op { .. } => false,
             };
             // A small block may be used up again: the rest wait for the next one.
             self.give_version(&record, asker, take);
@@ -200,6 +222,13 @@ impl Machine {
                 self.reply(from, call, reply);
             }
             Asker::Commit { tx } => self.version_given(tx, version),
+            Asker::Op { id } => {
+                let result = match version {
+                    Ok(version) => OpResult::Latest { version },
+                    Err(why) => OpResult::Refused(FsError::Io(why)),
+                };
+                self.op_done(id, result);
+            }
         }
     }
 }

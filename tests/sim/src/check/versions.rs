@@ -1,7 +1,9 @@
 //! Dataset versions, as programs saw them: every acknowledged MRMW commit names a version,
 //! no two acknowledged commits of a dataset name the same one, and a commit that began after
 //! another was acknowledged names a higher one (versions order commits in real time, across
-//! homes that restart or are replaced).
+//! homes that restart or are replaced). A `Latest` answer (`hotpot stat`) is at least every
+//! version acknowledged before it was asked, and below every version taken by a commit that
+//! began after it was answered.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +45,25 @@ impl Checker {
                 write.dataset_version,
                 *stamp,
             ));
+        }
+        for latest in &workload.latests {
+            let Some(commits) = acked.get(&latest.dataset) else {
+                continue;
+            };
+            for (acked_ms, started_ms, version, stamp) in commits {
+                let what = if *acked_ms < latest.started_ms && *version > latest.version {
+                    "acknowledged before it was asked"
+                } else if *started_ms > latest.answered_ms && *version <= latest.version {
+                    "begun after it was answered"
+                } else {
+                    continue;
+                };
+                let what = format!(
+                    "node {} asked at {} ms for the latest version of dataset {} and got {}, but commit {stamp}, {what}, took version {version}",
+                    latest.node, latest.started_ms, latest.dataset, latest.version
+                );
+                self.violation(now_ms, what);
+            }
         }
         for (dataset, mut commits) in acked {
             let mut by_version: BTreeMap<u64, u64> = BTreeMap::new();
