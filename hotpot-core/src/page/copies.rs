@@ -234,6 +234,10 @@ impl PageTable {
     /// A Dirty page whose committed copy moved ahead (another writer's commit, or this
     /// node's own, merged): its changes against the old twin are re-applied on top of the
     /// new committed bytes, which become the twin. Local writes survive; so do theirs.
+    /// Never backwards: a twin newer than the committed copy (the owner's copy, served while
+    /// a newer copy prepared here waits for its decision) stays; rebased on the older copy,
+    /// the diff would miss every byte written back to its older value (found by hotpot-sim,
+    /// seed 10081251, and `tests/tests/lost_decide.rs`).
     pub fn rebase_dirty(&mut self, key: PageKey) {
         let Some(dirty) = self.dirty.get(&key).copied() else {
             return;
@@ -241,7 +245,7 @@ impl PageTable {
         let Some(current) = self.pool.page(key).map(|found| found.record) else {
             return;
         };
-        if dirty.twin.frame == Some(current.frame) {
+        if dirty.twin.frame == Some(current.frame) || current.version <= dirty.twin.version {
             return;
         }
         let runs = self.runs_of(key);
@@ -833,6 +837,38 @@ mod tests {
             table.pool().frames_free(),
             free - 1,
             "aborted frames are free again"
+        );
+    }
+
+    #[test]
+    fn staged_writes_on_the_owners_newer_copy_are_not_rebased_on_an_older_one() {
+        let mut table = table();
+        let (v1, v2) = (vec![1u8; PAGE_BYTES], vec![2u8; PAGE_BYTES]);
+        table.install_copy((9, 0), 1, &v1).unwrap();
+        // Version 2 is prepared here, its decision lost; the owner's copy of it is served.
+        table
+            .prepare_copies((2, 1), 9, &[(0, 2, &v2)], false, TxTag::default())
+            .unwrap();
+        table.serve_copy((9, 0), 2, &v2).unwrap();
+        assert_eq!(
+            table.version_of((9, 0)),
+            1,
+            "the older copy is still the stored one"
+        );
+        // The program writes some bytes back to their older value.
+        table.stage((9, 0), 0, &[1, 3, 1, 3]).unwrap();
+        table.rebase_dataset(9);
+        let snapshot = table.snapshot_dirty(9).pop().expect("a dirty page");
+        assert_eq!(snapshot.base_version, 2, "based on the served copy");
+        let sent: Vec<(u16, Vec<u8>)> = snapshot
+            .runs
+            .iter()
+            .map(|run| (run.offset, run.bytes.clone()))
+            .collect();
+        assert_eq!(
+            sent,
+            [(0, vec![1, 3, 1, 3])],
+            "every byte that differs from version 2"
         );
     }
 

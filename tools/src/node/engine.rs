@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::{PageTable, ReadOutcome};
-use hotpot_core::pm::PAGE_BYTES;
+use hotpot_core::pm::{PageKey, PAGE_BYTES};
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
 use hotpot_core::proto::staged::{Ended, StagedCommit};
 use hotpot_core::proto::types::*;
@@ -67,6 +67,15 @@ pub struct NodeEngine {
     call_timeout: Duration,
     /// The `.versions` tree (views.rs).
     views: views::Views,
+}
+
+/// Whether this node's stored copy of `key` may be behind its owner's: the owner has not
+/// confirmed it since this node's start (`unconfirmed`), or a newer copy is prepared here,
+/// waiting for a decision that may have been lost (found by hotpot-sim, seed 10081251: this
+/// node's next commit, diffed against the older copy, tore its own acknowledged one). Such a
+/// page is read from its owner, as the node machine's reads and writes do.
+fn behind(unconfirmed: bool, table: &PageTable, key: PageKey) -> bool {
+    unconfirmed || table.in_prepared(key)
 }
 
 fn io_error(what: impl std::fmt::Display) -> FsError {
@@ -544,11 +553,13 @@ impl Engine for NodeEngine {
             let within = (at % PAGE_BYTES as u64) as usize;
             let take = (PAGE_BYTES - within).min((end - at) as usize);
             let key = (dataset.id, page);
-            // A copy its owner has not confirmed since this node's start may be behind.
+            // A copy its owner has not confirmed since this node's start may be behind; so
+            // may one with a newer copy prepared here, whose decision may have been lost:
+            // the owner's copy, which waits for that commit's apply (`behind`).
             let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
             let outcome = {
                 let mut table = self.table();
-                if unconfirmed && !table.is_staged(key) {
+                if behind(unconfirmed, &table, key) && !table.is_staged(key) {
                     ReadOutcome::Absent
                 } else {
                     table.read_for_kernel(key, &mut page_bytes)
@@ -589,14 +600,16 @@ impl Engine for NodeEngine {
         // owner now, as a read would (found by hotpot-sim: zeros written over a page this
         // node never read were lost, being no change from a zero base).
         // A stored copy its owner has not confirmed since this node's start is no base
-        // either: it may miss a commit this node made as it stopped (found by hotpot-sim).
+        // either: it may miss a commit this node made as it stopped (found by hotpot-sim);
+        // nor is one with a newer copy prepared here (`behind`).
         let pages = offset / PAGE_BYTES as u64..end.div_ceil(PAGE_BYTES as u64);
         for page in pages {
             let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
             let based = {
                 let table = self.table();
                 table.has_kernel_base((dataset.id, page))
-                    || (!unconfirmed && table.has_base((dataset.id, page)))
+                    || (!behind(unconfirmed, &table, (dataset.id, page))
+                        && table.has_base((dataset.id, page)))
             };
             if based {
                 continue;

@@ -3,8 +3,9 @@
 //! `hotpot cluster arm-fault` on a running node; the first time the node reaches it, it kills
 //! itself with SIGKILL, exactly as `kill -9` would: no unwinding, no unmount, PM left as the
 //! crash leaves it. Armed as `panic:<point>`, the thread that reaches it panics instead (a bug
-//! in one thread, which stops the whole node: `main.rs`, fail-stop). The points are listed in
-//! docs/design.md ("Recovery").
+//! in one thread, which stops the whole node: `main.rs`, fail-stop). Armed as `drop:<point>`,
+//! a point that can drop its request (`drops`) does so once, as if the message were lost, and
+//! is disarmed. The points are listed in docs/design.md ("Recovery").
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
@@ -43,10 +44,22 @@ mod enabled {
             _ => {}
         }
     }
+
+    pub fn drops(name: &str) -> bool {
+        let mut armed = armed();
+        let dropping = armed
+            .as_deref()
+            .is_some_and(|point| point.strip_prefix("drop:") == Some(name));
+        if dropping {
+            eprintln!("fault injection: dropping the request at {name}");
+            *armed = None;
+        }
+        dropping
+    }
 }
 
 #[cfg(feature = "fault-injection")]
-pub use enabled::{arm, point};
+pub use enabled::{arm, drops, point};
 
 #[cfg(not(feature = "fault-injection"))]
 pub fn arm(_point: &str) -> Result<(), String> {
@@ -57,3 +70,10 @@ pub fn arm(_point: &str) -> Result<(), String> {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+/// Whether the request at this point is to be dropped (never, without the feature).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn drops(_name: &str) -> bool {
+    false
+}

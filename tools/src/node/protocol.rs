@@ -1002,6 +1002,9 @@ impl Protocol {
 
     pub fn serve_decide(&self, tx: TxKey, ino: Option<Ino>) -> NodeReply {
         fault::point("target.deciding");
+        if fault::drops("target.deciding") {
+            return NodeReply::Failed(FsError::Io("fault injection: Decide dropped".into()));
+        }
         self.deciders(|deciders| deciders.decided(tx));
         let decided = self.table().decide_copies(tx);
         match (decided, ino) {

@@ -192,13 +192,16 @@ impl Machine {
                 // than this node's own last commit of the page (one in flight at a crash):
                 // stores staged on it would be diffed against bytes the owner no longer
                 // has, and every stored byte equal to its stale value lost (found by
-                // hotpot-sim). Such pages come from the owner first, like missing ones.
+                // hotpot-sim). So may a copy with a newer one prepared here, waiting for a
+                // decision that was lost (found by hotpot-sim, seed 10081251: this node's
+                // own acknowledged commit torn by the next). Such pages come from the owner
+                // first, like missing ones, as reads of them do.
                 let missing: BTreeSet<u64> = stores
                     .iter()
                     .map(|(page, _, _)| *page)
                     .filter(|page| {
                         self.table.read_persisted((dataset_id, *page)).is_none()
-                            || self.unconfirmed(&dataset, *page)
+                            || self.reads_through(&dataset, *page)
                     })
                     .collect();
                 for page in &missing {
