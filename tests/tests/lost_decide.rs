@@ -45,6 +45,7 @@ fn a_commit_after_a_lost_decide_of_the_last_one_is_not_torn() {
         "the writer's Decide was not dropped: {}",
         cluster.node_log(writer)
     );
+    cluster.arm_fault(writer, "none");
 
     // At once (before the writer settles its prepared copy): half the bytes back to the
     // first commit's value, half new.

@@ -17,6 +17,30 @@ use crate::proto::types::{DatasetId, NodeId, PageLocation};
 /// A commit, named across the cluster: the owner that runs it and its sequence number there.
 pub type TxKey = (NodeId, u64);
 
+/// What deciding a prepared copy did (`PageTable::decide_copies`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decided {
+    /// Its pages are current here now (the kernel's copies of them are out of date).
+    Current { dataset: DatasetId, pages: Vec<u64> },
+    /// A page of it was newer here already: it was dropped whole (never backwards). This
+    /// node's copies of its other pages may be older than the decided ones, which their owner
+    /// may count it as holding: it registers them with their owners (the daemon marks them
+    /// unconfirmed), and reads them from the owners until then.
+    Dropped { dataset: DatasetId, pages: Vec<u64> },
+    /// No such copy waits here (settled before: a retry).
+    Unknown,
+}
+
+impl Decided {
+    /// The dataset and pages that became current, if they did.
+    pub fn current(self) -> Option<(DatasetId, Vec<u64>)> {
+        match self {
+            Decided::Current { dataset, pages } => Some((dataset, pages)),
+            Decided::Dropped { .. } | Decided::Unknown => None,
+        }
+    }
+}
+
 /// The bytes of a staged page at the moment a commit takes them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirtySnapshot {
@@ -402,30 +426,26 @@ impl PageTable {
         }
     }
 
-    /// The owner decided: the prepared copies become current. Returns the dataset and pages
-    /// (for cache invalidation); `None` if this node has no such prepared commit (a retry).
-    /// Never backwards: if a newer version of one of its pages is current already (a later
-    /// commit's copy decided first), the record is dropped instead and `None` returned; the
-    /// caller's owner then supplies what is current.
-    pub fn decide_copies(&mut self, tx: TxKey) -> Option<(DatasetId, Vec<u64>)> {
-        let superseded = self
-            .prepared
-            .get(&tx)?
-            .record
-            .puts()
-            .iter()
-            .any(|(key, version, _)| {
-                self.pool
-                    .page(*key)
-                    .is_some_and(|found| found.record.version >= *version)
-            });
+    /// The owner decided: the prepared copies become current. Never backwards: if a newer
+    /// version of one of its pages is current already (a later commit's copy decided first),
+    /// the record is dropped instead (`Decided::Dropped`).
+    pub fn decide_copies(&mut self, tx: TxKey) -> Decided {
+        let Some(prepared) = self.prepared.get(&tx) else {
+            return Decided::Unknown;
+        };
+        let superseded = prepared.record.puts().iter().any(|(key, version, _)| {
+            self.pool
+                .page(*key)
+                .is_some_and(|found| found.record.version >= *version)
+        });
+        let (dataset, pages) = (prepared.dataset, prepared.pages.clone());
         if superseded {
             self.abort_copies(tx);
-            return None;
+            return Decided::Dropped { dataset, pages };
         }
-        let prepared = self.prepared.remove(&tx)?;
+        let prepared = self.prepared.remove(&tx).expect("found above");
         self.pool.decide(prepared.record);
-        Some((prepared.dataset, prepared.pages))
+        Decided::Current { dataset, pages }
     }
 
     /// The dataset and pages of prepared commit `tx`, if it is here.
@@ -812,7 +832,7 @@ mod tests {
             !table.install_copy((9, 0), 5, &v5).unwrap(),
             "a prepared newer copy wins"
         );
-        assert_eq!(table.decide_copies((2, 1)), Some((9, vec![0])));
+        assert_eq!(table.decide_copies((2, 1)).current(), Some((9, vec![0])));
         assert_eq!(
             table.state((9, 0)),
             Some(PageState::Redundant { version: 6 })
@@ -883,8 +903,20 @@ mod tests {
         table
             .prepare_copies((3, 1), 9, &[(0, 7, &v7)], false, TxTag::default())
             .unwrap();
-        assert_eq!(table.decide_copies((3, 1)), Some((9, vec![0])));
-        assert_eq!(table.decide_copies((1, 1)), None, "superseded: dropped");
+        assert_eq!(table.decide_copies((3, 1)).current(), Some((9, vec![0])));
+        assert_eq!(
+            table.decide_copies((1, 1)),
+            Decided::Dropped {
+                dataset: 9,
+                pages: vec![0]
+            },
+            "superseded: dropped"
+        );
+        assert_eq!(
+            table.decide_copies((1, 1)),
+            Decided::Unknown,
+            "settled before"
+        );
         let (version, bytes) = table.read_persisted((9, 0)).unwrap();
         assert!(version == 7 && bytes == v7, "version {version} kept");
         assert_eq!(

@@ -7,7 +7,7 @@ pub mod sharing;
 pub mod table;
 pub mod versions;
 
-pub use copies::{CommitError, DirtySnapshot, OwnedPage, PendingCopies, TxKey};
+pub use copies::{CommitError, Decided, DirtySnapshot, OwnedPage, PendingCopies, TxKey};
 pub use merge::{apply_runs, diff_runs, Run};
 pub use sharing::{Merger, Sharing};
 pub use table::{PageState, PageTable, ReadOutcome};

@@ -146,13 +146,14 @@ impl PageTable {
         &mut self,
         tx: crate::page::TxKey,
         version: Option<u64>,
-    ) -> Option<(DatasetId, Vec<u64>)> {
+    ) -> crate::page::Decided {
         let (Some(version), Some((dataset, pages))) = (version, self.prepared_pages(tx)) else {
             return self.decide_copies(tx);
         };
         let kept = self.keep_for_views(dataset, &pages, version);
         let decided = self.decide_copies(tx);
-        self.settle_for_views(kept, decided.is_some());
+        let current = matches!(decided, crate::page::Decided::Current { .. });
+        self.settle_for_views(kept, current);
         decided
     }
 

@@ -4,8 +4,9 @@
 //! itself with SIGKILL, exactly as `kill -9` would: no unwinding, no unmount, PM left as the
 //! crash leaves it. Armed as `panic:<point>`, the thread that reaches it panics instead (a bug
 //! in one thread, which stops the whole node: `main.rs`, fail-stop). Armed as `drop:<point>`,
-//! a point that can drop its request (`drops`) does so once, as if the message were lost, and
-//! is disarmed. The points are listed in docs/design.md ("Recovery").
+//! a point that can drop its request (`drops`) drops every one, as if the messages were lost,
+//! until another point is armed (`none`, which no code reaches, disarms). The points are
+//! listed in docs/design.md ("Recovery").
 
 #[cfg(feature = "fault-injection")]
 mod enabled {
@@ -46,13 +47,11 @@ mod enabled {
     }
 
     pub fn drops(name: &str) -> bool {
-        let mut armed = armed();
-        let dropping = armed
+        let dropping = armed()
             .as_deref()
             .is_some_and(|point| point.strip_prefix("drop:") == Some(name));
         if dropping {
             eprintln!("fault injection: dropping the request at {name}");
-            *armed = None;
         }
         dropping
     }

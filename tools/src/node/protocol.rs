@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use hotpot_core::page::{CommitError, OwnedPage, PageTable, TxKey};
+use hotpot_core::page::{CommitError, Decided, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::copies::{CopyBook, Reached};
 use hotpot_core::proto::deciders::{Decider, Deciders};
@@ -282,22 +282,27 @@ impl Protocol {
         if self.peers.successors().is_empty() {
             return Ok(());
         }
+        let record = self.dataset_record(dataset)?;
+        self.check_owner(&record, [page])
+    }
+
+    /// The record of `dataset` (fixed at creation): looked up once, from the dispatcher.
+    pub(super) fn dataset_record(&self, dataset: DatasetId) -> Result<Dataset, FsError> {
         let known = self
             .records
             .lock()
             .expect("records lock")
             .get(&dataset)
             .cloned();
-        let record = match known {
-            Some(record) => record,
+        match known {
+            Some(record) => Ok(record),
             None => {
                 let records = self.datasets()?;
                 let mut cache = self.records.lock().expect("records lock");
                 cache.extend(records.into_iter().map(|record| (record.id, record)));
-                cache.get(&dataset).cloned().ok_or(FsError::NotFound)?
+                cache.get(&dataset).cloned().ok_or(FsError::NotFound)
             }
-        };
-        self.check_owner(&record, [page])
+        }
     }
 
     pub fn is_rebuilding(&self) -> bool {
@@ -1008,17 +1013,49 @@ impl Protocol {
         self.deciders(|deciders| deciders.decided(tx));
         let decided = self.table().decide_copies(tx);
         match (decided, ino) {
-            (Some((dataset, pages)), Some(ino)) => self.invalidate(ino, dataset, &pages),
+            (Decided::Current { dataset, pages }, Some(ino)) => {
+                self.invalidate(ino, dataset, &pages)
+            }
             // The committer: its kernel holds the committed bytes; the base moves with them.
-            (Some((dataset, pages)), None) => {
+            (Decided::Current { dataset, pages }, None) => {
                 let mut table = self.table();
                 for page in pages {
                     table.serve_committed((dataset, page));
                 }
             }
-            (None, _) => {}
+            (Decided::Dropped { dataset, pages }, _) => self.copies_behind(dataset, &pages),
+            (Decided::Unknown, _) => {}
         }
         NodeReply::Done
+    }
+
+    /// Copies of `pages` prepared here were dropped at their decision (a page of them newer
+    /// here, `Decided::Dropped`): this node's copies of the others may be older than what
+    /// their owners count it as holding. The kernel's copies go, and until each owner
+    /// confirms this node's copies (recovery.rs `confirm_copies`, which installs anything
+    /// newer) reads and writes of them go to the owner (`unconfirmed`), as the node machine
+    /// registers them.
+    pub(super) fn copies_behind(&self, dataset: DatasetId, pages: &[u64]) {
+        self.invalidate_dataset(dataset, pages);
+        let record = match self.dataset_record(dataset) {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::warn!(dataset, %error, "copies dropped at their decision; no record to register them");
+                return;
+            }
+        };
+        let mut unconfirmed = self.unconfirmed.lock().expect("unconfirmed lock");
+        for page in pages {
+            let owner = self.owner_of(&record, *page);
+            if owner != self.id {
+                unconfirmed.insert((owner, dataset), record.clone());
+            }
+        }
+        tracing::info!(
+            dataset,
+            ?pages,
+            "copies dropped at their decision; reading them from their owners until they confirm"
+        );
     }
 
     /// Who settles the copies prepared here (`proto/deciders.rs`).

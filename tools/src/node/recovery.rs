@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use hotpot_core::page::TxKey;
+use hotpot_core::page::{Decided, TxKey};
 use hotpot_core::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
@@ -663,14 +663,18 @@ impl Protocol {
     fn settle_copies_of(&self, commit: TxKey, decided: bool) {
         let waiting = self.deciders(|deciders| deciders.commit_settled(commit, decided));
         for (tx, leader) in waiting {
-            let pages = if decided {
+            let settled = if decided {
                 self.table().decide_copies(tx)
             } else {
                 self.table().abort_copies(tx);
-                None
+                Decided::Unknown
             };
-            if let Some((dataset, pages)) = pages {
-                self.invalidate_dataset(dataset, &pages);
+            match settled {
+                Decided::Current { dataset, pages } => self.invalidate_dataset(dataset, &pages),
+                // Only the copy the resolver asked about registers with its owner next; this
+                // one may be another owner's part of the commit.
+                Decided::Dropped { dataset, pages } => self.copies_behind(dataset, &pages),
+                Decided::Unknown => {}
             }
             let own_copy = tx.0 == self.id && commit.0 == self.id;
             let also_follower = self.table().is_pending(commit);

@@ -149,7 +149,7 @@ impl Machine {
             .is_some_and(|commit| matches!(commit.step, Step::Prepared));
         if prepared {
             self.note_decided_commit(tx);
-            if let Some((dataset, pages)) = self.table.decide_copies(tx) {
+            if let Some((dataset, pages)) = self.table.decide_copies(tx).current() {
                 self.kernel_stale(dataset, pages);
             }
             let commit = self.owner.commits.get_mut(&tx).expect("commit in flight");
@@ -176,7 +176,7 @@ impl Machine {
         // settle with the leader themselves).
         if let Some(pages) = self.pending_record(tx) {
             self.note_decided_commit(tx);
-            if let Some((dataset, pages)) = self.table.decide_copies(tx) {
+            if let Some((dataset, pages)) = self.table.decide_copies(tx).current() {
                 self.kernel_stale(dataset, pages);
             }
             self.unlock(tx, &pages);

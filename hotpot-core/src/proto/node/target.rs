@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Machine, Purpose};
-use crate::page::TxKey;
+use crate::page::{Decided, TxKey};
 use crate::pm::TxRole;
 use crate::proto::deciders::{Decider, Deciders};
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
@@ -67,24 +67,26 @@ impl Machine {
     pub(super) fn serve_decide(&mut self, tx: TxKey) -> NodeReply {
         self.target.deciders.decided(tx);
         self.target.waiting_since.remove(&tx);
-        let record = self
-            .table
-            .pending()
-            .into_iter()
-            .find(|copies| copies.tx == tx);
-        if let Some((dataset, pages)) = self.table.decide_copies(tx) {
-            self.kernel_stale(dataset, pages);
-        } else if let Some(copies) = record {
-            if let Some((dataset, _)) = self.dataset(copies.dataset).cloned() {
-                for page in &copies.pages {
-                    let owner = self.owner_of(&dataset, *page);
-                    if owner != self.config.id {
-                        self.target.registering.insert((owner, dataset.id));
-                    }
-                }
-            }
+        match self.table.decide_copies(tx) {
+            Decided::Current { dataset, pages } => self.kernel_stale(dataset, pages),
+            Decided::Dropped { dataset, pages } => self.register_pages(dataset, &pages),
+            Decided::Unknown => {}
         }
         NodeReply::Done
+    }
+
+    /// This node's copies of `pages` may not be what their owners count it as holding:
+    /// it registers them with each owner (reads go to the owners until then).
+    fn register_pages(&mut self, dataset: DatasetId, pages: &[u64]) {
+        let Some((dataset, _)) = self.dataset(dataset).cloned() else {
+            return;
+        };
+        for page in pages {
+            let owner = self.owner_of(&dataset, *page);
+            if owner != self.config.id {
+                self.target.registering.insert((owner, dataset.id));
+            }
+        }
     }
 
     pub(super) fn serve_abort(&mut self, tx: TxKey) -> NodeReply {
@@ -167,15 +169,8 @@ impl Machine {
             .into_iter()
             .find(|copies| copies.tx == copy);
         self.serve_decide(copy);
-        let Some(copies) = record else { return };
-        let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
-            return;
-        };
-        for page in &copies.pages {
-            let owner = self.owner_of(&dataset, *page);
-            if owner != self.config.id {
-                self.target.registering.insert((owner, dataset.id));
-            }
+        if let Some(copies) = record {
+            self.register_pages(copies.dataset, &copies.pages);
         }
     }
 
