@@ -380,6 +380,7 @@ impl Machine {
         self.sweep_outcomes();
         self.resolve_pending();
         self.rereplicate();
+        self.refill_versions();
         self.refetch_taken();
         self.retry_ops();
         std::mem::take(&mut self.out)

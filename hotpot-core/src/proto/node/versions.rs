@@ -1,7 +1,8 @@
 //! Dataset versions (docs/design.md, "Dataset versions"): an MRMW commit takes the next
 //! version of its dataset from the dataset's home (the owner of chunk 0 now) once all its
 //! pages are locked and prepared, and applies with it; the home gives them out of blocks the
-//! dispatcher grants (`proto/versions.rs`, the daemon's own sequencer). Must survive: a home
+//! dispatcher grants (`proto/versions.rs`, the daemon's own sequencer), a spare taken ahead
+//! once a block is half given out. Must survive: a home
 //! that does not answer (the commit aborts, nothing applied), a dispatcher that does not
 //! answer (every asker refused, asked again by the next commit), a home that restarts or is
 //! replaced (a new block: versions skip, they never repeat or go back), a commit given up
@@ -166,6 +167,14 @@ impl Machine {
         }
     }
 
+    /// As a home: a spare block for every block more than half given out, taken ahead so a
+    /// commit rarely waits for the dispatcher (the daemon's heartbeat does the same).
+    pub(super) fn refill_versions(&mut self) {
+        for dataset in self.versions.sequencer.running_low() {
+            self.ask_block(dataset);
+        }
+    }
+
     /// One block request per dataset in flight.
     fn ask_block(&mut self, dataset: DatasetId) {
         let asking = self.calls.values().any(
@@ -326,7 +335,7 @@ mod tests {
     }
 
     #[test]
-    fn commits_take_versions_from_blocks_and_a_lost_block_request_refuses_the_commit() {
+    fn commits_take_versions_from_blocks_and_a_spare_is_taken_ahead() {
         let (mut machine, dataset) = home();
         // The first commit waits for the first block: nothing is applied before it.
         let outputs = commit(&mut machine, &dataset, 10, 1);
@@ -336,24 +345,41 @@ mod tests {
         let block = DispatcherReply::VersionBlock { start: 5 };
         let outputs = machine.handle(20, Input::DispatcherReply { call, reply: block });
         assert_eq!(committed_at(answer(&outputs)), 5);
+        // Half the block given out: a spare is asked for at once.
+        let spare = block_call(&outputs).expect("a spare asked for");
+        let block = DispatcherReply::VersionBlock { start: 13 };
+        machine.handle(
+            25,
+            Input::DispatcherReply {
+                call: spare,
+                reply: block,
+            },
+        );
         let outputs = commit(&mut machine, &dataset, 30, 2);
-        assert_eq!(block_call(&outputs), None, "the block has a second version");
         assert_eq!(committed_at(answer(&outputs)), 6);
-        // The block is used up; the dispatcher's answer is lost: refused, nothing applied.
+        assert_eq!(block_call(&outputs), None, "a spare is there");
+        // The block is used up: the spare follows, with no wait.
         let outputs = commit(&mut machine, &dataset, 40, 3);
+        assert_eq!(committed_at(answer(&outputs)), 13);
+        assert!(block_call(&outputs).is_some(), "the next spare asked for");
+    }
+
+    #[test]
+    fn a_lost_block_request_refuses_the_commit_and_the_next_asks_again() {
+        let (mut machine, dataset) = home();
+        let outputs = commit(&mut machine, &dataset, 10, 1);
         assert!(block_call(&outputs).is_some());
         let timeout = machine.config.timing.call_timeout_ms;
-        let outputs = machine.handle(40 + timeout, Input::Tick);
+        let outputs = machine.handle(10 + timeout, Input::Tick);
         assert!(
             matches!(answer(&outputs), Some(NodeReply::Failed(_))),
             "refused: {outputs:?}"
         );
-        assert_eq!(machine.table().version_of((1, 0)), 2, "two commits applied");
-        // The next commit asks again, and goes on from the new block.
-        let outputs = commit(&mut machine, &dataset, 50 + timeout, 4);
+        assert_eq!(machine.table().version_of((1, 0)), 0, "nothing applied");
+        let outputs = commit(&mut machine, &dataset, 20 + timeout, 2);
         let call = block_call(&outputs).expect("a block asked for again");
         let block = DispatcherReply::VersionBlock { start: 9 };
-        let outputs = machine.handle(60 + timeout, Input::DispatcherReply { call, reply: block });
+        let outputs = machine.handle(30 + timeout, Input::DispatcherReply { call, reply: block });
         assert_eq!(committed_at(answer(&outputs)), 9);
     }
 
