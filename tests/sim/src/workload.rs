@@ -66,7 +66,7 @@ pub struct WriteRecord {
     pub started_ms: u64,
     /// When the program got the acknowledgement.
     pub acked_ms: Option<u64>,
-    /// The dataset version the acknowledgement named (MRMW; 0 for MRSW).
+    /// The dataset version the acknowledgement named.
     pub dataset_version: u64,
 }
 

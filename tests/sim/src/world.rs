@@ -240,9 +240,7 @@ impl World {
             }
         }
         if !self.checker.failed() {
-            let (now_ms, datasets) = (self.now_ms, &self.datasets);
-            self.checker
-                .check_versions(now_ms, &self.workload, datasets);
+            self.checker.check_versions(self.now_ms, &self.workload);
         }
         if !self.checker.failed() {
             let quiescent = self.quiescent();

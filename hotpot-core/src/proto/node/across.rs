@@ -308,7 +308,7 @@ impl Machine {
                         committer: me,
                         committer_prepared: phase.own_copy.is_some(),
                         pages,
-                        version: None,
+                        version: op.version,
                     },
                 };
                 (leader, request)

@@ -12,7 +12,7 @@ use crate::page::TxKey;
 use crate::pm::PAGE_BYTES;
 use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, VersionedPage};
 use crate::proto::staged::{Ended, StagedCommit};
-use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
+use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
 
 pub type OpId = u64;
 
@@ -53,8 +53,7 @@ pub struct OpDone {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpResult {
-    /// Acknowledged, with the dataset version it took (MRMW; 0 for MRSW, whose versions
-    /// this machine does not model, and for a commit with nothing staged).
+    /// Acknowledged, with the dataset version it took (0 for a commit with nothing staged).
     Committed { dataset_version: u64 },
     /// Nothing of it was applied.
     Refused(FsError),
@@ -102,6 +101,8 @@ pub(super) struct ClientOp {
     staged: Option<Arc<StagedCommit>>,
     /// The owner asked (a read's, or a one-owner commit's).
     owner: NodeId,
+    /// MRSW: the dataset version this node, the writer, gave the commit (versions.rs).
+    pub(super) version: Option<u64>,
     step: Step,
     pub(super) started_ms: u64,
     pub(super) attempts: u32,
@@ -115,6 +116,7 @@ impl ClientOp {
             gives_up: false,
             staged: None,
             owner: 0,
+            version: None,
             step: Step::Fetching {
                 missing: BTreeSet::new(),
             },
@@ -321,10 +323,14 @@ impl Machine {
 
     /// The commit message for op `id`'s staged pages: one owner's, or the three phases
     /// across owners.
-    fn send_commit(&mut self, id: OpId) {
+    pub(super) fn send_commit(&mut self, id: OpId) {
         let Some(op) = self.client.ops.get(&id).cloned() else {
             return;
         };
+        // An MRSW commit carries its version, from this node as the dataset's writer.
+        if op.dataset.params.mode == Mode::Mrsw && op.version.is_none() {
+            return self.writer_version(id, &op.dataset);
+        }
         let staged = op.staged.clone().expect("a commit's pages are staged");
         if staged.groups.len() > 1 {
             return self.start_across(id, staged.groups.clone());
@@ -371,7 +377,7 @@ impl Machine {
                     committer: me,
                     committer_prepared: own_copy,
                     pages: writes.clone(),
-                    version: None,
+                    version: op.version,
                 };
                 (request, own_copy)
             }

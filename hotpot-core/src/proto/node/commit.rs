@@ -16,8 +16,9 @@ use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 /// What a commit asks of its owner.
 #[derive(Clone, Debug)]
 pub(super) enum Work {
-    /// MRSW: whole pages written against `base_version`.
-    Writes(Vec<PageWrite>),
+    /// MRSW: whole pages written against `base_version`, and the dataset version the writer
+    /// gave the commit (`None` at a follower, and from a committer that sent none).
+    Writes(Vec<PageWrite>, Option<u64>),
     /// MRMW: byte runs merged onto the owner's current copies.
     Runs(Vec<PageRuns>),
 }
@@ -72,7 +73,8 @@ pub(super) struct OwnerCommit {
     pub(super) step: Step,
     /// Set once this owner's apply is persisted.
     pub(super) versions: Option<Vec<u64>>,
-    /// The dataset version the home gave this commit (0: none, MRSW).
+    /// The commit's dataset version: the home's (MRMW, once prepared) or the writer's (MRSW,
+    /// in the request); 0 at a follower.
     pub(super) dataset_version: u64,
 }
 
@@ -144,7 +146,7 @@ impl Machine {
             return self.refuse_commit(tx, from, call, reply);
         }
         let pages: Vec<u64> = match &work {
-            Work::Writes(writes) => writes.iter().map(|write| write.page).collect(),
+            Work::Writes(writes, _) => writes.iter().map(|write| write.page).collect(),
             Work::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),
         };
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset.id, *page)).collect();
@@ -173,7 +175,7 @@ impl Machine {
                     );
                 }
                 // MRSW: wait for the lock, asked again as it came.
-                let Work::Writes(pages) = work else {
+                let Work::Writes(pages, version) = work else {
                     unreachable!("refused above")
                 };
                 let request = match role {
@@ -203,7 +205,7 @@ impl Machine {
                             committer,
                             committer_prepared,
                             pages,
-                            version: None,
+                            version,
                         }
                     }
                 };
@@ -213,6 +215,10 @@ impl Machine {
                 self.owner.locked.insert(*key, tx);
             }
         }
+        let dataset_version = match &work {
+            Work::Writes(_, version) => version.unwrap_or(0),
+            Work::Runs(_) => 0,
+        };
         let writes = match self.build_writes(&dataset, work) {
             Ok(writes) => writes,
             Err(error) => return self.finish_commit_early(tx, &keys, Some((from, call)), error),
@@ -236,7 +242,7 @@ impl Machine {
             copies_wanted: targets.wanted,
             step: Step::Preparing,
             versions: None,
-            dataset_version: 0,
+            dataset_version,
         };
         let copies: Vec<VersionedPage> = commit.writes.iter().map(PageWrite::next_copy).collect();
         self.owner.commits.insert(tx, commit);
@@ -268,7 +274,7 @@ impl Machine {
         work: Work,
     ) -> Result<Vec<PageWrite>, FsError> {
         match work {
-            Work::Writes(writes) => {
+            Work::Writes(writes, _) => {
                 for write in &writes {
                     let current = self.table.version_of((dataset.id, write.page));
                     if write.base_version != current {

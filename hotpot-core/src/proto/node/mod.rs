@@ -458,9 +458,10 @@ impl Machine {
                 committer,
                 committer_prepared,
                 pages,
+                version,
                 ..
             } => {
-                let work = commit::Work::Writes(pages);
+                let work = commit::Work::Writes(pages, version);
                 (
                     tx,
                     dataset,
@@ -492,7 +493,8 @@ impl Machine {
             } => {
                 let work = match pages {
                     OwnerPages::Runs(pages) => commit::Work::Runs(pages),
-                    OwnerPages::Writes(pages) => commit::Work::Writes(pages),
+                    // A follower's part: the version comes with the decision (`OwnerDecide`).
+                    OwnerPages::Writes(pages) => commit::Work::Writes(pages, None),
                 };
                 (
                     tx,

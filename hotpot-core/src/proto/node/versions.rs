@@ -1,6 +1,7 @@
 //! Dataset versions (docs/design.md, "Dataset versions"): an MRMW commit takes the next
 //! version of its dataset from the dataset's home (the owner of chunk 0 now) once all its
-//! pages are locked and prepared, and applies with it; the home gives them out of blocks the
+//! pages are locked and prepared, and applies with it; an MRSW commit brings its writer's
+//! (the committing node, the dataset's one writer). A home or writer gives them out of blocks the
 //! dispatcher grants (`proto/versions.rs`, the daemon's own sequencer), a spare taken ahead
 //! once a block is half given out. Must survive: a home
 //! that does not answer (the commit aborts, nothing applied), a dispatcher that does not
@@ -27,6 +28,8 @@ enum Asker {
     Commit { tx: TxKey },
     /// A program's `Latest` on this node.
     Op { id: OpId },
+    /// A program's MRSW commit on this node, its writer.
+    Writer { id: OpId },
 }
 
 #[derive(Debug)]
@@ -53,8 +56,8 @@ impl Machine {
     }
 
     /// Step 4a of an MRMW commit this node leads or owns alone, every target prepared: its
-    /// dataset version, from the home. MRSW commits apply at once (their writer's versions
-    /// come with its lease, which this machine does not model).
+    /// dataset version, from the home. An MRSW commit brought its writer's, and applies at
+    /// once.
     pub(super) fn ask_version(&mut self, tx: TxKey) {
         let Some(id) = self.owner.commits.get(&tx).map(|commit| commit.dataset) else {
             return;
@@ -77,6 +80,13 @@ impl Machine {
             take: true,
         };
         self.send(home, request, Purpose::Version { tx });
+    }
+
+    /// An MRSW commit's version (client.rs), given by this node as the dataset's one writer
+    /// (with no message, as the daemon's lease holder does: `writer_version`); then the
+    /// commit goes on. Its first commit, or one after a restart, takes a block first.
+    pub(super) fn writer_version(&mut self, id: OpId, dataset: &Dataset) {
+        self.give_version(dataset, Asker::Writer { id }, true);
     }
 
     /// A program's `Latest` (client.rs): the home's newest version, asked of it, or of this
@@ -213,7 +223,7 @@ impl Machine {
         for asker in waiting {
             let take = match asker {
                 Asker::Peer { take, .. } => take,
-                Asker::Commit { .. } => true,
+                Asker::Commit { .. } | Asker::Writer { .. } => true,
                 Asker::Op { .. } => false,
             };
             // A small block may be used up again: the rest wait for the next one.
@@ -238,6 +248,18 @@ impl Machine {
                 };
                 self.op_done(id, result);
             }
+            Asker::Writer { id } => match version {
+                Ok(version) => {
+                    if let Some(op) = self.client.ops.get_mut(&id) {
+                        op.version = Some(version);
+                        self.send_commit(id);
+                    }
+                }
+                Err(why) => {
+                    let error = FsError::Io(format!("no dataset version: {why}"));
+                    self.op_done(id, OpResult::Refused(error));
+                }
+            },
         }
     }
 }

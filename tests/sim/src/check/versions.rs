@@ -1,5 +1,5 @@
-//! Dataset versions, as programs saw them: every acknowledged MRMW commit names a version,
-//! no two acknowledged commits of a dataset name the same one, and a commit that began after
+//! Dataset versions, as programs saw them: every acknowledged commit names a version (an
+//! MRMW one its home's, an MRSW one its writer's), no two acknowledged commits of a dataset name the same one, and a commit that began after
 //! another was acknowledged names a higher one (versions order commits in real time, across
 //! homes that restart or are replaced). A `Latest` answer (`hotpot stat`) is at least every
 //! version acknowledged before it was asked, and below every version taken by a commit that
@@ -7,27 +7,17 @@
 
 use std::collections::BTreeMap;
 
-use hotpot_core::proto::types::{Dataset, DatasetId, Mode};
+use hotpot_core::proto::types::DatasetId;
 
 use super::Checker;
 use crate::workload::{Status, Workload};
 
 impl Checker {
-    pub fn check_versions(
-        &mut self,
-        now_ms: u64,
-        workload: &Workload,
-        datasets: &[(Dataset, u64)],
-    ) {
-        let mrmw = |id: DatasetId| {
-            datasets
-                .iter()
-                .any(|(dataset, _)| dataset.id == id && dataset.params.mode == Mode::Mrmw)
-        };
+    pub fn check_versions(&mut self, now_ms: u64, workload: &Workload) {
         // Per dataset: (acked at, started at, version, stamp) of each acknowledged commit.
         let mut acked: BTreeMap<DatasetId, Vec<(u64, u64, u64, u64)>> = BTreeMap::new();
         for (stamp, write) in &workload.writes {
-            if write.status != Status::Acked || !mrmw(write.dataset) {
+            if write.status != Status::Acked {
                 continue;
             }
             let acked_ms = write.acked_ms.expect("an acknowledged commit has its time");
