@@ -121,7 +121,8 @@ enum ClusterCommand {
         #[arg(long)]
         node: u32,
         /// Point name, e.g. follower.prepared; panic:<point> makes the thread that reaches it
-        /// panic instead (which stops the node: fail-stop).
+        /// panic instead (which stops the node: fail-stop); drop:target.deciding makes the
+        /// node drop every Decide, as if lost, until another point (e.g. none) is armed.
         #[arg(long)]
         point: String,
     },
