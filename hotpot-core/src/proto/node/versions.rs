@@ -1,19 +1,18 @@
 //! Dataset versions (docs/design.md, "Dataset versions"): an MRMW commit takes the next
 //! version of its dataset from the dataset's home (the owner of chunk 0 now) once all its
 //! pages are locked and prepared, and applies with it; an MRSW commit brings its writer's
-//! (the committing node, the dataset's one writer). A home or writer gives them out of blocks the
-//! dispatcher grants (`proto/versions.rs`, the daemon's own sequencer), a spare taken ahead
-//! once a block is half given out. Must survive: a home
-//! that does not answer (the commit aborts, nothing applied), a dispatcher that does not
-//! answer (every asker refused, asked again by the next commit), a home that restarts or is
+//! (the committing node, the dataset's one writer). A home or writer gives them out of
+//! blocks the dispatcher grants (`proto/versions.rs`, the daemon's own sequencer), with a
+//! spare taken ahead once a block is half given out. Must survive: a home that does not
+//! answer (the commit aborts, nothing applied), a dispatcher that does not answer (every
+//! asker refused, asked again by the next commit), a home or writer that restarts or is
 //! replaced (a new block: versions skip, they never repeat or go back), a commit given up
 //! while it waits for its version (the version is skipped).
 
 use std::collections::BTreeMap;
 
 use super::commit::Step;
-use super::{Machine, Output, Purpose, DISPATCHER};
-use super::{OpId, OpResult};
+use super::{Machine, OpId, OpResult, Output, Purpose, DISPATCHER};
 use crate::page::TxKey;
 use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
@@ -34,9 +33,11 @@ enum Asker {
 
 #[derive(Debug)]
 pub(super) struct VersionState {
-    /// As a home: the versions this start may give out (volatile: a restart takes new blocks).
+    /// As a home or writer: the versions this start may give out (volatile: a restart takes
+    /// new blocks).
     sequencer: Sequencer,
-    /// As a home: askers waiting for a block from the dispatcher, per dataset, in order.
+    /// As a home or writer: askers waiting for a block from the dispatcher, per dataset, in
+    /// order.
     waiting: BTreeMap<DatasetId, Vec<Asker>>,
 }
 
@@ -177,8 +178,9 @@ impl Machine {
         }
     }
 
-    /// As a home: a spare block for every block more than half given out, taken ahead so a
-    /// commit rarely waits for the dispatcher (the daemon's heartbeat does the same).
+    /// As a home or writer: a spare block for every block more than half given out, taken
+    /// ahead so a commit rarely waits for the dispatcher (the daemon's heartbeat does the
+    /// same).
     pub(super) fn refill_versions(&mut self) {
         for dataset in self.versions.sequencer.running_low() {
             self.ask_block(dataset);
