@@ -100,6 +100,13 @@ impl Sequencer {
         }
     }
 
+    /// Whether `me` has no version of `dataset` to give: no block, and not the first home's
+    /// first block. A home takes one at its start, so its first commits need no dispatcher.
+    pub fn needs_block(&self, dataset: &Dataset, me: (NodeId, u64)) -> bool {
+        let first_home = dataset.params.mode == Mode::Mrmw && dataset.first_home == Some(me);
+        !self.blocks.contains_key(&dataset.id) && !first_home
+    }
+
     /// Whether this node gives out `dataset`'s versions now.
     pub fn has(&self, dataset: DatasetId) -> bool {
         self.blocks.contains_key(&dataset)
@@ -189,10 +196,14 @@ mod tests {
         let mut first = Sequencer::new(4);
         assert_eq!(first.give(&dataset, (1, 1), false), Give::Version(0));
         assert_eq!(first.give(&dataset, (1, 1), true), Give::Version(1));
+        assert!(!Sequencer::new(4).needs_block(&dataset, (1, 1)));
         // The same node started again, or another node, asks the dispatcher.
         let mut restarted = Sequencer::new(4);
+        assert!(restarted.needs_block(&dataset, (1, 2)));
         assert_eq!(restarted.give(&dataset, (1, 2), true), Give::NeedBlock);
         assert_eq!(restarted.give(&dataset, (2, 1), true), Give::NeedBlock);
+        restarted.add_block(1, 9);
+        assert!(!restarted.needs_block(&dataset, (1, 2)));
     }
 
     #[test]

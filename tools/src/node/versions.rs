@@ -196,9 +196,15 @@ impl Protocol {
     /// At start: a fresh block for every dataset this node is the home of, so its first
     /// commits need no dispatcher.
     pub fn take_home_blocks(&self, datasets: &[Dataset]) {
-        let homed = datasets
-            .iter()
-            .filter(|d| d.params.mode == Mode::Mrmw && self.home_of(d) == self.id);
+        let me = (self.id, self.published.incarnation.load(Ordering::Relaxed));
+        let homed: Vec<&Dataset> = {
+            let blocks = self.published.blocks.lock().expect("version blocks lock");
+            datasets
+                .iter()
+                .filter(|d| d.params.mode == Mode::Mrmw && self.home_of(d) == self.id)
+                .filter(|d| blocks.needs_block(d, me))
+                .collect()
+        };
         for dataset in homed {
             match self.take_block(dataset.id) {
                 Ok(start) => {

@@ -309,6 +309,7 @@ impl Machine {
         };
         machine.lock_waiting_records();
         machine.start_rejoin();
+        machine.take_home_blocks();
         Ok(machine)
     }
 

@@ -51,6 +51,15 @@ impl VersionState {
 }
 
 impl Machine {
+    /// This start of this node, as the sequencer knows it (with the planted bug, every start
+    /// takes itself for the first home's first).
+    fn version_giver(&self, dataset: &Dataset) -> (NodeId, u64) {
+        match dataset.first_home {
+            Some(first) if self.config.bugs.reuse_first_block => first,
+            _ => (self.config.id, self.config.incarnation),
+        }
+    }
+
     /// The node that gives `dataset`'s versions: the owner of its chunk 0 now.
     fn home_of(&self, dataset: &Dataset) -> NodeId {
         self.owner_of(dataset, 0)
@@ -161,10 +170,7 @@ impl Machine {
 
     /// A version for `asker` now, or once the dispatcher granted a block.
     fn give_version(&mut self, dataset: &Dataset, asker: Asker, take: bool) {
-        let me = match dataset.first_home {
-            Some(first) if self.config.bugs.reuse_first_block => first,
-            _ => (self.config.id, self.config.incarnation),
-        };
+        let me = self.version_giver(dataset);
         match self.versions.sequencer.give(dataset, me, take) {
             Give::Version(version) => self.answer_asker(asker, Ok(version)),
             Give::NeedBlock => {
@@ -175,6 +181,28 @@ impl Machine {
                     .push(asker);
                 self.ask_block(dataset.id);
             }
+        }
+    }
+
+    /// At start: a block for every MRMW dataset this node is the home of and has no
+    /// versions for (`Sequencer::needs_block`), so its first commits need no dispatcher, as
+    /// the daemon's `take_home_blocks` does.
+    pub(super) fn take_home_blocks(&mut self) {
+        let homed: Vec<DatasetId> = self
+            .config
+            .datasets
+            .iter()
+            .map(|(dataset, _)| dataset)
+            .filter(|dataset| dataset.params.mode == Mode::Mrmw)
+            .filter(|dataset| self.home_of(dataset) == self.config.id)
+            .filter(|dataset| {
+                let me = self.version_giver(dataset);
+                self.versions.sequencer.needs_block(dataset, me)
+            })
+            .map(|dataset| dataset.id)
+            .collect();
+        for dataset in homed {
+            self.ask_block(dataset);
         }
     }
 
