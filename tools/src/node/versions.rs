@@ -193,7 +193,8 @@ impl Protocol {
             .store(incarnation, Ordering::Relaxed);
     }
 
-    /// At start: a fresh block for every dataset this node is the home of, so its first
+    /// At start: a fresh block for every dataset this node is the home of and has no
+    /// versions for (`Sequencer::needs_block`, the node machine's rule too), so its first
     /// commits need no dispatcher.
     pub fn take_home_blocks(&self, datasets: &[Dataset]) {
         let me = (self.id, self.published.incarnation.load(Ordering::Relaxed));
