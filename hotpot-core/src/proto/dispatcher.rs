@@ -141,10 +141,6 @@ impl DispatcherState {
         self.version_block = size;
     }
 
-    pub fn version_block(&self) -> u64 {
-        self.version_block
-    }
-
     /// `dataset`'s first block belongs to its first home (`Dataset::first_home`), which
     /// gives its versions without asking: the blocks granted start after it.
     pub fn first_block_taken(&mut self, dataset: DatasetId) {

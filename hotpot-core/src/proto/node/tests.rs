@@ -7,12 +7,17 @@ use super::{Config, Input, Machine, Op, OpDone, OpResult, Output};
 use crate::page::PageTable;
 use crate::pm::SimRegion;
 use crate::proto::messages::{NodeReply, NodeRequest};
-use crate::proto::types::{Dataset, DatasetParams, Mode};
+use crate::proto::types::{Dataset, DatasetParams, Mode, NodeId};
 
 const DATASET: u64 = 1;
 
-/// Node 1 of two; node 2 owns every page of an MRMW dataset of 4 pages.
-fn committer() -> Machine {
+/// Node 1 of `nodes`, started on a new pool; `owners` own the chunks of one MRMW dataset of
+/// 4 pages (one copy); the dispatcher's blocks hold `version_block` versions.
+pub(super) fn node_one(
+    nodes: Vec<NodeId>,
+    owners: Vec<NodeId>,
+    version_block: u64,
+) -> (Machine, Dataset) {
     let region = SimRegion::from_image(vec![0u8; 4 << 20]);
     let table = PageTable::open(Box::new(region), 1, 1).unwrap().0;
     let dataset = Dataset {
@@ -22,21 +27,26 @@ fn committer() -> Machine {
             replicas: 1,
             chunk_pages: 4,
         },
-        owners: vec![2],
+        owners,
         first_home: None,
     };
     let config = Config {
         id: 1,
         incarnation: 1,
-        nodes: vec![1, 2],
-        datasets: vec![(dataset, 4)],
+        nodes,
+        datasets: vec![(dataset.clone(), 4)],
         rebuilding: false,
         successors: BTreeMap::new(),
         timing: Default::default(),
-        version_block: 4,
+        version_block,
         bugs: Default::default(),
     };
-    Machine::start(config, table, 0).unwrap()
+    (Machine::start(config, table, 0).unwrap(), dataset)
+}
+
+/// Node 1 of two; node 2 owns every page.
+fn committer() -> Machine {
+    node_one(vec![1, 2], vec![2], 4).0
 }
 
 fn done(outputs: &[Output]) -> Option<OpResult> {

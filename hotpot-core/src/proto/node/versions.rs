@@ -296,41 +296,16 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use super::super::{Config, Input, Machine, Output};
-    use crate::page::{PageTable, Run};
-    use crate::pm::SimRegion;
+    use super::super::tests::node_one;
+    use super::super::{Input, Machine, Output};
+    use crate::page::Run;
     use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
-    use crate::proto::types::{Dataset, DatasetParams, Mode};
+    use crate::proto::types::Dataset;
 
     /// A one-node cluster: node 1 owns (and is the home of) an MRMW dataset of 4 pages, and
     /// takes blocks of 2 versions.
     fn home() -> (Machine, Dataset) {
-        let region = SimRegion::from_image(vec![0u8; 4 << 20]);
-        let table = PageTable::open(Box::new(region), 1, 1).unwrap().0;
-        let dataset = Dataset {
-            id: 1,
-            params: DatasetParams {
-                mode: Mode::Mrmw,
-                replicas: 1,
-                chunk_pages: 4,
-            },
-            owners: vec![1],
-            first_home: None,
-        };
-        let config = Config {
-            id: 1,
-            incarnation: 1,
-            nodes: vec![1],
-            datasets: vec![(dataset.clone(), 4)],
-            rebuilding: false,
-            successors: BTreeMap::new(),
-            timing: Default::default(),
-            version_block: 2,
-            bugs: Default::default(),
-        };
-        (Machine::start(config, table, 0).unwrap(), dataset)
+        node_one(vec![1], vec![1], 2)
     }
 
     fn commit(machine: &mut Machine, dataset: &Dataset, now_ms: u64, seq: u64) -> Vec<Output> {
