@@ -45,15 +45,15 @@ impl World {
     /// power was cut inside a step, and before it the node held what only its PM holds (its
     /// memory after the step may have let go of it while the cut PM has not).
     pub(super) fn power_off(&mut self, id: NodeId, held_before_step: bool) {
-        let wipe = self.options.wipes
-            && self.rng.random_bool(0.3)
-            && !held_before_step
-            && self.can_wipe(id);
-        // Replacing a node is losing what only its PM holds, as a wipe is: a node holding a
-        // follower's part or a leader's kept outcome comes back before the dispatcher would
-        // promote another in its place.
-        let holds = held_before_step || self.holds_only_copy(id);
-        let replaceable = self.options.promote_after_ms == 0 || !holds;
+        let losable = !held_before_step && self.can_lose(id);
+        let wipe = self.options.wipes && self.rng.random_bool(0.3) && losable;
+        // Replacing a node is losing what only its PM holds, as a wipe is (a replaced node
+        // drops its copies when it is back, and nobody waits for its answers meanwhile): a
+        // node whose loss would be beyond the replication degree comes back before the
+        // dispatcher would promote another in its place (seed 13157567: a node replaced
+        // while another rebuilt after a wipe held the last copies of the rebuilding node's
+        // pages).
+        let replaceable = self.options.promote_after_ms == 0 || losable;
         let torn_seed = self.rng.random();
         let node = self.nodes.get_mut(&id).expect("node");
         node.machine = None;
@@ -81,9 +81,10 @@ impl World {
         self.schedule(back, Event::Restart(id));
     }
 
-    /// Within the replication degree: no other node down or rebuilding, the newest copy of
-    /// every page on another node, and nothing whose only crash-surviving copy is here.
-    fn can_wipe(&self, id: NodeId) -> bool {
+    /// Losing this node's PM (a wipe, or a promotion in its place) is within the replication
+    /// degree: no other node down or rebuilding, the newest copy of every page on another
+    /// node, and nothing whose only crash-surviving copy is here.
+    fn can_lose(&self, id: NodeId) -> bool {
         // Another node lost (down, or still rebuilding) counts against the degree too.
         let others_whole = self.nodes.iter().all(|(other, node)| {
             *other == id || (node.machine.is_some() && !node.rebuilding && !node.dying)
