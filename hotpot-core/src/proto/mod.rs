@@ -4,6 +4,7 @@
 pub mod copies;
 pub mod deciders;
 pub mod dispatcher;
+pub mod locks;
 pub mod messages;
 pub mod node;
 pub mod outcome;

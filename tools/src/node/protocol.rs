@@ -14,6 +14,7 @@ use hotpot_core::page::{CommitError, Decided, OwnedPage, PageTable, TxKey};
 use hotpot_core::pm::{PageKey, PmError, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::copies::{CopyBook, Reached};
 use hotpot_core::proto::deciders::{Decider, Deciders};
+use hotpot_core::proto::locks::PageLocks;
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::outcome::GivenUp;
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
@@ -34,12 +35,11 @@ const READY_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 pub(super) struct OwnerState {
-    /// Pages in a commit: fetches and other commits of them wait.
-    locked: HashMap<PageKey, TxKey>,
-    /// Locked pages whose commit this owner has applied: fetches no longer wait for them
-    /// (they read the new version), so a reader whose kernel blocks the commit's cache
-    /// invalidation on this very fetch does not stall the commit (design.md, step 5).
-    applied: HashSet<PageKey>,
+    /// Pages in a commit, and whether this owner has applied it (proto/locks.rs): other
+    /// commits of a locked page wait, fetches only until it is applied, so a reader whose
+    /// kernel blocks the commit's cache invalidation on this very fetch does not stall the
+    /// commit (design.md, step 5).
+    locks: PageLocks,
     /// Holders, current and behind copies of each page this node owns (proto/copies.rs).
     pub(super) copies: CopyBook,
 }
@@ -436,15 +436,7 @@ impl Protocol {
     ) -> Result<Unlock<'_>, FsError> {
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
-        loop {
-            let held = keys.iter().find_map(|key| {
-                state
-                    .locked
-                    .get(key)
-                    .filter(|holder| **holder != tx)
-                    .map(|holder| (*key, *holder))
-            });
-            let Some((key, holder)) = held else { break };
+        while let Some((key, holder)) = state.locks.held_by_other(tx, keys) {
             if !wait {
                 return Err(FsError::Busy(format!(
                     "page {} of dataset {} is in commit {:?}",
@@ -463,9 +455,7 @@ impl Protocol {
                 .expect("owner state lock")
                 .0;
         }
-        for key in keys {
-            state.locked.insert(*key, tx);
-        }
+        state.locks.take(tx, keys);
         Ok(Unlock {
             protocol: self,
             tx,
@@ -476,14 +466,7 @@ impl Protocol {
 
     /// Release the keys `tx` holds.
     pub(super) fn unlock_pages(&self, tx: TxKey, keys: &[PageKey]) {
-        let mut state = self.owner_state();
-        for key in keys {
-            if state.locked.get(key) == Some(&tx) {
-                state.locked.remove(key);
-                state.applied.remove(key);
-            }
-        }
-        drop(state);
+        self.owner_state().locks.release(tx, keys);
         self.unlocked.notify_all();
     }
 
@@ -501,14 +484,7 @@ impl Protocol {
         change: impl FnOnce(&mut CopyBook) -> T,
     ) -> T {
         let mut state = self.owner_state();
-        // Only keys locked now: their unlock clears the mark (one left behind would let
-        // fetches read through a later commit's lock).
-        let locked: Vec<PageKey> = keys
-            .iter()
-            .copied()
-            .filter(|key| state.locked.contains_key(key))
-            .collect();
-        state.applied.extend(locked);
+        state.locks.applied(keys);
         let changed = change(&mut state.copies);
         drop(state);
         self.unlocked.notify_all();
@@ -597,10 +573,7 @@ impl Protocol {
     pub(super) fn settled(&self, keys: &[PageKey]) -> Result<MutexGuard<'_, OwnerState>, FsError> {
         let deadline = Instant::now() + LOCK_WAIT;
         let mut state = self.owner_state();
-        while let Some(key) = keys
-            .iter()
-            .find(|key| state.locked.contains_key(key) && !state.applied.contains(key))
-        {
+        while let Some(key) = state.locks.unsettled(keys) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(FsError::Io(format!(
@@ -620,7 +593,7 @@ impl Protocol {
     /// Whether a commit holds any of `keys` here.
     pub(super) fn holds_any(&self, keys: &[PageKey]) -> bool {
         let state = self.owner_state();
-        keys.iter().any(|key| state.locked.contains_key(key))
+        state.locks.holds_any(keys)
     }
 
     /// A commit at the owner (design.md, steps 1–6).
@@ -827,9 +800,7 @@ impl Protocol {
         pages: &[u64],
         replicated: &Replicated,
     ) -> usize {
-        self.owner_state()
-            .applied
-            .extend(replicated.keys.iter().copied());
+        self.owner_state().locks.applied(&replicated.keys);
         self.unlocked.notify_all();
         if committer != self.id {
             self.invalidate(ino, dataset, pages);

@@ -161,7 +161,7 @@ impl Machine {
             return self.refuse_commit(tx, from, call, NodeReply::Failed(error));
         }
         if !self.config.bugs.skip_commit_lock {
-            if let Some((key, holder)) = self.owner.held_by_other(tx, &keys) {
+            if let Some((key, holder)) = self.owner.locks.held_by_other(tx, &keys) {
                 if matches!(work, Work::Runs(_)) {
                     let why = format!(
                         "page {} of dataset {} is in commit {holder:?}",
@@ -211,9 +211,7 @@ impl Machine {
                 };
                 return self.park(from, call, request, keys);
             }
-            for key in &keys {
-                self.owner.locked.insert(*key, tx);
-            }
+            self.owner.locks.take(tx, &keys);
         }
         let dataset_version = match &work {
             Work::Writes(_, version) => version.unwrap_or(0),
@@ -445,7 +443,7 @@ impl Machine {
         let asked = commit.asked.clone();
         let target_tx = commit.target_tx;
         if applied {
-            self.owner.applied.extend(keys);
+            self.owner.locks.applied(&keys);
             self.unpark();
         } else {
             self.answer_committer(tx);

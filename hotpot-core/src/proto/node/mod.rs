@@ -345,7 +345,7 @@ impl Machine {
 
     /// Page locks held by commits at this owner, and calls not answered yet.
     pub fn in_flight(&self) -> (usize, usize) {
-        (self.owner.locked_pages(), self.calls.len())
+        (self.owner.locks.len(), self.calls.len())
     }
 
     /// Nodes this owner counts as holding `key` (may hold a copy; get every commit).

@@ -76,15 +76,13 @@ impl Machine {
         }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
         if !self.config.bugs.skip_commit_lock {
-            if let Some((key, holder)) = self.owner.held_by_other(tx, &keys) {
+            if let Some((key, holder)) = self.owner.locks.held_by_other(tx, &keys) {
                 return NodeReply::Failed(FsError::Busy(format!(
                     "page {} of dataset {} is in commit {holder:?}",
                     key.1, key.0
                 )));
             }
-            for key in &keys {
-                self.owner.locked.insert(*key, tx);
-            }
+            self.owner.locks.take(tx, &keys);
         }
         self.multi.phase1.insert(tx, (keys, self.now_ms));
         NodeReply::Done
@@ -240,9 +238,12 @@ impl Machine {
     pub(super) fn lock_waiting_records(&mut self) {
         for copies in self.table.pending() {
             if copies.tag.role == TxRole::Follower {
-                for page in &copies.pages {
-                    self.owner.locked.insert((copies.dataset, *page), copies.tx);
-                }
+                let keys: Vec<PageKey> = copies
+                    .pages
+                    .iter()
+                    .map(|page| (copies.dataset, *page))
+                    .collect();
+                self.owner.locks.take(copies.tx, &keys);
             }
         }
     }

@@ -9,6 +9,7 @@ use super::{Machine, Purpose};
 use crate::page::TxKey;
 use crate::pm::PageKey;
 use crate::proto::copies::CopyBook;
+use crate::proto::locks::PageLocks;
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use crate::proto::replication;
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
@@ -27,9 +28,8 @@ pub(super) struct Parked {
 
 #[derive(Default)]
 pub(super) struct OwnerState {
-    pub(super) locked: BTreeMap<PageKey, TxKey>,
-    /// Locked pages whose commit is applied here: fetches read the new version.
-    pub(super) applied: BTreeSet<PageKey>,
+    /// Which commit holds each page, and whether it is applied here (proto/locks.rs).
+    pub(super) locks: PageLocks,
     /// Holders, current and behind copies of each page (proto/copies.rs).
     pub(super) copies: CopyBook,
     pub(super) commits: BTreeMap<TxKey, super::commit::OwnerCommit>,
@@ -47,25 +47,6 @@ pub(super) struct OwnerState {
 const ANSWERED_KEPT: usize = 4_096;
 
 impl OwnerState {
-    pub(super) fn locked_pages(&self) -> usize {
-        self.locked.len()
-    }
-
-    /// Whether a commit this owner has not applied holds any of `keys`.
-    pub(super) fn unsettled(&self, keys: &[PageKey]) -> bool {
-        keys.iter()
-            .any(|key| self.locked.contains_key(key) && !self.applied.contains(key))
-    }
-
-    pub(super) fn held_by_other(&self, tx: TxKey, keys: &[PageKey]) -> Option<(PageKey, TxKey)> {
-        keys.iter().find_map(|key| {
-            self.locked
-                .get(key)
-                .filter(|holder| **holder != tx)
-                .map(|holder| (*key, *holder))
-        })
-    }
-
     pub(super) fn remember_answer(&mut self, tx: TxKey, reply: NodeReply) {
         if self.answered.len() >= ANSWERED_KEPT {
             if let Some(oldest) = self.answered.keys().next().copied() {
@@ -148,9 +129,9 @@ impl Machine {
         let owner = &self.owner;
         let (ready, waiting): (Vec<Parked>, Vec<Parked>) = parked.into_iter().partition(|parked| {
             if parked.until_unlocked {
-                !parked.keys.iter().any(|key| owner.locked.contains_key(key))
+                !owner.locks.holds_any(&parked.keys)
             } else {
-                !owner.unsettled(&parked.keys)
+                owner.locks.unsettled(&parked.keys).is_none()
             }
         });
         self.owner.parked = waiting;
@@ -190,7 +171,7 @@ impl Machine {
         }
         let key = (dataset, page);
         self.mark_live(from);
-        if self.owner.unsettled(&[key]) {
+        if self.owner.locks.unsettled(&[key]).is_some() {
             let request = NodeRequest::Fetch {
                 dataset,
                 page,
@@ -231,19 +212,14 @@ impl Machine {
         }
         self.mark_live(node);
         let keys: Vec<PageKey> = if tx.is_none() {
-            self.owner
-                .locked
-                .keys()
-                .filter(|key| key.0 == dataset)
-                .copied()
-                .collect()
+            self.owner.locks.of_dataset(dataset)
         } else {
             pages.iter().map(|(page, _)| (dataset, *page)).collect()
         };
         let waits = if tx.is_none() {
             !keys.is_empty()
         } else {
-            self.owner.unsettled(&keys)
+            self.owner.locks.unsettled(&keys).is_some()
         };
         if waits {
             let request = NodeRequest::Register {
@@ -292,12 +268,7 @@ impl Machine {
     }
 
     pub(super) fn unlock(&mut self, tx: TxKey, keys: &[PageKey]) {
-        for key in keys {
-            if self.owner.locked.get(key) == Some(&tx) {
-                self.owner.locked.remove(key);
-                self.owner.applied.remove(key);
-            }
-        }
+        self.owner.locks.release(tx, keys);
         self.unpark();
     }
 
@@ -318,7 +289,7 @@ impl Machine {
         for (dataset, pages) in &datasets {
             for page in self.pages_of(dataset, *pages, me) {
                 let key = (dataset.id, page);
-                if self.owner.locked.contains_key(&key) {
+                if self.owner.locks.holds_any(&[key]) {
                     continue;
                 }
                 let Some((version, bytes)) = self.table.read_persisted(key) else {
