@@ -58,6 +58,12 @@ pub struct DispatcherState {
     /// MRSW write leases: dataset → the node that may write it.
     #[serde(default)]
     leases: BTreeMap<DatasetId, NodeId>,
+    /// The open each lease was last taken for: a `ReleaseLease` names its open, so a release
+    /// that arrives after its node took the lease again for another open changes nothing
+    /// (found by hotpot-sim: a close's release, reordered after the next open's acquire,
+    /// left a writer without a lease and let a second one in).
+    #[serde(default)]
+    lease_opens: BTreeMap<DatasetId, u64>,
     /// User-level locks and barriers: volatile by design (a program holding one across a
     /// dispatcher restart sees it gone; a dead node's locks are reclaimed).
     #[serde(skip)]
@@ -115,6 +121,7 @@ impl DispatcherState {
             inodes: BTreeMap::from([(ROOT_INO, root)]),
             nodes: BTreeMap::new(),
             leases: BTreeMap::new(),
+            lease_opens: BTreeMap::new(),
             version_blocks: BTreeMap::new(),
             version_block: VERSION_BLOCK,
             incarnations: BTreeMap::new(),
@@ -444,16 +451,21 @@ impl DispatcherState {
                 (DispatcherReply::Attr(self.inode(ino)?.attr.clone()), false)
             }
             R::Status => (self.status(now_ms), false),
-            R::AcquireLease { dataset, node } => match self.leases.get(&dataset) {
+            R::AcquireLease {
+                dataset,
+                node,
+                open,
+            } => match self.leases.get(&dataset) {
                 Some(holder) if *holder != node && self.node_live(*holder, now_ms) => {
                     return Err(FsError::Busy(format!(
                         "node {holder} holds the write lease of dataset {dataset}"
                     )))
                 }
-                Some(holder) if *holder == node => (DispatcherReply::Done, false),
-                _ => {
+                held => {
+                    let same = held == Some(&node) && self.lease_opens.get(&dataset) == Some(&open);
                     self.leases.insert(dataset, node);
-                    (DispatcherReply::Done, true)
+                    self.lease_opens.insert(dataset, open);
+                    (DispatcherReply::Done, !same)
                 }
             },
             R::VersionState { dataset } => (
@@ -473,9 +485,15 @@ impl DispatcherState {
                 *start += self.version_block;
                 (DispatcherReply::VersionBlock { start: block }, true)
             }
-            R::ReleaseLease { dataset, node } => {
-                if self.leases.get(&dataset) == Some(&node) {
+            R::ReleaseLease {
+                dataset,
+                node,
+                open,
+            } => {
+                let taken_for = self.lease_opens.get(&dataset).copied().unwrap_or(0);
+                if self.leases.get(&dataset) == Some(&node) && taken_for == open {
                     self.leases.remove(&dataset);
+                    self.lease_opens.remove(&dataset);
                     (DispatcherReply::Done, true)
                 } else {
                     (DispatcherReply::Done, false)

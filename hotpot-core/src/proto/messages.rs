@@ -84,14 +84,19 @@ pub enum DispatcherRequest {
     /// Which datasets exist, with their owners (a restarted node drops pages of the others
     /// and re-registers its copies with their owners).
     LiveDatasets,
-    /// MRSW: ask for the single-writer lease of a dataset (granted again to its holder).
+    /// MRSW: ask for the single-writer lease of a dataset for the open `open` (a number the
+    /// node never uses twice, its starts included); granted again to its holder.
     AcquireLease {
         dataset: DatasetId,
         node: NodeId,
+        open: u64,
     },
+    /// Give back the lease taken for `open`: taken again since, for another open of the same
+    /// node, it stays.
     ReleaseLease {
         dataset: DatasetId,
         node: NodeId,
+        open: u64,
     },
     /// A dataset's home (or MRSW writer) takes the next block of `VERSION_BLOCK` versions.
     VersionBlock {

@@ -47,6 +47,8 @@ enum Plant {
     SkipInvalidation,
     /// A home gives out the first block's versions again after a restart or a promotion.
     ReuseVersions,
+    /// An MRSW writer keeps its versions when it gives the write lease back.
+    KeepVersions,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -57,6 +59,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::SkipLock => bugs.skip_commit_lock = true,
             Plant::SkipInvalidation => bugs.skip_holder_invalidation = true,
             Plant::ReuseVersions => bugs.reuse_first_block = true,
+            Plant::KeepVersions => bugs.keep_versions_after_close = true,
         }
     }
     bugs

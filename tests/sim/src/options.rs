@@ -126,6 +126,12 @@ impl Options {
         self
     }
 
+    /// Whether a live node's heartbeats may fail to reach the dispatcher for long enough that
+    /// it counts the node down (a cut, or lost messages; with promotion neither happens).
+    pub fn silences_live_nodes(&self) -> bool {
+        self.promote_after_ms == 0 && (self.dispatcher_cut || self.loss_per_mille > 0)
+    }
+
     /// Drawn last, so the other options of a seed are what they were before promotion.
     fn with_promotion(mut self, rng: &mut ChaCha8Rng) -> Options {
         let replicated = self.datasets.iter().all(|dataset| dataset.replicas >= 2);

@@ -143,6 +143,8 @@ pub(crate) fn describe_op(op: &Op) -> String {
         Op::Commit { op, dataset } => format!("op {op} commit d{dataset}"),
         Op::Read { op, dataset, page } => format!("op {op} read d{dataset} p{page}"),
         Op::Latest { op, dataset } => format!("op {op} latest version of d{dataset}"),
+        Op::Open { op, dataset } => format!("op {op} open d{dataset} for writing"),
+        Op::Close { op, dataset } => format!("op {op} close d{dataset}"),
     }
 }
 

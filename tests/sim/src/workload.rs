@@ -1,5 +1,10 @@
 //! The programs on the nodes: each node runs one client that commits stamped stores and
-//! reads pages, one operation at a time. A store writes its operation's number into the
+//! reads pages, one operation at a time. An MRSW dataset is written only between an open for
+//! writing, which takes its write lease (refused while another live node holds it), and the
+//! close that gives it back, a few writes later; any node may open it — unless the world
+//! can keep a live node's heartbeats from the dispatcher, which then hands its lease to
+//! another while it still writes (no fencing yet: docs/design.md, "Owner promotion",
+//! Limits); there one node per MRSW dataset opens it and never closes it. A store writes its operation's number into the
 //! committing node's own 64-byte slot of each page (eight equal words), so any page read
 //! tells which commit of which node each slot comes from. Records every commit's fate.
 //! The number is scrambled into its word (`word_of`), so a word's bytes vary, zero bytes
@@ -96,6 +101,14 @@ pub struct LatestRecord {
 #[derive(Clone, Debug)]
 enum Running {
     Write,
+    /// Opening an MRSW dataset for writing; once opened, this many writes before it closes.
+    Open {
+        dataset: DatasetId,
+        writes: u32,
+    },
+    Close {
+        dataset: DatasetId,
+    },
     Latest {
         dataset: DatasetId,
         started_ms: u64,
@@ -109,8 +122,11 @@ enum Running {
 
 pub struct Workload {
     datasets: Vec<(Dataset, u64)>,
-    /// The one node that writes each MRSW dataset (it would hold the write lease).
-    writers: BTreeMap<DatasetId, NodeId>,
+    /// The MRSW datasets each node has open for writing, with the writes left before it
+    /// closes them.
+    open: BTreeMap<(NodeId, DatasetId), u32>,
+    /// The one node that opens each MRSW dataset, when the lease may not change hands.
+    writers: Option<BTreeMap<DatasetId, NodeId>>,
     /// Every commit started, by its stamp (the operation number).
     pub writes: BTreeMap<OpId, WriteRecord>,
     /// Acknowledged commits per (dataset, page, committing node), in acknowledgement order.
@@ -122,17 +138,18 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn new(datasets: &[(Dataset, u64)], nodes: &[NodeId]) -> Workload {
-        let writers = datasets
-            .iter()
-            .filter(|(dataset, _)| dataset.params.mode == Mode::Mrsw)
-            .map(|(dataset, _)| {
-                let writer = nodes[(dataset.id as usize * 2) % nodes.len()];
-                (dataset.id, writer)
-            })
-            .collect();
+    /// `fixed_writers`: one node writes each MRSW dataset, and keeps it open.
+    pub fn new(datasets: &[(Dataset, u64)], nodes: &[NodeId], fixed_writers: bool) -> Workload {
+        let writers = fixed_writers.then(|| {
+            datasets
+                .iter()
+                .filter(|(dataset, _)| dataset.params.mode == Mode::Mrsw)
+                .map(|(dataset, _)| (dataset.id, nodes[(dataset.id as usize * 2) % nodes.len()]))
+                .collect()
+        });
         Workload {
             datasets: datasets.to_vec(),
+            open: BTreeMap::new(),
             writers,
             writes: BTreeMap::new(),
             acked: BTreeMap::new(),
@@ -150,21 +167,55 @@ impl Workload {
         self.running.is_empty()
     }
 
-    /// The node's next operation: a write where it may write, about half the time; else a
-    /// read, or now and then an MRMW dataset's latest version (`hotpot stat`).
+    /// The node's next operation: the close of an MRSW dataset it wrote enough, or now and
+    /// then the open of one; a write where it may write, about half the time; else a read,
+    /// or now and then an MRMW dataset's latest version (`hotpot stat`).
     pub fn next_op(&mut self, node: NodeId, rng: &mut ChaCha8Rng, now_ms: u64) -> Op {
         let op = self.next_op;
         self.next_op += 1;
+        let done = self
+            .open
+            .iter()
+            .find(|((by, _), left)| *by == node && **left == 0)
+            .map(|((_, dataset), _)| *dataset);
+        if let Some(dataset) = done {
+            self.running.insert(node, (op, Running::Close { dataset }));
+            return Op::Close { op, dataset };
+        }
+        let closed: Vec<DatasetId> = self
+            .datasets
+            .iter()
+            .filter(|(dataset, _)| dataset.params.mode == Mode::Mrsw)
+            .map(|(dataset, _)| dataset.id)
+            .filter(|dataset| !self.open.contains_key(&(node, *dataset)))
+            .filter(|dataset| match &self.writers {
+                Some(writers) => writers.get(dataset) == Some(&node),
+                None => true,
+            })
+            .collect();
+        if !closed.is_empty() && rng.random_bool(0.15) {
+            let dataset = *closed.choose(rng).expect("not empty");
+            let writes = match self.writers {
+                Some(_) => u32::MAX,
+                None => rng.random_range(1..=6),
+            };
+            self.running
+                .insert(node, (op, Running::Open { dataset, writes }));
+            return Op::Open { op, dataset };
+        }
         let writable: Vec<&(Dataset, u64)> = self
             .datasets
             .iter()
             .filter(|(dataset, _)| match dataset.params.mode {
                 Mode::Mrmw => true,
-                Mode::Mrsw => self.writers.get(&dataset.id) == Some(&node),
+                Mode::Mrsw => self.open.contains_key(&(node, dataset.id)),
             })
             .collect();
         if !writable.is_empty() && rng.random_bool(0.55) {
             let (dataset, pages) = *writable.choose(rng).expect("not empty");
+            if let Some(left) = self.open.get_mut(&(node, dataset.id)) {
+                *left -= 1;
+            }
             // Commits of either mode may span owners (three phases).
             let candidates: Vec<u64> = (0..*pages).collect();
             let count = rng.random_range(1..=candidates.len().min(4));
@@ -246,6 +297,14 @@ impl Workload {
             };
         }
         match (running, &done.result) {
+            (Running::Open { dataset, writes }, OpResult::Opened) => {
+                self.open.insert((node, dataset), writes);
+                None
+            }
+            (Running::Close { dataset }, _) => {
+                self.open.remove(&(node, dataset));
+                None
+            }
             (
                 Running::Latest {
                     dataset,
@@ -286,8 +345,9 @@ impl Workload {
         }
     }
 
-    /// The node died: its running commit is in doubt.
+    /// The node died: its running commit is in doubt, and what its programs opened is closed.
     pub fn node_crashed(&mut self, node: NodeId) {
+        self.open.retain(|(by, _), _| *by != node);
         if let Some((op, _)) = self.running.remove(&node) {
             if let Some(write) = self.writes.get_mut(&op) {
                 write.status = Status::InDoubt;

@@ -159,7 +159,7 @@ impl World {
                 (record, dataset.pages)
             })
             .collect();
-        let workload = Workload::new(&datasets, &node_ids);
+        let workload = Workload::new(&datasets, &node_ids, options.silences_live_nodes());
         let ids: Vec<_> = datasets.iter().map(|(dataset, _)| dataset.id).collect();
         let dispatcher = SimDispatcher::new(CLUSTER_ID, &options, &ids);
         let mut world = World {
@@ -550,7 +550,7 @@ impl World {
                     kernel.written((*dataset, *page));
                 }
             }
-            Op::Commit { .. } | Op::Latest { .. } => {}
+            Op::Commit { .. } | Op::Latest { .. } | Op::Open { .. } | Op::Close { .. } => {}
         }
         self.input(node, Input::Start(op));
     }

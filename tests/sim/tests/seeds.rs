@@ -59,7 +59,7 @@ fn four_thousand_seeds_find_no_violation() {
 fn seeds_that_found_bugs_pass() {
     for seed in [
         13_057, 13_943, 15_416, 78_081, 203_313, 316_941, 2_101_000, 3_086_714, 5_007_311,
-        10_081_251, 13_157_567,
+        10_081_251, 13_157_567, 14_095_132,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
         assert!(
@@ -112,6 +112,14 @@ fn forgetting_to_update_a_holder_is_caught() {
 fn a_home_reusing_versions_is_caught() {
     caught(Bugs {
         reuse_first_block: true,
+        ..Bugs::default()
+    });
+}
+
+#[test]
+fn a_writer_keeping_its_versions_after_the_lease_is_caught() {
+    caught(Bugs {
+        keep_versions_after_close: true,
         ..Bugs::default()
     });
 }

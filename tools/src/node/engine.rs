@@ -61,6 +61,12 @@ pub struct NodeEngine {
     dispatcher: Arc<Client>,
     protocol: Arc<Protocol>,
     files: Mutex<HashMap<Ino, FileState>>,
+    /// The MRSW write leases this node holds, by the open each was taken for (its release
+    /// names it, so a late release never gives back a later open's lease). Opens and
+    /// closes for writing hold this lock throughout: whether one is the first writer of a
+    /// file (and takes the lease) or the last (and gives it back) is decided with the lease
+    /// taken or given, never with another open or close in between.
+    leases: Mutex<HashMap<DatasetId, u64>>,
     /// One commit at a time from this node: two would snapshot the same staged pages.
     commit_lock: Mutex<()>,
     lease_wait: Duration,
@@ -93,6 +99,7 @@ impl NodeEngine {
             dispatcher,
             protocol,
             files: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
             lease_wait,
             call_timeout: hotpot_net::DEFAULT_TIMEOUT,
@@ -104,16 +111,27 @@ impl NodeEngine {
         self.protocol.table()
     }
 
-    /// MRSW: take the dataset's write lease, retrying for `lease_wait`; then EBUSY.
-    fn acquire_lease(&self, dataset: &Dataset) -> Result<(), FsError> {
+    /// MRSW: take the dataset's write lease, retrying for `lease_wait`; then EBUSY. Returns
+    /// the open it was taken for (a number this node never uses twice, across its starts
+    /// too: its transaction sequence).
+    fn acquire_lease(&self, dataset: &Dataset) -> Result<u64, FsError> {
         let deadline = Instant::now() + self.lease_wait;
+        let open = self.protocol.next_tx().1;
         loop {
             let request = DispatcherRequest::AcquireLease {
                 dataset: dataset.id,
                 node: self.id,
+                open,
             };
             match self.ask(request) {
-                Ok(_) => return self.protocol.start_writing(dataset),
+                Ok(_) => {
+                    if let Err(error) = self.protocol.start_writing(dataset) {
+                        // No versions to write with: the lease goes back at once.
+                        self.release_lease(dataset, open);
+                        return Err(error);
+                    }
+                    return Ok(open);
+                }
                 Err(FsError::Busy(why)) if Instant::now() >= deadline => {
                     tracing::warn!(dataset = dataset.id, %why, "open for writing refused: the dataset has another writer");
                     return Err(FsError::Busy(why));
@@ -124,11 +142,12 @@ impl NodeEngine {
         }
     }
 
-    fn release_lease(&self, dataset: &Dataset) {
+    fn release_lease(&self, dataset: &Dataset, open: u64) {
         self.protocol.stop_writing(dataset);
         let request = DispatcherRequest::ReleaseLease {
             dataset: dataset.id,
             node: self.id,
+            open,
         };
         if let Err(error) = self.ask(request) {
             tracing::error!(dataset = dataset.id, %error, "cannot release the write lease");
@@ -223,6 +242,16 @@ impl NodeEngine {
     }
 
     /// A dataset lost its last name: drop it here now, or at the last local release.
+    /// A page this node owns is read or written here only once its rejoin as an owner is
+    /// over (bounded wait): during a take-over its copy may be older than another node's (the
+    /// node machine's rule, found by hotpot-sim, seed 14095132).
+    fn settled_owner(&self, dataset: &Dataset, page: u64) -> Result<(), FsError> {
+        if self.protocol.owner_of(dataset, page) == self.id {
+            self.protocol.wait_ready()?;
+        }
+        Ok(())
+    }
+
     fn forget_dataset(&self, dropped: Option<Dataset>) -> Result<(), FsError> {
         let Some(dataset) = dropped else {
             return Ok(());
@@ -459,6 +488,7 @@ impl Engine for NodeEngine {
             None => {}
         }
         let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
+        let mut leases = write.then(|| self.leases.lock().expect("leases lock"));
         let first_writer = {
             let files = self.files.lock().expect("files lock");
             files.get(&ino).is_none_or(|state| state.writers == 0)
@@ -468,8 +498,9 @@ impl Engine for NodeEngine {
             .as_ref()
             .filter(|d| d.params.mode == Mode::Mrsw)
         {
-            if write && first_writer {
-                self.acquire_lease(dataset)?;
+            if let Some(leases) = leases.as_mut().filter(|_| first_writer) {
+                let open = self.acquire_lease(dataset)?;
+                leases.insert(dataset.id, open);
             }
         }
         let mut files = self.files.lock().expect("files lock");
@@ -499,6 +530,7 @@ impl Engine for NodeEngine {
                 tracing::error!(ino, %error, "commit at the last close failed; the writes stay staged");
             }
         }
+        let mut leases = write.then(|| self.leases.lock().expect("leases lock"));
         let (dropped, lease) = {
             let mut files = self.files.lock().expect("files lock");
             let Some(state) = files.get_mut(&ino) else {
@@ -524,8 +556,15 @@ impl Engine for NodeEngine {
             (dropped, lease)
         };
         if let Some(dataset) = lease {
-            self.release_lease(&dataset);
+            match leases
+                .as_mut()
+                .and_then(|leases| leases.remove(&dataset.id))
+            {
+                Some(open) => self.release_lease(&dataset, open),
+                None => tracing::error!(dataset = dataset.id, "no write lease to give back"),
+            }
         }
+        drop(leases);
         if let Some(dataset) = dropped {
             if let Err(error) = self.table().drop_dataset(dataset.id) {
                 tracing::error!(dataset = dataset.id, %error, "cannot drop the pages of an unlinked file");
@@ -553,6 +592,7 @@ impl Engine for NodeEngine {
             let within = (at % PAGE_BYTES as u64) as usize;
             let take = (PAGE_BYTES - within).min((end - at) as usize);
             let key = (dataset.id, page);
+            self.settled_owner(&dataset, page)?;
             // A copy its owner has not confirmed since this node's start may be behind; so
             // may one with a newer copy prepared here, whose decision may have been lost:
             // the owner's copy, which waits for that commit's apply (`behind`).
@@ -604,6 +644,7 @@ impl Engine for NodeEngine {
         // nor is one with a newer copy prepared here (`behind`).
         let pages = offset / PAGE_BYTES as u64..end.div_ceil(PAGE_BYTES as u64);
         for page in pages {
+            self.settled_owner(&dataset, page)?;
             let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
             let based = {
                 let table = self.table();

@@ -146,29 +146,49 @@ fn version_blocks_never_repeat_and_the_first_belongs_to_the_first_home() {
 #[test]
 fn one_node_at_a_time_holds_a_write_lease() {
     let mut state = joined(2);
-    let acquire = |node| R::AcquireLease { dataset: 5, node };
+    let acquire = |node, open| R::AcquireLease {
+        dataset: 5,
+        node,
+        open,
+    };
+    let release = |node, open| R::ReleaseLease {
+        dataset: 5,
+        node,
+        open,
+    };
     assert_eq!(
-        state.handle(acquire(1), 0, 0),
+        state.handle(acquire(1, 10), 0, 0),
         (DispatcherReply::Done, true)
     );
+    // The same open asking again (a duplicate) changes nothing.
     assert_eq!(
-        state.handle(acquire(1), 0, 0),
+        state.handle(acquire(1, 10), 0, 0),
         (DispatcherReply::Done, false)
     );
-    let (reply, _) = state.handle(acquire(2), 0, 0);
+    // Its holder takes it again for another open.
+    assert_eq!(
+        state.handle(acquire(1, 11), 0, 0),
+        (DispatcherReply::Done, true)
+    );
+    let (reply, _) = state.handle(acquire(2, 20), 0, 0);
     assert!(
         matches!(reply, DispatcherReply::Failed(FsError::Busy(ref why)) if why.contains("node 1"))
     );
-    state.handle(
-        R::ReleaseLease {
-            dataset: 5,
-            node: 1,
-        },
-        0,
-        0,
+    // The first open's release, arriving after the second open took it: the lease stays.
+    assert_eq!(
+        state.handle(release(1, 10), 0, 0),
+        (DispatcherReply::Done, false)
+    );
+    assert!(matches!(
+        state.handle(acquire(2, 20), 0, 0).0,
+        DispatcherReply::Failed(FsError::Busy(_))
+    ));
+    assert_eq!(
+        state.handle(release(1, 11), 0, 0),
+        (DispatcherReply::Done, true)
     );
     assert_eq!(
-        state.handle(acquire(2), 0, 0),
+        state.handle(acquire(2, 20), 0, 0),
         (DispatcherReply::Done, true)
     );
     // A holder that stops heartbeating loses the lease.
@@ -190,8 +210,13 @@ fn one_node_at_a_time_holds_a_write_lease() {
         0,
     );
     assert_eq!(
-        state.handle(acquire(1), late, 0),
+        state.handle(acquire(1, 12), late, 0),
         (DispatcherReply::Done, true)
+    );
+    // Node 2's late release changes nothing.
+    assert_eq!(
+        state.handle(release(2, 20), late, 0),
+        (DispatcherReply::Done, false)
     );
 }
 

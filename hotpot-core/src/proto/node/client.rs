@@ -42,6 +42,11 @@ pub enum Op {
     /// `hotpot stat`'s version of an MRMW dataset: the newest its home gave out, an upper
     /// bound of every version committed.
     Latest { op: OpId, dataset: DatasetId },
+    /// A program opens the dataset for writing (lease.rs): an MRSW dataset's write lease and
+    /// versions are this node's until it closes it.
+    Open { op: OpId, dataset: DatasetId },
+    /// The program closes what it opened for writing: the lease goes back.
+    Close { op: OpId, dataset: DatasetId },
 }
 
 /// The end of a program's request.
@@ -70,6 +75,10 @@ pub enum OpResult {
     },
     /// `Latest`'s answer.
     Latest { version: u64 },
+    /// `Open`: this node writes the dataset (MRSW: it holds the lease and has versions).
+    Opened,
+    /// `Close`: the lease is given back.
+    Closed,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +97,8 @@ enum Step {
     Across(super::across::Phase),
     /// `Latest`: waiting for the home's answer.
     AskingLatest,
+    /// `Open`: waiting for the dispatcher's lease, then for a block of versions.
+    Opening,
 }
 
 #[derive(Clone, Debug)]
@@ -140,11 +151,19 @@ impl Machine {
             Op::Write { op, dataset, .. }
             | Op::Commit { op, dataset }
             | Op::Read { op, dataset, .. }
-            | Op::Latest { op, dataset } => (*op, *dataset),
+            | Op::Latest { op, dataset }
+            | Op::Open { op, dataset }
+            | Op::Close { op, dataset } => (*op, *dataset),
         };
         let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
             return self.op_done(id, OpResult::Refused(FsError::NotFound));
         };
+        if matches!(op, Op::Write { .. } | Op::Commit { .. }) && !self.may_write(&dataset) {
+            let why = format!(
+                "dataset {dataset_id} is MRSW and this node does not hold its write lease (open it for writing first)"
+            );
+            return self.op_done(id, OpResult::Refused(FsError::Busy(why)));
+        }
         match op {
             Op::Read { page, .. } => {
                 if page >= pages {
@@ -237,6 +256,13 @@ impl Machine {
                 self.client.ops.insert(id, asking);
                 self.ask_latest(id, dataset);
             }
+            Op::Open { .. } => {
+                let mut opening = ClientOp::new(dataset.clone(), self.now_ms);
+                opening.step = Step::Opening;
+                self.client.ops.insert(id, opening);
+                self.open_for_writing(id, &dataset);
+            }
+            Op::Close { .. } => self.close_for_writing(id, &dataset),
         }
     }
 
@@ -544,7 +570,17 @@ impl Machine {
     /// and a copy kept over a restart may have missed commits until the owner answered this
     /// node's registration.
     fn reads_through(&self, dataset: &Dataset, page: u64) -> bool {
-        self.table.in_prepared((dataset.id, page)) || self.unconfirmed(dataset, page)
+        self.table.in_prepared((dataset.id, page))
+            || self.unconfirmed(dataset, page)
+            || self.owns_unsettled(dataset, page)
+    }
+
+    /// Whether `page` is this node's own while its rejoin as an owner is not over: its copy
+    /// may be older than another node's (a rebuild after a wipe, a take-over), so reads go
+    /// through the owner's path, which answers once the rejoin is over (found by hotpot-sim,
+    /// seed 14095132: a rebuilding owner served a program the old copy the first peer sent).
+    fn owns_unsettled(&self, dataset: &Dataset, page: u64) -> bool {
+        !self.is_ready() && self.owner_of(dataset, page) == self.config.id
     }
 
     /// Whether this node's copy of `page` waits for its owner to confirm it (a registration

@@ -20,6 +20,7 @@ mod across;
 mod client;
 mod commit;
 mod failover;
+mod lease;
 mod multi;
 mod owner;
 mod target;
@@ -42,6 +43,9 @@ pub struct Bugs {
     /// A home gives out the first block's versions at every start, as only the first start
     /// of the dataset's first home may: numbers given before come again.
     pub reuse_first_block: bool,
+    /// An MRSW writer keeps its block of versions when it gives the lease back: opened
+    /// again after another writer, it gives numbers below that writer's.
+    pub keep_versions_after_close: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -233,8 +237,10 @@ enum Purpose {
     Refetch { key: PageKey },
     /// A commit this node owns: the home's answer to `Version`.
     Version { tx: TxKey },
-    /// As a home: a block of versions from the dispatcher.
+    /// As a home or writer: a block of versions from the dispatcher.
     VersionBlock { dataset: DatasetId },
+    /// A program's `Open`: the dispatcher's answer to `AcquireLease` for open `open`.
+    Lease { op: OpId, open: u64 },
 }
 
 /// The dispatcher, as the peer of a machine's calls (node ids start at 1).
@@ -546,7 +552,9 @@ impl Machine {
         };
         match pending.purpose {
             Purpose::VersionBlock { dataset } => self.block_answered(dataset, Some(reply)),
-            // Only block requests go to the dispatcher.
+            Purpose::Lease { op, open } => self.lease_answered(op, open, Some(reply)),
+            Purpose::Notice => {}
+            // Only blocks and leases are asked of the dispatcher.
             purpose => {
                 self.calls.insert(call, Call { purpose, ..pending });
             }
@@ -569,6 +577,7 @@ impl Machine {
             Purpose::Version { tx } => self.version_answered(tx, from, reply),
             // Timed out (a dispatcher answer comes through `on_dispatcher_reply`).
             Purpose::VersionBlock { dataset } => self.block_answered(dataset, None),
+            Purpose::Lease { op, open } => self.lease_answered(op, open, None),
         }
     }
 
@@ -590,6 +599,11 @@ impl Machine {
     fn send(&mut self, to: NodeId, request: NodeRequest, purpose: Purpose) {
         let call = self.new_call(to, purpose);
         self.out.push(Output::Send { to, call, request });
+    }
+
+    fn ask_dispatcher(&mut self, request: DispatcherRequest, purpose: Purpose) {
+        let call = self.new_call(DISPATCHER, purpose);
+        self.out.push(Output::AskDispatcher { call, request });
     }
 
     /// A call to `to`, failed (answered `None`) if no answer comes within the timeout.

@@ -11,9 +11,10 @@ use crate::proto::types::{Dataset, DatasetParams, Mode, NodeId};
 
 const DATASET: u64 = 1;
 
-/// Node 1 of `nodes`, started on a new pool; `owners` own the chunks of one MRMW dataset of
+/// Node 1 of `nodes`, started on a new pool; `owners` own the chunks of one dataset of
 /// 4 pages (one copy); the dispatcher's blocks hold `version_block` versions.
 pub(super) fn node_one(
+    mode: Mode,
     nodes: Vec<NodeId>,
     owners: Vec<NodeId>,
     version_block: u64,
@@ -23,7 +24,7 @@ pub(super) fn node_one(
     let dataset = Dataset {
         id: DATASET,
         params: DatasetParams {
-            mode: Mode::Mrmw,
+            mode,
             replicas: 1,
             chunk_pages: 4,
         },
@@ -46,10 +47,10 @@ pub(super) fn node_one(
 
 /// Node 1 of two; node 2 owns every page.
 fn committer() -> Machine {
-    node_one(vec![1, 2], vec![2], 4).0
+    node_one(Mode::Mrmw, vec![1, 2], vec![2], 4).0
 }
 
-fn done(outputs: &[Output]) -> Option<OpResult> {
+pub(super) fn done(outputs: &[Output]) -> Option<OpResult> {
     outputs.iter().find_map(|output| match output {
         Output::Done(OpDone { result, .. }) => Some(result.clone()),
         _ => None,

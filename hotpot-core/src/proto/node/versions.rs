@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use super::commit::Step;
-use super::{Machine, OpId, OpResult, Output, Purpose, DISPATCHER};
+use super::{Machine, OpId, OpResult, Purpose};
 use crate::page::TxKey;
 use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use crate::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId};
@@ -29,6 +29,9 @@ enum Asker {
     Op { id: OpId },
     /// A program's MRSW commit on this node, its writer.
     Writer { id: OpId },
+    /// A program's `Open` of an MRSW dataset whose lease this node just took (lease.rs):
+    /// waits for a block, takes no version.
+    Opener { id: OpId, dataset: DatasetId },
 }
 
 #[derive(Debug)]
@@ -39,6 +42,9 @@ pub(super) struct VersionState {
     /// As a home or writer: askers waiting for a block from the dispatcher, per dataset, in
     /// order.
     waiting: BTreeMap<DatasetId, Vec<Asker>>,
+    /// The MRSW datasets this node holds the write lease of, with the open it was taken for
+    /// (lease.rs; volatile: a restart ends the programs that opened them).
+    pub(super) writing: BTreeMap<DatasetId, u64>,
 }
 
 impl VersionState {
@@ -46,6 +52,7 @@ impl VersionState {
         VersionState {
             sequencer: Sequencer::new(block),
             waiting: BTreeMap::new(),
+            writing: BTreeMap::new(),
         }
     }
 }
@@ -97,6 +104,34 @@ impl Machine {
     /// commit goes on. Its first commit, or one after a restart, takes a block first.
     pub(super) fn writer_version(&mut self, id: OpId, dataset: &Dataset) {
         self.give_version(dataset, Asker::Writer { id }, true);
+    }
+
+    /// This node took an MRSW dataset's lease: a block of its own, above every version an
+    /// earlier writer gave (the daemon's `start_writing`), unless it kept one.
+    pub(super) fn start_writing(&mut self, id: OpId, dataset: &Dataset) {
+        if self.versions.sequencer.has(dataset.id) {
+            return self.writing_started(id, dataset.id, Ok(()));
+        }
+        let opener = Asker::Opener {
+            id,
+            dataset: dataset.id,
+        };
+        self.versions
+            .waiting
+            .entry(dataset.id)
+            .or_default()
+            .push(opener);
+        self.ask_block(dataset.id);
+    }
+
+    /// This node gives an MRSW dataset's lease back: its versions go, since the next
+    /// writer's come next (the daemon's `stop_writing`). Returns the open the lease was
+    /// taken for (`None`: it held none).
+    pub(super) fn stop_writing(&mut self, dataset: DatasetId) -> Option<u64> {
+        if !self.config.bugs.keep_versions_after_close {
+            self.versions.sequencer.drop_dataset(dataset);
+        }
+        self.versions.writing.remove(&dataset)
     }
 
     /// A program's `Latest` (client.rs): the home's newest version, asked of it, or of this
@@ -223,9 +258,8 @@ impl Machine {
         if asking {
             return;
         }
-        let call = self.new_call(DISPATCHER, Purpose::VersionBlock { dataset });
         let request = DispatcherRequest::VersionBlock { dataset };
-        self.out.push(Output::AskDispatcher { call, request });
+        self.ask_dispatcher(request, Purpose::VersionBlock { dataset });
     }
 
     /// The dispatcher's answer to a block request (`None`: none in time): the waiting askers
@@ -246,15 +280,24 @@ impl Machine {
                 return;
             }
         };
-        self.versions.sequencer.add_block(dataset, start);
         let Some((record, _)) = self.dataset(dataset).cloned() else {
             return;
         };
+        if record.params.mode == Mode::Mrsw && !self.versions.writing.contains_key(&dataset) {
+            // Asked while this node held the lease, granted after it gave it back: a later
+            // writer's block may be above it, so it is not kept.
+            let why = "the write lease was given back".to_string();
+            for asker in waiting {
+                self.answer_asker(asker, Err(why.clone()));
+            }
+            return;
+        }
+        self.versions.sequencer.add_block(dataset, start);
         for asker in waiting {
             let take = match asker {
                 Asker::Peer { take, .. } => take,
                 Asker::Commit { .. } | Asker::Writer { .. } => true,
-                Asker::Op { .. } => false,
+                Asker::Op { .. } | Asker::Opener { .. } => false,
             };
             // A small block may be used up again: the rest wait for the next one.
             self.give_version(&record, asker, take);
@@ -278,6 +321,7 @@ impl Machine {
                 };
                 self.op_done(id, result);
             }
+            Asker::Opener { id, dataset } => self.writing_started(id, dataset, version.map(drop)),
             Asker::Writer { id } => match version {
                 Ok(version) => {
                     if let Some(op) = self.client.ops.get_mut(&id) {
@@ -305,7 +349,7 @@ mod tests {
     /// A one-node cluster: node 1 owns (and is the home of) an MRMW dataset of 4 pages, and
     /// takes blocks of 2 versions.
     fn home() -> (Machine, Dataset) {
-        node_one(vec![1], vec![1], 2)
+        node_one(crate::proto::types::Mode::Mrmw, vec![1], vec![1], 2)
     }
 
     fn commit(machine: &mut Machine, dataset: &Dataset, now_ms: u64, seq: u64) -> Vec<Output> {
