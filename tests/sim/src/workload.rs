@@ -3,13 +3,14 @@
 //! writing, which takes its write lease (refused while another live node holds it), and the
 //! close that gives it back, a few writes later; any node may open it — unless the world
 //! can keep a live node's heartbeats from the dispatcher, which then hands its lease to
-//! another while it still writes (no fencing yet: docs/design.md, "Owner promotion",
-//! Limits); there one node per MRSW dataset opens it and never closes it. A store writes its operation's number into the
-//! committing node's own 64-byte slot of each page (eight equal words), so any page read
-//! tells which commit of which node each slot comes from. Records every commit's fate.
-//! The number is scrambled into its word (`word_of`), so a word's bytes vary, zero bytes
-//! included, from commit to commit: a commit that sent only some bytes of its slot shows
-//! as a torn slot.
+//! another while it still writes (no fencing yet: docs/design.md, "Cluster protocol", the
+//! write lease); there one node per MRSW dataset opens it and never closes it.
+//!
+//! A store writes its operation's number into the committing node's own 64-byte slot of
+//! each page (eight equal words), so any page read tells which commit of which node each
+//! slot comes from. Records every commit's fate. The number is scrambled into its word
+//! (`word_of`), so a word's bytes vary, zero bytes included, from commit to commit: a commit
+//! that sent only some bytes of its slot shows as a torn slot.
 
 use std::collections::BTreeMap;
 

@@ -45,12 +45,7 @@ impl Machine {
             Some(DispatcherReply::Failed(error)) => error,
             Some(other) => FsError::Io(format!("dispatcher answered AcquireLease with {other:?}")),
             None => {
-                let request = DispatcherRequest::ReleaseLease {
-                    dataset: dataset.id,
-                    node: self.config.id,
-                    open,
-                };
-                self.ask_dispatcher(request, Purpose::Notice);
+                self.release_lease(dataset.id, open);
                 FsError::Io("the dispatcher did not answer AcquireLease".into())
             }
         };
@@ -87,15 +82,17 @@ impl Machine {
         dataset.params.mode != Mode::Mrsw || self.versions.writing.contains_key(&dataset.id)
     }
 
-    /// Stop writing `dataset` and give its lease back, naming the open it was taken for (a
-    /// release that arrives late changes no later open's lease).
+    /// Stop writing `dataset` and give its lease back (nothing to give back: an MRMW
+    /// dataset, or an MRSW one this node does not write).
     fn give_lease_back(&mut self, dataset: DatasetId) {
-        if !self.versions.writing.contains_key(&dataset) {
-            return; // an MRMW dataset, or an MRSW one this node does not write
+        if let Some(open) = self.stop_writing(dataset) {
+            self.release_lease(dataset, open);
         }
-        let Some(open) = self.stop_writing(dataset) else {
-            return;
-        };
+    }
+
+    /// `ReleaseLease` naming the open the lease was taken for: a release that arrives late
+    /// changes no later open's lease.
+    fn release_lease(&mut self, dataset: DatasetId, open: u64) {
         let request = DispatcherRequest::ReleaseLease {
             dataset,
             node: self.config.id,
@@ -110,7 +107,7 @@ mod tests {
     use super::super::tests::{done, node_one};
     use super::super::{Input, Machine, Op, OpResult, Output};
     use crate::proto::messages::{DispatcherReply, DispatcherRequest};
-    use crate::proto::types::Mode;
+    use crate::proto::types::{FsError, Mode};
 
     /// Node 1 alone, owning an MRSW dataset of 4 pages; blocks of 4 versions.
     fn writer() -> Machine {
@@ -218,7 +215,7 @@ mod tests {
         let [(call, _)] = asked(&outputs)[..] else {
             panic!("one AcquireLease: {outputs:?}");
         };
-        let busy = crate::proto::types::FsError::Busy("node 2 holds the write lease".into());
+        let busy = FsError::Busy("node 2 holds the write lease".into());
         let reply = DispatcherReply::Failed(busy.clone());
         let outputs = machine.handle(20, Input::DispatcherReply { call, reply });
         assert_eq!(done(&outputs), Some(OpResult::Refused(busy)));

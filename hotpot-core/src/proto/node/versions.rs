@@ -128,10 +128,11 @@ impl Machine {
     /// writer's come next (the daemon's `stop_writing`). Returns the open the lease was
     /// taken for (`None`: it held none).
     pub(super) fn stop_writing(&mut self, dataset: DatasetId) -> Option<u64> {
+        let open = self.versions.writing.remove(&dataset)?;
         if !self.config.bugs.keep_versions_after_close {
             self.versions.sequencer.drop_dataset(dataset);
         }
-        self.versions.writing.remove(&dataset)
+        Some(open)
     }
 
     /// A program's `Latest` (client.rs): the home's newest version, asked of it, or of this
