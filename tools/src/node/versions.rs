@@ -136,20 +136,29 @@ impl Protocol {
             }
             Err(error) => return Err(FsError::Io(format!("dispatcher: {error}"))),
         };
-        let from_writer = writer
-            .filter(|writer| *writer != self.id)
-            .and_then(|writer| {
+        match writer.filter(|writer| *writer != self.id) {
+            // Only the live writer knows: one that does not answer may still give versions
+            // from its block, below the next one (found by hotpot-sim: this answered the next
+            // block's start minus one, and a later commit took a version at or below it).
+            Some(writer) => {
                 let request = NodeRequest::Version {
                     dataset: dataset.clone(),
                     take: false,
                 };
-                match super::committer::ask(self, writer, request) {
-                    Ok(NodeReply::Version(version)) => Some(version),
-                    Ok(_) | Err(_) => None,
+                match super::committer::ask(self, writer, request)? {
+                    NodeReply::Version(version) => Ok(version),
+                    NodeReply::Failed(error) => Err(FsError::Io(format!(
+                        "writer {writer} of dataset {}: {error}",
+                        dataset.id
+                    ))),
+                    other => Err(FsError::Io(format!(
+                        "writer {writer} answered a version request with {other:?}"
+                    ))),
                 }
-            });
-        // A writer that died gave out versions from blocks below the next one.
-        Ok(from_writer.unwrap_or(next_block - 1))
+            }
+            // No live writer: every version given out is below the next block.
+            None => Ok(next_block - 1),
+        }
     }
 
     /// `Version` at the home (MRSW: at the writer, asked for the latest).

@@ -39,8 +39,8 @@ pub enum Op {
         dataset: DatasetId,
         page: u64,
     },
-    /// `hotpot stat`'s version of an MRMW dataset: the newest its home gave out, an upper
-    /// bound of every version committed.
+    /// `hotpot stat`'s version of a dataset: the newest its home (MRMW) or writer (MRSW)
+    /// gave out, an upper bound of every version committed.
     Latest { op: OpId, dataset: DatasetId },
     /// A program opens the dataset for writing (lease.rs): an MRSW dataset's write lease and
     /// versions are this node's until it closes it.
@@ -95,7 +95,7 @@ enum Step {
     FailingOver(super::failover::Gathering),
     /// MRMW across owners (across.rs).
     Across(super::across::Phase),
-    /// `Latest`: waiting for the home's answer.
+    /// `Latest`: waiting for the home's (MRSW: the dispatcher's, then the writer's) answer.
     AskingLatest,
     /// `Open`: waiting for the dispatcher's lease, then for a block of versions.
     Opening,

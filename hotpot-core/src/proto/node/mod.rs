@@ -241,6 +241,8 @@ enum Purpose {
     VersionBlock { dataset: DatasetId },
     /// A program's `Open`: the dispatcher's answer to `AcquireLease` for open `open`.
     Lease { op: OpId, open: u64 },
+    /// A program's MRSW `Latest`: the dispatcher's `VersionState`.
+    LatestState { op: OpId },
 }
 
 /// The dispatcher, as the peer of a machine's calls (node ids start at 1).
@@ -553,6 +555,7 @@ impl Machine {
         match pending.purpose {
             Purpose::VersionBlock { dataset } => self.block_answered(dataset, Some(reply)),
             Purpose::Lease { op, open } => self.lease_answered(op, open, Some(reply)),
+            Purpose::LatestState { op } => self.latest_state_answered(op, Some(reply)),
             Purpose::Notice => {}
             // Only blocks and leases are asked of the dispatcher.
             purpose => {
@@ -578,6 +581,7 @@ impl Machine {
             // Timed out (a dispatcher answer comes through `on_dispatcher_reply`).
             Purpose::VersionBlock { dataset } => self.block_answered(dataset, None),
             Purpose::Lease { op, open } => self.lease_answered(op, open, None),
+            Purpose::LatestState { op } => self.latest_state_answered(op, None),
         }
     }
 

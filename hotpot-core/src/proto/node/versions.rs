@@ -137,10 +137,18 @@ impl Machine {
 
     /// A program's `Latest` (client.rs): the home's newest version, asked of it, or of this
     /// node's own sequencer.
+    /// MRSW (the daemon's `latest_version`): this node's own sequencer if it writes the
+    /// dataset; otherwise the dispatcher names the writer (its live lease holder) and the
+    /// next block it would grant, and the writer is asked.
     pub(super) fn ask_latest(&mut self, id: OpId, dataset: Dataset) {
-        if dataset.params.mode != Mode::Mrmw {
-            let why = "the node machine keeps the versions of MRMW datasets only";
-            return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
+        if dataset.params.mode == Mode::Mrsw {
+            if self.versions.writing.contains_key(&dataset.id) {
+                return self.give_version(&dataset, Asker::Op { id }, false);
+            }
+            let request = DispatcherRequest::VersionState {
+                dataset: dataset.id,
+            };
+            return self.ask_dispatcher(request, Purpose::LatestState { op: id });
         }
         let home = self.home_of(&dataset);
         if home == self.config.id {
@@ -151,6 +159,42 @@ impl Machine {
             take: false,
         };
         self.send(home, request, Purpose::Op(id));
+    }
+
+    /// The dispatcher's answer for an MRSW `Latest` (`None`: none in time): a live writer
+    /// other than this node is asked, and its answer is the only one (a writer that does not
+    /// answer may still give versions from its block, below the next block the dispatcher
+    /// would grant: found by hotpot-sim, the daemon answered that block's start minus one);
+    /// with none, every version given out is below the next block, and every later one at
+    /// or above it.
+    pub(super) fn latest_state_answered(&mut self, id: OpId, reply: Option<DispatcherReply>) {
+        let Some(dataset) = self.client.ops.get(&id).map(|op| op.dataset.clone()) else {
+            return;
+        };
+        match reply {
+            Some(DispatcherReply::VersionState {
+                writer: Some(writer),
+                ..
+            }) if writer != self.config.id => {
+                let request = NodeRequest::Version {
+                    dataset,
+                    take: false,
+                };
+                self.send(writer, request, Purpose::Op(id));
+            }
+            Some(DispatcherReply::VersionState { next_block, .. }) => {
+                let version = next_block.saturating_sub(1);
+                self.op_done(id, OpResult::Latest { version });
+            }
+            other => {
+                let why = match other {
+                    Some(DispatcherReply::Failed(error)) => format!("dispatcher: {error}"),
+                    Some(other) => format!("dispatcher answered VersionState with {other:?}"),
+                    None => "the dispatcher did not answer VersionState".to_string(),
+                };
+                self.op_done(id, OpResult::Refused(FsError::Io(why)));
+            }
+        }
     }
 
     /// The version for commit `tx` came (or, `Err`, did not): apply, or abort.
@@ -181,13 +225,16 @@ impl Machine {
         self.version_given(tx, version);
     }
 
-    /// `Version` at the home: the next version (`take`) or the newest given out.
+    /// `Version` at the home (MRSW: at the writer, asked for the latest): the next version
+    /// (`take`) or the newest given out.
     pub(super) fn serve_version(&mut self, from: NodeId, call: u64, dataset: Dataset, take: bool) {
-        let refusal = if dataset.params.mode != Mode::Mrmw {
-            Some(format!(
-                "dataset {} is MRSW: its writer gives its versions",
-                dataset.id
-            ))
+        let refusal = if dataset.params.mode == Mode::Mrsw {
+            (!self.versions.writing.contains_key(&dataset.id)).then(|| {
+                format!(
+                    "node {} is not writing dataset {}",
+                    self.config.id, dataset.id
+                )
+            })
         } else if self.home_of(&dataset) != self.config.id {
             Some(format!(
                 "node {} is not the home of dataset {} (node {} is)",
@@ -341,16 +388,17 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::node_one;
-    use super::super::{Input, Machine, Output};
+    use super::super::tests::{done, node_one};
+    use super::super::{Input, Machine, Op, OpResult, Output};
     use crate::page::Run;
     use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
     use crate::proto::types::Dataset;
+    use crate::proto::types::Mode;
 
     /// A one-node cluster: node 1 owns (and is the home of) an MRMW dataset of 4 pages, and
     /// takes blocks of 2 versions.
     fn home() -> (Machine, Dataset) {
-        node_one(crate::proto::types::Mode::Mrmw, vec![1], vec![1], 2)
+        node_one(Mode::Mrmw, vec![1], vec![1], 2)
     }
 
     fn commit(machine: &mut Machine, dataset: &Dataset, now_ms: u64, seq: u64) -> Vec<Output> {
@@ -453,6 +501,60 @@ mod tests {
         let block = DispatcherReply::VersionBlock { start: 9 };
         let outputs = machine.handle(30 + timeout, Input::DispatcherReply { call, reply: block });
         assert_eq!(committed_at(answer(&outputs)), 9);
+    }
+
+    /// An MRSW `Latest` on node 1 (which does not write): the dispatcher's answer, then
+    /// the outputs after it.
+    fn mrsw_latest(state: DispatcherReply) -> (Machine, Vec<Output>) {
+        let (mut machine, _) = node_one(Mode::Mrsw, vec![1, 2], vec![1], 4);
+        let outputs = machine.handle(10, Input::Start(Op::Latest { op: 1, dataset: 1 }));
+        let call = outputs
+            .iter()
+            .find_map(|output| match output {
+                Output::AskDispatcher {
+                    call,
+                    request: DispatcherRequest::VersionState { dataset: 1 },
+                } => Some(*call),
+                _ => None,
+            })
+            .expect("the dispatcher asked for the writer");
+        let outputs = machine.handle(20, Input::DispatcherReply { call, reply: state });
+        (machine, outputs)
+    }
+
+    #[test]
+    fn an_mrsw_latest_comes_from_the_writer_or_fails() {
+        let state = DispatcherReply::VersionState {
+            writer: Some(2),
+            next_block: 9,
+        };
+        let (mut machine, outputs) = mrsw_latest(state);
+        assert!(
+            outputs.iter().any(|output| matches!(
+                output,
+                Output::Send {
+                    to: 2,
+                    request: NodeRequest::Version { take: false, .. },
+                    ..
+                }
+            )),
+            "the writer is asked: {outputs:?}"
+        );
+        // The writer does not answer: no version is made up (it may still give some below
+        // the next block).
+        let timeout = machine.config.timing.call_timeout_ms;
+        let outputs = machine.handle(20 + timeout, Input::Tick);
+        assert!(
+            matches!(done(&outputs), Some(OpResult::Refused(_))),
+            "{outputs:?}"
+        );
+        // No live writer: everything given out is below the next block.
+        let state = DispatcherReply::VersionState {
+            writer: None,
+            next_block: 9,
+        };
+        let (_, outputs) = mrsw_latest(state);
+        assert_eq!(done(&outputs), Some(OpResult::Latest { version: 8 }));
     }
 
     #[test]
