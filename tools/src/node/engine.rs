@@ -246,7 +246,7 @@ impl NodeEngine {
     /// over (bounded wait): during a take-over its copy may be older than another node's (the
     /// node machine's rule, found by hotpot-sim, seed 14095132).
     fn settled_owner(&self, dataset: &Dataset, page: u64) -> Result<(), FsError> {
-        if self.protocol.owner_of(dataset, page) == self.id {
+        if !self.protocol.is_ready() && self.protocol.owner_of(dataset, page) == self.id {
             self.protocol.wait_ready()?;
         }
         Ok(())

@@ -145,12 +145,14 @@ impl Protocol {
                     dataset: dataset.clone(),
                     take: false,
                 };
-                match super::committer::ask(self, writer, request)? {
-                    NodeReply::Version(version) => Ok(version),
-                    NodeReply::Failed(error) => Err(FsError::Io(format!(
+                let reply = super::committer::ask(self, writer, request).map_err(|error| {
+                    FsError::Io(format!(
                         "writer {writer} of dataset {}: {error}",
                         dataset.id
-                    ))),
+                    ))
+                })?;
+                match reply {
+                    NodeReply::Version(version) => Ok(version),
                     other => Err(FsError::Io(format!(
                         "writer {writer} answered a version request with {other:?}"
                     ))),
