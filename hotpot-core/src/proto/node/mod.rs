@@ -557,7 +557,7 @@ impl Machine {
             Purpose::Lease { op, open } => self.lease_answered(op, open, Some(reply)),
             Purpose::LatestState { op } => self.latest_state_answered(op, Some(reply)),
             Purpose::Notice => {}
-            // Only blocks and leases are asked of the dispatcher.
+            // An answer from the dispatcher to a call made to a node: not this call's.
             purpose => {
                 self.calls.insert(call, Call { purpose, ..pending });
             }
