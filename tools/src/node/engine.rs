@@ -63,9 +63,9 @@ pub struct NodeEngine {
     files: Mutex<HashMap<Ino, FileState>>,
     /// The MRSW write leases this node holds, by the open each was taken for (its release
     /// names it, so a late release never gives back a later open's lease). Opens and
-    /// closes for writing hold this lock throughout: whether one is the first writer of a
-    /// file (and takes the lease) or the last (and gives it back) is decided with the lease
-    /// taken or given, never with another open or close in between.
+    /// closes for writing of MRSW datasets hold this lock throughout: whether one is the
+    /// first writer of a file (and takes the lease) or the last (and gives it back) is
+    /// decided with the lease taken or given, never with another open or close in between.
     leases: Mutex<HashMap<DatasetId, u64>>,
     /// One commit at a time from this node: two would snapshot the same staged pages.
     commit_lock: Mutex<()>,
@@ -241,7 +241,23 @@ impl NodeEngine {
         Ok((dataset, size))
     }
 
-    /// A dataset lost its last name: drop it here now, or at the last local release.
+    /// One more open of `ino` (a writer too, with `write`).
+    fn opened(&self, ino: Ino, attr: Attr, write: bool) {
+        let mut files = self.files.lock().expect("files lock");
+        let state = files.entry(ino).or_insert_with(|| FileState {
+            attr: attr.clone(),
+            opens: 0,
+            staged_size: None,
+            unlinked: false,
+            writers: 0,
+        });
+        state.attr = attr;
+        state.opens += 1;
+        if write {
+            state.writers += 1;
+        }
+    }
+
     /// A page this node owns is read or written here only once its rejoin as an owner is
     /// over (bounded wait): during a take-over its copy may be older than another node's (the
     /// node machine's rule, found by hotpot-sim, seed 14095132).
@@ -252,6 +268,7 @@ impl NodeEngine {
         Ok(())
     }
 
+    /// A dataset lost its last name: drop it here now, or at the last local release.
     fn forget_dataset(&self, dropped: Option<Dataset>) -> Result<(), FsError> {
         let Some(dataset) = dropped else {
             return Ok(());
@@ -488,34 +505,23 @@ impl Engine for NodeEngine {
             None => {}
         }
         let attr = self.ask_attr(DispatcherRequest::GetAttr { ino })?;
-        let mut leases = write.then(|| self.leases.lock().expect("leases lock"));
-        let first_writer = {
-            let files = self.files.lock().expect("files lock");
-            files.get(&ino).is_none_or(|state| state.writers == 0)
-        };
-        if let Some(dataset) = attr
+        let single_writer = attr
             .dataset
             .as_ref()
-            .filter(|d| d.params.mode == Mode::Mrsw)
-        {
-            if let Some(leases) = leases.as_mut().filter(|_| first_writer) {
+            .filter(|d| write && d.params.mode == Mode::Mrsw);
+        // Held until this open is counted: a close in between sees its writer.
+        let mut leases = single_writer.map(|_| self.leases.lock().expect("leases lock"));
+        if let (Some(dataset), Some(leases)) = (single_writer, leases.as_mut()) {
+            let first_writer = {
+                let files = self.files.lock().expect("files lock");
+                files.get(&ino).is_none_or(|state| state.writers == 0)
+            };
+            if first_writer {
                 let open = self.acquire_lease(dataset)?;
                 leases.insert(dataset.id, open);
             }
         }
-        let mut files = self.files.lock().expect("files lock");
-        let state = files.entry(ino).or_insert_with(|| FileState {
-            attr: attr.clone(),
-            opens: 0,
-            staged_size: None,
-            unlinked: false,
-            writers: 0,
-        });
-        state.attr = attr;
-        state.opens += 1;
-        if write {
-            state.writers += 1;
-        }
+        self.opened(ino, attr, write);
         Ok(())
     }
 
@@ -530,7 +536,16 @@ impl Engine for NodeEngine {
                 tracing::error!(ino, %error, "commit at the last close failed; the writes stay staged");
             }
         }
-        let mut leases = write.then(|| self.leases.lock().expect("leases lock"));
+        // Only an MRSW writer's close can give a lease back: only it waits for the lease lock.
+        let single_writer = write
+            && self
+                .files
+                .lock()
+                .expect("files lock")
+                .get(&ino)
+                .and_then(|state| state.attr.dataset.as_ref())
+                .is_some_and(|dataset| dataset.params.mode == Mode::Mrsw);
+        let mut leases = single_writer.then(|| self.leases.lock().expect("leases lock"));
         let (dropped, lease) = {
             let mut files = self.files.lock().expect("files lock");
             let Some(state) = files.get_mut(&ino) else {
