@@ -67,10 +67,6 @@ pub struct Protocol {
     /// How many times each node had joined, by the last heartbeat's view: a higher number
     /// means it restarted since (`take_view`).
     incarnations: Mutex<BTreeMap<NodeId, u64>>,
-    /// Owners seen restarting whose pages' copies here are not marked yet: the resolver
-    /// marks them (recovery.rs `owner_restarted`), off the heartbeat thread, which must
-    /// never wait on the dispatcher.
-    pub(super) restarted_owners: Mutex<BTreeSet<NodeId>>,
     /// As an MRMW leader: pages locked in phase 1, by commit, and since when.
     pub(super) phase1_locks: Mutex<HashMap<TxKey, (Vec<PageKey>, Instant)>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
@@ -164,7 +160,6 @@ impl Protocol {
             ino_of: Mutex::new(HashMap::new()),
             aborted: Mutex::new(GivenUp::default()),
             incarnations: Mutex::new(BTreeMap::new()),
-            restarted_owners: Mutex::new(BTreeSet::new()),
             followers: Mutex::new(HashMap::new()),
             phase1_locks: Mutex::new(HashMap::new()),
             deciders: Mutex::new(Deciders::default()),
@@ -254,8 +249,7 @@ impl Protocol {
     /// The dispatcher's view: who is live, and who was promoted in place of whom. A node
     /// that gains chunks serves as no owner from this moment until its take-over is over
     /// (the resolver runs it): before, it would have answered for pages it never adopted
-    /// (found by hotpot-sim: a reader got the successor's older copy). A node that joined
-    /// again since the last view is noted for the resolver (`restarted_owners`).
+    /// (found by hotpot-sim: a reader got the successor's older copy).
     pub(super) fn take_view(&self, nodes: &[NodeInfo], successors: BTreeMap<NodeId, NodeId>) {
         let known = self.peers.successors();
         let gains = successors
@@ -265,15 +259,20 @@ impl Protocol {
             self.set_ready_to(false);
         }
         self.peers.update(nodes, successors);
-        let mut seen = self.incarnations.lock().expect("incarnations lock");
-        let restarted = nodes.iter().filter(|node| {
-            let before = seen.insert(node.id, node.incarnation);
-            node.id != self.id && before.is_some_and(|before| before < node.incarnation)
-        });
-        self.restarted_owners
-            .lock()
-            .expect("restarted owners lock")
-            .extend(restarted.map(|node| node.id));
+        let restarted: Vec<NodeId> = {
+            let mut seen = self.incarnations.lock().expect("incarnations lock");
+            nodes
+                .iter()
+                .filter(|node| {
+                    let before = seen.insert(node.id, node.incarnation);
+                    node.id != self.id && before.is_some_and(|before| before < node.incarnation)
+                })
+                .map(|node| node.id)
+                .collect()
+        };
+        for owner in restarted {
+            self.owner_restarted(owner);
+        }
     }
 
     /// Requests for pages this node does not own by its own view are refused as busy: the

@@ -277,40 +277,28 @@ impl Protocol {
         by_owner
     }
 
-    /// Owners that restarted (`take_view`): their rejoin may not have heard from this node
-    /// (cut off from it, or counted down, and not restarting, so not registering either: the
-    /// node machine's rule, found by hotpot-sim). This node's copies of their pages are read
-    /// through them, the kernel's copies dropped, until they confirm them (`copies_behind`,
-    /// then `confirm_copies` in the same round).
-    fn owners_restarted(&self) {
-        let owners =
-            std::mem::take(&mut *self.restarted_owners.lock().expect("restarted owners lock"));
-        if owners.is_empty() {
-            return;
-        }
+    /// `owner` restarted: its rejoin may not have heard from this node (cut off from it, or
+    /// counted down, and not restarting, so not registering either: the node machine's rule,
+    /// found by hotpot-sim). This node's copies of its pages are read through it, the
+    /// kernel's copies dropped, until it confirms them (`copies_behind`, `confirm_copies`).
+    pub(super) fn owner_restarted(&self, owner: NodeId) {
         let datasets = match self.datasets() {
             Ok(datasets) => datasets,
             Err(error) => {
-                tracing::warn!(?owners, %error, "owners restarted; datasets unknown, asked again next round");
-                self.restarted_owners
-                    .lock()
-                    .expect("restarted owners lock")
-                    .extend(owners);
+                tracing::warn!(owner, %error, "an owner restarted; datasets unknown, copies not marked");
                 return;
             }
         };
         for dataset in datasets {
-            let mut by_owner = self.copies_by_owner(&dataset);
-            for owner in &owners {
-                let held: Vec<u64> = by_owner
-                    .remove(owner)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(page, _)| page)
-                    .collect();
-                if !held.is_empty() {
-                    self.copies_behind(dataset.id, &held);
-                }
+            let held: Vec<u64> = self
+                .copies_by_owner(&dataset)
+                .remove(&owner)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(page, _)| page)
+                .collect();
+            if !held.is_empty() {
+                self.copies_behind(dataset.id, &held);
             }
         }
     }
@@ -592,7 +580,6 @@ impl Protocol {
             }
             self.resolve_pending(None);
             self.refetch_failed_over();
-            self.owners_restarted();
             self.confirm_copies();
             self.resolve_outcomes(&mut outcome_seen);
             self.expire_phase1_locks(resolve_after() * 2);
