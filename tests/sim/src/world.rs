@@ -366,12 +366,7 @@ impl World {
                     return;
                 }
                 self.views.record(to, self.now_ms, live.clone());
-                let incarnations = nodes.iter().map(|n| (n.id, n.incarnation)).collect();
-                Input::View {
-                    live,
-                    successors,
-                    incarnations,
-                }
+                Input::View { live, successors }
             }
             Message::FromDispatcher(_) => return,
         };

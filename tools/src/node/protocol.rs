@@ -64,9 +64,6 @@ pub struct Protocol {
     /// As a leader: commits this node promised never to decide (a follower asked for their
     /// outcome first). Held while the leader decides, so the two cannot interleave.
     pub(super) aborted: Mutex<GivenUp>,
-    /// How many times each node had joined, by the last heartbeat's view: a higher number
-    /// means it restarted since (`take_view`).
-    incarnations: Mutex<BTreeMap<NodeId, u64>>,
     /// As an MRMW leader: pages locked in phase 1, by commit, and since when.
     pub(super) phase1_locks: Mutex<HashMap<TxKey, (Vec<PageKey>, Instant)>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
@@ -159,7 +156,6 @@ impl Protocol {
             cached_inos: Mutex::new(HashSet::new()),
             ino_of: Mutex::new(HashMap::new()),
             aborted: Mutex::new(GivenUp::default()),
-            incarnations: Mutex::new(BTreeMap::new()),
             followers: Mutex::new(HashMap::new()),
             phase1_locks: Mutex::new(HashMap::new()),
             deciders: Mutex::new(Deciders::default()),
@@ -259,20 +255,6 @@ impl Protocol {
             self.set_ready_to(false);
         }
         self.peers.update(nodes, successors);
-        let restarted: Vec<NodeId> = {
-            let mut seen = self.incarnations.lock().expect("incarnations lock");
-            nodes
-                .iter()
-                .filter(|node| {
-                    let before = seen.insert(node.id, node.incarnation);
-                    node.id != self.id && before.is_some_and(|before| before < node.incarnation)
-                })
-                .map(|node| node.id)
-                .collect()
-        };
-        for owner in restarted {
-            self.owner_restarted(owner);
-        }
     }
 
     /// Requests for pages this node does not own by its own view are refused as busy: the

@@ -277,32 +277,6 @@ impl Protocol {
         by_owner
     }
 
-    /// `owner` restarted: its rejoin may not have heard from this node (cut off from it, or
-    /// counted down, and not restarting, so not registering either: the node machine's rule,
-    /// found by hotpot-sim). This node's copies of its pages are read through it, the
-    /// kernel's copies dropped, until it confirms them (`copies_behind`, `confirm_copies`).
-    pub(super) fn owner_restarted(&self, owner: NodeId) {
-        let datasets = match self.datasets() {
-            Ok(datasets) => datasets,
-            Err(error) => {
-                tracing::warn!(owner, %error, "an owner restarted; datasets unknown, copies not marked");
-                return;
-            }
-        };
-        for dataset in datasets {
-            let held: Vec<u64> = self
-                .copies_by_owner(&dataset)
-                .remove(&owner)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(page, _)| page)
-                .collect();
-            if !held.is_empty() {
-                self.copies_behind(dataset.id, &held);
-            }
-        }
-    }
-
     /// Whether this node's copy of `page` is not to be used: it waits for its owner's
     /// confirmation (see `Protocol::unconfirmed`) and was not fetched since while the owner
     /// was silent (then it is the newest copy a live node has, and no commit can change the
@@ -668,13 +642,8 @@ impl Protocol {
                     tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
                     return None;
                 }
-                // At an ordinary start a live peer is waited for too (the node machine's rule):
-                // one that was only cut off does not restart, so it would not register.
-                Err(error)
-                    if self.peers.is_lost(peer)
-                        || (!patient && !self.peers.live().contains(&peer)) =>
-                {
-                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it learns of this start");
+                Err(error) if !patient || self.peers.is_lost(peer) => {
+                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
                     return None;
                 }
                 Err(error) => {

@@ -171,12 +171,11 @@ pub enum Input {
     },
     /// A program on this node wants something done.
     Start(Op),
-    /// The dispatcher's view (its answer to a heartbeat): the nodes it counts as live, the
-    /// nodes promoted in place of lost ones, and how many times each node joined.
+    /// The dispatcher's view (its answer to a heartbeat): the nodes it counts as live, and
+    /// the nodes promoted in place of lost ones.
     View {
         live: BTreeSet<NodeId>,
         successors: BTreeMap<NodeId, NodeId>,
-        incarnations: BTreeMap<NodeId, u64>,
     },
     /// The dispatcher's answer to one of this machine's calls (`Output::AskDispatcher`).
     DispatcherReply { call: u64, reply: DispatcherReply },
@@ -266,8 +265,6 @@ pub struct Machine {
     live: BTreeSet<NodeId>,
     /// A lost node → the node promoted in its place (the dispatcher's last view).
     successors: BTreeMap<NodeId, NodeId>,
-    /// How many times each node had joined, by the dispatcher's last view.
-    incarnations: BTreeMap<NodeId, u64>,
     owner: owner::OwnerState,
     multi: multi::MultiState,
     client: client::ClientState,
@@ -310,7 +307,6 @@ impl Machine {
             calls: BTreeMap::new(),
             live,
             successors,
-            incarnations: BTreeMap::new(),
             owner: Default::default(),
             multi: Default::default(),
             client: Default::default(),
@@ -382,14 +378,7 @@ impl Machine {
             } => self.on_request(from, call, request),
             Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
             Input::Start(op) => self.start_op(op),
-            Input::View {
-                live,
-                successors,
-                incarnations,
-            } => {
-                self.take_view(live, successors);
-                self.note_restarts(incarnations);
-            }
+            Input::View { live, successors } => self.take_view(live, successors),
             Input::DispatcherReply { call, reply } => self.on_dispatcher_reply(call, reply),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
