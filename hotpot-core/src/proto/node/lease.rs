@@ -17,7 +17,7 @@ use crate::proto::types::{Dataset, DatasetId, FsError, Mode};
 impl Machine {
     /// `Op::Open` for writing: MRSW takes the lease, then versions; MRMW needs neither.
     pub(super) fn open_for_writing(&mut self, id: OpId, dataset: &Dataset) {
-        if dataset.params.mode != Mode::Mrsw || self.versions.writing.contains_key(&dataset.id) {
+        if self.may_write(dataset) {
             return self.op_done(id, OpResult::Opened);
         }
         // The open's number: the call's, which this node never uses twice (starts included).

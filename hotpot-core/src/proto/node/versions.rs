@@ -142,7 +142,7 @@ impl Machine {
     /// next block it would grant, and the writer is asked.
     pub(super) fn ask_latest(&mut self, id: OpId, dataset: Dataset) {
         if dataset.params.mode == Mode::Mrsw {
-            if self.versions.writing.contains_key(&dataset.id) {
+            if self.may_write(&dataset) {
                 return self.give_version(&dataset, Asker::Op { id }, false);
             }
             let request = DispatcherRequest::VersionState {
@@ -229,7 +229,7 @@ impl Machine {
     /// (`take`) or the newest given out.
     pub(super) fn serve_version(&mut self, from: NodeId, call: u64, dataset: Dataset, take: bool) {
         let refusal = if dataset.params.mode == Mode::Mrsw {
-            (!self.versions.writing.contains_key(&dataset.id)).then(|| {
+            (!self.may_write(&dataset)).then(|| {
                 format!(
                     "node {} is not writing dataset {}",
                     self.config.id, dataset.id
@@ -331,7 +331,7 @@ impl Machine {
         let Some((record, _)) = self.dataset(dataset).cloned() else {
             return;
         };
-        if record.params.mode == Mode::Mrsw && !self.versions.writing.contains_key(&dataset) {
+        if !self.may_write(&record) {
             // Asked while this node held the lease, granted after it gave it back: a later
             // writer's block may be above it, so it is not kept.
             let why = "the write lease was given back".to_string();
