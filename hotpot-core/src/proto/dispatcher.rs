@@ -576,6 +576,7 @@ impl DispatcherState {
                 addr: node.addr.clone(),
                 mount: node.mount.clone(),
                 live: is_live(node, now_ms),
+                incarnation: self.incarnations.get(id).copied().unwrap_or(0),
                 last_heartbeat_ms_ago: node
                     .last_heartbeat_ms
                     .map(|at| now_ms.saturating_sub(at))

@@ -301,6 +301,9 @@ pub struct NodeInfo {
     pub addr: String,
     pub mount: String,
     pub live: bool,
+    /// How many times it joined: a higher one than a peer saw before means it restarted.
+    #[serde(default)]
+    pub incarnation: u64,
     pub last_heartbeat_ms_ago: u64,
     pub usage: NodeUsage,
 }

@@ -49,6 +49,8 @@ enum Plant {
     ReuseVersions,
     /// An MRSW writer keeps its versions when it gives the write lease back.
     KeepVersions,
+    /// A holder does not register its copies again with an owner that restarted.
+    IgnoreRestarts,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -60,6 +62,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::SkipInvalidation => bugs.skip_holder_invalidation = true,
             Plant::ReuseVersions => bugs.reuse_first_block = true,
             Plant::KeepVersions => bugs.keep_versions_after_close = true,
+            Plant::IgnoreRestarts => bugs.ignore_owner_restarts = true,
         }
     }
     bugs

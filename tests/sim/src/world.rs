@@ -366,7 +366,12 @@ impl World {
                     return;
                 }
                 self.views.record(to, self.now_ms, live.clone());
-                Input::View { live, successors }
+                let incarnations = nodes.iter().map(|n| (n.id, n.incarnation)).collect();
+                Input::View {
+                    live,
+                    successors,
+                    incarnations,
+                }
             }
             Message::FromDispatcher(_) => return,
         };

@@ -64,6 +64,13 @@ pub struct Protocol {
     /// As a leader: commits this node promised never to decide (a follower asked for their
     /// outcome first). Held while the leader decides, so the two cannot interleave.
     pub(super) aborted: Mutex<GivenUp>,
+    /// How many times each node had joined, by the last heartbeat's view: a higher number
+    /// means it restarted since (`take_view`).
+    incarnations: Mutex<BTreeMap<NodeId, u64>>,
+    /// Owners seen restarting whose pages' copies here are not marked yet: the resolver
+    /// marks them (recovery.rs `owner_restarted`), off the heartbeat thread, which must
+    /// never wait on the dispatcher.
+    pub(super) restarted_owners: Mutex<BTreeSet<NodeId>>,
     /// As an MRMW leader: pages locked in phase 1, by commit, and since when.
     pub(super) phase1_locks: Mutex<HashMap<TxKey, (Vec<PageKey>, Instant)>>,
     /// As a follower owner: multi-owner commits prepared here, waiting for the decision.
@@ -156,6 +163,8 @@ impl Protocol {
             cached_inos: Mutex::new(HashSet::new()),
             ino_of: Mutex::new(HashMap::new()),
             aborted: Mutex::new(GivenUp::default()),
+            incarnations: Mutex::new(BTreeMap::new()),
+            restarted_owners: Mutex::new(BTreeSet::new()),
             followers: Mutex::new(HashMap::new()),
             phase1_locks: Mutex::new(HashMap::new()),
             deciders: Mutex::new(Deciders::default()),
@@ -245,7 +254,8 @@ impl Protocol {
     /// The dispatcher's view: who is live, and who was promoted in place of whom. A node
     /// that gains chunks serves as no owner from this moment until its take-over is over
     /// (the resolver runs it): before, it would have answered for pages it never adopted
-    /// (found by hotpot-sim: a reader got the successor's older copy).
+    /// (found by hotpot-sim: a reader got the successor's older copy). A node that joined
+    /// again since the last view is noted for the resolver (`restarted_owners`).
     pub(super) fn take_view(&self, nodes: &[NodeInfo], successors: BTreeMap<NodeId, NodeId>) {
         let known = self.peers.successors();
         let gains = successors
@@ -255,6 +265,15 @@ impl Protocol {
             self.set_ready_to(false);
         }
         self.peers.update(nodes, successors);
+        let mut seen = self.incarnations.lock().expect("incarnations lock");
+        let restarted = nodes.iter().filter(|node| {
+            let before = seen.insert(node.id, node.incarnation);
+            node.id != self.id && before.is_some_and(|before| before < node.incarnation)
+        });
+        self.restarted_owners
+            .lock()
+            .expect("restarted owners lock")
+            .extend(restarted.map(|node| node.id));
     }
 
     /// Requests for pages this node does not own by its own view are refused as busy: the
@@ -994,24 +1013,31 @@ impl Protocol {
                     table.serve_committed((dataset, page));
                 }
             }
-            (Decided::Dropped { dataset, pages }, _) => self.copies_behind(dataset, &pages),
+            (Decided::Dropped { dataset, pages }, _) => {
+                tracing::info!(
+                    dataset,
+                    ?pages,
+                    "copies dropped at their decision; reading them from their owners until they confirm"
+                );
+                self.copies_behind(dataset, &pages)
+            }
             (Decided::Unknown, _) => {}
         }
         NodeReply::Done
     }
 
-    /// Copies of `pages` prepared here were dropped at their decision (a page of them newer
-    /// here, `Decided::Dropped`): this node's copies of the others may be older than what
-    /// their owners count it as holding. The kernel's copies go, and until each owner
-    /// confirms this node's copies (recovery.rs `confirm_copies`, which installs anything
-    /// newer) reads and writes of them go to the owner (`unconfirmed`), as the node machine
-    /// registers them.
+    /// This node's copies of `pages` may be older than what their owners count it as
+    /// holding: copies prepared here were dropped at their decision (a page of them newer
+    /// here, `Decided::Dropped`), or their owner restarted (recovery.rs `owners_restarted`).
+    /// The kernel's copies go, and until each owner confirms this node's copies (recovery.rs
+    /// `confirm_copies`, which installs anything newer) reads and writes of them go to the
+    /// owner (`unconfirmed`), as the node machine registers them.
     pub(super) fn copies_behind(&self, dataset: DatasetId, pages: &[u64]) {
         self.invalidate_dataset(dataset, pages);
         let record = match self.dataset_record(dataset) {
             Ok(record) => record,
             Err(error) => {
-                tracing::warn!(dataset, %error, "copies dropped at their decision; no record to register them");
+                tracing::warn!(dataset, %error, "copies behind their owners; no record to register them");
                 return;
             }
         };
@@ -1022,11 +1048,6 @@ impl Protocol {
                 unconfirmed.insert((owner, dataset), record.clone());
             }
         }
-        tracing::info!(
-            dataset,
-            ?pages,
-            "copies dropped at their decision; reading them from their owners until they confirm"
-        );
     }
 
     /// Who settles the copies prepared here (`proto/deciders.rs`).

@@ -277,6 +277,52 @@ impl Protocol {
         by_owner
     }
 
+    /// Owners that restarted (`take_view`): their rejoin may not have heard from this node
+    /// (cut off from it, or counted down, and not restarting, so not registering either: the
+    /// node machine's rule, found by hotpot-sim). This node's copies of their pages are read
+    /// through them, the kernel's copies dropped, until they confirm them (`copies_behind`,
+    /// then `confirm_copies` in the same round). Pages with staged writes are left alone:
+    /// their base moves as their own commit settles (`settle_before_commit`), and their next
+    /// commit makes this node a holder again; dropping the kernel's copy of one lost its base
+    /// (the recovery matrix's MRSW writer, refused as "written against version 0").
+    fn owners_restarted(&self) {
+        let owners =
+            std::mem::take(&mut *self.restarted_owners.lock().expect("restarted owners lock"));
+        if owners.is_empty() {
+            return;
+        }
+        let datasets = match self.datasets() {
+            Ok(datasets) => datasets,
+            Err(error) => {
+                tracing::warn!(?owners, %error, "owners restarted; datasets unknown, asked again next round");
+                self.restarted_owners
+                    .lock()
+                    .expect("restarted owners lock")
+                    .extend(owners);
+                return;
+            }
+        };
+        for dataset in datasets {
+            let mut by_owner = self.copies_by_owner(&dataset);
+            for owner in &owners {
+                let held: Vec<u64> = {
+                    let table = self.table();
+                    by_owner
+                        .remove(owner)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(page, _)| page)
+                        .filter(|page| !table.is_staged((dataset.id, *page)))
+                        .collect()
+                };
+                if !held.is_empty() {
+                    tracing::info!(owner, dataset = dataset.id, pages = held.len(), "an owner restarted; reading its pages from it until it confirms this node's copies");
+                    self.copies_behind(dataset.id, &held);
+                }
+            }
+        }
+    }
+
     /// Whether this node's copy of `page` is not to be used: it waits for its owner's
     /// confirmation (see `Protocol::unconfirmed`) and was not fetched since while the owner
     /// was silent (then it is the newest copy a live node has, and no commit can change the
@@ -554,6 +600,7 @@ impl Protocol {
             }
             self.resolve_pending(None);
             self.refetch_failed_over();
+            self.owners_restarted();
             self.confirm_copies();
             self.resolve_outcomes(&mut outcome_seen);
             self.expire_phase1_locks(resolve_after() * 2);
@@ -642,8 +689,13 @@ impl Protocol {
                     tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
                     return None;
                 }
-                Err(error) if !patient || self.peers.is_lost(peer) => {
-                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it can");
+                // At an ordinary start a live peer is waited for too (the node machine's rule):
+                // one that was only cut off does not restart, so it would not register.
+                Err(error)
+                    if self.peers.is_lost(peer)
+                        || (!patient && !self.peers.live().contains(&peer)) =>
+                {
+                    tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it learns of this start");
                     return None;
                 }
                 Err(error) => {

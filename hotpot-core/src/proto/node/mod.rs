@@ -46,6 +46,9 @@ pub struct Bugs {
     /// An MRSW writer keeps its block of versions when it gives the lease back: opened
     /// again after another writer, it gives numbers below that writer's.
     pub keep_versions_after_close: bool,
+    /// A holder takes no notice of an owner's restart: an owner whose rejoin did not hear
+    /// from it (cut off, or counted down) never learns its copies, and leaves it out.
+    pub ignore_owner_restarts: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -171,11 +174,12 @@ pub enum Input {
     },
     /// A program on this node wants something done.
     Start(Op),
-    /// The dispatcher's view (its answer to a heartbeat): the nodes it counts as live, and
-    /// the nodes promoted in place of lost ones.
+    /// The dispatcher's view (its answer to a heartbeat): the nodes it counts as live, the
+    /// nodes promoted in place of lost ones, and how many times each node joined.
     View {
         live: BTreeSet<NodeId>,
         successors: BTreeMap<NodeId, NodeId>,
+        incarnations: BTreeMap<NodeId, u64>,
     },
     /// The dispatcher's answer to one of this machine's calls (`Output::AskDispatcher`).
     DispatcherReply { call: u64, reply: DispatcherReply },
@@ -265,6 +269,8 @@ pub struct Machine {
     live: BTreeSet<NodeId>,
     /// A lost node → the node promoted in its place (the dispatcher's last view).
     successors: BTreeMap<NodeId, NodeId>,
+    /// How many times each node had joined, by the dispatcher's last view.
+    incarnations: BTreeMap<NodeId, u64>,
     owner: owner::OwnerState,
     multi: multi::MultiState,
     client: client::ClientState,
@@ -307,6 +313,7 @@ impl Machine {
             calls: BTreeMap::new(),
             live,
             successors,
+            incarnations: BTreeMap::new(),
             owner: Default::default(),
             multi: Default::default(),
             client: Default::default(),
@@ -378,7 +385,14 @@ impl Machine {
             } => self.on_request(from, call, request),
             Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
             Input::Start(op) => self.start_op(op),
-            Input::View { live, successors } => self.take_view(live, successors),
+            Input::View {
+                live,
+                successors,
+                incarnations,
+            } => {
+                self.take_view(live, successors);
+                self.note_restarts(incarnations);
+            }
             Input::DispatcherReply { call, reply } => self.on_dispatcher_reply(call, reply),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),

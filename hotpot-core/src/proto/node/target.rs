@@ -368,9 +368,49 @@ impl Machine {
         self.continue_rejoin();
     }
 
+    /// An owner that restarted since the last view (a higher incarnation) learns this node's
+    /// copies of its pages again: its rejoin may not have heard from this node (cut off, or
+    /// counted down, and not restarting, so not registering either: found by hotpot-sim
+    /// with the rejoin rule below). Until it confirms them, they are read through it.
+    pub(super) fn note_restarts(&mut self, incarnations: BTreeMap<NodeId, u64>) {
+        let me = self.config.id;
+        let restarted: Vec<NodeId> = incarnations
+            .iter()
+            .filter(|(node, incarnation)| {
+                **node != me
+                    && self
+                        .incarnations
+                        .get(node)
+                        .is_some_and(|seen| *seen < **incarnation)
+            })
+            .map(|(node, _)| *node)
+            .collect();
+        self.incarnations = incarnations;
+        if restarted.is_empty() || self.config.bugs.ignore_owner_restarts {
+            return;
+        }
+        for owner in restarted {
+            for (dataset, pages) in self.config.datasets.clone() {
+                let held = self
+                    .pages_of(&dataset, pages, owner)
+                    .into_iter()
+                    .any(|page| self.table.read_persisted((dataset.id, page)).is_some());
+                if held {
+                    self.target.registering.insert((owner, dataset.id));
+                }
+            }
+        }
+        self.continue_rejoin();
+    }
+
     /// Send the rejoin calls not answered and not in flight.
     pub(super) fn continue_rejoin(&mut self) {
         let me = self.config.id;
+        // At an ordinary start (no wipe, no lost node's chunks) this owner's copies are the
+        // newest: it waits for the live peers only (the daemon's rule), each until it
+        // answers or is counted down; one that is not live re-registers when it learns of
+        // this start (`note_restarts`). Otherwise every peer but the lost ones.
+        let patient = self.config.rebuilding || self.successors.values().any(|by| *by == me);
         let wanted: Vec<(NodeId, DatasetId, bool)> = self
             .target
             .rejoin
@@ -390,7 +430,8 @@ impl Machine {
             };
             let owned = self.pages_of(&dataset, pages, if learn { me } else { peer });
             // A lost node (down, replaced) has nothing to tell: its copies are on others.
-            if owned.is_empty() || (learn && self.is_lost(peer)) {
+            let skipped = self.is_lost(peer) || (!patient && !self.live.contains(&peer));
+            if owned.is_empty() || (learn && skipped) {
                 // Nothing to learn or tell.
                 if learn {
                     self.target.rejoin.remove(&(peer, dataset_id));

@@ -146,3 +146,63 @@ fn an_msync_the_owner_did_not_answer_leaves_the_writes_staged_for_the_next() {
     let (_, sent) = commit_staged(&mut machine, 20 + timeout, 0, &[1; 16]);
     assert_eq!(sent, vec![1; 16]);
 }
+
+/// The dispatcher's view, with every node live and how many times each joined.
+fn view(incarnations: &[(NodeId, u64)]) -> Input {
+    Input::View {
+        live: incarnations.iter().map(|(node, _)| *node).collect(),
+        successors: BTreeMap::new(),
+        incarnations: incarnations.iter().copied().collect(),
+    }
+}
+
+#[test]
+fn a_holder_registers_its_copies_again_with_an_owner_that_restarted() {
+    let mut machine = committer();
+    let bytes = vec![7u8; crate::pm::PAGE_BYTES];
+    machine
+        .table_mut()
+        .install_copy((DATASET, 2), 1, &bytes)
+        .unwrap();
+    let registers = |outputs: &[Output]| {
+        outputs.iter().any(|output| {
+            matches!(
+                output,
+                Output::Send {
+                    to: 2,
+                    request: NodeRequest::Register { tx: None, .. },
+                    ..
+                }
+            )
+        })
+    };
+    let outputs = machine.handle(10, view(&[(1, 1), (2, 1)]));
+    assert!(
+        !registers(&outputs),
+        "nothing to tell an owner that did not restart"
+    );
+    // Node 2 restarted: its rejoin may not have heard from this node.
+    let outputs = machine.handle(20, view(&[(1, 1), (2, 2)]));
+    assert!(registers(&outputs), "copies registered again: {outputs:?}");
+    // Until the owner confirms them, the page is read through it.
+    let outputs = machine.handle(
+        30,
+        Input::Start(Op::Read {
+            op: 8,
+            dataset: DATASET,
+            page: 2,
+        }),
+    );
+    assert!(
+        outputs.iter().any(|output| matches!(
+            output,
+            Output::Send {
+                to: 2,
+                request: NodeRequest::Fetch { page: 2, .. },
+                ..
+            }
+        )),
+        "read through the owner: {outputs:?}"
+    );
+    assert_eq!(done(&outputs), None);
+}
