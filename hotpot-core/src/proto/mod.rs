@@ -9,6 +9,7 @@ pub mod messages;
 pub mod node;
 pub mod outcome;
 pub mod recent;
+pub mod rejoin;
 pub mod replication;
 pub mod staged;
 pub mod types;

@@ -17,6 +17,7 @@ use hotpot_core::proto::deciders::{Decider, Deciders};
 use hotpot_core::proto::locks::PageLocks;
 use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedPage};
 use hotpot_core::proto::outcome::GivenUp;
+use hotpot_core::proto::rejoin::Incarnations;
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
 use hotpot_fs::Invalidator;
@@ -66,7 +67,7 @@ pub struct Protocol {
     pub(super) aborted: Mutex<GivenUp>,
     /// How many times each node had joined, by the last heartbeat's view: a higher number
     /// means it restarted since (`take_view`).
-    incarnations: Mutex<BTreeMap<NodeId, u64>>,
+    incarnations: Mutex<Incarnations>,
     /// Owners seen restarting whose pages' copies here are not marked yet: the resolver
     /// marks them (recovery.rs `owner_restarted`), off the heartbeat thread, which must
     /// never wait on the dispatcher.
@@ -163,7 +164,7 @@ impl Protocol {
             cached_inos: Mutex::new(HashSet::new()),
             ino_of: Mutex::new(HashMap::new()),
             aborted: Mutex::new(GivenUp::default()),
-            incarnations: Mutex::new(BTreeMap::new()),
+            incarnations: Mutex::new(Incarnations::default()),
             restarted_owners: Mutex::new(BTreeSet::new()),
             followers: Mutex::new(HashMap::new()),
             phase1_locks: Mutex::new(HashMap::new()),
@@ -265,15 +266,18 @@ impl Protocol {
             self.set_ready_to(false);
         }
         self.peers.update(nodes, successors);
-        let mut seen = self.incarnations.lock().expect("incarnations lock");
-        let restarted = nodes.iter().filter(|node| {
-            let before = seen.insert(node.id, node.incarnation);
-            node.id != self.id && before.is_some_and(|before| before < node.incarnation)
-        });
+        let restarted = self
+            .incarnations
+            .lock()
+            .expect("incarnations lock")
+            .restarted(
+                self.id,
+                nodes.iter().map(|node| (node.id, node.incarnation)),
+            );
         self.restarted_owners
             .lock()
             .expect("restarted owners lock")
-            .extend(restarted.map(|node| node.id));
+            .extend(restarted);
     }
 
     /// Requests for pages this node does not own by its own view are refused as busy: the

@@ -22,6 +22,7 @@ use hotpot_core::pm::{PageKey, TxRole, TxTag, PAGE_BYTES};
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
+use hotpot_core::proto::rejoin::AskRule;
 use hotpot_core::proto::replication::more_copies;
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, NodeId, PageCopy};
 
@@ -656,19 +657,19 @@ impl Protocol {
     /// asked until it answers (`copies_of`). Otherwise this node's copies are the newest and
     /// the live peers tell who holds what.
     fn copy_sources(&self) -> Vec<NodeId> {
-        let patient = self.is_rebuilding() || self.successor_of_any();
+        let rule = self.ask_rule();
+        let live = self.peers.live();
         self.peers
             .known()
             .into_iter()
             .filter(|node| *node != self.id)
-            .filter(|node| {
-                if patient {
-                    !self.peers.is_lost(*node)
-                } else {
-                    self.peers.live().contains(node)
-                }
-            })
+            .filter(|node| rule.asks(live.contains(node), self.peers.is_lost(*node)))
             .collect()
+    }
+
+    /// Whom this node's rejoin asks for their copies, and until when (`proto/rejoin.rs`).
+    fn ask_rule(&self) -> AskRule {
+        AskRule::new(self.is_rebuilding(), self.successor_of_any())
     }
 
     /// Whether this node owns the chunks of a lost node.
@@ -676,11 +677,11 @@ impl Protocol {
         self.peers.successors().values().any(|by| *by == self.id)
     }
 
-    /// `peer`'s copies of `dataset`. When a peer may hold a newer copy than this owner's (see
-    /// `copy_sources`) it is asked again until it answers or is lost; otherwise a peer that
-    /// cannot answer registers its copies when it can.
+    /// `peer`'s copies of `dataset`, asked again until it answers or the rule no longer asks
+    /// it (`ask_rule`: lost, or at an ordinary start counted down); a peer not asked
+    /// registers its copies when it sees this node's incarnation rise (`owners_restarted`).
     fn copies_of(&self, peer: NodeId, dataset: DatasetId) -> Option<Vec<PageCopy>> {
-        let patient = self.is_rebuilding() || self.successor_of_any();
+        let rule = self.ask_rule();
         let mut told = Instant::now();
         loop {
             match self.ask(peer, &NodeRequest::PageCopies { dataset }) {
@@ -689,11 +690,10 @@ impl Protocol {
                     tracing::warn!(peer, ?other, "unexpected answer to PageCopies");
                     return None;
                 }
-                // At an ordinary start a live peer is waited for too (the node machine's rule):
-                // one that was only cut off does not restart, so it would not register.
+                // A live peer is waited for even at an ordinary start: one only cut off from
+                // this node registers when it sees the start, but not before.
                 Err(error)
-                    if self.peers.is_lost(peer)
-                        || (!patient && !self.peers.live().contains(&peer)) =>
+                    if !rule.asks(self.peers.live().contains(&peer), self.peers.is_lost(peer)) =>
                 {
                     tracing::warn!(peer, %error, "peer cannot list its copies; it registers when it learns of this start");
                     return None;

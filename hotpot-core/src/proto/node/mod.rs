@@ -14,6 +14,7 @@ use crate::pm::{PageKey, PmError};
 use crate::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, OwnerPages,
 };
+use crate::proto::rejoin::Incarnations;
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 mod across;
@@ -270,7 +271,7 @@ pub struct Machine {
     /// A lost node → the node promoted in its place (the dispatcher's last view).
     successors: BTreeMap<NodeId, NodeId>,
     /// How many times each node had joined, by the dispatcher's last view.
-    incarnations: BTreeMap<NodeId, u64>,
+    incarnations: Incarnations,
     owner: owner::OwnerState,
     multi: multi::MultiState,
     client: client::ClientState,
@@ -313,7 +314,7 @@ impl Machine {
             calls: BTreeMap::new(),
             live,
             successors,
-            incarnations: BTreeMap::new(),
+            incarnations: Incarnations::default(),
             owner: Default::default(),
             multi: Default::default(),
             client: Default::default(),

@@ -11,6 +11,7 @@ use crate::page::{Decided, TxKey};
 use crate::pm::TxRole;
 use crate::proto::deciders::{Decider, Deciders};
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
+use crate::proto::rejoin::AskRule;
 use crate::proto::types::{DatasetId, FsError, NodeId};
 
 #[derive(Default)]
@@ -373,19 +374,7 @@ impl Machine {
     /// counted down, and not restarting, so not registering either: found by hotpot-sim
     /// with the rejoin rule below). Until it confirms them, they are read through it.
     pub(super) fn note_restarts(&mut self, incarnations: BTreeMap<NodeId, u64>) {
-        let me = self.config.id;
-        let restarted: Vec<NodeId> = incarnations
-            .iter()
-            .filter(|(node, incarnation)| {
-                **node != me
-                    && self
-                        .incarnations
-                        .get(node)
-                        .is_some_and(|seen| *seen < **incarnation)
-            })
-            .map(|(node, _)| *node)
-            .collect();
-        self.incarnations = incarnations;
+        let restarted = self.incarnations.restarted(self.config.id, incarnations);
         if restarted.is_empty() || self.config.bugs.ignore_owner_restarts {
             return;
         }
@@ -406,11 +395,12 @@ impl Machine {
     /// Send the rejoin calls not answered and not in flight.
     pub(super) fn continue_rejoin(&mut self) {
         let me = self.config.id;
-        // At an ordinary start (no wipe, no lost node's chunks) this owner's copies are the
-        // newest: it waits for the live peers only (the daemon's rule), each until it
-        // answers or is counted down; one that is not live re-registers when it learns of
-        // this start (`note_restarts`). Otherwise every peer but the lost ones.
-        let patient = self.config.rebuilding || self.successors.values().any(|by| *by == me);
+        // Whom a starting owner asks, and until when (`proto/rejoin.rs`, the daemon's rule
+        // too); a peer not asked registers when it sees this start (`note_restarts`).
+        let rule = AskRule::new(
+            self.config.rebuilding,
+            self.successors.values().any(|by| *by == me),
+        );
         let wanted: Vec<(NodeId, DatasetId, bool)> = self
             .target
             .rejoin
@@ -429,9 +419,8 @@ impl Machine {
                 continue;
             };
             let owned = self.pages_of(&dataset, pages, if learn { me } else { peer });
-            // A lost node (down, replaced) has nothing to tell: its copies are on others.
-            let skipped = self.is_lost(peer) || (!patient && !self.live.contains(&peer));
-            if owned.is_empty() || (learn && skipped) {
+            let asked = rule.asks(self.live.contains(&peer), self.is_lost(peer));
+            if owned.is_empty() || (learn && !asked) {
                 // Nothing to learn or tell.
                 if learn {
                     self.target.rejoin.remove(&(peer, dataset_id));
