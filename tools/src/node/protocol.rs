@@ -69,7 +69,7 @@ pub struct Protocol {
     /// means it restarted since (`take_view`).
     incarnations: Mutex<Incarnations>,
     /// Owners seen restarting whose pages' copies here are not marked yet: the resolver
-    /// marks them (recovery.rs `owner_restarted`), off the heartbeat thread, which must
+    /// marks them (recovery.rs `owners_restarted`), off the heartbeat thread, which must
     /// never wait on the dispatcher.
     pub(super) restarted_owners: Mutex<BTreeSet<NodeId>>,
     /// As an MRMW leader: pages locked in phase 1, by commit, and since when.

@@ -139,6 +139,7 @@ impl Machine {
             .iter()
             .any(|(lost, by)| *by == me && self.successors.get(lost) != Some(by));
         self.successors = successors;
+        self.registrations_follow_promotions();
         if gains {
             self.take_over();
         }

@@ -392,6 +392,21 @@ impl Machine {
         self.continue_rejoin();
     }
 
+    /// Copies waiting for a lost owner's confirmation wait for its successor's now (the
+    /// daemon's `unconfirmed` resolves its owners the same way): dropped instead, they were
+    /// read from here before the successor had learned them, and may have missed a commit
+    /// of the lost owner. A node that took the pages over itself learns the newest copies
+    /// in its take-over.
+    pub(super) fn registrations_follow_promotions(&mut self) {
+        let me = self.config.id;
+        let waiting = std::mem::take(&mut self.target.registering);
+        self.target.registering = waiting
+            .into_iter()
+            .map(|(owner, dataset)| (self.acting(owner), dataset))
+            .filter(|(owner, _)| *owner != me)
+            .collect();
+    }
+
     /// Send the rejoin calls not answered and not in flight.
     pub(super) fn continue_rejoin(&mut self) {
         let me = self.config.id;

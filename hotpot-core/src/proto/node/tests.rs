@@ -206,3 +206,61 @@ fn a_holder_registers_its_copies_again_with_an_owner_that_restarted() {
     );
     assert_eq!(done(&outputs), None);
 }
+
+/// A read of page 2 started at `now_ms`: the node it asks for the page, if any, and
+/// whether it ended at once (from this node's own copy).
+fn read_page_two(machine: &mut Machine, now_ms: u64, op: u64) -> (Option<NodeId>, bool) {
+    let outputs = machine.handle(
+        now_ms,
+        Input::Start(Op::Read {
+            op,
+            dataset: DATASET,
+            page: 2,
+        }),
+    );
+    let asked = outputs.iter().find_map(|output| match output {
+        Output::Send {
+            to,
+            request: NodeRequest::Fetch { page: 2, .. },
+            ..
+        } => Some(*to),
+        _ => None,
+    });
+    (asked, done(&outputs).is_some())
+}
+
+#[test]
+fn a_copy_waiting_for_a_lost_owner_waits_for_its_successor() {
+    // Node 2 owns every page; node 3 is promoted in its place below.
+    let (mut machine, _) = node_one(Mode::Mrmw, vec![1, 2, 3], vec![2], 4);
+    machine
+        .table_mut()
+        .install_copy((DATASET, 2), 1, &[7u8; crate::pm::PAGE_BYTES])
+        .unwrap();
+    machine.handle(10, view(&[(1, 1), (2, 1), (3, 1)]));
+    machine.handle(20, view(&[(1, 1), (2, 2), (3, 1)]));
+    assert_eq!(read_page_two(&mut machine, 30, 8), (Some(2), false));
+    // Node 2 lost before it confirmed this node's copy: the copy may have missed its
+    // commits, so the page is read through its successor until that one confirms it.
+    machine.handle(
+        40,
+        Input::View {
+            live: [1, 3].into(),
+            successors: [(2, 3)].into(),
+            incarnations: [(1, 1), (2, 2), (3, 1)].into(),
+        },
+    );
+    let outputs = machine.handle(45, Input::Tick);
+    assert!(
+        outputs.iter().any(|output| matches!(
+            output,
+            Output::Send {
+                to: 3,
+                request: NodeRequest::Register { tx: None, .. },
+                ..
+            }
+        )),
+        "copies registered with the successor: {outputs:?}"
+    );
+    assert_eq!(read_page_two(&mut machine, 50, 9), (Some(3), false));
+}
