@@ -13,4 +13,5 @@ pub mod rejoin;
 pub mod replication;
 pub mod staged;
 pub mod types;
+pub mod unconfirmed;
 pub mod versions;

@@ -20,6 +20,7 @@ use hotpot_core::proto::outcome::GivenUp;
 use hotpot_core::proto::rejoin::Incarnations;
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
+use hotpot_core::proto::unconfirmed::Unconfirmed;
 use hotpot_fs::Invalidator;
 use hotpot_net::{multicall, Client, NetError};
 
@@ -91,11 +92,13 @@ pub struct Protocol {
     /// Pages this node took from another node while their owner did not answer, and the
     /// owner: it does not know this node holds them until it is asked again (reader.rs).
     pub(super) failed_over: Mutex<BTreeMap<PageKey, NodeId>>,
-    /// Datasets whose owner has not confirmed this node's copies of its pages since this
-    /// node started (it did not answer the rejoin's registration in time; recovery.rs):
-    /// such a copy may miss a commit this node made as it stopped, so until the owner
-    /// confirms, reads and writes of those pages go to the owner as if it were not here.
-    pub(super) unconfirmed: Mutex<BTreeMap<(NodeId, DatasetId), Dataset>>,
+    /// Owners (per dataset) that have not confirmed this node's copies of their pages
+    /// (`proto/unconfirmed.rs`, the node machine's book too): the owner did not answer the
+    /// rejoin's registration in time (recovery.rs), restarted (`owners_restarted`), or a
+    /// copy prepared here was dropped at its decision (`copies_behind`). Such a copy may
+    /// miss a commit, so until the owner confirms, reads and writes of those pages go to
+    /// the owner as if it were not here.
+    pub(super) unconfirmed: Mutex<Unconfirmed>,
     /// False while the node rejoins (recovery.rs): owner requests wait.
     ready: Mutex<bool>,
     became_ready: Condvar,
@@ -176,7 +179,7 @@ impl Protocol {
             rereplicated: AtomicU64::new(0),
             rereplicate_soon: AtomicBool::new(false),
             failed_over: Mutex::new(BTreeMap::new()),
-            unconfirmed: Mutex::new(BTreeMap::new()),
+            unconfirmed: Mutex::new(Unconfirmed::default()),
             ready: Mutex::new(false),
             became_ready: Condvar::new(),
             fetches: reader::FetchCounters::default(),
@@ -266,6 +269,10 @@ impl Protocol {
             self.set_ready_to(false);
         }
         self.peers.update(nodes, successors);
+        self.unconfirmed
+            .lock()
+            .expect("unconfirmed lock")
+            .follow_promotions(self.id, |node| self.peers.resolve(node));
         let restarted = self
             .incarnations
             .lock()
@@ -1049,7 +1056,7 @@ impl Protocol {
         for page in pages {
             let owner = self.owner_of(&record, *page);
             if owner != self.id {
-                unconfirmed.insert((owner, dataset), record.clone());
+                unconfirmed.wait_for(owner, dataset);
             }
         }
     }

@@ -101,7 +101,7 @@ impl Protocol {
                             self.unconfirmed
                                 .lock()
                                 .expect("unconfirmed lock")
-                                .insert((owner, dataset.id), dataset.clone());
+                                .wait_for(owner, dataset.id);
                             break;
                         }
                         Err(error) => {
@@ -329,20 +329,18 @@ impl Protocol {
     /// was silent (then it is the newest copy a live node has, and no commit can change the
     /// page until the owner is back, when it is fetched again: reader.rs).
     pub fn is_unconfirmed(&self, dataset: &Dataset, page: u64) -> bool {
-        let waiting: Vec<NodeId> = self
-            .unconfirmed
-            .lock()
-            .expect("unconfirmed lock")
-            .keys()
-            .filter(|(_, of)| *of == dataset.id)
-            .map(|(by, _)| *by)
-            .collect();
-        // Usually empty: the read path pays for no owner lookup then.
-        if waiting.is_empty() {
+        let unconfirmed = |owner: Option<NodeId>| {
+            let book = self.unconfirmed.lock().expect("unconfirmed lock");
+            match owner {
+                None => book.waits_in(dataset.id),
+                Some(owner) => book.waits(owner, dataset.id),
+            }
+        };
+        // Usually nothing waits: the read path pays for no owner lookup then.
+        if !unconfirmed(None) {
             return false;
         }
-        let owner = self.owner_of(dataset, page);
-        waiting.iter().any(|by| self.peers.resolve(*by) == owner)
+        unconfirmed(Some(self.owner_of(dataset, page)))
             && !self
                 .failed_over
                 .lock()
@@ -352,17 +350,7 @@ impl Protocol {
 
     /// The owners (as they are now) that have not confirmed this node's copies.
     pub(super) fn unconfirmed_by(&self) -> Vec<NodeId> {
-        let waiting: Vec<NodeId> = self
-            .unconfirmed
-            .lock()
-            .expect("unconfirmed lock")
-            .keys()
-            .map(|(by, _)| *by)
-            .collect();
-        let owners: BTreeSet<NodeId> = waiting
-            .into_iter()
-            .map(|by| self.peers.resolve(by))
-            .collect();
+        let owners = self.unconfirmed.lock().expect("unconfirmed lock").owners();
         owners.into_iter().collect()
     }
 
@@ -370,19 +358,19 @@ impl Protocol {
     /// that answers confirms this node's copies (sending newer ones) and its pages are
     /// served from here again.
     fn confirm_copies(&self) {
-        let waiting: Vec<((NodeId, DatasetId), Dataset)> = self
-            .unconfirmed
-            .lock()
-            .expect("unconfirmed lock")
-            .iter()
-            .map(|(key, dataset)| (*key, dataset.clone()))
-            .collect();
-        for ((by, dataset_id), dataset) in waiting {
-            let owner = self.peers.resolve(by);
+        let waiting = self.unconfirmed.lock().expect("unconfirmed lock").pairs();
+        for (owner, dataset_id) in waiting {
             // A silent owner would hold this thread for a whole call timeout each round.
             if !self.peers.live().contains(&owner) {
                 continue;
             }
+            let dataset = match self.dataset_record(dataset_id) {
+                Ok(dataset) => dataset,
+                Err(error) => {
+                    tracing::debug!(dataset = dataset_id, %error, "no record to register copies with yet");
+                    continue;
+                }
+            };
             let pages = self
                 .copies_by_owner(&dataset)
                 .remove(&owner)
@@ -398,7 +386,7 @@ impl Protocol {
                     self.unconfirmed
                         .lock()
                         .expect("unconfirmed lock")
-                        .remove(&(by, dataset_id));
+                        .confirmed(owner, dataset_id);
                 }
                 Err(error) => tracing::debug!(owner, %error, "owner cannot confirm copies yet"),
             }

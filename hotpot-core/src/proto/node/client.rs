@@ -588,7 +588,7 @@ impl Machine {
     fn unconfirmed(&self, dataset: &Dataset, page: u64) -> bool {
         self.target
             .registering
-            .contains(&(self.owner_of(dataset, page), dataset.id))
+            .waits(self.owner_of(dataset, page), dataset.id)
     }
 
     /// A fetched copy stored (this node becomes a holder; unless a prepared copy of the

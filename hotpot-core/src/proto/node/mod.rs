@@ -243,8 +243,12 @@ enum Purpose {
     Refetch { key: PageKey },
     /// A commit this node owns: the home's answer to `Version`.
     Version { tx: TxKey },
-    /// As a home or writer: a block of versions from the dispatcher.
-    VersionBlock { dataset: DatasetId },
+    /// As a home or writer: a block of versions from the dispatcher; an MRSW writer's for
+    /// the open it writes under (`None`: a home's).
+    VersionBlock {
+        dataset: DatasetId,
+        open: Option<u64>,
+    },
     /// A program's `Open`: the dispatcher's answer to `AcquireLease` for open `open`.
     Lease { op: OpId, open: u64 },
     /// A program's MRSW `Latest`: the dispatcher's `VersionState`.
@@ -569,7 +573,9 @@ impl Machine {
             return;
         };
         match pending.purpose {
-            Purpose::VersionBlock { dataset } => self.block_answered(dataset, Some(reply)),
+            Purpose::VersionBlock { dataset, open } => {
+                self.block_answered(dataset, open, Some(reply))
+            }
             Purpose::Lease { op, open } => self.lease_answered(op, open, Some(reply)),
             Purpose::LatestState { op } => self.latest_state_answered(op, Some(reply)),
             Purpose::Notice => {}
@@ -595,7 +601,7 @@ impl Machine {
             Purpose::Refetch { key } => self.refetch_answered(key, reply),
             Purpose::Version { tx } => self.version_answered(tx, from, reply),
             // Timed out (a dispatcher answer comes through `on_dispatcher_reply`).
-            Purpose::VersionBlock { dataset } => self.block_answered(dataset, None),
+            Purpose::VersionBlock { dataset, open } => self.block_answered(dataset, open, None),
             Purpose::Lease { op, open } => self.lease_answered(op, open, None),
             Purpose::LatestState { op } => self.latest_state_answered(op, None),
         }

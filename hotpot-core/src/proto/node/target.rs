@@ -13,6 +13,7 @@ use crate::proto::deciders::{Decider, Deciders};
 use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use crate::proto::rejoin::AskRule;
 use crate::proto::types::{DatasetId, FsError, NodeId};
+use crate::proto::unconfirmed::Unconfirmed;
 
 #[derive(Default)]
 pub(super) struct TargetState {
@@ -25,8 +26,9 @@ pub(super) struct TargetState {
     resolving: BTreeSet<TxKey>,
     /// Rejoin: (peer, dataset) pairs whose copies of this owner's pages are not known yet.
     pub(super) rejoin: BTreeSet<(NodeId, DatasetId)>,
-    /// Rejoin: (owner, dataset) pairs not yet told which copies this node has.
-    pub(super) registering: BTreeSet<(NodeId, DatasetId)>,
+    /// Owners not yet told which copies this node has of their pages (`proto/unconfirmed.rs`,
+    /// the daemon's book too): until they answer, those pages are read through them.
+    pub(super) registering: Unconfirmed,
     /// Calls of the rejoin in flight, so a tick does not send them twice.
     asked: BTreeSet<(NodeId, DatasetId, bool)>,
 }
@@ -85,7 +87,7 @@ impl Machine {
         for page in pages {
             let owner = self.owner_of(&dataset, *page);
             if owner != self.config.id {
-                self.target.registering.insert((owner, dataset.id));
+                self.target.registering.wait_for(owner, dataset.id);
             }
         }
     }
@@ -304,7 +306,7 @@ impl Machine {
         if !self.install_all(dataset, &current) {
             // Another waiting copy of these pages kept them back: ask the owner again.
             if let Some(owner) = self.owner_of_copies(dataset, &current) {
-                self.target.registering.insert((owner, dataset));
+                self.target.registering.wait_for(owner, dataset);
             }
         }
     }
@@ -330,7 +332,7 @@ impl Machine {
                 self.target.rejoin.insert((*peer, dataset.id));
                 // A first start has no copies to tell about.
                 if self.config.incarnation > 1 {
-                    self.target.registering.insert((*peer, dataset.id));
+                    self.target.registering.wait_for(*peer, dataset.id);
                 }
             }
         }
@@ -385,26 +387,22 @@ impl Machine {
                     .into_iter()
                     .any(|page| self.table.read_persisted((dataset.id, page)).is_some());
                 if held {
-                    self.target.registering.insert((owner, dataset.id));
+                    self.target.registering.wait_for(owner, dataset.id);
                 }
             }
         }
         self.continue_rejoin();
     }
 
-    /// Copies waiting for a lost owner's confirmation wait for its successor's now (the
-    /// daemon's `unconfirmed` resolves its owners the same way): dropped instead, they were
-    /// read from here before the successor had learned them, and may have missed a commit
-    /// of the lost owner. A node that took the pages over itself learns the newest copies
-    /// in its take-over.
+    /// Copies waiting for a lost owner's confirmation wait for its successor's now
+    /// (`Unconfirmed::follow_promotions`, item 31).
     pub(super) fn registrations_follow_promotions(&mut self) {
-        let me = self.config.id;
-        let waiting = std::mem::take(&mut self.target.registering);
-        self.target.registering = waiting
-            .into_iter()
-            .map(|(owner, dataset)| (self.acting(owner), dataset))
-            .filter(|(owner, _)| *owner != me)
-            .collect();
+        let successors = &self.successors;
+        self.target
+            .registering
+            .follow_promotions(self.config.id, |node| {
+                successors.get(&node).copied().unwrap_or(node)
+            });
     }
 
     /// Send the rejoin calls not answered and not in flight.
@@ -424,8 +422,9 @@ impl Machine {
             .chain(
                 self.target
                     .registering
-                    .iter()
-                    .map(|(owner, dataset)| (*owner, *dataset, false)),
+                    .pairs()
+                    .into_iter()
+                    .map(|(owner, dataset)| (owner, dataset, false)),
             )
             .filter(|call| !self.target.asked.contains(call))
             .collect();
@@ -440,7 +439,7 @@ impl Machine {
                 if learn {
                     self.target.rejoin.remove(&(peer, dataset_id));
                 } else {
-                    self.target.registering.remove(&(peer, dataset_id));
+                    self.target.registering.confirmed(peer, dataset_id);
                 }
                 continue;
             }
@@ -490,7 +489,7 @@ impl Machine {
                 self.target.rejoin.remove(&(from, dataset));
             }
         } else if self.install_all(dataset, &copies) {
-            self.target.registering.remove(&(from, dataset));
+            self.target.registering.confirmed(from, dataset);
         }
     }
 
