@@ -43,13 +43,19 @@ impl AskRule {
 #[derive(Debug, Default)]
 pub struct Incarnations {
     seen: BTreeMap<NodeId, u64>,
+    /// Whether this node has had a view since its start (its own rejoin registers its
+    /// copies with every owner, so nothing in the first view is news).
+    baseline: bool,
 }
 
 impl Incarnations {
-    /// Take the dispatcher's latest view; the nodes other than `me` whose incarnation rose
-    /// since the last one (restarted since: their rejoin may not have heard from this node,
-    /// which then registers its copies of their pages again). A node seen for the first
-    /// time is not one: a node that starts learns the owners' rejoins from its own.
+    /// Take the dispatcher's latest view; the nodes other than `me` that restarted since
+    /// the last one (their rejoin may not have heard from this node, which then registers
+    /// its copies of their pages again). After the first view, that is a node whose
+    /// incarnation rose, or one seen for the first time past its first start: this node may
+    /// have been cut off from the dispatcher since before that node first joined (found by
+    /// hotpot-sim, seed 22163933: a holder whose heartbeats were cut from its first second on
+    /// first saw an owner at its second incarnation, and never registered with it).
     pub fn restarted(
         &mut self,
         me: NodeId,
@@ -58,10 +64,15 @@ impl Incarnations {
         let mut restarted = Vec::new();
         for (node, incarnation) in latest {
             let before = self.seen.insert(node, incarnation);
-            if node != me && before.is_some_and(|before| before < incarnation) {
+            let rose = match before {
+                Some(before) => before < incarnation,
+                None => incarnation > 1,
+            };
+            if self.baseline && node != me && rose {
                 restarted.push(node);
             }
         }
+        self.baseline = true;
         restarted
     }
 }
@@ -87,8 +98,11 @@ mod tests {
         let mut seen = Incarnations::default();
         assert_eq!(seen.restarted(1, [(1, 1), (2, 3)]), Vec::<NodeId>::new());
         assert_eq!(seen.restarted(1, [(1, 1), (2, 3)]), Vec::<NodeId>::new());
-        // Its own rise is not news to a node, and a node first seen now is not one.
+        // Its own rise is not news to a node, and a node at its first start owns nothing
+        // anybody holds.
         assert_eq!(seen.restarted(1, [(1, 2), (2, 4), (3, 1)]), vec![2]);
         assert_eq!(seen.restarted(1, [(2, 4), (3, 2)]), vec![3]);
+        // First seen after its first start: it may have restarted unseen.
+        assert_eq!(seen.restarted(1, [(2, 4), (3, 2), (4, 2)]), vec![4]);
     }
 }
