@@ -371,10 +371,11 @@ impl Machine {
         self.continue_rejoin();
     }
 
-    /// An owner that restarted since the last view (a higher incarnation) learns this node's
-    /// copies of its pages again: its rejoin may not have heard from this node (cut off, or
-    /// counted down, and not restarting, so not registering either: found by hotpot-sim
-    /// with the rejoin rule below). Until it confirms them, they are read through it.
+    /// An owner that restarted since the last view (`Incarnations::restarted`) learns this
+    /// node's copies of its pages again: its rejoin may not have heard from this node (cut
+    /// off, or counted down, and not restarting, so not registering either: found by
+    /// hotpot-sim with the rejoin rule below). Until it confirms them, they are read through
+    /// it.
     pub(super) fn note_restarts(&mut self, incarnations: BTreeMap<NodeId, u64>) {
         let restarted = self.incarnations.restarted(self.config.id, incarnations);
         if restarted.is_empty() || self.config.bugs.ignore_owner_restarts {

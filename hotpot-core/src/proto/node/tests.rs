@@ -1,5 +1,6 @@
-//! The machine's commit of staged pages (`Op::Commit`, the daemon's msync) on its own: what
-//! it sends, and what is left staged after each end.
+//! The machine on its own: its commit of staged pages (`Op::Commit`, the daemon's msync),
+//! what it sends and what is left staged after each end; and a holder's copies when their
+//! owner restarts or is replaced.
 
 use std::collections::BTreeMap;
 
