@@ -59,7 +59,7 @@ fn four_thousand_seeds_find_no_violation() {
 fn seeds_that_found_bugs_pass() {
     for seed in [
         13_057, 13_943, 15_416, 78_081, 203_313, 316_941, 2_101_000, 3_086_714, 5_007_311,
-        10_081_251, 13_157_567, 14_095_132, 22_022_290, 22_163_933,
+        10_081_251, 13_157_567, 14_095_132, 22_022_290, 22_163_933, 23_089_597,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
         assert!(
