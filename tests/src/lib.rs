@@ -575,6 +575,33 @@ impl Cluster {
 }
 
 /// Node `id`'s entry in a `hotpot status --json`.
+/// Wait up to 20 s for `read` (node `node`'s view of a page) to give `new`. Until then it may
+/// only give `old`: anything else is bytes no commit wrote and fails at once. Still `old` at
+/// the deadline fails with `stale` and the log of node `log_of`.
+pub fn wait_until_reads(
+    cluster: &Cluster,
+    (node, log_of): (u32, u32),
+    read: impl Fn() -> Vec<u8>,
+    (old, new): (&[u8], &[u8]),
+    stale: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = read();
+        if page == new {
+            return;
+        }
+        assert_eq!(page, old, "node {node} reads bytes no commit wrote");
+        assert!(
+            Instant::now() < deadline,
+            "node {node} {stale}, 20 s on
+node {log_of}'s log: {}",
+            cluster.node_log(log_of)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn node_in(status: &serde_json::Value, id: u32) -> &serde_json::Value {
     status["nodes"]
         .as_array()

@@ -3,9 +3,7 @@
 //! reach it: the reader kept serving the copy it took, for good. The reader now fetches the
 //! page again from its owner once the owner answers, which makes it a holder the owner knows.
 
-use std::time::{Duration, Instant};
-
-use hotpot_tests::{fuse_available, page_pattern, Cluster, Mapping};
+use hotpot_tests::{fuse_available, page_pattern, wait_until_reads, Cluster, Mapping};
 
 fn read_file(cluster: &Cluster, node: u32) -> Vec<u8> {
     std::fs::read(cluster.mount(node).join("data"))
@@ -54,23 +52,11 @@ fn a_page_read_from_a_replica_while_its_owner_was_silent_gets_the_owners_next_co
 
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(2, 0));
     mapping.msync().expect("the owner's next commit");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let page = read_file(&cluster, reader);
-        if page == page_pattern(2, 0) {
-            break;
-        }
-        assert_eq!(
-            page,
-            page_pattern(1, 0),
-            "node {reader} reads bytes no commit wrote"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "node {reader} still reads the copy it took while the owner was silent, 20 s after \
-             the owner's next commit\nreader's log: {}",
-            cluster.node_log(reader)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_reads(
+        &cluster,
+        (reader, reader),
+        || read_file(&cluster, reader),
+        (&page_pattern(1, 0), &page_pattern(2, 0)),
+        "still reads the copy it took while the owner was silent, after the owner's next commit",
+    );
 }

@@ -6,9 +6,7 @@
 //! left it out and it read its old copy for good. A holder that sees an owner's incarnation
 //! rise now registers its copies with it again and reads through it until it confirms.
 
-use std::time::{Duration, Instant};
-
-use hotpot_tests::{fuse_available, page_pattern, Cluster, Mapping};
+use hotpot_tests::{fuse_available, page_pattern, wait_until_reads, Cluster, Mapping};
 
 const PAGES: u64 = 16;
 
@@ -42,25 +40,16 @@ fn a_holder_silent_through_its_owners_restart_still_gets_later_commits() {
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(2, 0));
     mapping.msync().expect("a commit after the owner's restart");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let page = cluster.first_page(holder, "data");
-        if page == page_pattern(2, 0) {
-            break;
-        }
-        assert_eq!(
-            page,
-            page_pattern(1, 0),
-            "node {holder} reads bytes no commit wrote"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "node {holder} still reads the page as it was before its owner, node {owner}, \
-             restarted, 20 s after the next commit\nholder's log: {}",
-            cluster.node_log(holder)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_reads(
+        &cluster,
+        (holder, holder),
+        || cluster.first_page(holder, "data"),
+        (&page_pattern(1, 0), &page_pattern(2, 0)),
+        &format!(
+            "still reads the page as it was before its owner, node {owner}, restarted, after \
+             the next commit"
+        ),
+    );
     let stat = cluster.stat_json(&path);
     assert!(
         stat["min_copies"].as_u64().unwrap_or(0) >= 2,

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use hotpot_tests::{fuse_available, page_pattern, Cluster, Mapping};
+use hotpot_tests::{fuse_available, page_pattern, wait_until_reads, Cluster, Mapping};
 
 const PAGES: u64 = 16;
 
@@ -45,25 +45,13 @@ fn a_holder_left_out_while_it_was_silent_catches_up_when_it_is_back() {
 
     // Back: it must not keep the page it had.
     drop(paused);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let page = cluster.first_page(holder, "data");
-        if page == page_pattern(2, 0) {
-            break;
-        }
-        assert_eq!(
-            page,
-            page_pattern(1, 0),
-            "node {holder} reads bytes no commit wrote"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "node {holder} still reads the page as it was before it went silent, 20 s after it \
-             came back\nowner's log: {}",
-            cluster.node_log(owner)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until_reads(
+        &cluster,
+        (holder, owner),
+        || cluster.first_page(holder, "data"),
+        (&page_pattern(1, 0), &page_pattern(2, 0)),
+        "still reads the page as it was before it went silent, after it came back",
+    );
     let stat = cluster.stat_json(&path);
     assert!(
         stat["min_copies"].as_u64().unwrap_or(0) >= 2,

@@ -157,6 +157,20 @@ fn view(incarnations: &[(NodeId, u64)]) -> Input {
     }
 }
 
+/// Whether `outputs` register this node's copies with `owner` (a `Register` with no commit).
+fn registers_with(outputs: &[Output], owner: NodeId) -> bool {
+    outputs.iter().any(|output| {
+        matches!(
+            output,
+            Output::Send {
+                to,
+                request: NodeRequest::Register { tx: None, .. },
+                ..
+            } if *to == owner
+        )
+    })
+}
+
 #[test]
 fn a_holder_registers_its_copies_again_with_an_owner_that_restarted() {
     let mut machine = committer();
@@ -165,26 +179,17 @@ fn a_holder_registers_its_copies_again_with_an_owner_that_restarted() {
         .table_mut()
         .install_copy((DATASET, 2), 1, &bytes)
         .unwrap();
-    let registers = |outputs: &[Output]| {
-        outputs.iter().any(|output| {
-            matches!(
-                output,
-                Output::Send {
-                    to: 2,
-                    request: NodeRequest::Register { tx: None, .. },
-                    ..
-                }
-            )
-        })
-    };
     let outputs = machine.handle(10, view(&[(1, 1), (2, 1)]));
     assert!(
-        !registers(&outputs),
+        !registers_with(&outputs, 2),
         "nothing to tell an owner that did not restart"
     );
     // Node 2 restarted: its rejoin may not have heard from this node.
     let outputs = machine.handle(20, view(&[(1, 1), (2, 2)]));
-    assert!(registers(&outputs), "copies registered again: {outputs:?}");
+    assert!(
+        registers_with(&outputs, 2),
+        "copies registered again: {outputs:?}"
+    );
     // Until the owner confirms them, the page is read through it.
     let outputs = machine.handle(
         30,
@@ -253,14 +258,7 @@ fn a_copy_waiting_for_a_lost_owner_waits_for_its_successor() {
     );
     let outputs = machine.handle(45, Input::Tick);
     assert!(
-        outputs.iter().any(|output| matches!(
-            output,
-            Output::Send {
-                to: 3,
-                request: NodeRequest::Register { tx: None, .. },
-                ..
-            }
-        )),
+        registers_with(&outputs, 3),
         "copies registered with the successor: {outputs:?}"
     );
     assert_eq!(read_page_two(&mut machine, 50, 9), (Some(3), false));
