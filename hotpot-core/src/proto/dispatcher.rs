@@ -134,6 +134,11 @@ impl DispatcherState {
 
     /// Replace a node as the owner of its chunks once it has been silent for `ms` (0: never).
     /// Lost nodes and the nodes promoted in their place.
+    /// How many times each node joined (its latest incarnation, as views name it).
+    pub fn incarnations(&self) -> &BTreeMap<NodeId, u64> {
+        &self.incarnations
+    }
+
     pub fn successors(&self) -> &BTreeMap<NodeId, NodeId> {
         &self.successors
     }

@@ -8,6 +8,7 @@ pub mod locks;
 pub mod messages;
 pub mod node;
 pub mod outcome;
+pub mod pins;
 pub mod recent;
 pub mod rejoin;
 pub mod replication;

@@ -49,6 +49,11 @@ pub struct Incarnations {
 }
 
 impl Incarnations {
+    /// `node`'s incarnation in the last view (`None`: not in a view yet).
+    pub fn of(&self, node: NodeId) -> Option<u64> {
+        self.seen.get(&node).copied()
+    }
+
     /// Take the dispatcher's latest view; the nodes other than `me` that restarted since
     /// the last one (their rejoin may not have heard from this node, which then registers
     /// its copies of their pages again). After the first view, that is a node whose

@@ -26,6 +26,9 @@ struct Blocks {
     next: u64,
     end: u64,
     spare: Option<u64>,
+    /// An MRSW writer's commit under way: the version given to it (`committing`), until it
+    /// ended (`commit_ended`).
+    committing: Option<u64>,
 }
 
 impl Blocks {
@@ -34,6 +37,7 @@ impl Blocks {
             next: start,
             end: start + size,
             spare: None,
+            committing: None,
         }
     }
 }
@@ -55,9 +59,11 @@ impl Sequencer {
         }
     }
 
-    /// The next version of `dataset` (`take`), or the newest given out (0 before the first),
-    /// by `me` (this node and its incarnation). The incarnation that created an MRMW dataset
-    /// as its home owns the first block (the dispatcher starts its blocks after it).
+    /// The next version of `dataset` (`take`), or the latest (0 before the first): the
+    /// newest given out, but below an MRSW writer's commit still under way, which its
+    /// owners may not have (`committing`). By `me` (this node and its incarnation). The
+    /// incarnation that created an MRMW dataset as its home owns the first block (the
+    /// dispatcher starts its blocks after it).
     pub fn give(&mut self, dataset: &Dataset, me: (NodeId, u64), take: bool) -> Give {
         let size = self.block;
         let blocks = match self.blocks.get_mut(&dataset.id) {
@@ -70,7 +76,8 @@ impl Sequencer {
         };
         if !take {
             // A used-up block still knows the latest.
-            return Give::Version(blocks.next - 1);
+            let latest = blocks.next - 1;
+            return Give::Version(blocks.committing.map_or(latest, |v| latest.min(v - 1)));
         }
         if blocks.next == blocks.end {
             match blocks.spare {
@@ -80,6 +87,35 @@ impl Sequencer {
         }
         blocks.next += 1;
         Give::Version(blocks.next - 1)
+    }
+
+    /// An MRSW writer's next version, for the commit it sends now (`give` and `committing`
+    /// in one step: no latest answered in between names it).
+    pub fn give_to_commit(&mut self, dataset: &Dataset, me: (NodeId, u64)) -> Give {
+        let given = self.give(dataset, me, true);
+        if let Give::Version(version) = given {
+            self.committing(dataset.id, version);
+        }
+        given
+    }
+
+    /// An MRSW writer gave `version` to a commit it sends now: until the commit ended, the
+    /// latest is below it. An MRMW home needs no such mark: it gives a version only once
+    /// every page of the commit is locked at its owners, and a read at a version waits for
+    /// the pages' locks (found by hotpot-sim: a view at the writer's latest missed the
+    /// commit that had just taken it, still on its way to the owner).
+    pub fn committing(&mut self, dataset: DatasetId, version: u64) {
+        if let Some(blocks) = self.blocks.get_mut(&dataset) {
+            blocks.committing = Some(version);
+        }
+    }
+
+    /// The writer's commit ended (acknowledged, refused, or in doubt): the latest is its
+    /// version again.
+    pub fn commit_ended(&mut self, dataset: DatasetId) {
+        if let Some(blocks) = self.blocks.get_mut(&dataset) {
+            blocks.committing = None;
+        }
     }
 
     /// A block the dispatcher granted for `dataset`: the first, or the spare. A block that
@@ -173,6 +209,24 @@ mod tests {
         assert_eq!(sequencer.give(&dataset, (1, 1), false), Give::Version(8));
         assert_eq!(sequencer.give(&dataset, (1, 1), true), Give::NeedBlock);
         assert_eq!(take(&mut sequencer, &dataset, &mut blocks, 2), [9, 10]);
+    }
+
+    #[test]
+    fn the_latest_stays_below_a_writers_commit_until_it_ended() {
+        let dataset = dataset(None);
+        let mut sequencer = Sequencer::new(4);
+        sequencer.add_block(1, 5);
+        assert_eq!(take(&mut sequencer, &dataset, &mut 100, 2), [5, 6]);
+        sequencer.committing(1, 6);
+        assert_eq!(sequencer.give(&dataset, (1, 1), false), Give::Version(5));
+        sequencer.commit_ended(1);
+        assert_eq!(sequencer.give(&dataset, (1, 1), false), Give::Version(6));
+        // A first commit under way: nothing is the latest yet but what came before.
+        let mut fresh = Sequencer::new(4);
+        fresh.add_block(1, 9);
+        assert_eq!(take(&mut fresh, &dataset, &mut 100, 1), [9]);
+        fresh.committing(1, 9);
+        assert_eq!(fresh.give(&dataset, (1, 1), false), Give::Version(8));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::types::{DatasetId, NodeId};
 
 mod versions;
+mod views;
 
 use crate::workload::{slot_offset, stamp_of, ReadRecord, Status, Workload, SLOT_BYTES};
 use crate::world::World;

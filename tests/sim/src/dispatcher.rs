@@ -80,6 +80,17 @@ impl SimDispatcher {
         }
     }
 
+    /// How many times each node joined, as its views name them (persisted with the rest).
+    pub(crate) fn incarnations(&self) -> BTreeMap<NodeId, u64> {
+        match &self.live {
+            Some(state) => state.incarnations().clone(),
+            None => serde_json::from_slice::<DispatcherState>(&self.persisted)
+                .expect("persisted dispatcher state reloads")
+                .incarnations()
+                .clone(),
+        }
+    }
+
     pub(crate) fn crash(&mut self) {
         self.live = None;
     }

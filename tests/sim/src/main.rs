@@ -51,6 +51,8 @@ enum Plant {
     KeepVersions,
     /// A holder does not register its copies again with an owner that restarted.
     IgnoreRestarts,
+    /// An owner answers a read at a view's version with its current copy.
+    ReadViewsCurrent,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -63,6 +65,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::ReuseVersions => bugs.reuse_first_block = true,
             Plant::KeepVersions => bugs.keep_versions_after_close = true,
             Plant::IgnoreRestarts => bugs.ignore_owner_restarts = true,
+            Plant::ReadViewsCurrent => bugs.read_views_current = true,
         }
     }
     bugs

@@ -1,9 +1,12 @@
 //! The event trace: one line per event (`--trace`), the same bytes on every replay of a
 //! seed. Lines name messages by kind, transaction and pages, never by their page bytes.
 
-use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
+use hotpot_core::proto::messages::{
+    DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, OwnerPages,
+};
 use hotpot_core::proto::node::{Op, OpResult};
 
+use crate::workload::{stamp_of, SLOT_BYTES};
 use crate::world::Message;
 
 /// Adds a line when the trace is on; the arguments are not even formatted otherwise.
@@ -95,6 +98,22 @@ fn request_summary(request: &NodeRequest) -> String {
             let pages: Vec<u64> = pages.iter().map(|(page, _)| *page).collect();
             format!("CommitRuns tx {tx:?} d{} pages {pages:?}", dataset.id)
         }
+        NodeRequest::OwnerPrepare {
+            tx,
+            dataset,
+            leader,
+            pages,
+            ..
+        } => {
+            let pages: Vec<u64> = match pages {
+                OwnerPages::Writes(writes) => writes.iter().map(|w| w.page).collect(),
+                OwnerPages::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),
+            };
+            format!(
+                "OwnerPrepare tx {tx:?} d{} leader {leader} pages {pages:?}",
+                dataset.id
+            )
+        }
         NodeRequest::Prepare {
             tx,
             owner,
@@ -115,6 +134,11 @@ fn request_summary(request: &NodeRequest) -> String {
             let pages: Vec<(u64, u64)> = pages.iter().map(|c| (c.page, c.version)).collect();
             format!("Install d{dataset} {pages:?}")
         }
+        NodeRequest::Pin {
+            view,
+            dataset,
+            version,
+        } => format!("Pin view {view:?} d{} at v{version}", dataset.id),
         other => format!("{other:?}"),
     }
 }
@@ -145,6 +169,19 @@ pub(crate) fn describe_op(op: &Op) -> String {
         Op::Latest { op, dataset } => format!("op {op} latest version of d{dataset}"),
         Op::Open { op, dataset } => format!("op {op} open d{dataset} for writing"),
         Op::Close { op, dataset } => format!("op {op} close d{dataset}"),
+        Op::Pin {
+            op,
+            dataset,
+            view,
+            version,
+        } => format!("op {op} pin view {view} of d{dataset} at v{version}"),
+        Op::ReadAt {
+            op,
+            dataset,
+            version,
+            page,
+        } => format!("op {op} read d{dataset} p{page} at v{version}"),
+        Op::Unpin { op, dataset, view } => format!("op {op} unpin view {view} of d{dataset}"),
     }
 }
 
@@ -156,6 +193,22 @@ pub(crate) fn describe_result(result: &OpResult) -> String {
             ..
         } => format!("read v{version}"),
         OpResult::Read { version, .. } => format!("read v{version} (failed over)"),
+        OpResult::ReadAt { bytes } => format!(
+            "read at the view's version: stamps {:?}",
+            view_stamps(bytes)
+        ),
         other => format!("{other:?}"),
     }
+}
+
+/// The stamps in a page's slots that are not zero, as (node, stamp).
+fn view_stamps(bytes: &[u8]) -> Vec<(usize, u64)> {
+    bytes
+        .chunks(SLOT_BYTES)
+        .enumerate()
+        .filter_map(|(node, slot)| {
+            let word = u64::from_le_bytes(slot[..8].try_into().ok()?);
+            (word != 0).then(|| (node, stamp_of(word)))
+        })
+        .collect()
 }

@@ -6,6 +6,9 @@
 //! another while it still writes (no fencing yet: docs/design.md, "Cluster protocol", the
 //! write lease); there one node per MRSW dataset opens it and never closes it.
 //!
+//! Now and then a node views a dataset at the latest version it was told (`name@latest`):
+//! it pins that version at every owner, reads a few pages at it, and unpins it.
+//!
 //! A store writes its operation's number into the committing node's own 64-byte slot of
 //! each page (eight equal words), so any page read tells which commit of which node each
 //! slot comes from. Records every commit's fate. The number is scrambled into its word
@@ -89,6 +92,26 @@ pub struct ReadRecord {
     pub failed_over: bool,
 }
 
+/// A read of a view that was answered: a page as it was at the view's version.
+#[derive(Clone, Debug)]
+pub struct ViewReadRecord {
+    pub node: NodeId,
+    pub dataset: DatasetId,
+    pub page: u64,
+    pub version: u64,
+    pub started_ms: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A view a node has pinned (or is about to pin), and the reads it still makes.
+#[derive(Clone, Copy, Debug)]
+struct View {
+    view: u64,
+    dataset: DatasetId,
+    version: u64,
+    reads_left: u32,
+}
+
 /// A `Latest` that was answered: an MRMW dataset's newest version given out.
 #[derive(Clone, Debug)]
 pub struct LatestRecord {
@@ -119,6 +142,12 @@ enum Running {
         page: u64,
         started_ms: u64,
     },
+    Pin,
+    ReadAt {
+        page: u64,
+        started_ms: u64,
+    },
+    Unpin,
 }
 
 pub struct Workload {
@@ -134,6 +163,10 @@ pub struct Workload {
     pub acked: BTreeMap<(DatasetId, u64, NodeId), Vec<OpId>>,
     /// Every `Latest` answered.
     pub latests: Vec<LatestRecord>,
+    /// Every view read answered.
+    pub view_reads: Vec<ViewReadRecord>,
+    /// Each node's view: to pin (after a `Latest`), or pinned.
+    views: BTreeMap<NodeId, (View, bool)>,
     running: BTreeMap<NodeId, (OpId, Running)>,
     next_op: OpId,
 }
@@ -155,6 +188,8 @@ impl Workload {
             writes: BTreeMap::new(),
             acked: BTreeMap::new(),
             latests: Vec::new(),
+            view_reads: Vec::new(),
+            views: BTreeMap::new(),
             running: BTreeMap::new(),
             next_op: 1,
         }
@@ -170,10 +205,14 @@ impl Workload {
 
     /// The node's next operation: the close of an MRSW dataset it wrote enough, or now and
     /// then the open of one; a write where it may write, about half the time; else a read,
-    /// or now and then a dataset's latest version (`hotpot stat`).
+    /// or now and then a dataset's latest version (`hotpot stat`). A view's pin, reads and
+    /// unpin come first when the node has one going.
     pub fn next_op(&mut self, node: NodeId, rng: &mut ChaCha8Rng, now_ms: u64) -> Op {
         let op = self.next_op;
         self.next_op += 1;
+        if let Some(view_op) = self.view_op(node, op, rng, now_ms) {
+            return view_op;
+        }
         let done = self
             .open
             .iter()
@@ -282,6 +321,55 @@ impl Workload {
         }
     }
 
+    /// The next step of the node's view, if it has one: its pin, then (about half the time)
+    /// a read at its version, and after its reads its unpin.
+    fn view_op(&mut self, node: NodeId, op: OpId, rng: &mut ChaCha8Rng, now_ms: u64) -> Option<Op> {
+        let (view, pinned) = *self.views.get(&node)?;
+        let (running, next) = if !pinned {
+            let pin = Op::Pin {
+                op,
+                dataset: view.dataset,
+                view: view.view,
+                version: view.version,
+            };
+            (Running::Pin, pin)
+        } else if view.reads_left == 0 {
+            let unpin = Op::Unpin {
+                op,
+                dataset: view.dataset,
+                view: view.view,
+            };
+            (Running::Unpin, unpin)
+        } else if rng.random_bool(0.5) {
+            let pages = self
+                .datasets
+                .iter()
+                .find(|(dataset, _)| dataset.id == view.dataset)
+                .map_or(1, |(_, pages)| *pages);
+            let page = rng.random_range(0..pages);
+            if let Some((view, _)) = self.views.get_mut(&node) {
+                view.reads_left -= 1;
+            }
+            let read = Op::ReadAt {
+                op,
+                dataset: view.dataset,
+                version: view.version,
+                page,
+            };
+            (
+                Running::ReadAt {
+                    page,
+                    started_ms: now_ms,
+                },
+                read,
+            )
+        } else {
+            return None;
+        };
+        self.running.insert(node, (op, running));
+        Some(next)
+    }
+
     /// An operation finished; a read is returned for the checker.
     pub fn finish(&mut self, node: NodeId, done: &OpDone, now_ms: u64) -> Option<ReadRecord> {
         let (op, running) = self.running.remove(&node)?;
@@ -324,6 +412,41 @@ impl Workload {
                     answered_ms: now_ms,
                     version: *version,
                 });
+                // About a third of the answers are viewed (`name@latest`), unless the node
+                // has a view going.
+                if !self.views.contains_key(&node) && op % 3 == 0 {
+                    let view = View {
+                        view: op,
+                        dataset,
+                        version: *version,
+                        reads_left: 1 + (op % 4) as u32,
+                    };
+                    self.views.insert(node, (view, false));
+                }
+                None
+            }
+            (Running::Pin, OpResult::Pinned) => {
+                if let Some((_, pinned)) = self.views.get_mut(&node) {
+                    *pinned = true;
+                }
+                None
+            }
+            (Running::Pin | Running::Unpin, _) => {
+                // Refused (stale, an owner away): the view is given up.
+                self.views.remove(&node);
+                None
+            }
+            (Running::ReadAt { page, started_ms }, OpResult::ReadAt { bytes }) => {
+                if let Some((view, _)) = self.views.get(&node) {
+                    self.view_reads.push(ViewReadRecord {
+                        node,
+                        dataset: view.dataset,
+                        page,
+                        version: view.version,
+                        started_ms,
+                        bytes: bytes.clone(),
+                    });
+                }
                 None
             }
             (
@@ -353,6 +476,7 @@ impl Workload {
     /// The node died: its running commit is in doubt, and what its programs opened is closed.
     pub fn node_crashed(&mut self, node: NodeId) {
         self.open.retain(|(by, _), _| *by != node);
+        self.views.remove(&node);
         if let Some((op, _)) = self.running.remove(&node) {
             if let Some(write) = self.writes.get_mut(&op) {
                 write.status = Status::InDoubt;

@@ -241,6 +241,7 @@ impl World {
         }
         if !self.checker.failed() {
             self.checker.check_versions(self.now_ms, &self.workload);
+            self.checker.check_views(self.now_ms, &self.workload);
         }
         if !self.checker.failed() {
             let quiescent = self.quiescent();
@@ -555,7 +556,14 @@ impl World {
                     kernel.written((*dataset, *page));
                 }
             }
-            Op::Commit { .. } | Op::Latest { .. } | Op::Open { .. } | Op::Close { .. } => {}
+            // Views are read from their owners, never through the kernel's cache.
+            Op::Commit { .. }
+            | Op::Latest { .. }
+            | Op::Open { .. }
+            | Op::Close { .. }
+            | Op::Pin { .. }
+            | Op::ReadAt { .. }
+            | Op::Unpin { .. } => {}
         }
         self.input(node, Input::Start(op));
     }
@@ -666,10 +674,19 @@ impl World {
     /// no copy undecided, no program waiting.
     pub(crate) fn quiescent(&self) -> bool {
         let successors = self.dispatcher.successors();
+        // Every node saw every node's latest start: one that has not seen an owner's restart
+        // yet has not told it its copies, and may miss its commits till then.
+        let incarnations = self.dispatcher.incarnations();
+        let seen_every_start = |machine: &Machine| {
+            incarnations
+                .iter()
+                .all(|(id, incarnation)| machine.incarnation_seen(*id) == Some(*incarnation))
+        };
         self.workload.idle()
             && self.nodes.values().all(|node| {
                 node.machine.as_ref().is_some_and(|machine| {
                     machine.is_rejoined()
+                        && seen_every_start(machine)
                         && machine.sees_live().len() == self.nodes.len()
                         && *machine.successors() == successors
                         && machine.in_flight() == (0, 0)

@@ -124,16 +124,25 @@ fn a_writer_keeping_its_versions_after_the_lease_is_caught() {
     });
 }
 
+#[test]
+fn an_owner_reading_views_at_its_current_copy_is_caught() {
+    caught(Bugs {
+        read_views_current: true,
+        ..Bugs::default()
+    });
+}
+
 /// Rare: only worlds where an owner restarts while a live holder is cut off from it and the
-/// dispatcher counts the holder down. Seeds 533 and 1923 are the two of 0-3,999 that found
-/// it (design.md item 30).
+/// dispatcher counts the holder down. Seeds 1923 and 5689 are the two of 0-19,999 that find
+/// it since views joined the workload in session 18 (533 and 1923 of 0-3,999 before;
+/// design.md item 30).
 #[test]
 fn a_holder_ignoring_an_owners_restart_is_caught() {
     let bugs = Bugs {
         ignore_owner_restarts: true,
         ..Bugs::default()
     };
-    for seed in [533, 1923] {
+    for seed in [1923, 5689] {
         let outcome = run_seed(seed, bugs, false);
         assert!(
             !outcome.violations.is_empty(),

@@ -305,6 +305,9 @@ impl NodeEngine {
         // An error does not tell a refusal from a commit in doubt: what was sent is kept
         // for resending either way (the program's own staged bytes).
         let result = super::committer::commit(&self.protocol, dataset, ino, &staged.groups);
+        if dataset.params.mode == Mode::Mrsw {
+            self.protocol.writer_commit_ended(dataset.id);
+        }
         let ended = match result {
             Ok(()) => Ended::Committed,
             Err(_) => Ended::Failed,

@@ -306,9 +306,9 @@ impl Protocol {
         }
     }
 
-    /// `check_owner` for a request naming its dataset by id (`Fetch`, `Locate`). Nothing
+    /// `check_owner` for a request naming its dataset by id (`Fetch`, `Locate`, `ReadAt`). Nothing
     /// to check while nobody was promoted: every node then computes the same owners.
-    fn check_owner_of(&self, dataset: DatasetId, page: u64) -> Result<(), FsError> {
+    pub(super) fn check_owner_of(&self, dataset: DatasetId, page: u64) -> Result<(), FsError> {
         if self.peers.successors().is_empty() {
             return Ok(());
         }

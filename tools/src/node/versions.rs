@@ -6,7 +6,6 @@
 //! a viewing node that dies or restarts (its pins expire), and a view whose version this
 //! owner lost (Stale, never other bytes).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,23 +16,32 @@ use hotpot_core::proto::dispatcher::VERSION_BLOCK;
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
+use hotpot_core::proto::pins::{PinLeases, PIN_RENEW_EVERY_MS};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId, VersionCounts};
 use hotpot_core::proto::versions::{Give, Sequencer};
 
 use super::protocol::{Protocol, RPC_TIMEOUT};
 
-/// An owner drops a pin not renewed for this long (the viewing node is gone).
-pub const PIN_LEASE: Duration = Duration::from_secs(10);
-/// How often a viewing node renews its pins.
-pub const PIN_RENEW_EVERY: Duration = Duration::from_secs(2);
+/// What `give_version` is asked for.
+#[derive(Clone, Copy)]
+enum Want {
+    /// The latest given out (below a commit of this writer under way).
+    Latest,
+    /// The next, for a commit the home numbers.
+    Next,
+    /// The next, for this MRSW writer's own commit, sent now.
+    CommitNext,
+}
 
 pub struct Published {
     /// This node's incarnation (how many times it joined the cluster).
     incarnation: AtomicU64,
     /// As a home or writer: the versions it may give out (proto/versions.rs).
     blocks: Mutex<Sequencer>,
-    /// As an owner: when each pin was last renewed.
-    leases: Mutex<HashMap<ViewKey, Instant>>,
+    /// As an owner: when each pin was last renewed (proto/pins.rs, the node machine's book
+    /// too), in milliseconds since `started`.
+    leases: Mutex<PinLeases>,
+    started: Instant,
 }
 
 impl Default for Published {
@@ -42,7 +50,14 @@ impl Default for Published {
             incarnation: AtomicU64::new(0),
             blocks: Mutex::new(Sequencer::new(VERSION_BLOCK)),
             leases: Mutex::default(),
+            started: Instant::now(),
         }
+    }
+}
+
+impl Published {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 }
 
@@ -57,9 +72,19 @@ impl Protocol {
     /// version of its next commit, with no message. `None` for MRMW (the home gives it).
     pub(super) fn writer_version(&self, dataset: &Dataset) -> Result<Option<u64>, FsError> {
         match dataset.params.mode {
-            Mode::Mrsw => self.give_version(dataset, true).map(Some),
+            Mode::Mrsw => self.give_version(dataset, Want::CommitNext).map(Some),
             Mode::Mrmw => Ok(None),
         }
+    }
+
+    /// This node's MRSW commit of `dataset` ended (acknowledged, refused or in doubt): the
+    /// latest may name its version now (`Sequencer::committing`).
+    pub fn writer_commit_ended(&self, dataset: DatasetId) {
+        self.published
+            .blocks
+            .lock()
+            .expect("version blocks lock")
+            .commit_ended(dataset);
     }
 
     /// This node took an MRSW dataset's lease: a fresh block (versions an earlier writer gave
@@ -118,7 +143,7 @@ impl Protocol {
             return self.ask_home(dataset, false);
         }
         if self.is_writing(dataset) {
-            return self.give_version(dataset, false);
+            return self.give_version(dataset, Want::Latest);
         }
         let request = DispatcherRequest::VersionState {
             dataset: dataset.id,
@@ -178,17 +203,23 @@ impl Protocol {
                 self.id, dataset.id
             )));
         }
-        match self.give_version(dataset, take) {
+        let want = if take { Want::Next } else { Want::Latest };
+        match self.give_version(dataset, want) {
             Ok(version) => NodeReply::Version(version),
             Err(error) => NodeReply::Failed(error),
         }
     }
 
-    fn give_version(&self, dataset: &Dataset, take: bool) -> Result<u64, FsError> {
+    fn give_version(&self, dataset: &Dataset, want: Want) -> Result<u64, FsError> {
         let me = (self.id, self.published.incarnation.load(Ordering::Relaxed));
         let mut blocks = self.published.blocks.lock().expect("version blocks lock");
         loop {
-            match blocks.give(dataset, me, take) {
+            let given = match want {
+                Want::Latest => blocks.give(dataset, me, false),
+                Want::Next => blocks.give(dataset, me, true),
+                Want::CommitNext => blocks.give_to_commit(dataset, me),
+            };
+            match given {
                 Give::Version(version) => return Ok(version),
                 Give::NeedBlock => {
                     let start = self.take_block(dataset.id)?;
@@ -292,11 +323,12 @@ impl Protocol {
         let pinned = self.table().pin_version(view, dataset.id, version);
         match pinned {
             Ok(()) => {
+                let now_ms = self.published.now_ms();
                 self.published
                     .leases
                     .lock()
                     .expect("pin leases lock")
-                    .insert(view, Instant::now());
+                    .pinned(view, now_ms);
                 NodeReply::Done
             }
             Err(oldest) => NodeReply::Failed(FsError::Stale(format!(
@@ -312,36 +344,31 @@ impl Protocol {
             .leases
             .lock()
             .expect("pin leases lock")
-            .remove(&view);
+            .unpinned(view);
         self.table().unpin_version(view);
         NodeReply::Done
     }
 
     /// The viewing node still has these views open.
     pub fn serve_renew(&self, views: &[ViewKey]) -> NodeReply {
-        let mut leases = self.published.leases.lock().expect("pin leases lock");
-        for view in views {
-            if let Some(renewed) = leases.get_mut(view) {
-                *renewed = Instant::now();
-            }
-        }
+        let now_ms = self.published.now_ms();
+        self.published
+            .leases
+            .lock()
+            .expect("pin leases lock")
+            .renew(views, now_ms);
         NodeReply::Done
     }
 
     /// Drop pins whose viewing node stopped renewing them.
     pub(super) fn expire_pins(&self) {
-        let expired: Vec<ViewKey> = {
-            let mut leases = self.published.leases.lock().expect("pin leases lock");
-            let old: Vec<ViewKey> = leases
-                .iter()
-                .filter(|(_, renewed)| renewed.elapsed() >= PIN_LEASE)
-                .map(|(view, _)| *view)
-                .collect();
-            for view in &old {
-                leases.remove(view);
-            }
-            old
-        };
+        let now_ms = self.published.now_ms();
+        let expired = self
+            .published
+            .leases
+            .lock()
+            .expect("pin leases lock")
+            .expired(now_ms);
         for view in expired {
             tracing::warn!(?view, "pin not renewed: the viewing node is gone, released");
             self.table().unpin_version(view);
@@ -359,8 +386,15 @@ impl Protocol {
 
     /// `ReadAt` at an owner: `pages` of `dataset` as they were at `version`. Waits (bounded)
     /// for commits of those pages this owner has not applied: one may be at `<= version`.
+    /// Pages this node does not own are refused: a node replaced by a promotion may hold no
+    /// copy, which would read as zeros (the node machine's rule).
     pub fn serve_read_at(&self, dataset: DatasetId, version: u64, pages: &[u64]) -> NodeReply {
-        if let Err(error) = self.wait_ready() {
+        let owned = || {
+            pages
+                .iter()
+                .try_for_each(|page| self.check_owner_of(dataset, *page))
+        };
+        if let Err(error) = self.wait_ready().and_then(|()| owned()) {
             return NodeReply::Failed(error);
         }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
@@ -387,7 +421,7 @@ impl Protocol {
     /// The pin threads' loop: as an owner, expire pins; as a viewing node, renew.
     pub fn run_pin_leases(&self, views: &dyn Fn() -> Vec<(NodeId, Vec<ViewKey>)>) {
         loop {
-            std::thread::sleep(PIN_RENEW_EVERY);
+            std::thread::sleep(Duration::from_millis(PIN_RENEW_EVERY_MS));
             self.expire_pins();
             for (owner, views) in views() {
                 let request = NodeRequest::RenewPins { views };

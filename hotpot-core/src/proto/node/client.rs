@@ -47,6 +47,28 @@ pub enum Op {
     Open { op: OpId, dataset: DatasetId },
     /// The program closes what it opened for writing: the lease goes back.
     Close { op: OpId, dataset: DatasetId },
+    /// A view of `dataset` as it was at `version` (`name@version`, views.rs), numbered
+    /// `view` by this node: pinned at every owner, or refused with none pinned. This node
+    /// renews the pins until `Unpin`.
+    Pin {
+        op: OpId,
+        dataset: DatasetId,
+        view: u64,
+        version: u64,
+    },
+    /// Page `page` of `dataset` as it was at `version` (a pinned view's), from its owner.
+    ReadAt {
+        op: OpId,
+        dataset: DatasetId,
+        version: u64,
+        page: u64,
+    },
+    /// The view ends: its pins go.
+    Unpin {
+        op: OpId,
+        dataset: DatasetId,
+        view: u64,
+    },
 }
 
 /// The end of a program's request.
@@ -79,10 +101,16 @@ pub enum OpResult {
     Opened,
     /// `Close`: the lease is given back.
     Closed,
+    /// `Pin`: every owner keeps the view's version.
+    Pinned,
+    /// `ReadAt`'s page.
+    ReadAt { bytes: Vec<u8> },
+    /// `Unpin`.
+    Unpinned,
 }
 
 #[derive(Clone, Debug)]
-enum Step {
+pub(super) enum Step {
     /// A `Write`: fetching the pages this node has no copy of.
     Fetching { missing: BTreeSet<u64> },
     /// Waiting for the owner's answer to commit `tx`.
@@ -99,6 +127,8 @@ enum Step {
     AskingLatest,
     /// `Open`: waiting for the dispatcher's lease, then for a block of versions.
     Opening,
+    /// A view's pin, or a read at its version (views.rs).
+    Viewing(super::views::Viewing),
 }
 
 #[derive(Clone, Debug)]
@@ -111,16 +141,16 @@ pub(super) struct ClientOp {
     /// The staged pages being committed.
     staged: Option<Arc<StagedCommit>>,
     /// The owner asked (a read's, or a one-owner commit's).
-    owner: NodeId,
+    pub(super) owner: NodeId,
     /// MRSW: the dataset version this node, the writer, gave the commit (versions.rs).
     pub(super) version: Option<u64>,
-    step: Step,
+    pub(super) step: Step,
     pub(super) started_ms: u64,
     pub(super) attempts: u32,
 }
 
 impl ClientOp {
-    fn new(dataset: Dataset, now_ms: u64) -> ClientOp {
+    pub(super) fn new(dataset: Dataset, now_ms: u64) -> ClientOp {
         ClientOp {
             dataset,
             stores: Vec::new(),
@@ -153,7 +183,10 @@ impl Machine {
             | Op::Read { op, dataset, .. }
             | Op::Latest { op, dataset }
             | Op::Open { op, dataset }
-            | Op::Close { op, dataset } => (*op, *dataset),
+            | Op::Close { op, dataset }
+            | Op::Pin { op, dataset, .. }
+            | Op::ReadAt { op, dataset, .. }
+            | Op::Unpin { op, dataset, .. } => (*op, *dataset),
         };
         let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
             return self.op_done(id, OpResult::Refused(FsError::NotFound));
@@ -263,6 +296,9 @@ impl Machine {
                 self.open_for_writing(id, &dataset);
             }
             Op::Close { .. } => self.close_for_writing(id, &dataset),
+            Op::Pin { view, version, .. } => self.start_pin(id, dataset, view, version),
+            Op::ReadAt { version, page, .. } => self.start_read_at(id, dataset, version, page),
+            Op::Unpin { view, .. } => self.unpin_view(id, view),
         }
     }
 
@@ -271,6 +307,13 @@ impl Machine {
             if let Some(staged) = &done.staged {
                 self.settle_staged(&done, staged, &result);
             }
+            if done.version.is_some() {
+                // An MRSW writer's commit: the latest may name its version now.
+                self.writer_commit_ended(done.dataset.id);
+            }
+        }
+        if self.internal_done(op, &result) {
+            return;
         }
         self.out.push(Output::Done(OpDone { op, result }));
     }
@@ -426,6 +469,7 @@ impl Machine {
             Step::FailingOver(gathering) => {
                 return self.gathering_answered(id, op.dataset.id, gathering, from, reply)
             }
+            Step::Viewing(step) => return self.view_answered(id, step, from, reply),
             _ => {}
         }
         match (op.step, reply) {

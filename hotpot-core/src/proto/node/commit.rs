@@ -418,10 +418,16 @@ impl Machine {
                 bytes: &write.bytes,
             })
             .collect();
-        let versions = self
+        // Old frames a view pins are kept before the apply replaces them (the daemon's
+        // `owner_commit` does the same), and the pages are at the commit's dataset version.
+        let pages: Vec<u64> = owned.iter().map(|page| page.page).collect();
+        let kept = self
             .table
-            .apply_owned(commit.dataset, &owned, tag)
-            .map_err(|error| FsError::Io(format!("apply at the owner: {error}")))?;
+            .keep_for_views(commit.dataset, &pages, commit.dataset_version);
+        let applied = self.table.apply_owned(commit.dataset, &owned, tag);
+        self.table.settle_for_views(kept, applied.is_ok());
+        let versions =
+            applied.map_err(|error| FsError::Io(format!("apply at the owner: {error}")))?;
         if commit.committer != self.config.id {
             let (dataset, pages) = (commit.dataset, owned.iter().map(|p| p.page).collect());
             self.kernel_stale(dataset, pages);

@@ -28,6 +28,7 @@ mod target;
 #[cfg(test)]
 mod tests;
 mod versions;
+mod views;
 
 pub use client::{Op, OpDone, OpId, OpResult};
 
@@ -50,6 +51,9 @@ pub struct Bugs {
     /// A holder takes no notice of an owner's restart: an owner whose rejoin did not hear
     /// from it (cut off, or counted down) never learns its copies, and leaves it out.
     pub ignore_owner_restarts: bool,
+    /// An owner answers a read at a version with its current copy: a view shows commits
+    /// made after its version.
+    pub read_views_current: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -143,6 +147,12 @@ impl Machine {
         if gains {
             self.take_over();
         }
+    }
+
+    /// `node`'s incarnation in the dispatcher's last view (for `hotpot-sim`'s settle check:
+    /// a node that has not seen an owner's restart yet may still miss its commits).
+    pub fn incarnation_seen(&self, node: NodeId) -> Option<u64> {
+        self.incarnations.of(node)
     }
 
     /// Replaced by a promotion and counted down: what it held is on other nodes.
@@ -283,6 +293,7 @@ pub struct Machine {
     target: target::TargetState,
     failover: failover::FailoverState,
     versions: versions::VersionState,
+    views: views::ViewState,
     out: Vec<Output>,
 }
 
@@ -326,6 +337,7 @@ impl Machine {
             target: Default::default(),
             failover: Default::default(),
             versions,
+            views: Default::default(),
             out: Vec::new(),
         };
         machine.lock_waiting_records();
@@ -412,6 +424,8 @@ impl Machine {
         self.refill_versions();
         self.refetch_taken();
         self.retry_ops();
+        self.expire_pins();
+        self.renew_pins();
         std::mem::take(&mut self.out)
     }
 
@@ -426,8 +440,8 @@ impl Machine {
             | NodeRequest::OwnerPrepare { .. }) => {
                 return self.on_commit_request(from, call, request);
             }
-            NodeRequest::OwnerDecide { tx, .. } => {
-                self.follower_decide(tx, Some((from, call)));
+            NodeRequest::OwnerDecide { tx, version } => {
+                self.follower_decide(tx, Some(version), Some((from, call)));
                 return;
             }
             NodeRequest::OwnerAbort { tx } => {
@@ -465,6 +479,18 @@ impl Machine {
             NodeRequest::Install { dataset, pages } => self.serve_install(dataset, &pages),
             NodeRequest::FetchCopies { dataset, pages } => self.serve_fetch_copies(dataset, &pages),
             NodeRequest::FetchCopy { dataset, page } => self.serve_fetch_copy(dataset, page),
+            NodeRequest::Pin {
+                view,
+                dataset,
+                version,
+            } => return self.serve_pin(from, call, view, dataset, version),
+            NodeRequest::Unpin { view } => self.serve_unpin(view),
+            NodeRequest::RenewPins { views } => self.serve_renew(&views),
+            NodeRequest::ReadAt {
+                dataset,
+                version,
+                pages,
+            } => return self.serve_read_at(from, call, dataset, version, pages),
             NodeRequest::Version { dataset, take } => {
                 return self.serve_version(from, call, dataset, take);
             }

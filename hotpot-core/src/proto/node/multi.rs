@@ -139,7 +139,12 @@ impl Machine {
 
     /// Phase 3 (or the leader's answer): the follower's record becomes current, then its
     /// targets are told. `reply_to`: the committer's call, when it asked.
-    pub(super) fn follower_decide(&mut self, tx: TxKey, reply_to: Option<(NodeId, u64)>) {
+    pub(super) fn follower_decide(
+        &mut self,
+        tx: TxKey,
+        version: Option<u64>,
+        reply_to: Option<(NodeId, u64)>,
+    ) {
         let prepared = self
             .owner
             .commits
@@ -147,7 +152,9 @@ impl Machine {
             .is_some_and(|commit| matches!(commit.step, Step::Prepared));
         if prepared {
             self.note_decided_commit(tx);
-            if let Some((dataset, pages)) = self.table.decide_copies(tx).current() {
+            // At the commit's dataset version (old frames kept for views); a decision
+            // learned without it (the leader's `Outcome`) leaves the version unknown here.
+            if let Some((dataset, pages)) = self.table.decide_copies_at(tx, version).current() {
                 self.kernel_stale(dataset, pages);
             }
             let commit = self.owner.commits.get_mut(&tx).expect("commit in flight");
@@ -174,7 +181,7 @@ impl Machine {
         // settle with the leader themselves).
         if let Some(pages) = self.pending_record(tx) {
             self.note_decided_commit(tx);
-            if let Some((dataset, pages)) = self.table.decide_copies(tx).current() {
+            if let Some((dataset, pages)) = self.table.decide_copies_at(tx, version).current() {
                 self.kernel_stale(dataset, pages);
             }
             self.unlock(tx, &pages);
@@ -448,7 +455,7 @@ impl Machine {
         let waiting = target.unwrap_or(tx);
         self.target_resolved(waiting);
         match (reply, target) {
-            (Some(NodeReply::Decision(true)), None) => self.follower_decide(tx, None),
+            (Some(NodeReply::Decision(true)), None) => self.follower_decide(tx, None, None),
             (Some(NodeReply::Decision(false)), None) => self.follower_abort(tx),
             (Some(NodeReply::Decision(true)), Some(copy)) => self.decide_target_copy(copy),
             (Some(NodeReply::Decision(false)), Some(copy)) => {

@@ -1,13 +1,14 @@
 //! The machine on its own: its commit of staged pages (`Op::Commit`, the daemon's msync),
 //! what it sends and what is left staged after each end; and a holder's copies when their
-//! owner restarts or is replaced.
+//! owner restarts or is replaced. Also the helpers the other modules' tests share (a node
+//! of one dataset, a one-node home and its commits).
 
 use std::collections::BTreeMap;
 
 use super::{Config, Input, Machine, Op, OpDone, OpResult, Output};
-use crate::page::PageTable;
+use crate::page::{PageTable, Run};
 use crate::pm::SimRegion;
-use crate::proto::messages::{NodeReply, NodeRequest};
+use crate::proto::messages::{DispatcherRequest, NodeReply, NodeRequest};
 use crate::proto::types::{Dataset, DatasetParams, Mode, NodeId};
 
 const DATASET: u64 = 1;
@@ -56,6 +57,70 @@ pub(super) fn done(outputs: &[Output]) -> Option<OpResult> {
         Output::Done(OpDone { result, .. }) => Some(result.clone()),
         _ => None,
     })
+}
+
+/// A one-node cluster: node 1 owns (and is the home of) an MRMW dataset of 4 pages, and
+/// takes blocks of 2 versions.
+pub(super) fn home() -> (Machine, Dataset) {
+    node_one(Mode::Mrmw, vec![1], vec![1], 2)
+}
+
+pub(super) fn commit(
+    machine: &mut Machine,
+    dataset: &Dataset,
+    now_ms: u64,
+    seq: u64,
+) -> Vec<Output> {
+    let request = NodeRequest::CommitRuns {
+        tx: (1, 1_000 + seq),
+        followers: Vec::new(),
+        dataset: dataset.clone(),
+        ino: 0,
+        committer: 1,
+        pages: vec![(
+            0,
+            vec![Run {
+                offset: 0,
+                bytes: vec![seq as u8; 8],
+            }],
+        )],
+        release: true,
+    };
+    let call = 500 + seq;
+    machine.handle(
+        now_ms,
+        Input::Request {
+            from: 1,
+            call,
+            request,
+        },
+    )
+}
+
+pub(super) fn block_call(outputs: &[Output]) -> Option<u64> {
+    outputs.iter().find_map(|output| match output {
+        Output::AskDispatcher {
+            call,
+            request: DispatcherRequest::VersionBlock { dataset: 1 },
+        } => Some(*call),
+        _ => None,
+    })
+}
+
+pub(super) fn answer(outputs: &[Output]) -> Option<NodeReply> {
+    outputs.iter().find_map(|output| match output {
+        Output::Reply { reply, .. } => Some(reply.clone()),
+        _ => None,
+    })
+}
+
+pub(super) fn committed_at(reply: Option<NodeReply>) -> u64 {
+    match reply {
+        Some(NodeReply::Committed {
+            dataset_version, ..
+        }) => dataset_version,
+        other => panic!("not committed: {other:?}"),
+    }
 }
 
 /// Stage `bytes` at `offset` of page 2, commit at `now_ms`; the CommitRuns call's id and

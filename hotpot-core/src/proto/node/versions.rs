@@ -106,6 +106,12 @@ impl Machine {
         self.give_version(dataset, Asker::Writer { id }, true);
     }
 
+    /// An MRSW commit this node numbered ended: the latest may name its version now
+    /// (`Sequencer::committing`).
+    pub(super) fn writer_commit_ended(&mut self, dataset: DatasetId) {
+        self.versions.sequencer.commit_ended(dataset);
+    }
+
     /// This node took an MRSW dataset's lease: a block of its own, above every version an
     /// earlier writer gave (the daemon's `start_writing`), unless it kept one.
     pub(super) fn start_writing(&mut self, id: OpId, dataset: &Dataset) {
@@ -385,6 +391,8 @@ impl Machine {
                 Ok(version) => {
                     if let Some(op) = self.client.ops.get_mut(&id) {
                         op.version = Some(version);
+                        let dataset = op.dataset.id;
+                        self.versions.sequencer.committing(dataset, version);
                         self.send_commit(id);
                     }
                 }
@@ -399,71 +407,10 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{done, node_one};
+    use super::super::tests::{answer, block_call, commit, committed_at, done, home, node_one};
     use super::super::{Input, Machine, Op, OpResult, Output};
-    use crate::page::Run;
     use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
-    use crate::proto::types::Dataset;
     use crate::proto::types::Mode;
-
-    /// A one-node cluster: node 1 owns (and is the home of) an MRMW dataset of 4 pages, and
-    /// takes blocks of 2 versions.
-    fn home() -> (Machine, Dataset) {
-        node_one(Mode::Mrmw, vec![1], vec![1], 2)
-    }
-
-    fn commit(machine: &mut Machine, dataset: &Dataset, now_ms: u64, seq: u64) -> Vec<Output> {
-        let request = NodeRequest::CommitRuns {
-            tx: (1, 1_000 + seq),
-            followers: Vec::new(),
-            dataset: dataset.clone(),
-            ino: 0,
-            committer: 1,
-            pages: vec![(
-                0,
-                vec![Run {
-                    offset: 0,
-                    bytes: vec![seq as u8; 8],
-                }],
-            )],
-            release: true,
-        };
-        let call = 500 + seq;
-        machine.handle(
-            now_ms,
-            Input::Request {
-                from: 1,
-                call,
-                request,
-            },
-        )
-    }
-
-    fn block_call(outputs: &[Output]) -> Option<u64> {
-        outputs.iter().find_map(|output| match output {
-            Output::AskDispatcher {
-                call,
-                request: DispatcherRequest::VersionBlock { dataset: 1 },
-            } => Some(*call),
-            _ => None,
-        })
-    }
-
-    fn answer(outputs: &[Output]) -> Option<NodeReply> {
-        outputs.iter().find_map(|output| match output {
-            Output::Reply { reply, .. } => Some(reply.clone()),
-            _ => None,
-        })
-    }
-
-    fn committed_at(reply: Option<NodeReply>) -> u64 {
-        match reply {
-            Some(NodeReply::Committed {
-                dataset_version, ..
-            }) => dataset_version,
-            other => panic!("not committed: {other:?}"),
-        }
-    }
 
     #[test]
     fn commits_take_versions_from_blocks_and_a_spare_is_taken_ahead() {
