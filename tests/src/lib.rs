@@ -690,6 +690,13 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
+    /// A copy of page `page` as the mapping shows it (through the kernel's page cache).
+    pub fn page(&self, page: usize) -> Vec<u8> {
+        assert!((page + 1) * 4096 <= self.len, "page {page} is mapped");
+        // SAFETY: the mapping is valid for len bytes while self lives; only read.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(page * 4096), 4096).to_vec() }
+    }
+
     /// msync(MS_SYNC) of the whole mapping: hotpot's commit point.
     pub fn msync(&self) -> std::io::Result<()> {
         // SAFETY: syncing our own mapping.

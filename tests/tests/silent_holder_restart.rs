@@ -5,6 +5,10 @@
 //! stalled or cut off does not restart, so it never registered either: the owner's commits
 //! left it out and it read its old copy for good. A holder that sees an owner's incarnation
 //! rise now registers its copies with it again and reads through it until it confirms.
+//! A page the holder's kernel read before anything wrote it must get the commit that first
+//! writes it too (item 34, found in the node machine, which keeps no copy of such a page
+//! and so drops it from the kernel when it sees the restart; the daemon stores the zeros it
+//! fetched as a copy, which it registers). A program's mapping shows what the kernel keeps.
 
 use hotpot_tests::{fuse_available, page_pattern, wait_until_reads, Cluster, Mapping};
 
@@ -28,6 +32,14 @@ fn a_holder_silent_through_its_owners_restart_still_gets_later_commits() {
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(1, 0));
     mapping.msync().expect("the first commit");
     assert_eq!(cluster.first_page(holder, "data"), page_pattern(1, 0));
+    // A program on the holder maps the file and reads page 1, which nothing wrote yet.
+    let viewer_file = std::fs::File::open(cluster.mount(holder).join("data")).expect("open");
+    let viewer = Mapping::new_read_only(&viewer_file, (PAGES * 4096) as usize);
+    // Closed at once (the mapping keeps the file): every process this test starts while the
+    // holder is paused would otherwise close its copy of the descriptor at exec, and that
+    // close waits for the paused holder's answer (FUSE flush), forever.
+    drop(viewer_file);
+    assert_eq!(viewer.page(1), vec![0u8; 4096]);
 
     // The holder stops answering; the owner restarts (PM kept) while the dispatcher counts
     // the holder as down, so its rejoin does not wait for it.
@@ -37,9 +49,25 @@ fn a_holder_silent_through_its_owners_restart_still_gets_later_commits() {
     cluster.start(owner);
     drop(paused);
 
+    // Page 1 alone first: the commit goes to the holder only if the owner knows it holds it.
+    mapping.bytes()[4096..8192].copy_from_slice(&page_pattern(2, 1));
+    mapping
+        .msync()
+        .expect("the first commit of page 1, after the owner's restart");
+    wait_until_reads(
+        &cluster,
+        (holder, holder),
+        || viewer.page(1),
+        (&[0u8; 4096], &page_pattern(2, 1)),
+        &format!(
+            "still shows zeros in page 1, read before anything wrote it and before its owner, \
+             node {owner}, restarted, after the commit that first wrote it"
+        ),
+    );
     mapping.bytes()[..4096].copy_from_slice(&page_pattern(2, 0));
-    mapping.msync().expect("a commit after the owner's restart");
-
+    mapping
+        .msync()
+        .expect("a commit of page 0 after the owner's restart");
     wait_until_reads(
         &cluster,
         (holder, holder),
