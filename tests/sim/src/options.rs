@@ -56,6 +56,8 @@ pub struct Options {
     pub workload_ms: u64,
     /// Pause between a client's operations, bounds in ms.
     pub think_ms: (u64, u64),
+    /// Each node runs the identical-page merger (the daemon's, on by default there).
+    pub merging: bool,
     pub bugs: Bugs,
 }
 
@@ -114,10 +116,18 @@ impl Options {
             think_ms: (0, rng.random_range(1..=40)),
             promote_after_ms: 0,
             version_block: 0,
+            merging: false,
             bugs,
         }
         .with_promotion(rng)
         .with_version_block(rng)
+        .with_merging(rng)
+    }
+
+    /// Drawn last, so a seed's other options are what they were before merging.
+    fn with_merging(mut self, rng: &mut ChaCha8Rng) -> Options {
+        self.merging = rng.random_bool(0.5);
+        self
     }
 
     /// Drawn after promotion, so a seed's other options are what they were before versions.
@@ -156,7 +166,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -175,6 +185,7 @@ impl fmt::Display for Options {
                 ms => format!("after {ms} ms"),
             },
             self.version_block,
+            self.merging,
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

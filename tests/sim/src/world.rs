@@ -7,7 +7,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
-use hotpot_core::page::PageTable;
+use hotpot_core::page::{Merger, PageTable};
 use hotpot_core::pm::SimRegion;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{
@@ -39,6 +39,10 @@ const EVENTS_MAX: u64 = 3_000_000;
 /// A starting node asks the dispatcher to join again this often until it answers.
 const JOIN_RETRY_MS: u64 = 300;
 const HEARTBEAT_MS: u64 = 1_000;
+/// With merging on, each node's merger visits this many pages every `MERGE_EVERY_MS` (the
+/// daemon's thread visits 256 per hold of the table lock, paced to 20,000 pages a second).
+const MERGE_STEP_PAGES: usize = 8;
+const MERGE_EVERY_MS: u64 = 50;
 
 #[derive(Clone, Debug)]
 pub(crate) enum Message {
@@ -86,6 +90,8 @@ enum Event {
     /// A starting node (this start of it) asks to join again if it has no answer yet.
     JoinRetry(NodeId, u64),
     Heartbeat(NodeId),
+    /// The node's identical-page merger takes a step.
+    Merge(NodeId),
     DispatcherCrash,
     DispatcherRestart,
 }
@@ -109,6 +115,9 @@ pub(crate) struct SimNode {
     joined_as: u64,
     /// Its kernel's page cache.
     pub(crate) kernel: kernel::KernelCache,
+    /// Its identical-page merger (`hotpot_core::page::Merger`, the daemon's): volatile,
+    /// a new one at every start.
+    merger: Merger,
 }
 
 pub struct World {
@@ -194,11 +203,15 @@ impl World {
                     joined: None,
                     joined_as: 0,
                     kernel: Default::default(),
+                    merger: Merger::default(),
                 },
             );
             world.boot(id);
             world.schedule(TICK_MS, Event::Tick(id));
             world.schedule(HEARTBEAT_MS, Event::Heartbeat(id));
+            if world.options.merging {
+                world.schedule(MERGE_EVERY_MS, Event::Merge(id));
+            }
         }
         if world.options.dispatcher_crashes {
             let at = world.rng.random_range(100..2_000);
@@ -308,6 +321,34 @@ impl World {
                 }
             }
             Event::DispatcherRestart => self.restart_dispatcher(),
+            Event::Merge(node) => {
+                self.merge(node);
+                self.schedule(MERGE_EVERY_MS, Event::Merge(node));
+            }
+        }
+    }
+
+    /// A step of the node's merger on its page table, between two inputs of its machine,
+    /// as the daemon's merger thread takes the table lock between protocol calls. A power
+    /// cut may fall inside it, as inside any step.
+    fn merge(&mut self, node: NodeId) {
+        let held_before_step =
+            self.nodes.get(&node).is_some_and(|n| n.dying) && self.holds_only_copy(node);
+        let state = self.nodes.get_mut(&node).expect("node");
+        let Some(machine) = state.machine.as_mut() else {
+            return;
+        };
+        let merged_before = state.merger.pages_merged;
+        let stepped = state.merger.step(machine.table_mut(), MERGE_STEP_PAGES);
+        let merged = state.merger.pages_merged - merged_before;
+        match stepped {
+            Err(error) => trace!(self, "n{node}'s merger failed: {error}"),
+            Ok(_) if merged > 0 => trace!(self, "n{node} merged {merged} identical pages"),
+            Ok(_) => {}
+        }
+        if self.nodes[&node].dying {
+            trace!(self, "power cut in n{node}'s merge step");
+            self.power_off(node, held_before_step);
         }
     }
 
@@ -647,6 +688,7 @@ impl World {
         match started {
             Ok(machine) => {
                 node.machine = Some(machine);
+                node.merger = Merger::default();
                 // A machine starts counting every node live.
                 let all = self.nodes.keys().copied().collect();
                 self.views.record(id, self.now_ms, all);
