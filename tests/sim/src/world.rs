@@ -5,6 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use hotpot_core::page::{Merger, PageTable};
@@ -244,7 +245,19 @@ impl World {
                 self.checker.violation(at, what);
                 break;
             }
-            self.step(event);
+            // A panic in a node's code (or the world's) fails this seed, with the trace so
+            // far, rather than the whole run.
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(event)));
+            if let Err(panic) = stepped {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                let what = format!("a step panicked (a node's code or the world): {what}");
+                self.checker.violation(at, what);
+                break;
+            }
             if self.checker.failed() {
                 break;
             }
