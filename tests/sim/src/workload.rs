@@ -432,7 +432,7 @@ impl Workload {
                 None
             }
             (Running::Pin | Running::Unpin, _) => {
-                // Refused (stale, an owner away): the view is given up.
+                // Unpinned, or its pin refused (stale, an owner away): the view ends.
                 self.views.remove(&node);
                 None
             }
