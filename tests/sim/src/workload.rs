@@ -6,8 +6,9 @@
 //! another while it still writes (no fencing yet: docs/design.md, "Cluster protocol", the
 //! write lease); there one node per MRSW dataset opens it and never closes it.
 //!
-//! Now and then a node views a dataset at the latest version it was told (`name@latest`):
-//! it pins that version at every owner, reads a few pages at it, and unpins it.
+//! Now and then a node views a dataset at the latest version it was told (`name@latest`),
+//! or one or two below it (`name@v`): it pins that version at every owner, reads a few pages
+//! at it, and unpins it.
 //!
 //! A store writes its operation's number into the committing node's own 64-byte slot of
 //! each page (eight equal words), so any page read tells which commit of which node each
@@ -412,13 +413,14 @@ impl Workload {
                     answered_ms: now_ms,
                     version: *version,
                 });
-                // About a third of the answers are viewed (`name@latest`), unless the node
-                // has a view going.
+                // About a third of the answers are viewed, unless the node has a view going:
+                // at that version (`name@latest`), or one or two below it (`name@v`), which
+                // an owner may no longer keep.
                 if !self.views.contains_key(&node) && op % 3 == 0 {
                     let view = View {
                         view: op,
                         dataset,
-                        version: *version,
+                        version: version.saturating_sub((op / 3) % 3),
                         reads_left: 1 + (op % 4) as u32,
                     };
                     self.views.insert(node, (view, false));
