@@ -132,17 +132,17 @@ impl DispatcherState {
         }
     }
 
-    /// Replace a node as the owner of its chunks once it has been silent for `ms` (0: never).
-    /// Lost nodes and the nodes promoted in their place.
     /// How many times each node joined (its latest incarnation, as views name it).
     pub fn incarnations(&self) -> &BTreeMap<NodeId, u64> {
         &self.incarnations
     }
 
+    /// Lost nodes and the nodes promoted in their place.
     pub fn successors(&self) -> &BTreeMap<NodeId, NodeId> {
         &self.successors
     }
 
+    /// Replace a node as the owner of its chunks once it has been silent for `ms` (0: never).
     pub fn set_promote_after_ms(&mut self, ms: u64) {
         self.promote_after_ms = ms;
     }
