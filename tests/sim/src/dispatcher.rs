@@ -71,23 +71,22 @@ impl SimDispatcher {
     /// Its promotions: a lost node → the node that owns its chunks now (persisted before
     /// any answer, so a crash keeps them).
     pub(crate) fn successors(&self) -> BTreeMap<NodeId, NodeId> {
-        match &self.live {
-            Some(state) => state.successors().clone(),
-            None => serde_json::from_slice::<DispatcherState>(&self.persisted)
-                .expect("persisted dispatcher state reloads")
-                .successors()
-                .clone(),
-        }
+        self.read_state(|state| state.successors().clone())
     }
 
     /// How many times each node joined, as its views name them (persisted with the rest).
     pub(crate) fn incarnations(&self) -> BTreeMap<NodeId, u64> {
+        self.read_state(|state| state.incarnations().clone())
+    }
+
+    /// `read` of its state: the live one, or while it is down the one it persisted.
+    fn read_state<T>(&self, read: impl FnOnce(&DispatcherState) -> T) -> T {
         match &self.live {
-            Some(state) => state.incarnations().clone(),
-            None => serde_json::from_slice::<DispatcherState>(&self.persisted)
-                .expect("persisted dispatcher state reloads")
-                .incarnations()
-                .clone(),
+            Some(state) => read(state),
+            None => read(
+                &serde_json::from_slice::<DispatcherState>(&self.persisted)
+                    .expect("persisted dispatcher state reloads"),
+            ),
         }
     }
 
