@@ -97,6 +97,12 @@ impl PageTable {
             .unwrap_or(0)
     }
 
+    /// Whether this node has a persisted copy of `page` (`read_persisted` without copying
+    /// the bytes).
+    pub fn has_copy(&self, page: PageKey) -> bool {
+        self.pool.page(page).is_some()
+    }
+
     /// This node's persisted copy of `page` (never its staged writes): its version and bytes.
     pub fn read_persisted(&self, page: PageKey) -> Option<(u64, Vec<u8>)> {
         let found = self.pool.page(page)?;

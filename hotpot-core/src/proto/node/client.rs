@@ -254,7 +254,7 @@ impl Machine {
                     .iter()
                     .map(|(page, _, _)| *page)
                     .filter(|page| {
-                        self.table.read_persisted((dataset_id, *page)).is_none()
+                        !self.table.has_copy((dataset_id, *page))
                             || self.reads_through(&dataset, *page)
                     })
                     .collect();

@@ -329,7 +329,7 @@ impl Machine {
             let want = replication::wanted(dataset.params.replicas, &live);
             self.pages_of(dataset, *pages, me).into_iter().all(|page| {
                 let key = (dataset.id, page);
-                self.table.read_persisted(key).is_none()
+                !self.table.has_copy(key)
                     || (1 + self
                         .owner
                         .copies

@@ -385,7 +385,7 @@ impl Machine {
                 self.kernel_stale(dataset.id, unlisted);
                 let held = owned
                     .iter()
-                    .any(|page| self.table.read_persisted((dataset.id, *page)).is_some());
+                    .any(|page| self.table.has_copy((dataset.id, *page)));
                 if held {
                     self.target.registering.wait_for(owner, dataset.id);
                 }
@@ -402,7 +402,7 @@ impl Machine {
             .copied()
             .filter(|page| {
                 let key = (dataset, *page);
-                self.table.is_served(key) && self.table.read_persisted(key).is_none()
+                self.table.is_served(key) && !self.table.has_copy(key)
             })
             .collect()
     }
@@ -464,7 +464,7 @@ impl Machine {
             } else {
                 let theirs = owned
                     .into_iter()
-                    .filter(|page| self.table.read_persisted((dataset_id, *page)).is_some())
+                    .filter(|page| self.table.has_copy((dataset_id, *page)))
                     .map(|page| (page, self.table.version_of((dataset_id, page))))
                     .collect();
                 NodeRequest::Register {
