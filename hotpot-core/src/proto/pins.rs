@@ -7,12 +7,22 @@
 use std::collections::BTreeMap;
 
 use crate::page::ViewKey;
+use crate::proto::types::{DatasetId, FsError, NodeId};
 
 /// An owner lets a pin go once it was not renewed for this long.
 pub const PIN_LEASE_MS: u64 = 10_000;
 /// How often a viewing node renews its pins (well inside the lease: a renewal or two may
 /// be lost).
 pub const PIN_RENEW_EVERY_MS: u64 = 2_000;
+
+/// A pin refused: `node` no longer keeps `version` of `dataset` (the oldest it can serve is
+/// `oldest`, `PageTable::pin_version`'s answer).
+pub fn not_kept(version: u64, dataset: DatasetId, node: NodeId, oldest: u64) -> FsError {
+    FsError::Stale(format!(
+        "version {version} of dataset {dataset} is no longer kept on node {node} (oldest it \
+         can serve: {oldest})"
+    ))
+}
 
 #[derive(Debug, Default)]
 pub struct PinLeases {

@@ -16,7 +16,7 @@ use hotpot_core::proto::dispatcher::VERSION_BLOCK;
 use hotpot_core::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, VersionedPage,
 };
-use hotpot_core::proto::pins::{PinLeases, PIN_RENEW_EVERY_MS};
+use hotpot_core::proto::pins::{not_kept, PinLeases, PIN_RENEW_EVERY_MS};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Mode, NodeId, VersionCounts};
 use hotpot_core::proto::versions::{Give, Sequencer};
 
@@ -58,6 +58,10 @@ impl Default for Published {
 impl Published {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, PinLeases> {
+        self.leases.lock().expect("pin leases lock")
     }
 }
 
@@ -324,27 +328,15 @@ impl Protocol {
         match pinned {
             Ok(()) => {
                 let now_ms = self.published.now_ms();
-                self.published
-                    .leases
-                    .lock()
-                    .expect("pin leases lock")
-                    .pinned(view, now_ms);
+                self.published.leases().pinned(view, now_ms);
                 NodeReply::Done
             }
-            Err(oldest) => NodeReply::Failed(FsError::Stale(format!(
-                "version {version} of dataset {} is no longer kept on node {} (oldest it can \
-                 serve: {oldest})",
-                dataset.id, self.id
-            ))),
+            Err(oldest) => NodeReply::Failed(not_kept(version, dataset.id, self.id, oldest)),
         }
     }
 
     pub fn serve_unpin(&self, view: ViewKey) -> NodeReply {
-        self.published
-            .leases
-            .lock()
-            .expect("pin leases lock")
-            .unpinned(view);
+        self.published.leases().unpinned(view);
         self.table().unpin_version(view);
         NodeReply::Done
     }
@@ -352,23 +344,14 @@ impl Protocol {
     /// The viewing node still has these views open.
     pub fn serve_renew(&self, views: &[ViewKey]) -> NodeReply {
         let now_ms = self.published.now_ms();
-        self.published
-            .leases
-            .lock()
-            .expect("pin leases lock")
-            .renew(views, now_ms);
+        self.published.leases().renew(views, now_ms);
         NodeReply::Done
     }
 
     /// Drop pins whose viewing node stopped renewing them.
     pub(super) fn expire_pins(&self) {
         let now_ms = self.published.now_ms();
-        let expired = self
-            .published
-            .leases
-            .lock()
-            .expect("pin leases lock")
-            .expired(now_ms);
+        let expired = self.published.leases().expired(now_ms);
         for view in expired {
             tracing::warn!(?view, "pin not renewed: the viewing node is gone, released");
             self.table().unpin_version(view);

@@ -16,7 +16,7 @@ use super::{Machine, OpId, OpResult, Purpose};
 use crate::page::ViewKey;
 use crate::pm::{PageKey, PAGE_BYTES};
 use crate::proto::messages::{NodeReply, NodeRequest};
-use crate::proto::pins::{PinLeases, PIN_RENEW_EVERY_MS};
+use crate::proto::pins::{not_kept, PinLeases, PIN_RENEW_EVERY_MS};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 /// Operation numbers this machine gives its own `Latest` questions (a pin's, when versions
@@ -316,10 +316,9 @@ impl Machine {
                 self.views.leases.pinned(pin.view, self.now_ms);
                 NodeReply::Done
             }
-            Err(oldest) => NodeReply::Failed(FsError::Stale(format!(
-                "version {} of dataset {} is no longer kept on node {} (oldest it can serve: {oldest})",
-                pin.version, pin.dataset, self.config.id
-            ))),
+            Err(oldest) => {
+                NodeReply::Failed(not_kept(pin.version, pin.dataset, self.config.id, oldest))
+            }
         };
         self.reply(pin.from, pin.call, reply);
     }
