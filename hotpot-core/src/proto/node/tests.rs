@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use super::{Config, Input, Machine, Op, OpDone, OpResult, Output};
 use crate::page::{PageTable, Run};
 use crate::pm::SimRegion;
-use crate::proto::messages::{DispatcherRequest, NodeReply, NodeRequest};
+use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use crate::proto::types::{Dataset, DatasetParams, Mode, NodeId};
 
 const DATASET: u64 = 1;
@@ -105,6 +105,17 @@ pub(super) fn block_call(outputs: &[Output]) -> Option<u64> {
         } => Some(*call),
         _ => None,
     })
+}
+
+/// The dispatcher answers block request `call` with the block starting at `start`.
+pub(super) fn grant_block(
+    machine: &mut Machine,
+    now_ms: u64,
+    call: u64,
+    start: u64,
+) -> Vec<Output> {
+    let reply = DispatcherReply::VersionBlock { start };
+    machine.handle(now_ms, Input::DispatcherReply { call, reply })
 }
 
 pub(super) fn answer(outputs: &[Output]) -> Option<NodeReply> {

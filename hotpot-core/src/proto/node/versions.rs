@@ -407,7 +407,9 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{answer, block_call, commit, committed_at, done, home, node_one};
+    use super::super::tests::{
+        answer, block_call, commit, committed_at, done, grant_block, home, node_one,
+    };
     use super::super::{Input, Machine, Op, OpResult, Output};
     use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
     use crate::proto::types::Mode;
@@ -420,19 +422,11 @@ mod tests {
         let call = block_call(&outputs).expect("a block asked for");
         assert_eq!(answer(&outputs), None);
         assert_eq!(machine.table().version_of((1, 0)), 0);
-        let block = DispatcherReply::VersionBlock { start: 5 };
-        let outputs = machine.handle(20, Input::DispatcherReply { call, reply: block });
+        let outputs = grant_block(&mut machine, 20, call, 5);
         assert_eq!(committed_at(answer(&outputs)), 5);
         // Half the block given out: a spare is asked for at once.
         let spare = block_call(&outputs).expect("a spare asked for");
-        let block = DispatcherReply::VersionBlock { start: 13 };
-        machine.handle(
-            25,
-            Input::DispatcherReply {
-                call: spare,
-                reply: block,
-            },
-        );
+        grant_block(&mut machine, 25, spare, 13);
         let outputs = commit(&mut machine, &dataset, 30, 2);
         assert_eq!(committed_at(answer(&outputs)), 6);
         assert_eq!(block_call(&outputs), None, "a spare is there");
@@ -456,8 +450,7 @@ mod tests {
         assert_eq!(machine.table().version_of((1, 0)), 0, "nothing applied");
         let outputs = commit(&mut machine, &dataset, 20 + timeout, 2);
         let call = block_call(&outputs).expect("a block asked for again");
-        let block = DispatcherReply::VersionBlock { start: 9 };
-        let outputs = machine.handle(30 + timeout, Input::DispatcherReply { call, reply: block });
+        let outputs = grant_block(&mut machine, 30 + timeout, call, 9);
         assert_eq!(committed_at(answer(&outputs)), 9);
     }
 
@@ -520,8 +513,7 @@ mod tests {
         let (mut machine, dataset) = home();
         let outputs = commit(&mut machine, &dataset, 10, 1);
         let call = block_call(&outputs).expect("a block asked for");
-        let block = DispatcherReply::VersionBlock { start: 5 };
-        machine.handle(20, Input::DispatcherReply { call, reply: block });
+        grant_block(&mut machine, 20, call, 5);
         commit(&mut machine, &dataset, 30, 2);
         let latest = NodeRequest::Version {
             dataset: dataset.clone(),

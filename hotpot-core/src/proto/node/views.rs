@@ -391,9 +391,9 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{answer, block_call, commit, committed_at, done, home};
+    use super::super::tests::{answer, block_call, commit, committed_at, done, grant_block, home};
     use super::super::{Input, Machine};
-    use crate::proto::messages::{DispatcherReply, NodeReply, NodeRequest};
+    use crate::proto::messages::{NodeReply, NodeRequest};
     use crate::proto::types::{Dataset, FsError};
 
     /// A request from node 2 to node 1, and node 1's answer to it.
@@ -439,8 +439,7 @@ mod tests {
         let (mut machine, dataset) = home();
         let outputs = commit(&mut machine, &dataset, 10, 1);
         let call = block_call(&outputs).expect("a block asked for");
-        let block = DispatcherReply::VersionBlock { start: 1 };
-        let outputs = machine.handle(20, Input::DispatcherReply { call, reply: block });
+        let outputs = grant_block(&mut machine, 20, call, 1);
         assert_eq!(committed_at(answer(&outputs)), 1);
         assert_eq!(
             ask(&mut machine, 30, pin(&dataset, 7, 1)),
@@ -485,8 +484,7 @@ mod tests {
         );
         assert_eq!(answer(&outputs), None, "the latest first");
         let call = block_call(&outputs).expect("the home asks for its block");
-        let block = DispatcherReply::VersionBlock { start: 5 };
-        let outputs = machine.handle(20, Input::DispatcherReply { call, reply: block });
+        let outputs = grant_block(&mut machine, 20, call, 5);
         assert_eq!(done(&outputs), None, "the pin's question is no program's");
         assert!(
             matches!(answer(&outputs), Some(NodeReply::Failed(FsError::Stale(_)))),
