@@ -574,7 +574,6 @@ impl Cluster {
     }
 }
 
-/// Node `id`'s entry in a `hotpot status --json`.
 /// Wait up to 20 s for `read` (node `node`'s view of a page) to give `new`. Until then it may
 /// only give `old`: anything else is bytes no commit wrote and fails at once. Still `old` at
 /// the deadline fails with `stale` and the log of node `log_of`.
@@ -602,6 +601,7 @@ node {log_of}'s log: {}",
     }
 }
 
+/// Node `id`'s entry in a `hotpot status --json`.
 pub fn node_in(status: &serde_json::Value, id: u32) -> &serde_json::Value {
     status["nodes"]
         .as_array()
