@@ -44,6 +44,10 @@ const ROUND: Duration = Duration::from_millis(500);
 const REREPLICATE_EVERY: Duration = Duration::from_secs(2);
 /// How long a rejoining node keeps asking an owner to confirm its copies.
 const REGISTER_PATIENCE: Duration = Duration::from_secs(20);
+/// How long a commit waits for the outcome of this node's earlier commits in doubt, and how
+/// often it asks again meanwhile.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(2);
+const SETTLE_RETRY: Duration = Duration::from_millis(100);
 /// Pages per Install message (4 MiB of page bytes).
 const INSTALL_BATCH: usize = 1024;
 
@@ -725,15 +729,31 @@ impl Protocol {
     }
 
     /// Settle copies of `dataset` left waiting by commits this node made (a commit whose
-    /// outcome it never heard): its next snapshot must build on the outcome.
+    /// outcome it never heard): its next snapshot must build on the outcome. A question that
+    /// fails (an owner or leader just restarted, its old connection dead) is asked again for
+    /// up to `SETTLE_PATIENCE`: a commit sent on the old base would only be refused.
     pub fn settle_before_commit(&self, dataset: DatasetId) {
-        if !self.deciders(|deciders| deciders.is_empty()) {
-            self.resolve_pending(Some(dataset));
+        if self.deciders(|deciders| deciders.is_empty()) {
+            return;
+        }
+        let deadline = Instant::now() + SETTLE_PATIENCE;
+        loop {
+            let unsettled = self.resolve_pending(Some(dataset));
+            if unsettled == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(dataset, unsettled, "commits of this node still in doubt; committing on the base it has (an owner may refuse)");
+                return;
+            }
+            std::thread::sleep(SETTLE_RETRY);
         }
     }
 
-    /// `only`: settle the waiting copies of one dataset at once, whatever their age.
-    fn resolve_pending(&self, only: Option<DatasetId>) {
+    /// `only`: settle the waiting copies of one dataset at once, whatever their age. Returns
+    /// how many copies it asked about and got no answer for.
+    fn resolve_pending(&self, only: Option<DatasetId>) -> usize {
+        let mut unanswered = 0;
         let waiting: Vec<_> = self
             .table()
             .pending()
@@ -748,10 +768,13 @@ impl Protocol {
                 continue; // settled with another entry of the same commit
             }
             if pending.tag.role == TxRole::Follower {
-                if let Some(decided) = self.ask_outcome(pending.tag.leader, pending.tx) {
-                    tracing::info!(tx = ?pending.tx, decided, "resolved a follower commit with its leader");
-                    self.settle_copies_of(pending.tx, decided);
-                    self.finish_follower(pending.tx, decided, None);
+                match self.ask_outcome(pending.tag.leader, pending.tx) {
+                    Some(decided) => {
+                        tracing::info!(tx = ?pending.tx, decided, "resolved a follower commit with its leader");
+                        self.settle_copies_of(pending.tx, decided);
+                        self.finish_follower(pending.tx, decided, None);
+                    }
+                    None => unanswered += 1,
                 }
                 continue;
             }
@@ -771,6 +794,7 @@ impl Protocol {
             // that prepared this copy is gone.
             if let Some((commit, leader)) = decider.commit {
                 let Some(decided) = self.ask_outcome(leader, commit) else {
+                    unanswered += 1;
                     continue;
                 };
                 tracing::info!(?commit, decided, "a copy left waiting asked the leader");
@@ -800,10 +824,12 @@ impl Protocol {
                     tracing::info!(tx = ?pending.tx, owner, newer, "a copy left waiting asked its owner")
                 }
                 Err(error) => {
-                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet")
+                    tracing::debug!(owner, %error, "owner cannot settle a waiting copy yet");
+                    unanswered += 1;
                 }
             }
         }
+        unanswered
     }
 
     /// A kept outcome nobody confirmed in time (a participant crashed, a target missed a
