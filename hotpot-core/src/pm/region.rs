@@ -294,6 +294,13 @@ impl SimRegion {
         self.state.lock().expect("sim region lock").persists_done
     }
 
+    /// `len` bytes of the live image at `offset`, as another node's RDMA READ sees them
+    /// (the simulator's one-sided reads); `None` past the end.
+    pub fn read_live(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len)?;
+        self.live.get(offset..end).map(<[u8]>::to_vec)
+    }
+
     /// The bytes a restart would find: only what was persisted.
     pub fn crash_image(&self) -> Vec<u8> {
         self.state.lock().expect("sim region lock").durable.clone()

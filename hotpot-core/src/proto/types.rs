@@ -250,6 +250,15 @@ pub struct PageLocation {
     pub data_crc: u32,
 }
 
+impl PageLocation {
+    /// Whether `frame`, read one-sided, is this version's page: the slot read after it
+    /// (`slot_after`) is still the one located, and the bytes match its checksum. Otherwise
+    /// a commit moved the page meanwhile (its frame may hold another page's bytes by now).
+    pub fn holds(&self, frame: &[u8], slot_after: &[u8]) -> bool {
+        slot_after == self.slot.as_slice() && crc32fast::hash(frame) == self.data_crc
+    }
+}
+
 /// How this node brought pages from their owners since it started.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchCounts {

@@ -13,7 +13,7 @@ use hotpot_sim::run_seed;
 /// The deterministic simulator: hotpot's node machines under seeded faults (message loss,
 /// duplication, delay and reordering, partitions, crashes with lost or torn PM writes, nodes
 /// lost with their PM, dispatcher crashes), the identical-page merger running in half the
-/// worlds, checked for lost or partial commits, diverging copies, bytes no commit wrote,
+/// worlds and one-sided reads of owners' PM (as over verbs) in half, checked for lost or partial commits, diverging copies, bytes no commit wrote,
 /// reads and views that miss or show the wrong commits, dataset versions out of order, a
 /// step that panics, and a cluster that does not settle once healed.
 #[derive(Parser)]
@@ -55,6 +55,8 @@ enum Plant {
     IgnoreRestarts,
     /// An owner answers a read at a view's version with its current copy.
     ReadViewsCurrent,
+    /// A one-sided read takes the frame it read without checking the page's slot again.
+    TrustOneSidedFrame,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -68,6 +70,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::KeepVersions => bugs.keep_versions_after_close = true,
             Plant::IgnoreRestarts => bugs.ignore_owner_restarts = true,
             Plant::ReadViewsCurrent => bugs.read_views_current = true,
+            Plant::TrustOneSidedFrame => bugs.trust_one_sided_frame = true,
         }
     }
     bugs

@@ -5,7 +5,7 @@ use std::fmt;
 
 use hotpot_core::proto::node::Bugs;
 use hotpot_core::proto::types::Mode;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// One dataset of the simulated cluster.
@@ -58,6 +58,9 @@ pub struct Options {
     pub think_ms: (u64, u64),
     /// Each node runs the identical-page merger (the daemon's, on by default there).
     pub merging: bool,
+    /// Nodes read pages from their owners one-sided (`Locate`, then remote reads of the
+    /// owner's live PM), as the daemon does over verbs.
+    pub one_sided: bool,
     pub bugs: Bugs,
 }
 
@@ -117,11 +120,22 @@ impl Options {
             promote_after_ms: 0,
             version_block: 0,
             merging: false,
+            one_sided: false,
             bugs,
         }
         .with_promotion(rng)
         .with_version_block(rng)
         .with_merging(rng)
+        .with_one_sided()
+    }
+
+    /// Drawn from the seed's second stream, not from `rng`: a seed without one-sided reads
+    /// runs exactly as it did before they came (the same world, the same trace).
+    fn with_one_sided(mut self) -> Options {
+        let mut second = ChaCha8Rng::seed_from_u64(self.seed);
+        second.set_stream(1);
+        self.one_sided = second.random_bool(0.5);
+        self
     }
 
     /// Drawn last, so a seed's other options are what they were before merging.
@@ -166,7 +180,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -186,6 +200,7 @@ impl fmt::Display for Options {
             },
             self.version_block,
             self.merging,
+            self.one_sided,
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

@@ -93,6 +93,22 @@ enum Event {
     Heartbeat(NodeId),
     /// The node's identical-page merger takes a step.
     Merge(NodeId),
+    /// A node's one-sided read reaches the other node's PM (on a link between these
+    /// incarnations of the two: a restart of either breaks it).
+    RemoteRead {
+        reader: (NodeId, u64),
+        target: (NodeId, u64),
+        call: u64,
+        offset: u64,
+        len: usize,
+    },
+    /// What a one-sided read found (`None`: it failed) reaches the reader.
+    RemoteReadDone {
+        reader: (NodeId, u64),
+        target: NodeId,
+        call: u64,
+        bytes: Option<Vec<u8>>,
+    },
     DispatcherCrash,
     DispatcherRestart,
 }
@@ -338,6 +354,28 @@ impl World {
                 self.merge(node);
                 self.schedule(MERGE_EVERY_MS, Event::Merge(node));
             }
+            Event::RemoteRead {
+                reader,
+                target,
+                call,
+                offset,
+                len,
+            } => self.remote_read(reader, target, call, offset, len),
+            Event::RemoteReadDone {
+                reader,
+                target,
+                call,
+                bytes,
+            } => {
+                if self.is_alive(reader) {
+                    let input = Input::RemoteRead {
+                        from: target,
+                        call,
+                        bytes,
+                    };
+                    self.input(reader.0, input);
+                }
+            }
         }
     }
 
@@ -365,15 +403,61 @@ impl World {
         }
     }
 
-    fn deliver(&mut self, from: (NodeId, u64), to: (NodeId, u64), message: Message) {
-        let alive = |world: &World, (node, incarnation): (NodeId, u64)| {
-            if node == DISPATCHER {
-                return world.dispatcher.is_up() && world.dispatcher.incarnation == incarnation;
-            }
-            let node = &world.nodes[&node];
-            (node.machine.is_some() || node.joining) && node.incarnation == incarnation
+    /// Whether this incarnation of the node (or the dispatcher) is the one running.
+    fn is_alive(&self, (node, incarnation): (NodeId, u64)) -> bool {
+        if node == DISPATCHER {
+            return self.dispatcher.is_up() && self.dispatcher.incarnation == incarnation;
+        }
+        let node = &self.nodes[&node];
+        (node.machine.is_some() || node.joining) && node.incarnation == incarnation
+    }
+
+    /// A one-sided read of `target`'s live PM, without its CPU: it fails if the link is
+    /// gone (either end restarted) or cut; the bytes are those at this moment, whatever
+    /// the target's commits do before or after.
+    fn remote_read(
+        &mut self,
+        reader: (NodeId, u64),
+        target: (NodeId, u64),
+        call: u64,
+        offset: u64,
+        len: usize,
+    ) {
+        if !self.is_alive(reader) {
+            return;
+        }
+        let (from, to) = (reader.0, target.0);
+        let cut =
+            !self.healing && (self.cut.contains(&(from, to)) || self.cut.contains(&(to, from)));
+        let bytes = if self.is_alive(target) && !cut {
+            let region = &self.nodes[&to].region;
+            usize::try_from(offset)
+                .ok()
+                .and_then(|offset| region.read_live(offset, len))
+        } else {
+            None
         };
-        let connected = alive(self, from) && alive(self, to);
+        let found = match &bytes {
+            Some(_) => "read",
+            None => "failed",
+        };
+        trace!(
+            self,
+            "n{from} reads n{to}'s PM one-sided at {offset} ({len} bytes): {found}"
+        );
+        let delay = self.delay();
+        let target = to;
+        let done = Event::RemoteReadDone {
+            reader,
+            target,
+            call,
+            bytes,
+        };
+        self.schedule(delay, done);
+    }
+
+    fn deliver(&mut self, from: (NodeId, u64), to: (NodeId, u64), message: Message) {
+        let connected = self.is_alive(from) && self.is_alive(to);
         let (from, to) = (from.0, to.0);
         if !connected {
             trace!(
@@ -516,6 +600,24 @@ impl World {
                 let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
                 kernel.invalidate(dataset, &pages);
             }
+            Output::ReadRemote {
+                to,
+                call,
+                offset,
+                len,
+            } => {
+                let reader = (node, self.nodes[&node].incarnation);
+                let target = (to, self.nodes[&to].incarnation);
+                let delay = self.delay();
+                let read = Event::RemoteRead {
+                    reader,
+                    target,
+                    call,
+                    offset,
+                    len,
+                };
+                self.schedule(delay, read);
+            }
         }
     }
 
@@ -561,12 +663,7 @@ impl World {
             1
         };
         for _ in 0..copies {
-            let (low, high) = self.options.delay_ms;
-            let delay = if faults {
-                self.rng.random_range(low..=high)
-            } else {
-                low.min(1)
-            };
+            let delay = self.delay();
             let message = message.clone();
             let (from, to) = ends;
             self.schedule(
@@ -577,6 +674,16 @@ impl World {
                     message: Box::new(message),
                 },
             );
+        }
+    }
+
+    /// A message's (or a remote read's) time on the wire: a wide range reorders.
+    fn delay(&mut self) -> u64 {
+        let (low, high) = self.options.delay_ms;
+        if self.healing {
+            low.min(1)
+        } else {
+            self.rng.random_range(low..=high)
         }
     }
 
@@ -693,6 +800,7 @@ impl World {
             successors,
             timing: Timing::default(),
             version_block: self.options.version_block,
+            one_sided: self.options.one_sided,
             bugs: self.options.bugs,
         };
         let region = Box::new(Arc::clone(&node.region));

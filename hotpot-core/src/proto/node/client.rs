@@ -222,12 +222,7 @@ impl Machine {
                 reading.owner = owner;
                 reading.step = Step::Reading { page };
                 self.client.ops.insert(id, reading);
-                let request = NodeRequest::Fetch {
-                    dataset: dataset_id,
-                    page,
-                    from: self.config.id,
-                };
-                self.send(owner, request, Purpose::Op(id));
+                self.fetch_page(id, owner, dataset_id, page);
             }
             Op::Write { stores, .. } => {
                 let bad = stores.iter().any(|(page, offset, bytes)| {
@@ -258,21 +253,19 @@ impl Machine {
                             || self.reads_through(&dataset, *page)
                     })
                     .collect();
-                for page in &missing {
-                    let request = NodeRequest::Fetch {
-                        dataset: dataset_id,
-                        page: *page,
-                        from: self.config.id,
-                    };
-                    let to = self.owner_of(&dataset, *page);
-                    self.send(to, request, Purpose::Op(id));
-                }
+                let owners: Vec<(NodeId, u64)> = missing
+                    .iter()
+                    .map(|page| (self.owner_of(&dataset, *page), *page))
+                    .collect();
                 let empty = missing.is_empty();
                 let mut write = ClientOp::new(dataset, self.now_ms);
                 write.stores = stores;
                 write.gives_up = true;
                 write.step = Step::Fetching { missing };
                 self.client.ops.insert(id, write);
+                for (owner, page) in owners {
+                    self.fetch_page(id, owner, dataset_id, page);
+                }
                 if empty {
                     self.stage_and_commit(id);
                 }

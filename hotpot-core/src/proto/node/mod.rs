@@ -1,6 +1,7 @@
 //! One node's commit protocol as a sans-IO state machine (docs/design.md, "The node machine"):
 //! owner (locks, targets, Prepare, apply, Decide), target (prepared copies), committer
-//! (MRSW `Commit`, MRMW `CommitRuns`), reader (`Fetch`), rejoin and re-replication. Time and
+//! (MRSW `Commit`, MRMW `CommitRuns`), reader (`Fetch`, or `Locate` and remote reads of the
+//! owner's PM), rejoin and re-replication. Time and
 //! messages come in through `handle`; PM writes happen inside it (through the page table,
 //! persisted before it returns), so every message it hands out is sent after the persist it
 //! depends on. Must survive: any message lost, duplicated, delayed or reordered; a crash
@@ -23,6 +24,7 @@ mod commit;
 mod failover;
 mod lease;
 mod multi;
+mod one_sided;
 mod owner;
 mod target;
 #[cfg(test)]
@@ -54,6 +56,10 @@ pub struct Bugs {
     /// An owner answers a read at a version with its current copy: a view shows commits
     /// made after its version.
     pub read_views_current: bool,
+    /// A one-sided read takes the frame's bytes without checking the slot read after them
+    /// (or the checksum): a frame a commit freed and another page reused is taken for the
+    /// version `Locate` named.
+    pub trust_one_sided_frame: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -103,6 +109,9 @@ pub struct Config {
     pub timing: Timing,
     /// How many versions a block from the dispatcher holds (its `version_block`).
     pub version_block: u64,
+    /// Peers' PM can be read one-sided (the daemon's verbs links to peers that expose their
+    /// PM): a page comes with `Locate` and two remote reads, not `Fetch` (one_sided.rs).
+    pub one_sided: bool,
     pub bugs: Bugs,
 }
 
@@ -195,6 +204,13 @@ pub enum Input {
     },
     /// The dispatcher's answer to one of this machine's calls (`Output::AskDispatcher`).
     DispatcherReply { call: u64, reply: DispatcherReply },
+    /// The bytes a remote read (`Output::ReadRemote`) found in `from`'s PM; `None`: the
+    /// read failed (the link to that start of the node is gone).
+    RemoteRead {
+        from: NodeId,
+        call: u64,
+        bytes: Option<Vec<u8>>,
+    },
     /// Time passed (every input carries `now_ms` too).
     Tick,
 }
@@ -223,6 +239,14 @@ pub enum Output {
     Invalidate {
         dataset: DatasetId,
         pages: Vec<u64>,
+    },
+    /// Read `len` bytes at `offset` of node `to`'s PM one-sided, without its CPU (RDMA
+    /// READ); the bytes come back as `Input::RemoteRead`.
+    ReadRemote {
+        to: NodeId,
+        call: u64,
+        offset: u64,
+        len: usize,
     },
 }
 
@@ -263,6 +287,8 @@ enum Purpose {
     Lease { op: OpId, open: u64 },
     /// A program's MRSW `Latest`: the dispatcher's `VersionState`.
     LatestState { op: OpId },
+    /// A page fetched one-sided for a program's operation (one_sided.rs).
+    OneSided(Box<one_sided::Fetching>),
 }
 
 /// The dispatcher, as the peer of a machine's calls (node ids start at 1).
@@ -412,6 +438,7 @@ impl Machine {
                 self.note_restarts(incarnations);
             }
             Input::DispatcherReply { call, reply } => self.on_dispatcher_reply(call, reply),
+            Input::RemoteRead { from, call, bytes } => self.on_remote_read(from, call, bytes),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
         }
@@ -431,8 +458,8 @@ impl Machine {
 
     fn on_request(&mut self, from: NodeId, call: u64, request: NodeRequest) {
         let reply = match request {
-            NodeRequest::Fetch { dataset, page, .. } => {
-                self.serve_fetch(from, call, dataset, page);
+            request @ (NodeRequest::Fetch { .. } | NodeRequest::Locate { .. }) => {
+                self.serve_fetch(from, call, request);
                 return;
             }
             request @ (NodeRequest::Commit { .. }
@@ -630,6 +657,7 @@ impl Machine {
             Purpose::VersionBlock { dataset, open } => self.block_answered(dataset, open, None),
             Purpose::Lease { op, open } => self.lease_answered(op, open, None),
             Purpose::LatestState { op } => self.latest_state_answered(op, None),
+            Purpose::OneSided(fetching) => self.one_sided_answered(*fetching, from, reply),
         }
     }
 

@@ -162,7 +162,14 @@ impl Machine {
 
     /// `Fetch` at the owner: waits while a commit it has not applied holds the page, then
     /// answers its copy (version 0, no bytes: never written) and records the reader.
-    pub(super) fn serve_fetch(&mut self, from: NodeId, call: u64, dataset: DatasetId, page: u64) {
+    /// `Locate` likewise, answering where its persisted copy lies in its PM (none: never
+    /// written) for the reader to read one-sided.
+    pub(super) fn serve_fetch(&mut self, from: NodeId, call: u64, request: NodeRequest) {
+        let (dataset, page, one_sided) = match request {
+            NodeRequest::Fetch { dataset, page, .. } => (dataset, page, false),
+            NodeRequest::Locate { dataset, page, .. } => (dataset, page, true),
+            _ => unreachable!("only Fetch and Locate come here"),
+        };
         if let Some(reply) = self
             .not_ready()
             .or_else(|| self.not_owner(dataset, &[page]))
@@ -172,22 +179,21 @@ impl Machine {
         let key = (dataset, page);
         self.mark_live(from);
         if self.owner.locks.unsettled(&[key]).is_some() {
-            let request = NodeRequest::Fetch {
-                dataset,
-                page,
-                from,
-            };
             return self.park(from, call, request, vec![key]);
         }
         self.owner.copies.sending(key, from);
-        let (version, bytes) = self.table.read_persisted(key).unwrap_or((0, Vec::new()));
         // Not counted as a copy yet: the answer may be lost (it is, once the reader says so
         // at a Register or rejoin).
-        let reply = NodeReply::Page(VersionedPage {
-            page,
-            version,
-            bytes,
-        });
+        let reply = if one_sided {
+            NodeReply::Located(self.table.locate_persisted(key))
+        } else {
+            let (version, bytes) = self.table.read_persisted(key).unwrap_or((0, Vec::new()));
+            NodeReply::Page(VersionedPage {
+                page,
+                version,
+                bytes,
+            })
+        };
         self.reply(from, call, reply);
     }
 

@@ -42,6 +42,7 @@ pub(super) fn node_one(
         successors: BTreeMap::new(),
         timing: Default::default(),
         version_block,
+        one_sided: false,
         bugs: Default::default(),
     };
     (Machine::start(config, table, 0).unwrap(), dataset)

@@ -236,10 +236,8 @@ impl Protocol {
                 tracing::debug!(owner, %error, "one-sided read failed");
                 OneSided::Fallback
             }
-            Ok(()) if slot != location.slot || crc32fast::hash(&bytes) != location.data_crc => {
-                OneSided::Moved
-            }
-            Ok(()) => OneSided::Read(location.version, bytes),
+            Ok(()) if location.holds(&bytes, &slot) => OneSided::Read(location.version, bytes),
+            Ok(()) => OneSided::Moved,
         }
     }
 
