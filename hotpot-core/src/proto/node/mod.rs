@@ -69,6 +69,9 @@ pub struct Timing {
     pub call_timeout_ms: u64,
     /// A request waiting for a page lock longer than this is refused.
     pub lock_wait_ms: u64,
+    /// A request waiting for this node's rejoin to end longer than this is refused (the
+    /// daemon's 30 s, three of its 10 s call timeouts).
+    pub ready_wait_ms: u64,
     /// A prepared copy undecided for this long is settled with its owner.
     pub resolve_after_ms: u64,
     /// How often an owner looks for pages with fewer copies than the dataset wants.
@@ -82,6 +85,7 @@ impl Default for Timing {
         Timing {
             call_timeout_ms: 1_000,
             lock_wait_ms: 2_000,
+            ready_wait_ms: 3_000,
             resolve_after_ms: 3_000,
             rereplicate_every_ms: 500,
             commit_retry_ms: 10_000,
@@ -442,6 +446,9 @@ impl Machine {
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
         }
+        if self.is_ready() && self.owner.waits_for_ready() {
+            self.unpark();
+        }
         self.expire_calls();
         self.expire_parked();
         self.expire_phase1();
@@ -457,6 +464,9 @@ impl Machine {
     }
 
     fn on_request(&mut self, from: NodeId, call: u64, request: NodeRequest) {
+        if self.waits_until_ready(&request) {
+            return self.park_until_ready(from, call, request);
+        }
         let reply = match request {
             request @ (NodeRequest::Fetch { .. } | NodeRequest::Locate { .. }) => {
                 self.serve_fetch(from, call, request);

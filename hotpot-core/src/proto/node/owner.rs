@@ -14,16 +14,26 @@ use crate::proto::messages::{NodeReply, NodeRequest, VersionedPage};
 use crate::proto::replication;
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
-/// A request waiting for page locks to clear.
+/// A request waiting for page locks to clear, or for this node's rejoin to be over.
 #[derive(Clone, Debug)]
 pub(super) struct Parked {
     pub(super) from: NodeId,
     pub(super) call: u64,
     pub(super) request: NodeRequest,
     pub(super) keys: Vec<PageKey>,
-    /// A commit waits for the keys to be unlocked; a read only for their commit's apply.
-    pub(super) until_unlocked: bool,
+    pub(super) until: Until,
     pub(super) deadline_ms: u64,
+}
+
+/// What a parked request waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Until {
+    /// A commit: the keys unlocked.
+    Unlocked,
+    /// A read: the keys' commit applied.
+    Applied,
+    /// This node serving as an owner (its rejoin over), as the daemon's `wait_ready` waits.
+    Ready,
 }
 
 #[derive(Default)]
@@ -47,6 +57,13 @@ pub(super) struct OwnerState {
 const ANSWERED_KEPT: usize = 4_096;
 
 impl OwnerState {
+    /// Whether a request waits for this node's rejoin to end.
+    pub(super) fn waits_for_ready(&self) -> bool {
+        self.parked
+            .iter()
+            .any(|parked| parked.until == Until::Ready)
+    }
+
     pub(super) fn remember_answer(&mut self, tx: TxKey, reply: NodeReply) {
         if self.answered.len() >= ANSWERED_KEPT {
             if let Some(oldest) = self.answered.keys().next().copied() {
@@ -108,32 +125,65 @@ impl Machine {
         let deadline_ms = self.now_ms + self.config.timing.lock_wait_ms;
         // A commit, and a rejoin (which replaces what the commits in flight would record
         // about its node), wait for the unlock; a read only for the apply.
-        let until_unlocked = matches!(
-            request,
-            NodeRequest::Commit { .. } | NodeRequest::Register { tx: None, .. }
-        );
+        let until = match request {
+            NodeRequest::Commit { .. } | NodeRequest::Register { tx: None, .. } => Until::Unlocked,
+            _ => Until::Applied,
+        };
         self.owner.parked.push(Parked {
             from,
             call,
             request,
             keys,
-            until_unlocked,
+            until,
             deadline_ms,
         });
     }
 
-    /// Requests parked on locks that cleared run again, in arrival order (the others keep
-    /// their place and their deadline).
+    /// While this node rejoins, an owner's request that the daemon's `wait_ready` holds
+    /// (`waits_until_ready`) waits here for the rejoin to end, up to `ready_wait_ms`, instead
+    /// of being refused.
+    pub(super) fn park_until_ready(&mut self, from: NodeId, call: u64, request: NodeRequest) {
+        let deadline_ms = self.now_ms + self.config.timing.ready_wait_ms;
+        self.owner.parked.push(Parked {
+            from,
+            call,
+            request,
+            keys: Vec::new(),
+            until: Until::Ready,
+            deadline_ms,
+        });
+    }
+
+    /// Whether a request waits while this node rejoins: reads, commits and their parts,
+    /// pins and reads at a version, as the daemon's do. The others are refused at once (a
+    /// registration: its sender may be a resolver this node's own commits wait for).
+    pub(super) fn waits_until_ready(&self, request: &NodeRequest) -> bool {
+        !self.is_ready()
+            && matches!(
+                request,
+                NodeRequest::Fetch { .. }
+                    | NodeRequest::Locate { .. }
+                    | NodeRequest::Commit { .. }
+                    | NodeRequest::CommitRuns { .. }
+                    | NodeRequest::OwnerPrepare { .. }
+                    | NodeRequest::Lock { .. }
+                    | NodeRequest::Pin { .. }
+                    | NodeRequest::ReadAt { .. }
+            )
+    }
+
+    /// Requests parked on locks that cleared, or on a rejoin that is over, run again, in
+    /// arrival order (the others keep their place and their deadline).
     pub(super) fn unpark(&mut self) {
         let parked = std::mem::take(&mut self.owner.parked);
         let owner = &self.owner;
-        let (ready, waiting): (Vec<Parked>, Vec<Parked>) = parked.into_iter().partition(|parked| {
-            if parked.until_unlocked {
-                !owner.locks.holds_any(&parked.keys)
-            } else {
-                owner.locks.unsettled(&parked.keys).is_none()
-            }
-        });
+        let serving = self.is_ready();
+        let (ready, waiting): (Vec<Parked>, Vec<Parked>) =
+            parked.into_iter().partition(|parked| match parked.until {
+                Until::Unlocked => !owner.locks.holds_any(&parked.keys),
+                Until::Applied => owner.locks.unsettled(&parked.keys).is_none(),
+                Until::Ready => serving,
+            });
         self.owner.parked = waiting;
         for parked in ready {
             self.on_request(parked.from, parked.call, parked.request);
@@ -147,10 +197,14 @@ impl Machine {
             .partition(|parked| parked.deadline_ms <= now);
         self.owner.parked = waiting;
         for parked in expired {
-            let reply = NodeReply::Failed(FsError::Io(format!(
-                "pages stayed locked for {} ms",
-                self.config.timing.lock_wait_ms
-            )));
+            let why = match parked.until {
+                Until::Ready => format!("node {} is still rejoining the cluster", self.config.id),
+                _ => format!(
+                    "pages stayed locked for {} ms",
+                    self.config.timing.lock_wait_ms
+                ),
+            };
+            let reply = NodeReply::Failed(FsError::Io(why));
             match parked.request {
                 NodeRequest::Commit { tx, .. } => {
                     self.refuse_commit(tx, parked.from, parked.call, reply)

@@ -9,7 +9,7 @@ use super::{Config, Input, Machine, Op, OpDone, OpResult, Output};
 use crate::page::{PageTable, Run};
 use crate::pm::SimRegion;
 use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
-use crate::proto::types::{Dataset, DatasetParams, Mode, NodeId};
+use crate::proto::types::{Dataset, DatasetParams, FsError, Mode, NodeId};
 
 const DATASET: u64 = 1;
 
@@ -339,4 +339,106 @@ fn a_copy_waiting_for_a_lost_owner_waits_for_its_successor() {
         "copies registered with the successor: {outputs:?}"
     );
     assert_eq!(read_page_two(&mut machine, 50, 9), (Some(3), false));
+}
+
+/// Node 1 of two, owning every page, just started: its rejoin asks node 2 for its copies
+/// (the call id returned) and it serves as no owner until node 2 answers.
+fn rejoining_owner() -> (Machine, u64) {
+    let (mut machine, _) = node_one(Mode::Mrmw, vec![1, 2], vec![1], 4);
+    let outputs = machine.handle(0, Input::Tick);
+    let asked = outputs
+        .iter()
+        .find_map(|output| match output {
+            Output::Send {
+                to: 2,
+                call,
+                request: NodeRequest::FetchCopies { .. },
+            } => Some(*call),
+            _ => None,
+        })
+        .expect("the rejoin asks node 2 for its copies");
+    assert!(!machine.is_ready());
+    (machine, asked)
+}
+
+/// Node 2 asks node 1 (call `call`) for `request`.
+fn asks(machine: &mut Machine, now_ms: u64, call: u64, request: NodeRequest) -> Vec<Output> {
+    machine.handle(
+        now_ms,
+        Input::Request {
+            from: 2,
+            call,
+            request,
+        },
+    )
+}
+
+fn fetch_page_zero() -> NodeRequest {
+    NodeRequest::Fetch {
+        dataset: DATASET,
+        page: 0,
+        from: 2,
+    }
+}
+
+/// This machine's answer to call `call`, if `outputs` hold it.
+fn answer_to(outputs: &[Output], call: u64) -> Option<NodeReply> {
+    outputs.iter().find_map(|output| match output {
+        Output::Reply { call: c, reply, .. } if *c == call => Some(reply.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_read_at_a_rejoining_owner_waits_for_the_rejoin_to_end() {
+    let (mut machine, asked) = rejoining_owner();
+    let outputs = asks(&mut machine, 10, 77, fetch_page_zero());
+    assert_eq!(
+        answer_to(&outputs, 77),
+        None,
+        "waits, as the daemon's wait_ready does"
+    );
+    let rejoined = Input::Reply {
+        from: 2,
+        call: asked,
+        reply: NodeReply::Pages(Vec::new()),
+    };
+    let outputs = machine.handle(20, rejoined);
+    assert!(machine.is_ready());
+    match answer_to(&outputs, 77) {
+        Some(NodeReply::Page(copy)) => assert_eq!((copy.page, copy.version), (0, 0)),
+        other => panic!("the read is served once the rejoin is over: {other:?}"),
+    }
+}
+
+#[test]
+fn a_read_at_an_owner_rejoining_too_long_is_refused() {
+    let (mut machine, _) = rejoining_owner();
+    let outputs = asks(&mut machine, 10, 77, fetch_page_zero());
+    assert_eq!(answer_to(&outputs, 77), None);
+    let outputs = machine.handle(2_999 + 10, Input::Tick);
+    assert_eq!(answer_to(&outputs, 77), None, "within ready_wait_ms");
+    let outputs = machine.handle(3_000 + 10, Input::Tick);
+    match answer_to(&outputs, 77) {
+        Some(NodeReply::Failed(FsError::Io(why))) => {
+            assert!(why.contains("still rejoining"), "{why}")
+        }
+        other => panic!("refused after ready_wait_ms: {other:?}"),
+    }
+}
+
+#[test]
+fn a_registration_at_a_rejoining_owner_is_refused_at_once() {
+    let (mut machine, _) = rejoining_owner();
+    let register = NodeRequest::Register {
+        dataset: DATASET,
+        from: 2,
+        pages: Vec::new(),
+        tx: None,
+    };
+    let outputs = asks(&mut machine, 10, 78, register);
+    assert!(
+        matches!(answer_to(&outputs, 78), Some(NodeReply::Failed(_))),
+        "{outputs:?}"
+    );
 }
