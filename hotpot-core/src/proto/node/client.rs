@@ -629,15 +629,17 @@ impl Machine {
     }
 
     /// A fetched copy stored (this node becomes a holder; unless a prepared copy of the
-    /// page waits here) and read back: its version and bytes.
+    /// page waits here) and read back: its version and bytes. A page never written is
+    /// stored too, as zeros at version 0, as the daemon's reader stores it: it is on the
+    /// list of copies this node registers with an owner that restarted.
     fn take_fetched(
         &mut self,
         dataset: DatasetId,
         page: u64,
-        copy: VersionedPage,
+        mut copy: VersionedPage,
     ) -> Result<(u64, Vec<u8>), FsError> {
         if copy.version == 0 {
-            return Ok((0, vec![0u8; PAGE_BYTES]));
+            copy.bytes = vec![0u8; PAGE_BYTES];
         }
         if let Err(error) = self
             .table
