@@ -129,8 +129,9 @@ impl Options {
         .with_one_sided()
     }
 
-    /// Drawn from the seed's second stream, not from `rng`: a seed without one-sided reads
-    /// runs exactly as it did before they came (the same world, the same trace).
+    /// Drawn from the seed's second stream, not from `rng`: drawing it changes none of the
+    /// seed's other choices, so a seed without one-sided reads runs the world it ran before
+    /// the option came.
     fn with_one_sided(mut self) -> Options {
         let mut second = ChaCha8Rng::seed_from_u64(self.seed);
         second.set_stream(1);
