@@ -140,11 +140,9 @@ impl Machine {
         }
         // Refusals that leave a leader's phase-1 locks to the committer's Unlock (or their
         // expiry) come before `may_commit` takes them over: a refusal after it must unlock
-        // (a leader taking over a lost node's chunks refused as rejoining after it, and the
-        // Unlock was lost: its locks stayed for good, found by hotpot-sim, seed 3086714).
-        if let Some(reply) = self.not_ready() {
-            return self.refuse_commit(tx, from, call, reply);
-        }
+        // (a leader taking over a lost node's chunks once refused as rejoining after it, and
+        // the Unlock was lost: its locks stayed for good, found by hotpot-sim, seed 3086714;
+        // a commit now waits for the rejoin before it gets here, `waits_until_ready`).
         let pages: Vec<u64> = match &work {
             Work::Writes(writes, _) => writes.iter().map(|write| write.page).collect(),
             Work::Runs(runs) => runs.iter().map(|(page, _)| *page).collect(),

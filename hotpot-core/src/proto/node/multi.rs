@@ -65,9 +65,6 @@ impl Machine {
 
     /// Phase 1 at the leader.
     pub(super) fn serve_lock(&mut self, tx: TxKey, dataset: DatasetId, pages: &[u64]) -> NodeReply {
-        if !self.is_ready() {
-            return NodeReply::Failed(FsError::Io("the leader is rejoining".into()));
-        }
         if let Some(reply) = self.not_owner(dataset, pages) {
             return reply;
         }

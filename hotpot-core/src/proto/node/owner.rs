@@ -92,15 +92,6 @@ impl Machine {
             .collect()
     }
 
-    pub(super) fn not_ready(&self) -> Option<NodeReply> {
-        (!self.is_ready()).then(|| {
-            NodeReply::Failed(FsError::Io(format!(
-                "node {} is rejoining after a restart",
-                self.config.id
-            )))
-        })
-    }
-
     /// A request for pages this node does not own by its own view: refused (the asker's
     /// view is newer, or older; it asks again, as it would a busy owner). A node promoted
     /// in place of a lost one must not serve its pages before it knows and took them over.
@@ -224,10 +215,7 @@ impl Machine {
             NodeRequest::Locate { dataset, page, .. } => (dataset, page, true),
             _ => unreachable!("only Fetch and Locate come here"),
         };
-        if let Some(reply) = self
-            .not_ready()
-            .or_else(|| self.not_owner(dataset, &[page]))
-        {
+        if let Some(reply) = self.not_owner(dataset, &[page]) {
             return self.reply(from, call, reply);
         }
         let key = (dataset, page);
@@ -264,10 +252,12 @@ impl Machine {
         tx: Option<TxKey>,
     ) {
         let listed: Vec<u64> = pages.iter().map(|(page, _)| *page).collect();
-        if let Some(reply) = self
-            .not_ready()
-            .or_else(|| self.not_owner(dataset, &listed))
-        {
+        // Never waits for this node's rejoin (`waits_until_ready`): busy, as the daemon's.
+        let rejoining = (!self.is_ready()).then(|| {
+            let why = format!("node {} is rejoining", self.config.id);
+            NodeReply::Failed(FsError::Busy(why))
+        });
+        if let Some(reply) = rejoining.or_else(|| self.not_owner(dataset, &listed)) {
             return self.reply(from, call, reply);
         }
         self.mark_live(node);

@@ -253,9 +253,6 @@ impl Machine {
         dataset: Dataset,
         version: u64,
     ) {
-        if let Some(reply) = self.not_ready() {
-            return self.reply(from, call, reply);
-        }
         let me = self.config.id;
         let unknown: Vec<(u64, u64)> = self
             .table
@@ -353,7 +350,7 @@ impl Machine {
         version: u64,
         pages: Vec<u64>,
     ) {
-        if let Some(reply) = self.not_ready().or_else(|| self.not_owner(dataset, &pages)) {
+        if let Some(reply) = self.not_owner(dataset, &pages) {
             return self.reply(from, call, reply);
         }
         let keys: Vec<PageKey> = pages.iter().map(|page| (dataset, *page)).collect();
