@@ -317,12 +317,27 @@ mod tests {
             self.handle(1, Input::Start(read));
             self.pump();
         }
+
+        /// The slot read held back goes ahead, and everything it leads to.
+        fn release_held(&mut self) {
+            let held = std::mem::take(&mut self.held);
+            self.queue.extend(held);
+            self.pump();
+        }
     }
 
-    fn page_of(byte: u8) -> Vec<u8> {
+    /// `result` is a read of page 0 at `version`, its first 8 bytes `byte`, the rest zeros.
+    fn assert_read(result: &OpResult, version: u64, byte: u8) {
         let mut page = vec![0u8; PAGE_BYTES];
         page[..8].fill(byte);
-        page
+        match result {
+            OpResult::Read {
+                version: read,
+                bytes,
+                ..
+            } => assert_eq!((*read, bytes), (version, &page)),
+            other => panic!("read: {other:?}"),
+        }
     }
 
     #[test]
@@ -333,13 +348,7 @@ mod tests {
         pair.sent.clear();
         pair.read(2);
         assert_eq!(pair.sent, ["Locate"], "no Fetch: the bytes came one-sided");
-        match &pair.done[1] {
-            OpResult::Read { version, bytes, .. } => {
-                assert_eq!(*version, 1);
-                assert_eq!(bytes, &page_of(7));
-            }
-            other => panic!("read: {other:?}"),
-        }
+        assert_read(&pair.done[1], 1, 7);
     }
 
     #[test]
@@ -353,17 +362,9 @@ mod tests {
         pair.commit(3, 9);
         assert!(matches!(pair.done[1], OpResult::Committed { .. }));
         pair.sent.clear();
-        let held = std::mem::take(&mut pair.held);
-        pair.queue.extend(held);
-        pair.pump();
+        pair.release_held();
         assert_eq!(pair.sent, ["Fetch"], "the slot changed: fetched two-sided");
-        match &pair.done[2] {
-            OpResult::Read { version, bytes, .. } => {
-                assert_eq!(*version, 2);
-                assert_eq!(bytes, &page_of(9));
-            }
-            other => panic!("read: {other:?}"),
-        }
+        assert_read(&pair.done[2], 2, 9);
     }
 
     #[test]
@@ -372,13 +373,7 @@ mod tests {
         pair.sent.clear();
         pair.read(1);
         assert_eq!(pair.sent, ["Locate", "Fetch"]);
-        match &pair.done[0] {
-            OpResult::Read { version, bytes, .. } => {
-                assert_eq!(*version, 0);
-                assert_eq!(bytes, &vec![0u8; PAGE_BYTES]);
-            }
-            other => panic!("read: {other:?}"),
-        }
+        assert_read(&pair.done[0], 0, 0);
     }
 
     #[test]
@@ -392,9 +387,7 @@ mod tests {
         pair.hold_slot_read = true;
         pair.read(2);
         pair.commit(3, 9);
-        let held = std::mem::take(&mut pair.held);
-        pair.queue.extend(held);
-        pair.pump();
+        pair.release_held();
         assert!(
             matches!(&pair.done[2], OpResult::Read { version: 1, .. }),
             "{:?}",
