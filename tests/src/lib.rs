@@ -59,6 +59,15 @@ pub fn hotpot_bin() -> PathBuf {
         .clone()
 }
 
+/// Drop the kernel's cached pages of `file` (clean ones: a dirty page is written back
+/// first): the next read of them asks the node.
+pub fn drop_cached_pages(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an advisory call on a descriptor the caller holds open.
+    let status = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(status, 0, "posix_fadvise(DONTNEED) failed: errno {status}");
+}
+
 /// `true` if the test should run; `false` (with a note) only under the explicit opt-out.
 /// Panics with what to install when FUSE is missing.
 pub fn fuse_available() -> bool {

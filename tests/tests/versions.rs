@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -89,8 +88,7 @@ fn check_whole_version(image: &[u8], history: &[Vec<usize>], what: &str) -> u64 
 
 fn read_all(file: &mut File) -> Vec<u8> {
     // Drop this node's cached pages of the view: the next read asks the owners again.
-    // SAFETY: an advisory call on a descriptor we own.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    drop_cached_pages(file);
     let mut image = Vec::with_capacity(SIZE);
     std::io::Seek::rewind(file).unwrap();
     file.read_to_end(&mut image).unwrap();
@@ -471,10 +469,7 @@ fn views_of_a_multi_writer_dataset_show_whole_commits() {
             match held.as_mut() {
                 None => held = Some((view, seen)),
                 Some((file, rounds)) => {
-                    // SAFETY: an advisory call on a descriptor we own.
-                    unsafe {
-                        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-                    };
+                    drop_cached_pages(file);
                     let mut again = Vec::new();
                     std::io::Seek::rewind(file).unwrap();
                     file.read_to_end(&mut again).unwrap();

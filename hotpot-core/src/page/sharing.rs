@@ -101,7 +101,7 @@ impl PageTable {
         // same bytes, so they move to the shared frame and the old one can go.
         let mut bases = Vec::new();
         if let Some(served) = self.served.get_mut(&page) {
-            bases.push(&mut served.frame);
+            bases.push(&mut served.twin.frame);
         }
         if let Some(dirty) = self.dirty.get_mut(&page) {
             bases.push(&mut dirty.twin.frame);

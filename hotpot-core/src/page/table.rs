@@ -20,6 +20,13 @@ pub(super) struct Twin {
     pub(super) version: u64,
 }
 
+/// The base of the kernel's copy of a page, stamped in the order bases were served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Served {
+    pub(super) twin: Twin,
+    pub(super) stamp: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct DirtyPage {
     pub(super) frame: u32,
@@ -56,7 +63,9 @@ pub struct PageTable {
     /// Per page, the base of the copy the kernel holds: what this node last served it.
     /// The kernel writes back whole pages, so a write is diffed against this base, never
     /// against a committed copy that moved on since (that diff would revert other writers).
-    pub(super) served: HashMap<PageKey, Twin>,
+    pub(super) served: HashMap<PageKey, Served>,
+    /// The stamp the next base served gets (`served_mark`, `forget_served_before`).
+    pub(super) next_served_stamp: u64,
     /// Per Dirty page, the byte ranges (start, end) a failed commit sent. Its owner may hold
     /// them (a commit in doubt), so writing them back to the twin's bytes is a change a diff
     /// against the twin would miss: every later commit sends them again, with their current
@@ -82,6 +91,7 @@ impl PageTable {
             dirty_by_dataset: HashMap::new(),
             next_generation: 1,
             served: HashMap::new(),
+            next_served_stamp: 0,
             resend: HashMap::new(),
             prepared: HashMap::new(),
             versions: Default::default(),
@@ -206,15 +216,39 @@ impl PageTable {
         self.set_served(page, None);
     }
 
+    /// A mark to take before asking the kernel to drop pages (`forget_served_before`).
+    pub fn served_mark(&self) -> u64 {
+        self.next_served_stamp
+    }
+
+    /// The kernel dropped its copy of `page` after `mark` was taken: forget the base it was
+    /// served before the mark. A base served since is kept: the kernel read the page again
+    /// after dropping it (a program's fault racing the invalidation), so it holds those
+    /// bytes, and forgetting their base would diff its next write-back against whatever
+    /// copy is committed then, sending other writers' older bytes as changes.
+    pub fn forget_served_before(&mut self, page: PageKey, mark: u64) {
+        if self
+            .served
+            .get(&page)
+            .is_some_and(|served| served.stamp < mark)
+        {
+            self.set_served(page, None);
+        }
+    }
+
     fn set_served(&mut self, page: PageKey, base: Option<Twin>) {
         if let Some(Some(frame)) = base.map(|twin| twin.frame) {
             self.pool.ref_frame(frame);
         }
         let old = match base {
-            Some(twin) => self.served.insert(page, twin),
+            Some(twin) => {
+                let stamp = self.next_served_stamp;
+                self.next_served_stamp += 1;
+                self.served.insert(page, Served { twin, stamp })
+            }
             None => self.served.remove(&page),
         };
-        if let Some(Some(frame)) = old.map(|twin| twin.frame) {
+        if let Some(Some(frame)) = old.map(|served| served.twin.frame) {
             self.pool.unref_frame(frame);
         }
     }
@@ -252,12 +286,16 @@ impl PageTable {
             None => {
                 let frame = self.pool.alloc_frame()?;
                 // The base is what the kernel's copy came from, else the committed copy.
-                let base = self.served.get(&page).copied().or_else(|| {
-                    self.pool.page(page).map(|found| Twin {
-                        frame: Some(found.record.frame),
-                        version: found.record.version,
-                    })
-                });
+                let base = self
+                    .served
+                    .get(&page)
+                    .map(|served| served.twin)
+                    .or_else(|| {
+                        self.pool.page(page).map(|found| Twin {
+                            frame: Some(found.record.frame),
+                            version: found.record.version,
+                        })
+                    });
                 let twin = match base {
                     Some(Twin {
                         frame: Some(base_frame),
@@ -470,6 +508,53 @@ mod tests {
         assert_eq!(&bytes[0..1], b"x");
         assert_eq!(&bytes[10..15], b"hello", "the base was copied");
         assert_eq!(table.commit_local(1), vec![2]);
+    }
+
+    /// The daemon's invalidation after a decision: the kernel drops the page, the program
+    /// faults it in again at once (served the new copy), and only then is the old base
+    /// forgotten. The re-read base must stay: the write-back of that copy is diffed against
+    /// it, and a diff against a copy committed later would send another writer's older bytes.
+    #[test]
+    fn a_base_served_while_the_kernel_drops_a_page_is_not_forgotten() {
+        let mut table = table();
+        let (v1, v2, v3) = (vec![1u8; PAGE_BYTES], vec![2u8; PAGE_BYTES], {
+            let mut bytes = vec![2u8; PAGE_BYTES];
+            bytes[100..200].fill(3); // another writer's part, committed after v2
+            bytes
+        });
+        let mut out = vec![0u8; PAGE_BYTES];
+        table.install_copy((9, 0), 1, &v1).unwrap();
+        table.read_for_kernel((9, 0), &mut out);
+        // Version 2 is decided here; the kernel is told to drop version 1.
+        table.install_copy((9, 0), 2, &v2).unwrap();
+        let mark = table.served_mark();
+        table.read_for_kernel((9, 0), &mut out); // the program's fault, after the drop
+        assert_eq!(out, v2);
+        table.forget_served_before((9, 0), mark);
+        assert!(table.is_served((9, 0)), "the kernel holds version 2");
+        // Version 3 is decided; the kernel writes back its copy (version 2 and the
+        // program's own bytes) as the next invalidation begins.
+        table.install_copy((9, 0), 3, &v3).unwrap();
+        let mut written = v2.clone();
+        written[0..4].copy_from_slice(&[7, 7, 7, 7]);
+        table.stage((9, 0), 0, &written).unwrap();
+        table.rebase_dataset(9);
+        let snapshot = table.snapshot_dirty(9).pop().expect("a dirty page");
+        let sent: Vec<(u16, Vec<u8>)> = snapshot
+            .runs
+            .iter()
+            .map(|run| (run.offset, run.bytes.clone()))
+            .collect();
+        assert_eq!(sent, [(0, vec![7, 7, 7, 7])], "only the program's bytes");
+        assert_eq!(
+            &snapshot.bytes[100..200],
+            &[3u8; 100],
+            "version 3's part kept"
+        );
+        // A base served before the mark goes.
+        let mark = table.served_mark();
+        table.forget_served_before((9, 0), mark);
+        assert!(!table.is_served((9, 0)));
     }
 
     #[test]

@@ -432,8 +432,11 @@ impl Protocol {
     }
 
     /// Drop the kernel's cached pages of `ino` and wait until it has (a dirty one is
-    /// written back first, against the base it was read at); then forget those bases.
+    /// written back first, against the base it was read at); then forget those bases, but
+    /// not one served while the kernel was dropping them: a program's fault may read a page
+    /// again at once, and that copy stays in the kernel with its base.
     pub fn invalidate(&self, ino: Ino, dataset: DatasetId, pages: &[u64]) {
+        let mark = self.table().served_mark();
         let cached = self
             .cached_inos
             .lock()
@@ -449,7 +452,7 @@ impl Protocol {
         }
         let mut table = self.table();
         for page in pages {
-            table.forget_served((dataset, *page));
+            table.forget_served_before((dataset, *page), mark);
         }
     }
 
