@@ -53,6 +53,17 @@ pub struct DirtySnapshot {
     pub generation: u64,
 }
 
+#[cfg(test)]
+impl DirtySnapshot {
+    /// The runs a commit of this snapshot sends, as (offset, bytes).
+    pub(crate) fn runs_sent(&self) -> Vec<(u16, Vec<u8>)> {
+        self.runs
+            .iter()
+            .map(|run| (run.offset, run.bytes.clone()))
+            .collect()
+    }
+}
+
 /// A page of a commit as the owner sees it.
 pub struct OwnedPage<'a> {
     pub page: u64,
@@ -302,6 +313,12 @@ impl PageTable {
         };
         let mut rebased = self.pool.frame(current.frame).to_vec();
         apply_runs(&mut rebased, runs).expect("runs of a local diff fit the page");
+        // The kernel's copy, if it holds one, stays as it was: its later writes change only
+        // what they change in it (`stage`).
+        if self.served.contains_key(&key) && !self.kernel_images.contains_key(&key) {
+            let image = self.pool.frame(dirty.frame).to_vec();
+            self.kernel_images.insert(key, image);
+        }
         self.pool.frame_mut(dirty.frame).copy_from_slice(&rebased);
         self.pool.ref_frame(current.frame);
         if let Some(old) = dirty.twin.frame {
@@ -886,11 +903,7 @@ mod tests {
         table.rebase_dataset(9);
         let snapshot = table.snapshot_dirty(9).pop().expect("a dirty page");
         assert_eq!(snapshot.base_version, 2, "based on the served copy");
-        let sent: Vec<(u16, Vec<u8>)> = snapshot
-            .runs
-            .iter()
-            .map(|run| (run.offset, run.bytes.clone()))
-            .collect();
+        let sent = snapshot.runs_sent();
         assert_eq!(
             sent,
             [(0, vec![1, 3, 1, 3])],

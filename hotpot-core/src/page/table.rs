@@ -66,6 +66,12 @@ pub struct PageTable {
     pub(super) served: HashMap<PageKey, Served>,
     /// The stamp the next base served gets (`served_mark`, `forget_served_before`).
     pub(super) next_served_stamp: u64,
+    /// Per Dirty page rebased while the kernel held a copy of it: that copy's bytes (the
+    /// Dirty page as it was before the rebase, with every write since). The kernel writes
+    /// back whole pages, and the bytes it did not change are its copy's, older than the
+    /// rebased ones (other writers' commits): a write changes only the bytes it changes in
+    /// this image.
+    pub(super) kernel_images: HashMap<PageKey, Vec<u8>>,
     /// Per Dirty page, the byte ranges (start, end) a failed commit sent. Its owner may hold
     /// them (a commit in doubt), so writing them back to the twin's bytes is a change a diff
     /// against the twin would miss: every later commit sends them again, with their current
@@ -92,6 +98,7 @@ impl PageTable {
             next_generation: 1,
             served: HashMap::new(),
             next_served_stamp: 0,
+            kernel_images: HashMap::new(),
             resend: HashMap::new(),
             prepared: HashMap::new(),
             versions: Default::default(),
@@ -145,6 +152,7 @@ impl PageTable {
     pub fn read_for_kernel(&mut self, page: PageKey, out: &mut [u8]) -> ReadOutcome {
         if self.dirty.contains_key(&page) {
             self.rebase_dirty(page);
+            // The kernel gets the Dirty page itself: set_served drops an older image.
             let twin = self.dirty[&page].twin;
             self.set_served(page, Some(twin));
         } else {
@@ -236,7 +244,10 @@ impl PageTable {
         }
     }
 
+    /// The kernel's copy of `page` changes (read anew, or dropped): an image of the old one
+    /// goes with it.
     fn set_served(&mut self, page: PageKey, base: Option<Twin>) {
+        self.kernel_images.remove(&page);
         if let Some(Some(frame)) = base.map(|twin| twin.frame) {
             self.pool.ref_frame(frame);
         }
@@ -330,7 +341,23 @@ impl PageTable {
                 dirty
             }
         };
-        self.pool.frame_mut(dirty.frame)[offset..offset + data.len()].copy_from_slice(data);
+        let frame = self.pool.frame_mut(dirty.frame);
+        match self.kernel_images.get_mut(&page) {
+            // Only what the kernel changed in its copy: its other bytes are older than the
+            // rebased page's.
+            Some(image) => {
+                let at = offset..offset + data.len();
+                for ((kept, new), staged) in
+                    image[at.clone()].iter_mut().zip(data).zip(&mut frame[at])
+                {
+                    if *kept != *new {
+                        *kept = *new;
+                        *staged = *new;
+                    }
+                }
+            }
+            None => frame[offset..offset + data.len()].copy_from_slice(data),
+        }
         Ok(())
     }
 
@@ -348,6 +375,7 @@ impl PageTable {
         let Some(dirty) = self.dirty.remove(&page) else {
             return;
         };
+        self.kernel_images.remove(&page);
         if let Some(twin) = dirty.twin.frame {
             self.pool.unref_frame(twin);
         }
@@ -540,11 +568,7 @@ mod tests {
         table.stage((9, 0), 0, &written).unwrap();
         table.rebase_dataset(9);
         let snapshot = table.snapshot_dirty(9).pop().expect("a dirty page");
-        let sent: Vec<(u16, Vec<u8>)> = snapshot
-            .runs
-            .iter()
-            .map(|run| (run.offset, run.bytes.clone()))
-            .collect();
+        let sent = snapshot.runs_sent();
         assert_eq!(sent, [(0, vec![7, 7, 7, 7])], "only the program's bytes");
         assert_eq!(
             &snapshot.bytes[100..200],
@@ -555,6 +579,48 @@ mod tests {
         let mark = table.served_mark();
         table.forget_served_before((9, 0), mark);
         assert!(!table.is_served((9, 0)));
+    }
+
+    /// A staged page rebased on another writer's newer commit while the kernel holds its
+    /// copy (a commit's snapshot rebases it): the kernel's whole-page write-back carries
+    /// that writer's older bytes, which must not overwrite the rebased ones.
+    #[test]
+    fn a_write_back_of_the_kernels_older_copy_keeps_what_a_rebase_brought() {
+        let mut table = table();
+        let v1 = vec![1u8; PAGE_BYTES];
+        let mut v2 = v1.clone();
+        v2[100..200].fill(2); // another writer's part
+        let mut out = vec![0u8; PAGE_BYTES];
+        table.install_copy((9, 0), 1, &v1).unwrap();
+        table.read_for_kernel((9, 0), &mut out);
+        let mut kernel = out.clone();
+        kernel[0..4].fill(7); // the program's store, written back
+        table.stage((9, 0), 0, &kernel).unwrap();
+        table.install_copy((9, 0), 2, &v2).unwrap();
+        table.rebase_dataset(9);
+        kernel[4..8].fill(8); // another store into the kernel's (older) copy
+        table.stage((9, 0), 0, &kernel).unwrap();
+        let snapshot = table.snapshot_dirty(9).pop().expect("a dirty page");
+        assert_eq!(snapshot.base_version, 2);
+        assert_eq!(&snapshot.bytes[0..8], &[7, 7, 7, 7, 8, 8, 8, 8]);
+        assert_eq!(
+            &snapshot.bytes[100..200],
+            &[2u8; 100],
+            "the rebase's bytes kept"
+        );
+        let sent = snapshot.runs_sent();
+        assert_eq!(
+            sent,
+            [(0, vec![7, 7, 7, 7, 8, 8, 8, 8])],
+            "only the program's bytes"
+        );
+        // Read again, the kernel holds the rebased page: its write-back is taken whole.
+        table.read_for_kernel((9, 0), &mut out);
+        assert_eq!(&out[100..200], &[2u8; 100]);
+        out[100..104].fill(9);
+        table.stage((9, 0), 0, &out).unwrap();
+        let snapshot = table.snapshot_dirty(9).pop().expect("a dirty page");
+        assert_eq!(&snapshot.bytes[100..104], &[9u8; 4]);
     }
 
     #[test]

@@ -296,6 +296,7 @@ impl NodeEngine {
     /// sent kept for the next commit to send again, and the call fails.
     fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
         let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
+        self.protocol.note_record(dataset);
         self.protocol.settle_before_commit(dataset.id);
         let snapshots = StagedCommit::snapshot(&mut self.table(), dataset.id);
         let owner_of = |page| self.protocol.owner_of(dataset, page);

@@ -19,7 +19,7 @@ use hotpot_core::proto::messages::{NodeReply, NodeRequest, PageWrite, VersionedP
 use hotpot_core::proto::outcome::GivenUp;
 use hotpot_core::proto::rejoin::Incarnations;
 use hotpot_core::proto::replication::{short_of_copies, targets, Targets};
-use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, NodeId, NodeInfo};
+use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino, Mode, NodeId, NodeInfo};
 use hotpot_core::proto::unconfirmed::Unconfirmed;
 use hotpot_fs::Invalidator;
 use hotpot_net::{multicall, Client, NetError};
@@ -333,6 +333,22 @@ impl Protocol {
                 cache.get(&dataset).cloned().ok_or(FsError::NotFound)
             }
         }
+    }
+
+    /// `dataset`'s record, which this node's program holds (a commit notes it before it
+    /// starts, so its decision finds the dataset's mode without asking anyone).
+    pub fn note_record(&self, dataset: &Dataset) {
+        self.records
+            .lock()
+            .expect("records lock")
+            .entry(dataset.id)
+            .or_insert_with(|| dataset.clone());
+    }
+
+    /// `dataset`'s mode, if its record is here (never asks the dispatcher).
+    fn known_mode(&self, dataset: DatasetId) -> Option<Mode> {
+        let records = self.records.lock().expect("records lock");
+        records.get(&dataset).map(|record| record.params.mode)
     }
 
     pub fn is_rebuilding(&self) -> bool {
@@ -1020,11 +1036,19 @@ impl Protocol {
             (Decided::Current { dataset, pages }, Some(ino)) => {
                 self.invalidate(ino, dataset, &pages)
             }
-            // The committer: its kernel holds the committed bytes; the base moves with them.
+            // The committer. MRSW: its kernel holds the committed bytes (whole pages, one
+            // writer); the base moves with them. MRMW: the merge may hold other writers'
+            // bytes its kernel has not seen, so the base stays the one the kernel's copy was
+            // read at until the commit drops that copy (`stale_kernel_pages`); a write-back
+            // in between (another thread's stores, met by a later decision's invalidation)
+            // diffed against the merge would send those writers' bytes back to older values.
+            // An unknown mode moves no base (an MRSW commit's own end moves it: `settle`).
             (Decided::Current { dataset, pages }, None) => {
-                let mut table = self.table();
-                for page in pages {
-                    table.serve_committed((dataset, page));
+                if self.known_mode(dataset) == Some(Mode::Mrsw) {
+                    let mut table = self.table();
+                    for page in pages {
+                        table.serve_committed((dataset, page));
+                    }
                 }
             }
             (Decided::Dropped { dataset, pages }, _) => {
