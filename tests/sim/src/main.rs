@@ -58,6 +58,9 @@ enum Plant {
     ReadViewsCurrent,
     /// A one-sided read takes the frame it read without checking the page's slot again.
     TrustOneSidedFrame,
+    /// When the kernel has dropped pages, the node forgets every base of them, also one a
+    /// read served after the drop (the daemon's bug of session 20).
+    ForgetRereadBases,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -72,6 +75,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::IgnoreRestarts => bugs.ignore_owner_restarts = true,
             Plant::ReadViewsCurrent => bugs.read_views_current = true,
             Plant::TrustOneSidedFrame => bugs.trust_one_sided_frame = true,
+            Plant::ForgetRereadBases => bugs.forget_reread_bases = true,
         }
     }
     bugs

@@ -164,6 +164,10 @@ pub(crate) fn describe_op(op: &Op) -> String {
             let pages: Vec<u64> = stores.iter().map(|(page, _, _)| *page).collect();
             format!("op {op} write d{dataset} pages {pages:?}")
         }
+        Op::WriteBack { op, dataset, pages } => {
+            let pages: Vec<u64> = pages.iter().map(|(page, _)| *page).collect();
+            format!("op {op} write back d{dataset} pages {pages:?}")
+        }
         Op::Commit { op, dataset } => format!("op {op} commit d{dataset}"),
         Op::Read { op, dataset, page } => format!("op {op} read d{dataset} p{page}"),
         Op::Latest { op, dataset } => format!("op {op} latest version of d{dataset}"),

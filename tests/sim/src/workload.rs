@@ -169,6 +169,9 @@ pub struct Workload {
     /// Each node's view: to pin (after a `Latest`), or pinned.
     views: BTreeMap<NodeId, (View, bool)>,
     running: BTreeMap<NodeId, (OpId, Running)>,
+    /// Each node's last page read: its next write often stores into it (read-modify-write,
+    /// which through a mapping is the kernel's write-back of the page it read).
+    last_read: BTreeMap<NodeId, (DatasetId, u64)>,
     next_op: OpId,
 }
 
@@ -192,6 +195,7 @@ impl Workload {
             view_reads: Vec::new(),
             views: BTreeMap::new(),
             running: BTreeMap::new(),
+            last_read: BTreeMap::new(),
             next_op: 1,
         }
     }
@@ -253,14 +257,27 @@ impl Workload {
             })
             .collect();
         if !writable.is_empty() && rng.random_bool(0.55) {
-            let (dataset, pages) = *writable.choose(rng).expect("not empty");
+            let read_back = self.last_read.remove(&node).filter(|(dataset, _)| {
+                writable.iter().any(|(writable, _)| writable.id == *dataset)
+            });
+            let (chosen_dataset, chosen) = match read_back {
+                Some((dataset, page)) if rng.random_bool(0.5) => (dataset, vec![page]),
+                _ => {
+                    let (dataset, pages) = *writable.choose(rng).expect("not empty");
+                    // Commits of either mode may span owners (three phases).
+                    let candidates: Vec<u64> = (0..*pages).collect();
+                    let count = rng.random_range(1..=candidates.len().min(4));
+                    let chosen = candidates.choose_multiple(rng, count).copied().collect();
+                    (dataset.id, chosen)
+                }
+            };
+            let (dataset, _) = *writable
+                .iter()
+                .find(|(dataset, _)| dataset.id == chosen_dataset)
+                .expect("a writable dataset");
             if let Some(left) = self.open.get_mut(&(node, dataset.id)) {
                 *left -= 1;
             }
-            // Commits of either mode may span owners (three phases).
-            let candidates: Vec<u64> = (0..*pages).collect();
-            let count = rng.random_range(1..=candidates.len().min(4));
-            let chosen: Vec<u64> = candidates.choose_multiple(rng, count).copied().collect();
             let stamp = stamp_bytes(op);
             let offset = slot_offset(node) as u16;
             let stores = chosen
@@ -303,6 +320,7 @@ impl Workload {
                 };
             }
             let page = rng.random_range(0..*pages);
+            self.last_read.insert(node, (dataset.id, page));
             self.running.insert(
                 node,
                 (

@@ -14,7 +14,7 @@ use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply
 use hotpot_core::proto::node::{
     Config, Input, Machine, Op, OpDone, OpResult, Output, Timing, DISPATCHER,
 };
-use hotpot_core::proto::types::{Dataset, DatasetParams, NodeId};
+use hotpot_core::proto::types::{Dataset, DatasetId, DatasetParams, NodeId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -108,6 +108,15 @@ enum Event {
         target: NodeId,
         call: u64,
         bytes: Option<Vec<u8>>,
+    },
+    /// The machine of this start of the node hears that its kernel dropped the pages an
+    /// `Output::Invalidate` named (`Input::Invalidated`), a moment after the drop: reads
+    /// may reach it between the two, as in the daemon.
+    KernelDropped {
+        node: (NodeId, u64),
+        dataset: DatasetId,
+        pages: Vec<u64>,
+        mark: u64,
     },
     DispatcherCrash,
     DispatcherRestart,
@@ -376,6 +385,21 @@ impl World {
                     self.input(reader.0, input);
                 }
             }
+            Event::KernelDropped {
+                node,
+                dataset,
+                pages,
+                mark,
+            } => {
+                if self.is_alive(node) {
+                    let input = Input::Invalidated {
+                        dataset,
+                        pages,
+                        mark,
+                    };
+                    self.input(node.0, input);
+                }
+            }
         }
     }
 
@@ -595,10 +619,24 @@ impl World {
             Output::AskDispatcher { call, request } => {
                 self.send(node, DISPATCHER, Message::DispatcherCall { call, request })
             }
-            Output::Invalidate { dataset, pages } => {
+            Output::Invalidate {
+                dataset,
+                pages,
+                mark,
+            } => {
+                // The kernel drops them at once (the daemon waits for it before it answers
+                // the message that made them stale); the node hears it a moment later.
                 trace!(self, "n{node} invalidates d{dataset} pages {pages:?}");
                 let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
                 kernel.invalidate(dataset, &pages);
+                let dropped = Event::KernelDropped {
+                    node: (node, self.nodes[&node].incarnation),
+                    dataset,
+                    pages,
+                    mark,
+                };
+                let delay = self.kernel_delay();
+                self.schedule(delay, dropped);
             }
             Output::ReadRemote {
                 to,
@@ -687,13 +725,21 @@ impl World {
         }
     }
 
+    /// How long after the kernel dropped pages the node hears it did (0–2 ms).
+    fn kernel_delay(&mut self) -> u64 {
+        self.rng.random_range(0..=2)
+    }
+
     fn client(&mut self, node: NodeId) {
         if self.healing || self.nodes[&node].machine.is_none() || self.workload.busy(node) {
             return;
         }
         let op = self.workload.next_op(node, &mut self.rng, self.now_ms);
-        trace!(self, "start n{node} {}", trace::describe_op(&op));
         let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+        // Stores into pages the kernel holds go into its copies (the program's mapping),
+        // which it writes back whole at the msync.
+        let op = kernel.through_mapping(op);
+        trace!(self, "start n{node} {}", trace::describe_op(&op));
         match &op {
             Op::Read { op, dataset, page } => {
                 if let Some((version, bytes, failed_over)) = kernel.cached((*dataset, *page)) {
@@ -714,6 +760,11 @@ impl World {
                 dataset, stores, ..
             } => {
                 for (page, _, _) in stores {
+                    kernel.written((*dataset, *page));
+                }
+            }
+            Op::WriteBack { dataset, pages, .. } => {
+                for (page, _) in pages {
                     kernel.written((*dataset, *page));
                 }
             }

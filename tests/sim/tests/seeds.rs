@@ -186,6 +186,20 @@ fn a_one_sided_read_trusting_a_moved_frame_is_caught() {
     );
 }
 
+/// Rare: only a page read after the kernel dropped it but before the node heard so, written
+/// back after another commit of it landed here: 2 of seeds 0-1,999 in session 20, the first
+/// 722 (the daemon's lost update of session 20, docs/design.md "MRMW").
+#[test]
+fn forgetting_a_base_read_while_the_kernel_dropped_the_page_is_caught() {
+    first_caught(
+        Bugs {
+            forget_reread_bases: true,
+            ..Bugs::default()
+        },
+        20_000,
+    );
+}
+
 #[test]
 fn a_seed_replays_to_the_same_trace() {
     let planted = Bugs {

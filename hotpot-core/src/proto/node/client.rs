@@ -29,6 +29,15 @@ pub enum Op {
         dataset: DatasetId,
         stores: Vec<(u64, u16, Vec<u8>)>,
     },
+    /// A program's stores into pages its kernel holds (a mapping), written back whole by
+    /// the kernel, and its msync, as `Write` (given up if the commit fails). Each page is
+    /// staged against the base the kernel's copy was served at, as the daemon stages the
+    /// kernel's writes; a page whose base this node no longer keeps is based as `Write`'s.
+    WriteBack {
+        op: OpId,
+        dataset: DatasetId,
+        pages: Vec<(u64, Vec<u8>)>,
+    },
     /// msync: commit every page staged for `dataset` (MRSW: whole pages against their
     /// versions; MRMW: the bytes changed against each page's base). A commit that failed
     /// leaves them staged, for the next.
@@ -179,6 +188,7 @@ impl Machine {
     pub(super) fn start_op(&mut self, op: Op) {
         let (id, dataset_id) = match &op {
             Op::Write { op, dataset, .. }
+            | Op::WriteBack { op, dataset, .. }
             | Op::Commit { op, dataset }
             | Op::Read { op, dataset, .. }
             | Op::Latest { op, dataset }
@@ -191,7 +201,11 @@ impl Machine {
         let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
             return self.op_done(id, OpResult::Refused(FsError::NotFound));
         };
-        if matches!(op, Op::Write { .. } | Op::Commit { .. }) && !self.may_write(&dataset) {
+        let writes = matches!(
+            op,
+            Op::Write { .. } | Op::WriteBack { .. } | Op::Commit { .. }
+        );
+        if writes && !self.may_write(&dataset) {
             let why = format!(
                 "dataset {dataset_id} is MRSW and this node does not hold its write lease (open it for writing first)"
             );
@@ -253,22 +267,33 @@ impl Machine {
                             || self.reads_through(&dataset, *page)
                     })
                     .collect();
-                let owners: Vec<(NodeId, u64)> = missing
+                self.write_pages(id, dataset, stores, missing);
+            }
+            Op::WriteBack { pages: written, .. } => {
+                let bad = written
                     .iter()
-                    .map(|page| (self.owner_of(&dataset, *page), *page))
+                    .any(|(page, bytes)| *page >= pages || bytes.len() != PAGE_BYTES);
+                if written.is_empty() || bad {
+                    let why = "pages written back outside the dataset, or not whole";
+                    return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
+                }
+                // The kernel's copies keep their bases; a page without one (this node
+                // dropped it since) is based on this node's copy or the owner's, as a
+                // `Write`'s pages are.
+                let missing: BTreeSet<u64> = written
+                    .iter()
+                    .map(|(page, _)| *page)
+                    .filter(|page| {
+                        let key = (dataset_id, *page);
+                        !self.table.has_kernel_base(key)
+                            && (!self.table.has_copy(key) || self.reads_through(&dataset, *page))
+                    })
                     .collect();
-                let empty = missing.is_empty();
-                let mut write = ClientOp::new(dataset, self.now_ms);
-                write.stores = stores;
-                write.gives_up = true;
-                write.step = Step::Fetching { missing };
-                self.client.ops.insert(id, write);
-                for (owner, page) in owners {
-                    self.fetch_page(id, owner, dataset_id, page);
-                }
-                if empty {
-                    self.stage_and_commit(id);
-                }
+                let stores = written
+                    .into_iter()
+                    .map(|(page, bytes)| (page, 0, bytes))
+                    .collect();
+                self.write_pages(id, dataset, stores, missing);
             }
             Op::Commit { .. } => {
                 self.client
@@ -292,6 +317,34 @@ impl Machine {
             Op::Pin { view, version, .. } => self.start_pin(id, dataset, view, version),
             Op::ReadAt { version, page, .. } => self.start_read_at(id, dataset, version, page),
             Op::Unpin { view, .. } => self.unpin_view(id, view),
+        }
+    }
+
+    /// A `Write`'s or `WriteBack`'s stores: the `missing` pages are fetched from their
+    /// owners first, then every store is staged and committed; a failed commit gives them up.
+    fn write_pages(
+        &mut self,
+        id: OpId,
+        dataset: Dataset,
+        stores: Vec<(u64, u16, Vec<u8>)>,
+        missing: BTreeSet<u64>,
+    ) {
+        let owners: Vec<(NodeId, u64)> = missing
+            .iter()
+            .map(|page| (self.owner_of(&dataset, *page), *page))
+            .collect();
+        let dataset_id = dataset.id;
+        let empty = missing.is_empty();
+        let mut write = ClientOp::new(dataset, self.now_ms);
+        write.stores = stores;
+        write.gives_up = true;
+        write.step = Step::Fetching { missing };
+        self.client.ops.insert(id, write);
+        for (owner, page) in owners {
+            self.fetch_page(id, owner, dataset_id, page);
+        }
+        if empty {
+            self.stage_and_commit(id);
         }
     }
 

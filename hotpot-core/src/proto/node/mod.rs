@@ -60,6 +60,10 @@ pub struct Bugs {
     /// (or the checksum): a frame a commit freed and another page reused is taken for the
     /// version `Locate` named.
     pub trust_one_sided_frame: bool,
+    /// When the kernel has dropped pages, every base of them is forgotten, also one served
+    /// since the drop began (a read racing it): the kernel's copy from that read has no
+    /// base, and its write-back is diffed against whatever copy is committed by then.
+    pub forget_reread_bases: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -215,6 +219,13 @@ pub enum Input {
         call: u64,
         bytes: Option<Vec<u8>>,
     },
+    /// The kernel dropped the pages an `Output::Invalidate` named (a dirty one was
+    /// written back first): their bases served before `mark` are forgotten.
+    Invalidated {
+        dataset: DatasetId,
+        pages: Vec<u64>,
+        mark: u64,
+    },
     /// Time passed (every input carries `now_ms` too).
     Tick,
 }
@@ -239,10 +250,13 @@ pub enum Output {
         request: DispatcherRequest,
     },
     /// The kernel's cached copies of these pages are out of date (a commit changed the
-    /// bytes under them): drop them, so the next read asks the file system.
+    /// bytes under them): drop them, so the next read asks the file system, then say so
+    /// with `Input::Invalidated` and this `mark` (until then the bases stay: a dirty copy
+    /// is written back against its own).
     Invalidate {
         dataset: DatasetId,
         pages: Vec<u64>,
+        mark: u64,
     },
     /// Read `len` bytes at `offset` of node `to`'s PM one-sided, without its CPU (RDMA
     /// READ); the bytes come back as `Input::RemoteRead`.
@@ -443,6 +457,11 @@ impl Machine {
             }
             Input::DispatcherReply { call, reply } => self.on_dispatcher_reply(call, reply),
             Input::RemoteRead { from, call, bytes } => self.on_remote_read(from, call, bytes),
+            Input::Invalidated {
+                dataset,
+                pages,
+                mark,
+            } => self.kernel_dropped(dataset, &pages, mark),
             // Rejoin calls that failed go again at the next tick, not at once.
             Input::Tick => self.continue_rejoin(),
         }
@@ -716,17 +735,32 @@ impl Machine {
     }
 
     /// `pages` of `dataset` changed here under whatever the kernel caches of them (a commit
-    /// another node made, a copy installed): the base it was served is forgotten and the
-    /// kernel drops its copies. Not for this node's own commits of whole pages: its kernel
-    /// holds those bytes already.
+    /// another node made, a copy installed): the kernel drops its copies, and then
+    /// (`kernel_dropped`) the bases it was served. Not for this node's own commits of whole
+    /// pages: its kernel holds those bytes already.
     fn kernel_stale(&mut self, dataset: DatasetId, pages: Vec<u64>) {
         if pages.is_empty() {
             return;
         }
-        for page in &pages {
-            self.table.forget_served((dataset, *page));
+        let mark = self.table.served_mark();
+        self.out.push(Output::Invalidate {
+            dataset,
+            pages,
+            mark,
+        });
+    }
+
+    /// The kernel dropped `pages`: the bases served before `mark` go. One served since
+    /// stays: a read after the drop began, whose copy the kernel holds (the daemon's
+    /// `invalidate`).
+    fn kernel_dropped(&mut self, dataset: DatasetId, pages: &[u64], mark: u64) {
+        for page in pages {
+            if self.config.bugs.forget_reread_bases {
+                self.table.forget_served((dataset, *page));
+            } else {
+                self.table.forget_served_before((dataset, *page), mark);
+            }
         }
-        self.out.push(Output::Invalidate { dataset, pages });
     }
 
     /// A transaction name no earlier start of this node used.

@@ -203,7 +203,7 @@ fn a_committed_msync_sends_the_staged_bytes_and_leaves_the_page_clean() {
     );
     assert!(
         outputs.iter().any(|output| matches!(output,
-            Output::Invalidate { dataset: DATASET, pages } if pages == &vec![2])),
+            Output::Invalidate { dataset: DATASET, pages, .. } if pages == &vec![2])),
         "the kernel's copy of the page lacks the other writers' bytes: invalidated"
     );
     assert!(machine.table().dirty_pages(DATASET).is_empty());

@@ -1,12 +1,13 @@
 //! One node's kernel page cache, as the simulated programs see it: a page a read brought is
 //! served again without the machine until the machine invalidates it or the node goes down;
-//! a page the program writes leaves it. An invalidation that meets a read of the page still
+//! a program's stores into pages it holds are written back whole (`Op::WriteBack`, as through
+//! a mapping), and a page the program writes leaves it. An invalidation that meets a read of the page still
 //! in flight drops what that read brings too (the kernel holds the page locked while it
 //! reads, and the invalidation waits for it).
 
 use std::collections::BTreeMap;
 
-use hotpot_core::proto::node::OpId;
+use hotpot_core::proto::node::{Op, OpId};
 use hotpot_core::proto::types::DatasetId;
 
 type PageAt = (DatasetId, u64);
@@ -35,6 +36,45 @@ impl KernelCache {
         let invalidated = self.reading.remove(&op).is_some_and(|(_, dropped)| dropped);
         if !invalidated {
             self.pages.insert(page, cached);
+        }
+    }
+
+    /// A `Write` whose every page is cached becomes the kernel's write-back of those
+    /// pages with the stores in them (a program's stores into its mapping); any other op
+    /// is as it was.
+    pub(crate) fn through_mapping(&self, op: Op) -> Op {
+        let Op::Write {
+            op,
+            dataset,
+            stores,
+        } = op
+        else {
+            return op;
+        };
+        let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for (page, _, _) in &stores {
+            match self.pages.get(&(dataset, *page)) {
+                Some((_, bytes, _)) => {
+                    pages.entry(*page).or_insert_with(|| bytes.clone());
+                }
+                None => {
+                    return Op::Write {
+                        op,
+                        dataset,
+                        stores,
+                    }
+                }
+            }
+        }
+        for (page, offset, bytes) in &stores {
+            let at = usize::from(*offset);
+            let copy = pages.get_mut(page).expect("every page is cached");
+            copy[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        Op::WriteBack {
+            op,
+            dataset,
+            pages: pages.into_iter().collect(),
         }
     }
 
