@@ -538,6 +538,21 @@ impl PageTable {
             .any(|prepared| prepared.dataset == key.0 && prepared.pages.contains(&key.1))
     }
 
+    /// Whether the kernel's copy of `key` was served at a version older than a copy of it
+    /// prepared here and waiting (one this node's own undecided commit may have written).
+    pub fn kernel_base_behind_prepared(&self, key: PageKey) -> bool {
+        let Some(base) = self.served.get(&key).map(|served| served.twin.version) else {
+            return false;
+        };
+        self.prepared.values().any(|prepared| {
+            prepared
+                .record
+                .puts()
+                .iter()
+                .any(|(put, version, _)| *put == key && *version > base)
+        })
+    }
+
     /// Whether `tx` is prepared here and waiting.
     pub fn is_pending(&self, tx: TxKey) -> bool {
         self.prepared.contains_key(&tx)

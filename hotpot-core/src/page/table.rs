@@ -448,12 +448,13 @@ impl PageTable {
 
     /// Forget every copy and staged write of `dataset` on this node.
     pub fn drop_dataset(&mut self, dataset: DatasetId) -> Result<(), PmError> {
-        let served: Vec<PageKey> = self
+        let mut served: Vec<PageKey> = self
             .served
             .keys()
             .filter(|key| key.0 == dataset)
             .copied()
             .collect();
+        served.sort_unstable(); // frames freed in an order every run repeats
         for key in served {
             self.forget_served(key);
         }

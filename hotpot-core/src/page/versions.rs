@@ -246,6 +246,9 @@ impl PageTable {
             });
             !olds.is_empty()
         });
+        // In frame order, not the map's: the frames freed go back in an order every run
+        // (and a replayed simulation) repeats, so the next frames taken are the same.
+        freed.sort_unstable();
         for frame in freed {
             self.pool.unref_frame(frame);
         }

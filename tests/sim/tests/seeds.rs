@@ -58,7 +58,7 @@ fn four_thousand_seeds_find_no_violation() {
 #[test]
 fn seeds_that_found_bugs_pass() {
     for seed in [
-        13_057, 13_943, 15_416, 78_081, 203_313, 316_941, 2_101_000, 3_086_714, 5_007_311,
+        13_057, 13_753, 13_943, 15_416, 78_081, 203_313, 316_941, 2_101_000, 3_086_714, 5_007_311,
         10_081_251, 13_157_567, 14_095_132, 22_022_290, 22_163_933, 23_089_597,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
@@ -187,7 +187,7 @@ fn a_one_sided_read_trusting_a_moved_frame_is_caught() {
 }
 
 /// Rare: only a page read after the kernel dropped it but before the node heard so, written
-/// back after another commit of it landed here: 2 of seeds 0-1,999 in session 20, the first
+/// back after another commit of it landed here: 3 of seeds 0-1,999 in session 20, the first
 /// 722 (the daemon's lost update of session 20, docs/design.md "MRMW").
 #[test]
 fn forgetting_a_base_read_while_the_kernel_dropped_the_page_is_caught() {
@@ -237,6 +237,21 @@ fn a_seed_replays_to_the_same_trace() {
     assert_eq!(
         first, second,
         "two replays of seed {failing} printed different bytes"
+    );
+    // Seed 2 unpins views holding several kept frames: freed in a hash map's order, they
+    // were taken again in another order in about one process of three (session 20).
+    let traces: Vec<Vec<u8>> = (0..8)
+        .map(|_| {
+            Command::new(binary)
+                .args(["--seed", "2", "--trace", "--plant", "skip-lock"])
+                .output()
+                .expect("hotpot-sim runs")
+                .stdout
+        })
+        .collect();
+    assert!(
+        traces.iter().all(|trace| *trace == traces[0]),
+        "eight replays of seed 2 printed different bytes"
     );
 }
 

@@ -277,6 +277,23 @@ impl Machine {
                     let why = "pages written back outside the dataset, or not whole";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 }
+                // A kernel's copy older than a copy of the page prepared here (this node's
+                // own undecided commit may have written it), or taken while the owner was
+                // silent, is no base for a whole page: a stored byte equal to that older
+                // copy's is no change against it, so the commit would carry part of the
+                // program's bytes onto its own newer ones (found by hotpot-sim, seed 13753:
+                // a stamp torn). Refused; the daemon has the same hazard (docs/design.md,
+                // session 20).
+                if let Some((page, _)) = written.iter().find(|(page, _)| {
+                    let key = (dataset_id, *page);
+                    self.table.kernel_base_behind_prepared(key)
+                        || (self.table.has_kernel_base(key) && self.is_failed_over(key))
+                }) {
+                    let why = format!(
+                        "page {page} of dataset {dataset_id}: the copy written back may be older than this node's own last commit of it; read it again"
+                    );
+                    return self.op_done(id, OpResult::Refused(FsError::Io(why)));
+                }
                 // The kernel's copies keep their bases; a page without one (this node
                 // dropped it since) is based on this node's copy or the owner's, as a
                 // `Write`'s pages are.
