@@ -1,9 +1,9 @@
 //! One node's kernel page cache, as the simulated programs see it: a page a read brought is
 //! served again without the machine until the machine invalidates it or the node goes down;
 //! a program's stores into pages it holds are written back whole (`Op::WriteBack`, as through
-//! a mapping), and a page the program writes leaves it. An invalidation that meets a read of the page still
-//! in flight drops what that read brings too (the kernel holds the page locked while it
-//! reads, and the invalidation waits for it).
+//! a mapping), and a page the program writes leaves it. An invalidation that meets a read of
+//! the page still in flight drops what that read brings too (the kernel holds the page locked
+//! while it reads, and the invalidation waits for it).
 
 use std::collections::BTreeMap;
 
