@@ -155,16 +155,35 @@ impl PageTable {
     }
 
     /// The bytes this node changed in its Dirty page `key`: where it differs from its twin,
-    /// plus whatever a failed commit sent (`resend`). Empty without a Dirty page.
+    /// plus whatever a failed commit sent (`resend`) or a running one sends (`sending`).
+    /// Empty without a Dirty page.
     fn runs_of(&self, key: PageKey) -> Vec<Run> {
         let Some(dirty) = self.dirty.get(&key) else {
             return Vec::new();
         };
         let mine = self.pool.frame(dirty.frame);
-        let also = self.resend.get(&key).map_or(&[][..], Vec::as_slice);
+        let mut also = self.resend.get(&key).cloned().unwrap_or_default();
+        also.extend(self.sending.get(&key).into_iter().flatten());
+        merge_ranges(&mut also);
         match dirty.twin.frame {
-            Some(twin) => diff_runs_including(self.pool.frame(twin), mine, also),
-            None => diff_runs_including(&[0u8; PAGE_BYTES], mine, also),
+            Some(twin) => diff_runs_including(self.pool.frame(twin), mine, &also),
+            None => diff_runs_including(&[0u8; PAGE_BYTES], mine, &also),
+        }
+    }
+
+    /// A commit of `taken` starts: the ranges each sends are in flight until `stop_sending`.
+    pub fn start_sending(&mut self, dataset: DatasetId, taken: &[DirtySnapshot]) {
+        for snapshot in taken {
+            let ranges = self.sending.entry((dataset, snapshot.page)).or_default();
+            ranges.extend(snapshot.runs.iter().map(run_range));
+            merge_ranges(ranges);
+        }
+    }
+
+    /// The commit of `taken` settled (acknowledged, failed or refused).
+    pub fn stop_sending(&mut self, dataset: DatasetId, taken: &[&DirtySnapshot]) {
+        for snapshot in taken {
+            self.sending.remove(&(dataset, snapshot.page));
         }
     }
 
@@ -175,19 +194,9 @@ impl PageTable {
         for snapshot in failed {
             let key = (dataset, snapshot.page);
             let ranges = self.resend.entry(key).or_default();
-            for run in &snapshot.runs {
-                let start = run.offset as usize;
-                ranges.push((start, start + run.bytes.len()));
-            }
+            ranges.extend(snapshot.runs.iter().map(run_range));
             // A snapshot's runs include the ranges kept before: merge them.
-            ranges.sort_unstable();
-            ranges.dedup_by(|later, earlier| {
-                let joins = later.0 <= earlier.1;
-                if joins {
-                    earlier.1 = earlier.1.max(later.1);
-                }
-                joins
-            });
+            merge_ranges(ranges);
         }
     }
 
@@ -255,6 +264,10 @@ impl PageTable {
     /// After a commit of snapshots succeeded (and the kernel's copies of those pages were
     /// invalidated): a page not written since its snapshot is clean now; a page written since
     /// keeps only the writes made after the snapshot, on top of the new committed copy.
+    /// Those are where the Dirty page differs from its twin with the commit's runs on top,
+    /// not from the snapshot's bytes: a read may have rebased the page while the commit ran,
+    /// and the bytes the rebase brought (another writer's, as of that copy) are no write of
+    /// this node's; replayed on a newer copy they would revert its writers' commits.
     pub fn finish_commit(&mut self, dataset: DatasetId, done: &[&DirtySnapshot]) {
         for snapshot in done {
             let key = (dataset, snapshot.page);
@@ -267,7 +280,15 @@ impl PageTable {
                 self.forget_dirty(key, true);
                 continue;
             }
-            let later = diff_runs(&snapshot.bytes, self.pool.frame(dirty.frame));
+            let mut committed = match dirty.twin.frame {
+                Some(twin) => self.pool.frame(twin).to_vec(),
+                None => vec![0u8; PAGE_BYTES],
+            };
+            apply_runs(&mut committed, &snapshot.runs).expect("runs of a local diff fit the page");
+            if self.planted_keep_rebased_bytes {
+                committed.copy_from_slice(&snapshot.bytes);
+            }
+            let later = diff_runs(&committed, self.pool.frame(dirty.frame));
             self.replay_on_committed(key, &later);
         }
     }
@@ -628,6 +649,24 @@ impl PageTable {
     }
 }
 
+/// The byte range (start, end) a run covers.
+fn run_range(run: &Run) -> (usize, usize) {
+    let start = usize::from(run.offset);
+    (start, start + run.bytes.len())
+}
+
+/// Sort `ranges` and join those that overlap or touch.
+fn merge_ranges(ranges: &mut Vec<(usize, usize)>) {
+    ranges.sort_unstable();
+    ranges.dedup_by(|later, earlier| {
+        let joins = later.0 <= earlier.1;
+        if joins {
+            earlier.1 = earlier.1.max(later.1);
+        }
+        joins
+    });
+}
+
 #[cfg(test)]
 impl PageTable {
     /// What a node that owns every page does for a commit of its own staged pages.
@@ -762,6 +801,68 @@ mod tests {
         assert!(
             merged[0].1[8..16].iter().all(|b| *b == 0xaa),
             "the other writer's bytes survive"
+        );
+    }
+
+    /// Found by `tests/tests/mrmw.rs`: a committer's kernel read its staged page while the
+    /// commit ran (the page rebased on another writer's copy), the program stored again,
+    /// and a third writer's commit was decided before this one settled. What stays staged
+    /// must be the stores made since the snapshot, not the bytes the rebase brought: those
+    /// are the older copy's, and sent again they revert the third writer's commit.
+    #[test]
+    fn a_page_rebased_while_its_commit_runs_keeps_only_later_stores_staged() {
+        let mut owner = table();
+        let mut holder = table();
+        let decide = |holder: &mut PageTable, tx: TxKey, version: u64, bytes: &[u8]| {
+            holder
+                .prepare_copies(tx, 1, &[(0, version, bytes)], false, TxTag::default())
+                .unwrap();
+            holder.decide_copies(tx);
+        };
+        let other_writer = |owner: &mut PageTable, value: u8| {
+            let mut page = owner
+                .read_persisted((1, 0))
+                .map_or(vec![0u8; PAGE_BYTES], |c| c.1);
+            let before = page.clone();
+            page[100..108].fill(value);
+            owner
+                .apply_merged(1, &[(0, &diff_runs(&before, &page))])
+                .unwrap()
+                .remove(0)
+        };
+        holder.stage((1, 0), 0, &[1u8; 8]).unwrap();
+        let snapshot = holder.snapshot_dirty(1).remove(0);
+        // Another writer's commit reaches the holder; its kernel reads the staged page.
+        let (version, bytes) = other_writer(&mut owner, 0xaa);
+        decide(&mut holder, (7, 1), version, &bytes);
+        holder.read_for_kernel((1, 0), &mut vec![0u8; PAGE_BYTES]);
+        // The holder's commit is merged and decided; the program stores again.
+        let (version, bytes) = owner
+            .apply_merged(1, &[(0, &snapshot.runs)])
+            .unwrap()
+            .remove(0);
+        decide(&mut holder, (1, 1), version, &bytes);
+        holder.stage((1, 0), 200, &[2u8; 8]).unwrap();
+        // A third writer's commit is decided before the holder's commit settles.
+        let (version, bytes) = other_writer(&mut owner, 0xbb);
+        decide(&mut holder, (8, 1), version, &bytes);
+        holder.finish_commit(1, &[&snapshot]);
+        let next = holder.snapshot_dirty(1).remove(0);
+        let merged = owner
+            .apply_merged(1, &[(0, &next.runs)])
+            .unwrap()
+            .remove(0)
+            .1;
+        assert!(
+            merged[0..8].iter().all(|b| *b == 1),
+            "the first commit's bytes"
+        );
+        assert!(merged[200..208].iter().all(|b| *b == 2), "the later stores");
+        assert!(
+            merged[100..108].iter().all(|b| *b == 0xbb),
+            "the third writer's bytes survive: {:?}, sent {:?}",
+            &merged[100..108],
+            next.runs_sent()
         );
     }
 

@@ -77,10 +77,18 @@ pub struct PageTable {
     /// against the twin would miss: every later commit sends them again, with their current
     /// bytes, until one succeeds.
     pub(super) resend: HashMap<PageKey, Vec<(usize, usize)>>,
+    /// Per Dirty page in a commit not settled yet, the byte ranges (start, end) its
+    /// snapshot sent. The owner may hold them, and its decision may reach this node before
+    /// the answer: a rebase on that copy replays them as this node holds them now, also
+    /// where that equals the old twin's (a store put back to the old bytes since), or the
+    /// commit's bytes would stand over the program's last ones.
+    pub(super) sending: HashMap<PageKey, Vec<(usize, usize)>>,
     /// Copies pushed by owners, durable but not current until the owner decides.
     pub(super) prepared: HashMap<super::copies::TxKey, super::copies::PreparedCopies>,
     /// Published versions this node serves as an owner (versions.rs).
     pub(super) versions: super::versions::Versions,
+    /// The node machine's planted bug `Bugs::keep_rebased_bytes` (`finish_commit`).
+    pub(crate) planted_keep_rebased_bytes: bool,
 }
 
 impl PageTable {
@@ -100,8 +108,10 @@ impl PageTable {
             next_served_stamp: 0,
             kernel_images: HashMap::new(),
             resend: HashMap::new(),
+            sending: HashMap::new(),
             prepared: HashMap::new(),
             versions: Default::default(),
+            planted_keep_rebased_bytes: false,
         };
         for record in recovered {
             table.adopt_recovered(record);
@@ -376,6 +386,7 @@ impl PageTable {
             return;
         };
         self.kernel_images.remove(&page);
+        self.sending.remove(&page);
         if let Some(twin) = dirty.twin.frame {
             self.pool.unref_frame(twin);
         }

@@ -31,10 +31,12 @@ pub enum Ended {
 
 impl StagedCommit {
     /// Rebase `dataset`'s staged pages on the copies decided since they were staged and
-    /// take them.
+    /// take them; what they send is in flight until `settle`.
     pub fn snapshot(table: &mut PageTable, dataset: DatasetId) -> Vec<DirtySnapshot> {
         table.rebase_dataset(dataset);
-        table.snapshot_dirty(dataset)
+        let snapshots = table.snapshot_dirty(dataset);
+        table.start_sending(dataset, &snapshots);
+        snapshots
     }
 
     /// The commit of `snapshots`, grouped by `owner_of` each page. `None`: nothing staged.
@@ -104,12 +106,15 @@ impl StagedCommit {
             Ended::Failed => table.keep_for_resend(dataset.id, &taken),
             Ended::Refused => {}
         }
+        table.stop_sending(dataset.id, &taken);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::page::{diff_runs, TxKey};
+    use crate::pm::layout::TxTag;
     use crate::pm::{SimRegion, PAGE_BYTES};
     use crate::proto::types::DatasetParams;
 
@@ -218,5 +223,62 @@ mod tests {
                 _ => assert!(runs.is_empty(), "{ended:?} sends {runs:?}"),
             }
         }
+    }
+
+    /// Found by hotpot-sim (seed 889 with storing threads): a committer's own commit was
+    /// decided here before its answer came, and the kernel read the staged page in
+    /// between; stores made since the snapshot that put bytes back to the old copy's values
+    /// were no change against it, and the rebase on the decided copy put the commit's bytes
+    /// back over them (a torn stamp, and a program's last store lost).
+    #[test]
+    fn a_store_back_to_the_old_bytes_survives_a_rebase_on_its_own_commit() {
+        let mut owner = table();
+        let mut holder = table();
+        let decide = |holder: &mut PageTable, tx: TxKey, version: u64, bytes: &[u8]| {
+            holder
+                .prepare_copies(tx, 1, &[(0, version, bytes)], false, TxTag::default())
+                .unwrap();
+            holder.decide_copies(tx);
+        };
+        holder.stage((1, 0), 0, &[0xaa; 8]).unwrap();
+        let staged = StagedCommit::snapshot(&mut holder, 1).remove(0);
+        let mut other = vec![0u8; PAGE_BYTES];
+        other[100..108].fill(0xbb);
+        let (version, bytes) = owner
+            .apply_merged(1, &[(0, &diff_runs(&[0u8; PAGE_BYTES], &other))])
+            .unwrap()
+            .remove(0);
+        decide(&mut holder, (7, 1), version, &bytes);
+        holder.read_for_kernel((1, 0), &mut vec![0u8; PAGE_BYTES]);
+        // The program puts its bytes back to zeros, the old copy's, while its commit runs.
+        holder.stage((1, 0), 0, &[0u8; 8]).unwrap();
+        let (version, bytes) = owner
+            .apply_merged(1, &[(0, &staged.runs)])
+            .unwrap()
+            .remove(0);
+        decide(&mut holder, (1, 1), version, &bytes);
+        let mut view = vec![0u8; PAGE_BYTES];
+        holder.read_for_kernel((1, 0), &mut view);
+        assert_eq!(
+            &view[0..8],
+            &[0u8; 8],
+            "the kernel reads the program's last store"
+        );
+        let commit = StagedCommit {
+            snapshots: vec![staged],
+            groups: Default::default(),
+        };
+        commit.settle(&mut holder, &dataset(Mode::Mrmw), Ended::Committed);
+        let next = holder.snapshot_dirty(1).remove(0);
+        let merged = owner
+            .apply_merged(1, &[(0, &next.runs)])
+            .unwrap()
+            .remove(0)
+            .1;
+        assert_eq!(&merged[0..8], &[0u8; 8], "the last store is committed");
+        assert!(
+            merged[100..108].iter().all(|b| *b == 0xbb),
+            "the other writer's bytes"
+        );
     }
 }

@@ -17,7 +17,7 @@ use hotpot_core::proto::types::{DatasetId, NodeId};
 mod versions;
 mod views;
 
-use crate::workload::{slot_offset, stamp_of, ReadRecord, Status, Workload, SLOT_BYTES};
+use crate::workload::{slot_offset, stamp_of, ReadRecord, Status, Workload, SLOT_BYTES, STORING};
 use crate::world::World;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ impl Checker {
                     continue;
                 }
                 let what = format!(
-                    "node {} read page {page} of dataset {dataset} (v{}) at {} ms without commit {stamp} of node {writer}, acknowledged at {} ms (its slot holds {seen})",
+                    "node {} read page {page} of dataset {dataset} (v{}) at {} ms without commit {stamp} of writer {writer}, acknowledged at {} ms (its slot holds {seen})",
                     read.node,
                     read.version,
                     read.started_ms,
@@ -236,14 +236,14 @@ impl Checker {
             }
             let seen = found
                 .iter()
-                .find(|(node, _)| *node == write.node)
+                .find(|(writer, _)| *writer == write.writer)
                 .map_or(0, |(_, stamp)| *stamp);
             if write.status == Status::Acked && seen < *stamp {
                 self.violation(
                     now_ms,
                     format!(
-                        "acknowledged commit {stamp} of node {} lost: page {page} of dataset {dataset} holds its commit {seen}",
-                        write.node
+                        "acknowledged commit {stamp} of writer {} lost: page {page} of dataset {dataset} holds its commit {seen}",
+                        write.writer
                     ),
                 );
             }
@@ -271,7 +271,7 @@ impl Checker {
                     self.violation(
                         now_ms,
                         format!(
-                            "commit {stamp} of node {node} partly visible: on page {page}, page {other} has its commit {there}"
+                            "commit {stamp} of writer {node} partly visible: on page {page}, page {other} has its commit {there}"
                         ),
                     );
                 }
@@ -280,15 +280,15 @@ impl Checker {
     }
 }
 
-fn slot_stamp(bytes: &[u8], node: NodeId) -> u64 {
-    let start = slot_offset(node);
+fn slot_stamp(bytes: &[u8], writer: NodeId) -> u64 {
+    let start = slot_offset(writer);
     let mut word = [0u8; 8];
     word.copy_from_slice(&bytes[start..start + 8]);
     stamp_of(u64::from_le_bytes(word))
 }
 
 /// Each slot's stamp, after checking the page is whole: every slot eight equal words of a
-/// commit (not refused) of that slot's node that wrote this page, nothing outside slots.
+/// commit (not refused) of that slot's writer that wrote this page, nothing outside slots.
 fn stamps(
     workload: &Workload,
     dataset: DatasetId,
@@ -298,7 +298,7 @@ fn stamps(
     if bytes.len() != PAGE_BYTES {
         return Err(format!("{} bytes, not a page", bytes.len()));
     }
-    let slots_end = slot_offset(8);
+    let slots_end = slot_offset(2 * STORING);
     if bytes[..slot_offset(1)]
         .iter()
         .chain(&bytes[slots_end..])
@@ -307,29 +307,29 @@ fn stamps(
         return Err("bytes outside every slot are not zero".into());
     }
     let mut found = Vec::new();
-    for node in 1..8 {
+    for node in 1..2 * STORING {
         let start = slot_offset(node);
         let slot = &bytes[start..start + SLOT_BYTES];
         let stamp = slot_stamp(bytes, node);
         if slot.chunks(8).any(|word| word != &slot[..8]) {
-            return Err(format!("node {node}'s slot is torn"));
+            return Err(format!("writer {node}'s slot is torn"));
         }
         if stamp == 0 {
             continue;
         }
         match workload.writes.get(&stamp) {
             Some(write)
-                if write.node == node
+                if write.writer == node
                     && write.dataset == dataset
                     && write.pages.contains(&page) =>
             {
                 if write.status == Status::Refused {
-                    return Err(format!("node {node}'s slot holds refused commit {stamp}"));
+                    return Err(format!("writer {node}'s slot holds refused commit {stamp}"));
                 }
             }
             _ => {
                 return Err(format!(
-                    "node {node}'s slot holds {stamp}, which no commit of it wrote here"
+                    "writer {node}'s slot holds {stamp}, which no commit of it wrote here"
                 ))
             }
         }

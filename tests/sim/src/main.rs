@@ -61,6 +61,9 @@ enum Plant {
     /// When the kernel has dropped pages, the node forgets every base of them, also one a
     /// read served after the drop (the daemon's bug of session 20).
     ForgetRereadBases,
+    /// A commit's end keeps staged what differs from its snapshot's bytes, also what a read
+    /// that rebased the page meanwhile brought (the daemon's bug of session 21).
+    KeepRebasedBytes,
 }
 
 fn bugs(plants: &[Plant]) -> Bugs {
@@ -76,6 +79,7 @@ fn bugs(plants: &[Plant]) -> Bugs {
             Plant::ReadViewsCurrent => bugs.read_views_current = true,
             Plant::TrustOneSidedFrame => bugs.trust_one_sided_frame = true,
             Plant::ForgetRereadBases => bugs.forget_reread_bases = true,
+            Plant::KeepRebasedBytes => bugs.keep_rebased_bytes = true,
         }
     }
     bugs

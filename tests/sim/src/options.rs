@@ -61,6 +61,8 @@ pub struct Options {
     /// Nodes read pages from their owners one-sided (`Locate`, then remote reads of the
     /// owner's live PM), as the daemon does over verbs.
     pub one_sided: bool,
+    /// Each node's program has a storing thread (workload.rs) beside its committing one.
+    pub storers: bool,
     pub bugs: Bugs,
 }
 
@@ -121,12 +123,27 @@ impl Options {
             version_block: 0,
             merging: false,
             one_sided: false,
+            storers: false,
             bugs,
         }
         .with_promotion(rng)
         .with_version_block(rng)
         .with_merging(rng)
         .with_one_sided()
+        .with_storers()
+    }
+
+    /// From the seed's third stream, as `with_one_sided`: a seed without storing threads
+    /// runs the world it ran before they came.
+    fn with_storers(mut self) -> Options {
+        let mut third = ChaCha8Rng::seed_from_u64(self.seed);
+        third.set_stream(2);
+        let mrmw = self
+            .datasets
+            .iter()
+            .any(|dataset| dataset.mode == Mode::Mrmw);
+        self.storers = mrmw && third.random_bool(0.5);
+        self
     }
 
     /// Drawn from the seed's second stream, not from `rng`: drawing it changes none of the
@@ -181,7 +198,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, workload {} ms",
+            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, storing threads {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -202,6 +219,7 @@ impl fmt::Display for Options {
             self.version_block,
             self.merging,
             self.one_sided,
+            self.storers,
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

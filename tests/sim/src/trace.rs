@@ -164,9 +164,15 @@ pub(crate) fn describe_op(op: &Op) -> String {
             let pages: Vec<u64> = stores.iter().map(|(page, _, _)| *page).collect();
             format!("op {op} write d{dataset} pages {pages:?}")
         }
-        Op::WriteBack { op, dataset, pages } => {
+        Op::WriteBack {
+            op,
+            dataset,
+            pages,
+            msync,
+        } => {
             let pages: Vec<u64> = pages.iter().map(|(page, _)| *page).collect();
-            format!("op {op} write back d{dataset} pages {pages:?}")
+            let msync = if *msync { "" } else { " (no msync)" };
+            format!("op {op} write back d{dataset} pages {pages:?}{msync}")
         }
         Op::Commit { op, dataset } => format!("op {op} commit d{dataset}"),
         Op::Read { op, dataset, page } => format!("op {op} read d{dataset} p{page}"),

@@ -1,5 +1,11 @@
 //! The programs on the nodes: each node runs one client that commits stamped stores and
-//! reads pages, one operation at a time. An MRSW dataset is written only between an open for
+//! reads pages, one operation at a time. With `storers`, each node's program has a second
+//! thread too, which stores into pages of MRMW datasets through its kernel's copies, in a
+//! slot of its own, and never msyncs: the kernel writes the page back (staged), and the
+//! node's next commit of the dataset takes it. Its store is acknowledged when a commit of
+//! that node begun after the store was staged is; a commit that fails gives it up with
+//! everything staged (in doubt). It reads a page first when its kernel holds none, and
+//! half the time it stores into a page the first thread is committing. An MRSW dataset is written only between an open for
 //! writing, which takes its write lease (refused while another live node holds it), and the
 //! close that gives it back, a few writes later; any node may open it — unless the world
 //! can keep a live node's heartbeats from the dispatcher, which then hands its lease to
@@ -26,9 +32,12 @@ use rand_chacha::ChaCha8Rng;
 
 pub const SLOT_BYTES: usize = 64;
 
-/// Where node `node`'s stamps go in every page.
-pub fn slot_offset(node: NodeId) -> usize {
-    node as usize * SLOT_BYTES
+/// A node's storing thread is writer `node + STORING` (its committing thread: `node`).
+pub const STORING: NodeId = 8;
+
+/// Where writer `writer`'s stamps go in every page.
+pub fn slot_offset(writer: NodeId) -> usize {
+    writer as usize * SLOT_BYTES
 }
 
 pub fn stamp_bytes(stamp: u64) -> Vec<u8> {
@@ -70,14 +79,39 @@ pub enum Status {
 #[derive(Clone, Debug)]
 pub struct WriteRecord {
     pub node: NodeId,
+    /// Whose slot it writes: `node`, or its storing thread's.
+    pub writer: NodeId,
     pub dataset: DatasetId,
     pub pages: Vec<u64>,
     pub status: Status,
     pub started_ms: u64,
     /// When the program got the acknowledgement.
     pub acked_ms: Option<u64>,
-    /// The dataset version the acknowledgement named.
+    /// The dataset version the acknowledgement named (a store: the commit's that took it,
+    /// which may have carried it at an earlier version already).
     pub dataset_version: u64,
+}
+
+impl WriteRecord {
+    /// A storing thread's store, committed by its node's commits.
+    pub fn is_store(&self) -> bool {
+        self.writer != self.node
+    }
+}
+
+/// How a write ended, as its program learned it.
+#[derive(Clone, Copy, Debug)]
+enum Ended {
+    Acked { dataset_version: u64, at_ms: u64 },
+    Refused,
+    InDoubt,
+}
+
+/// A node's two program threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Thread {
+    Committing,
+    Storing,
 }
 
 /// A read that finished: what it returned.
@@ -126,6 +160,10 @@ pub struct LatestRecord {
 #[derive(Clone, Debug)]
 enum Running {
     Write,
+    /// A storing thread's store, written back without msync.
+    Store {
+        dataset: DatasetId,
+    },
     /// Opening an MRSW dataset for writing; once opened, this many writes before it closes.
     Open {
         dataset: DatasetId,
@@ -169,6 +207,12 @@ pub struct Workload {
     /// Each node's view: to pin (after a `Latest`), or pinned.
     views: BTreeMap<NodeId, (View, bool)>,
     running: BTreeMap<NodeId, (OpId, Running)>,
+    /// Each node's storing thread's operation.
+    storing: BTreeMap<NodeId, (OpId, Running)>,
+    /// Per node and dataset, the stores staged and not taken by a commit begun since.
+    pending: BTreeMap<(NodeId, DatasetId), Vec<OpId>>,
+    /// Per commit running, the stores it takes.
+    takes: BTreeMap<OpId, Vec<OpId>>,
     /// Each node's last page read: its next write often stores into it (read-modify-write,
     /// which through a mapping is the kernel's write-back of the page it read).
     last_read: BTreeMap<NodeId, (DatasetId, u64)>,
@@ -195,17 +239,42 @@ impl Workload {
             view_reads: Vec::new(),
             views: BTreeMap::new(),
             running: BTreeMap::new(),
+            storing: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            takes: BTreeMap::new(),
             last_read: BTreeMap::new(),
             next_op: 1,
         }
     }
 
-    pub fn busy(&self, node: NodeId) -> bool {
-        self.running.contains_key(&node)
+    pub fn busy(&self, node: NodeId, thread: Thread) -> bool {
+        match thread {
+            Thread::Committing => self.running.contains_key(&node),
+            Thread::Storing => self.storing.contains_key(&node),
+        }
+    }
+
+    /// Which of the node's threads runs `op`.
+    pub fn thread_of(&self, node: NodeId, op: OpId) -> Option<Thread> {
+        if self
+            .running
+            .get(&node)
+            .is_some_and(|(running, _)| *running == op)
+        {
+            Some(Thread::Committing)
+        } else if self
+            .storing
+            .get(&node)
+            .is_some_and(|(running, _)| *running == op)
+        {
+            Some(Thread::Storing)
+        } else {
+            None
+        }
     }
 
     pub fn idle(&self) -> bool {
-        self.running.is_empty()
+        self.running.is_empty() && self.storing.is_empty()
     }
 
     /// The node's next operation: the close of an MRSW dataset it wrote enough, or now and
@@ -280,6 +349,8 @@ impl Workload {
             }
             let stamp = stamp_bytes(op);
             let offset = slot_offset(node) as u16;
+            let staged = self.pending.remove(&(node, dataset.id)).unwrap_or_default();
+            self.takes.insert(op, staged);
             let stores = chosen
                 .iter()
                 .map(|page| (*page, offset, stamp.clone()))
@@ -288,6 +359,7 @@ impl Workload {
                 op,
                 WriteRecord {
                     node,
+                    writer: node,
                     dataset: dataset.id,
                     pages: chosen,
                     status: Status::InFlight,
@@ -340,6 +412,78 @@ impl Workload {
         }
     }
 
+    /// The storing thread's next operation, on an MRMW dataset (`None`: the page it chose
+    /// is `locked` by a write running): a store of its stamp into a page its kernel holds
+    /// (`cached`: the kernel's copy), written back without msync, or else a read of that
+    /// page (the fault that brings it). Half the time the page is one the committing thread
+    /// is committing.
+    pub fn next_store(
+        &mut self,
+        node: NodeId,
+        rng: &mut ChaCha8Rng,
+        now_ms: u64,
+        cached: impl Fn(DatasetId, u64) -> Option<Vec<u8>>,
+        locked: impl Fn(DatasetId, u64) -> bool,
+    ) -> Option<Op> {
+        let mrmw: Vec<(DatasetId, u64)> = self
+            .datasets
+            .iter()
+            .filter(|(dataset, _)| dataset.params.mode == Mode::Mrmw)
+            .map(|(dataset, pages)| (dataset.id, *pages))
+            .collect();
+        let committing = self
+            .running
+            .get(&node)
+            .and_then(|(op, _)| self.writes.get(op))
+            .filter(|write| mrmw.iter().any(|(dataset, _)| *dataset == write.dataset));
+        let (dataset, page) = match committing {
+            Some(write) if rng.random_bool(0.5) => {
+                (write.dataset, *write.pages.choose(rng).expect("a page"))
+            }
+            _ => {
+                let (dataset, pages) = *mrmw.choose(rng)?;
+                (dataset, rng.random_range(0..pages))
+            }
+        };
+        if locked(dataset, page) {
+            return None;
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        let Some(mut bytes) = cached(dataset, page) else {
+            let read = Running::Read {
+                dataset,
+                page,
+                started_ms: now_ms,
+            };
+            self.storing.insert(node, (op, read));
+            return Some(Op::Read { op, dataset, page });
+        };
+        let writer = node + STORING;
+        let at = slot_offset(writer);
+        bytes[at..at + SLOT_BYTES].copy_from_slice(&stamp_bytes(op));
+        self.writes.insert(
+            op,
+            WriteRecord {
+                node,
+                writer,
+                dataset,
+                pages: vec![page],
+                status: Status::InFlight,
+                started_ms: now_ms,
+                acked_ms: None,
+                dataset_version: 0,
+            },
+        );
+        self.storing.insert(node, (op, Running::Store { dataset }));
+        Some(Op::WriteBack {
+            op,
+            dataset,
+            pages: vec![(page, bytes)],
+            msync: false,
+        })
+    }
+
     /// The next step of the node's view, if it has one: its pin, then (about half the time)
     /// a read at its version, and after its reads its unpin.
     fn view_op(&mut self, node: NodeId, op: OpId, rng: &mut ChaCha8Rng, now_ms: u64) -> Option<Op> {
@@ -389,24 +533,51 @@ impl Workload {
         Some(next)
     }
 
-    /// An operation finished; a read is returned for the checker.
-    pub fn finish(&mut self, node: NodeId, done: &OpDone, now_ms: u64) -> Option<ReadRecord> {
-        let (op, running) = self.running.remove(&node)?;
-        assert_eq!(op, done.op, "a node runs one operation at a time");
-        if let Some(write) = self.writes.get_mut(&op) {
-            write.status = match &done.result {
-                OpResult::Committed { dataset_version } => {
-                    write.acked_ms = Some(now_ms);
-                    write.dataset_version = *dataset_version;
-                    for page in &write.pages {
-                        let key = (write.dataset, *page, write.node);
-                        self.acked.entry(key).or_default().push(op);
-                    }
-                    Status::Acked
-                }
-                OpResult::Refused(_) => Status::Refused,
-                _ => Status::InDoubt,
+    /// An operation of the node's `thread` finished; a read is returned for the checker.
+    pub fn finish(
+        &mut self,
+        node: NodeId,
+        thread: Thread,
+        done: &OpDone,
+        now_ms: u64,
+    ) -> Option<ReadRecord> {
+        let threads = match thread {
+            Thread::Committing => &mut self.running,
+            Thread::Storing => &mut self.storing,
+        };
+        let (op, running) = threads.remove(&node)?;
+        assert_eq!(op, done.op, "a thread runs one operation at a time");
+        if let Running::Store { dataset } = running {
+            match &done.result {
+                OpResult::Staged => self.pending.entry((node, dataset)).or_default().push(op),
+                OpResult::Refused(_) => self.settle(op, Ended::Refused),
+                _ => self.settle(op, Ended::InDoubt),
+            }
+            return None;
+        }
+        let taken = self.takes.remove(&op).unwrap_or_default();
+        if let Some(write) = self.writes.get(&op) {
+            let dataset = write.dataset;
+            let ended = match &done.result {
+                OpResult::Committed { dataset_version } => Ended::Acked {
+                    dataset_version: *dataset_version,
+                    at_ms: now_ms,
+                },
+                OpResult::Refused(_) => Ended::Refused,
+                _ => Ended::InDoubt,
             };
+            self.settle(op, ended);
+            if let Ended::Acked { .. } = ended {
+                for store in taken {
+                    self.settle(store, ended);
+                }
+            } else {
+                // A failed commit gives up everything staged, also what was staged since.
+                let since = self.pending.remove(&(node, dataset)).unwrap_or_default();
+                for store in taken.into_iter().chain(since) {
+                    self.settle(store, Ended::InDoubt);
+                }
+            }
         }
         match (running, &done.result) {
             (Running::Open { dataset, writes }, OpResult::Opened) => {
@@ -493,14 +664,53 @@ impl Workload {
         }
     }
 
-    /// The node died: its running commit is in doubt, and what its programs opened is closed.
+    /// Write `op` ended: acknowledged, it is due on every page it wrote.
+    fn settle(&mut self, op: OpId, ended: Ended) {
+        let Some(write) = self.writes.get_mut(&op) else {
+            return;
+        };
+        write.status = match ended {
+            Ended::Acked {
+                dataset_version,
+                at_ms,
+            } => {
+                write.acked_ms = Some(at_ms);
+                write.dataset_version = dataset_version;
+                for page in &write.pages {
+                    let key = (write.dataset, *page, write.writer);
+                    self.acked.entry(key).or_default().push(op);
+                }
+                Status::Acked
+            }
+            Ended::Refused => Status::Refused,
+            Ended::InDoubt => Status::InDoubt,
+        };
+    }
+
+    /// The node died: its running commit is in doubt, and so is every store it staged;
+    /// what its programs opened is closed.
     pub fn node_crashed(&mut self, node: NodeId) {
         self.open.retain(|(by, _), _| *by != node);
         self.views.remove(&node);
+        let mut lost: Vec<OpId> = Vec::new();
         if let Some((op, _)) = self.running.remove(&node) {
-            if let Some(write) = self.writes.get_mut(&op) {
-                write.status = Status::InDoubt;
-            }
+            lost.push(op);
+            lost.extend(self.takes.remove(&op).unwrap_or_default());
+        }
+        if let Some((op, _)) = self.storing.remove(&node) {
+            lost.push(op);
+        }
+        let staged: Vec<(NodeId, DatasetId)> = self
+            .pending
+            .keys()
+            .filter(|(by, _)| *by == node)
+            .copied()
+            .collect();
+        for key in staged {
+            lost.extend(self.pending.remove(&key).unwrap_or_default());
+        }
+        for op in lost {
+            self.settle(op, Ended::InDoubt);
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::check::{Checker, Views, Violation};
 use crate::dispatcher::SimDispatcher;
 use crate::options::Options;
 use crate::trace::{self, Trace};
-use crate::workload::Workload;
+use crate::workload::{Thread, Workload};
 
 mod faults;
 mod kernel;
@@ -80,6 +80,8 @@ enum Event {
     Tick(NodeId),
     /// The node's program starts its next operation.
     Client(NodeId),
+    /// The node's program's storing thread starts its next operation (`storers`).
+    Store(NodeId),
     Crash(NodeId),
     Restart(NodeId),
     /// A partition starts (or, with `heal`, ends).
@@ -330,6 +332,7 @@ impl World {
                 self.schedule(TICK_MS, Event::Tick(node));
             }
             Event::Client(node) => self.client(node),
+            Event::Store(node) => self.store(node),
             Event::Crash(node) => self.crash(node),
             Event::Restart(node) => self.restart(node),
             Event::Partition { heal } => self.partition(heal),
@@ -731,7 +734,8 @@ impl World {
     }
 
     fn client(&mut self, node: NodeId) {
-        if self.healing || self.nodes[&node].machine.is_none() || self.workload.busy(node) {
+        let busy = self.workload.busy(node, Thread::Committing);
+        if self.healing || self.nodes[&node].machine.is_none() || busy {
             return;
         }
         let op = self.workload.next_op(node, &mut self.rng, self.now_ms);
@@ -757,11 +761,12 @@ impl World {
                 kernel.start_read(*op, (*dataset, *page));
             }
             Op::Write {
-                dataset, stores, ..
+                op,
+                dataset,
+                stores,
             } => {
-                for (page, _, _) in stores {
-                    kernel.written((*dataset, *page));
-                }
+                let pages = stores.iter().map(|(page, _, _)| *page).collect();
+                kernel.start_write(*op, *dataset, pages);
             }
             Op::WriteBack { dataset, pages, .. } => {
                 for (page, _) in pages {
@@ -780,6 +785,39 @@ impl World {
         self.input(node, Input::Start(op));
     }
 
+    /// The node's storing thread: a store through its kernel's copy of a page, written back
+    /// without msync, or the read that brings the page first.
+    fn store(&mut self, node: NodeId) {
+        let busy = self.workload.busy(node, Thread::Storing);
+        if self.healing || self.nodes[&node].machine.is_none() || busy {
+            return;
+        }
+        let kernel = &self.nodes[&node].kernel;
+        let cached = |dataset, page| kernel.cached((dataset, page)).map(|c| c.1.clone());
+        let locked = |dataset, page| kernel.locked((dataset, page));
+        let chosen = self
+            .workload
+            .next_store(node, &mut self.rng, self.now_ms, cached, locked);
+        let Some(op) = chosen else {
+            // Every page it could take is locked by a write: it tries again later.
+            let (low, high) = self.options.think_ms;
+            let pause = self.rng.random_range(low..=high).max(1);
+            return self.schedule(pause, Event::Store(node));
+        };
+        trace!(self, "start n{node} storing {}", trace::describe_op(&op));
+        let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+        match &op {
+            Op::Read { op, dataset, page } => kernel.start_read(*op, (*dataset, *page)),
+            Op::WriteBack { dataset, pages, .. } => {
+                for (page, _) in pages {
+                    kernel.written((*dataset, *page));
+                }
+            }
+            _ => {}
+        }
+        self.input(node, Input::Start(op));
+    }
+
     fn op_done(&mut self, node: NodeId, done: OpDone) {
         trace!(
             self,
@@ -787,7 +825,11 @@ impl World {
             done.op,
             trace::describe_result(&done.result)
         );
-        if let Some(read) = self.workload.finish(node, &done, self.now_ms) {
+        let thread = self.workload.thread_of(node, done.op);
+        let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+        kernel.op_ended(done.op);
+        let read = thread.and_then(|thread| self.workload.finish(node, thread, &done, self.now_ms));
+        if let Some(read) = read {
             let cached = (read.version, read.bytes.clone(), read.failed_over);
             let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
             kernel.read_done(done.op, (read.dataset, read.page), cached);
@@ -808,7 +850,11 @@ impl World {
         }
         let (low, high) = self.options.think_ms;
         let pause = self.rng.random_range(low..=high);
-        self.schedule(pause, Event::Client(node));
+        let next = match thread {
+            Some(Thread::Storing) => Event::Store(node),
+            _ => Event::Client(node),
+        };
+        self.schedule(pause, next);
     }
 
     /// The dispatcher named this start of the node: it asks for the view next. Every join
@@ -865,6 +911,9 @@ impl World {
                 let all = self.nodes.keys().copied().collect();
                 self.views.record(id, self.now_ms, all);
                 self.schedule(1 + u64::from(id), Event::Client(id));
+                if self.options.storers {
+                    self.schedule(2 + u64::from(id), Event::Store(id));
+                }
             }
             Err(error) => {
                 self.checker.violation(

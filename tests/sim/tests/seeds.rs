@@ -60,6 +60,9 @@ fn seeds_that_found_bugs_pass() {
     for seed in [
         13_057, 13_753, 13_943, 15_416, 78_081, 203_313, 316_941, 2_101_000, 3_086_714, 5_007_311,
         10_081_251, 13_157_567, 14_095_132, 22_022_290, 22_163_933, 23_089_597,
+        // With storing threads (session 21): a rebase on the node's own decided commit
+        // (889), two reads of one page in one kernel (441, 688).
+        441, 688, 889,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
         assert!(
@@ -275,5 +278,19 @@ fn the_binary_reports_a_failing_seed_and_exits_non_zero() {
     assert!(
         stdout.contains("nodes, datasets"),
         "options printed: {stdout}"
+    );
+}
+
+/// Needs a storing thread: a read of a page staged while its commit runs, a store after it,
+/// and another writer's commit decided before the commit settles: 44 of seeds 0-3,999 in
+/// session 21, the first 151 (the daemon's lost update of session 21, docs/design.md "MRMW").
+#[test]
+fn keeping_the_bytes_a_rebase_brought_is_caught() {
+    first_caught(
+        Bugs {
+            keep_rebased_bytes: true,
+            ..Bugs::default()
+        },
+        4_000,
     );
 }

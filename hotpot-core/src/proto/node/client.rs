@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::{Machine, Output, Purpose};
-use crate::page::TxKey;
+use crate::page::{PageState, TxKey};
 use crate::pm::PAGE_BYTES;
 use crate::proto::messages::{NodeReply, NodeRequest, OwnerPages, VersionedPage};
 use crate::proto::staged::{Ended, StagedCommit};
@@ -30,13 +30,16 @@ pub enum Op {
         stores: Vec<(u64, u16, Vec<u8>)>,
     },
     /// A program's stores into pages its kernel holds (a mapping), written back whole by
-    /// the kernel, and its msync, as `Write` (given up if the commit fails). Each page is
-    /// staged against the base the kernel's copy was served at, as the daemon stages the
-    /// kernel's writes; a page whose base this node no longer keeps is based as `Write`'s.
+    /// the kernel. Each page is staged against the base the kernel's copy was served at, as
+    /// the daemon stages the kernel's writes; a page whose base this node no longer keeps is
+    /// based as `Write`'s. `msync`: the program's msync follows, as `Write`'s (given up if the
+    /// commit fails); without it the pages stay staged (the kernel's write-back of another
+    /// thread's stores, which the next commit of the dataset takes) and the op ends `Staged`.
     WriteBack {
         op: OpId,
         dataset: DatasetId,
         pages: Vec<(u64, Vec<u8>)>,
+        msync: bool,
     },
     /// msync: commit every page staged for `dataset` (MRSW: whole pages against their
     /// versions; MRMW: the bytes changed against each page's base). A commit that failed
@@ -104,6 +107,8 @@ pub enum OpResult {
         /// answered.
         failed_over: bool,
     },
+    /// A `WriteBack` without msync: its pages are staged.
+    Staged,
     /// `Latest`'s answer.
     Latest { version: u64 },
     /// `Open`: this node writes the dataset (MRSW: it holds the lease and has versions).
@@ -147,6 +152,8 @@ pub(super) struct ClientOp {
     stores: Vec<(u64, u16, Vec<u8>)>,
     /// A `Write`: the program gives its stores up if the commit fails.
     gives_up: bool,
+    /// A `Write`'s stores are committed once staged (a `WriteBack` without msync: not).
+    commits: bool,
     /// The staged pages being committed.
     staged: Option<Arc<StagedCommit>>,
     /// The owner asked (a read's, or a one-owner commit's).
@@ -164,6 +171,7 @@ impl ClientOp {
             dataset,
             stores: Vec::new(),
             gives_up: false,
+            commits: true,
             staged: None,
             owner: 0,
             version: None,
@@ -220,8 +228,26 @@ impl Machine {
                     );
                 }
                 let owner = self.owner_of(&dataset, page);
+                let key = (dataset_id, page);
+                if self.table.is_staged(key) {
+                    // A page staged here is this node's view of it, as the daemon serves
+                    // its kernel: the staged bytes on the newest copy here, which become
+                    // the kernel's copy and its base.
+                    let mut bytes = vec![0u8; PAGE_BYTES];
+                    self.table.read_for_kernel(key, &mut bytes);
+                    let version = match self.table.state(key) {
+                        Some(PageState::Dirty { twin_version }) => twin_version,
+                        _ => 0,
+                    };
+                    let failed_over = self.is_failed_over(key);
+                    let result = OpResult::Read {
+                        version,
+                        bytes,
+                        failed_over,
+                    };
+                    return self.op_done(id, result);
+                }
                 if !self.reads_through(&dataset, page) {
-                    let key = (dataset_id, page);
                     if let Some((version, bytes)) = self.table.read_persisted(key) {
                         let failed_over = self.is_failed_over(key);
                         let result = OpResult::Read {
@@ -267,9 +293,13 @@ impl Machine {
                             || self.reads_through(&dataset, *page)
                     })
                     .collect();
-                self.write_pages(id, dataset, stores, missing);
+                self.write_pages(id, dataset, stores, missing, true);
             }
-            Op::WriteBack { pages: written, .. } => {
+            Op::WriteBack {
+                pages: written,
+                msync,
+                ..
+            } => {
                 let bad = written
                     .iter()
                     .any(|(page, bytes)| *page >= pages || bytes.len() != PAGE_BYTES);
@@ -310,7 +340,7 @@ impl Machine {
                     .into_iter()
                     .map(|(page, bytes)| (page, 0, bytes))
                     .collect();
-                self.write_pages(id, dataset, stores, missing);
+                self.write_pages(id, dataset, stores, missing, msync);
             }
             Op::Commit { .. } => {
                 self.client
@@ -338,13 +368,15 @@ impl Machine {
     }
 
     /// A `Write`'s or `WriteBack`'s stores: the `missing` pages are fetched from their
-    /// owners first, then every store is staged and committed; a failed commit gives them up.
+    /// owners first, then every store is staged and (`commits`) committed; a failed commit
+    /// gives them up.
     fn write_pages(
         &mut self,
         id: OpId,
         dataset: Dataset,
         stores: Vec<(u64, u16, Vec<u8>)>,
         missing: BTreeSet<u64>,
+        commits: bool,
     ) {
         let owners: Vec<(NodeId, u64)> = missing
             .iter()
@@ -355,6 +387,7 @@ impl Machine {
         let mut write = ClientOp::new(dataset, self.now_ms);
         write.stores = stores;
         write.gives_up = true;
+        write.commits = commits;
         write.step = Step::Fetching { missing };
         self.client.ops.insert(id, write);
         for (owner, page) in owners {
@@ -393,13 +426,14 @@ impl Machine {
         self.op_done(id, result);
     }
 
-    /// A `Write`'s pages are all here: its stores staged, then committed.
+    /// A `Write`'s pages are all here: its stores staged, then committed (or not: `Staged`).
     fn stage_and_commit(&mut self, id: OpId) {
         let Some(op) = self.client.ops.get_mut(&id) else {
             return;
         };
         let stores = std::mem::take(&mut op.stores);
         let dataset = op.dataset.id;
+        let commits = op.commits;
         for (page, offset, bytes) in &stores {
             if let Err(error) = self
                 .table
@@ -409,6 +443,9 @@ impl Machine {
                 let error = FsError::Io(format!("staging page {page}: {error}"));
                 return self.op_done(id, OpResult::Refused(error));
             }
+        }
+        if !commits {
+            return self.op_done(id, OpResult::Staged);
         }
         self.commit_staged(id);
     }
@@ -446,10 +483,12 @@ impl Machine {
         self.kernel_stale(op.dataset.id, stale);
         staged.settle(&mut self.table, &op.dataset, ended);
         if ended != Ended::Committed && op.gives_up {
-            // Its pages as if never written: staged writes go, and so do the kernel's
-            // copies holding them (the next stores start from this node's copy).
+            // Its pages as if never written: staged writes go (also those another thread
+            // staged meanwhile), and so do the kernel's copies holding them (the next
+            // stores start from this node's copy).
+            let dropped = self.table.dirty_pages(op.dataset.id);
             self.table.drop_staged(op.dataset.id);
-            self.kernel_stale(op.dataset.id, staged.pages());
+            self.kernel_stale(op.dataset.id, dropped);
         }
     }
 

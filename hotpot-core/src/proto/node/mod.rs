@@ -64,6 +64,10 @@ pub struct Bugs {
     /// since the drop began (a read racing it): the kernel's copy from that read has no
     /// base, and its write-back is diffed against whatever copy is committed by then.
     pub forget_reread_bases: bool,
+    /// A commit's end keeps staged whatever differs from the snapshot's bytes: a page a
+    /// read rebased while the commit ran keeps the bytes that rebase brought, older than a
+    /// copy decided since, and the next commit sends them (the daemon's bug of session 21).
+    pub keep_rebased_bytes: bool,
 }
 
 /// Bounds, in virtual (or real) milliseconds.
@@ -359,6 +363,7 @@ impl Machine {
                 table.drop_dataset(dataset.id)?;
             }
         }
+        table.planted_keep_rebased_bytes = config.bugs.keep_rebased_bytes;
         let first_call = (config.incarnation << 40) | 1;
         let live = config.nodes.iter().copied().collect();
         let successors = config.successors.clone();

@@ -17,7 +17,8 @@ impl Checker {
         // Per dataset: (acked at, started at, version, stamp) of each acknowledged commit.
         let mut acked: BTreeMap<DatasetId, Vec<(u64, u64, u64, u64)>> = BTreeMap::new();
         for (stamp, write) in &workload.writes {
-            if write.status != Status::Acked {
+            // A store takes the version of the commit that took it: not a version of its own.
+            if write.status != Status::Acked || write.is_store() {
                 continue;
             }
             let acked_ms = write.acked_ms.expect("an acknowledged commit has its time");

@@ -3,7 +3,9 @@
 //! a program's stores into pages it holds are written back whole (`Op::WriteBack`, as through
 //! a mapping), and a page the program writes leaves it. An invalidation that meets a read of
 //! the page still in flight drops what that read brings too (the kernel holds the page locked
-//! while it reads, and the invalidation waits for it).
+//! while it reads, and the invalidation waits for it). A `Write`'s pages are locked until it
+//! ends: its stores may wait for pages fetched first (the kernel reads a page before a
+//! partial write, holding it locked), and another thread's read would wait for them.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +22,8 @@ pub(crate) struct KernelCache {
     pages: BTreeMap<PageAt, Cached>,
     /// Reads the machine is serving: their page, and whether it was invalidated meanwhile.
     reading: BTreeMap<OpId, (PageAt, bool)>,
+    /// The `Write` running, and its pages.
+    writing: Option<(OpId, DatasetId, Vec<u64>)>,
 }
 
 impl KernelCache {
@@ -75,11 +79,46 @@ impl KernelCache {
             op,
             dataset,
             pages: pages.into_iter().collect(),
+            msync: true,
         }
     }
 
+    /// A program wrote `page`: the kernel's copy is the one written (and leaves the cache
+    /// here), so a read of it still in flight brings nothing to keep (two threads' faults
+    /// of one page are one read in the kernel, which a write waits for).
     pub(crate) fn written(&mut self, page: PageAt) {
         self.pages.remove(&page);
+        for (at, dropped) in self.reading.values_mut() {
+            if *at == page {
+                *dropped = true;
+            }
+        }
+    }
+
+    /// A `Write` starts: its pages leave the cache and stay locked until it ends.
+    pub(crate) fn start_write(&mut self, op: OpId, dataset: DatasetId, pages: Vec<u64>) {
+        for page in &pages {
+            self.written((dataset, *page));
+        }
+        self.writing = Some((op, dataset, pages));
+    }
+
+    /// Op `op` ended: if it was the `Write` running, its pages are free.
+    pub(crate) fn op_ended(&mut self, op: OpId) {
+        if self
+            .writing
+            .as_ref()
+            .is_some_and(|(writing, _, _)| *writing == op)
+        {
+            self.writing = None;
+        }
+    }
+
+    /// Whether a `Write` running holds `page` locked.
+    pub(crate) fn locked(&self, page: PageAt) -> bool {
+        self.writing
+            .as_ref()
+            .is_some_and(|(_, dataset, pages)| *dataset == page.0 && pages.contains(&page.1))
     }
 
     pub(crate) fn invalidate(&mut self, dataset: DatasetId, pages: &[u64]) {
@@ -97,5 +136,6 @@ impl KernelCache {
     pub(crate) fn clear(&mut self) {
         self.pages.clear();
         self.reading.clear();
+        self.writing = None;
     }
 }
