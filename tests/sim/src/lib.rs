@@ -14,6 +14,7 @@ pub mod world;
 pub use check::Violation;
 pub use options::Options;
 pub use trace::Trace;
+pub use workload::Tally;
 
 use hotpot_core::proto::node::Bugs;
 use world::World;
@@ -23,6 +24,8 @@ pub struct Outcome {
     pub options: Options,
     pub violations: Vec<Violation>,
     pub trace: Trace,
+    /// How the programs' writes ended.
+    pub tally: Tally,
 }
 
 /// Run `seed` (with `bugs` planted); `trace`: keep every event's line.
@@ -30,10 +33,11 @@ pub fn run_seed(seed: u64, bugs: Bugs, trace: bool) -> Outcome {
     let mut rng = World::seed_rng(seed);
     let options = Options::from_seed(seed, &mut rng, bugs);
     let trace = if trace { Trace::on() } else { Trace::off() };
-    let (violations, trace) = World::new(options.clone(), rng, trace).run();
+    let (violations, trace, tally) = World::new(options.clone(), rng, trace).run();
     Outcome {
         options,
         violations,
         trace,
+        tally,
     }
 }

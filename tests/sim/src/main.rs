@@ -112,6 +112,7 @@ fn replay(seed: u64, bugs: Bugs, trace: bool) -> ExitCode {
             writeln!(out, "{line}")?;
         }
         writeln!(out, "{}", outcome.options)?;
+        writeln!(out, "seed {seed}: {}", outcome.tally)?;
         if outcome.violations.is_empty() {
             writeln!(out, "seed {seed}: ok")?;
         }

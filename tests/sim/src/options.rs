@@ -138,11 +138,7 @@ impl Options {
     fn with_storers(mut self) -> Options {
         let mut third = ChaCha8Rng::seed_from_u64(self.seed);
         third.set_stream(2);
-        let mrmw = self
-            .datasets
-            .iter()
-            .any(|dataset| dataset.mode == Mode::Mrmw);
-        self.storers = mrmw && third.random_bool(0.5);
+        self.storers = third.random_bool(0.5);
         self
     }
 

@@ -1,7 +1,7 @@
 //! The programs on the nodes: each node runs one client that commits stamped stores and
 //! reads pages, one operation at a time. With `storers`, each node's program has a second
-//! thread too, which stores into pages of MRMW datasets through its kernel's copies, in a
-//! slot of its own, and never msyncs: the kernel writes the page back (staged), and the
+//! thread too, which stores into pages of MRMW datasets (and of MRSW ones its node has open
+//! for writing) through its kernel's copies, in a slot of its own, and never msyncs: the kernel writes the page back (staged), and the
 //! node's next commit of the dataset takes it. Its store is acknowledged when a commit of
 //! that node begun after the store was staged is; a commit that fails gives it up with
 //! everything staged (in doubt). It reads a page first when its kernel holds none, and
@@ -23,6 +23,7 @@
 //! that sent only some bytes of its slot shows as a torn slot.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use hotpot_core::proto::node::{Op, OpDone, OpId, OpResult};
 use hotpot_core::proto::types::{Dataset, DatasetId, Mode, NodeId};
@@ -96,6 +97,32 @@ impl WriteRecord {
     /// A storing thread's store, committed by its node's commits.
     pub fn is_store(&self) -> bool {
         self.writer != self.node
+    }
+}
+
+/// How the programs' writes ended, per kind: `[acknowledged, in doubt, refused, never
+/// committed]` (a store no commit took before the seed ended; a commit has none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub commits: [u64; 4],
+    pub stores: [u64; 4],
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [acked, in_doubt, refused, _] = self.commits;
+        write!(
+            f,
+            "{acked} commits acknowledged, {in_doubt} in doubt, {refused} refused"
+        )?;
+        let [acked, in_doubt, refused, staged] = self.stores;
+        if self.stores != [0; 4] {
+            write!(
+                f,
+                "; stores: {acked} acknowledged by a later commit, {in_doubt} in doubt, {refused} refused, {staged} never committed"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -252,6 +279,26 @@ impl Workload {
             Thread::Committing => self.running.contains_key(&node),
             Thread::Storing => self.storing.contains_key(&node),
         }
+    }
+
+    /// How every write started ended (one running at the end counts as never committed).
+    pub fn tally(&self) -> Tally {
+        let mut tally = Tally::default();
+        for write in self.writes.values() {
+            let kind = if write.is_store() {
+                &mut tally.stores
+            } else {
+                &mut tally.commits
+            };
+            let at = match write.status {
+                Status::Acked => 0,
+                Status::InDoubt => 1,
+                Status::Refused => 2,
+                Status::InFlight => 3,
+            };
+            kind[at] += 1;
+        }
+        tally
     }
 
     /// Which of the node's threads runs `op`.
@@ -412,8 +459,9 @@ impl Workload {
         }
     }
 
-    /// The storing thread's next operation, on an MRMW dataset (`None`: the page it chose
-    /// is `locked` by a write running): a store of its stamp into a page its kernel holds
+    /// The storing thread's next operation, on an MRMW dataset or an MRSW one its node has
+    /// open for writing (`None`: there is none, or the page it chose is `locked` by a write
+    /// running): a store of its stamp into a page its kernel holds
     /// (`cached`: the kernel's copy), written back without msync, or else a read of that
     /// page (the fault that brings it). Half the time the page is one the committing thread
     /// is committing.
@@ -425,23 +473,30 @@ impl Workload {
         cached: impl Fn(DatasetId, u64) -> Option<Vec<u8>>,
         locked: impl Fn(DatasetId, u64) -> bool,
     ) -> Option<Op> {
-        let mrmw: Vec<(DatasetId, u64)> = self
+        let writable: Vec<(DatasetId, u64)> = self
             .datasets
             .iter()
-            .filter(|(dataset, _)| dataset.params.mode == Mode::Mrmw)
+            .filter(|(dataset, _)| match dataset.params.mode {
+                Mode::Mrmw => true,
+                Mode::Mrsw => self.open.contains_key(&(node, dataset.id)),
+            })
             .map(|(dataset, pages)| (dataset.id, *pages))
             .collect();
         let committing = self
             .running
             .get(&node)
             .and_then(|(op, _)| self.writes.get(op))
-            .filter(|write| mrmw.iter().any(|(dataset, _)| *dataset == write.dataset));
+            .filter(|write| {
+                writable
+                    .iter()
+                    .any(|(dataset, _)| *dataset == write.dataset)
+            });
         let (dataset, page) = match committing {
             Some(write) if rng.random_bool(0.5) => {
                 (write.dataset, *write.pages.choose(rng).expect("a page"))
             }
             _ => {
-                let (dataset, pages) = *mrmw.choose(rng)?;
+                let (dataset, pages) = *writable.choose(rng)?;
                 (dataset, rng.random_range(0..pages))
             }
         };

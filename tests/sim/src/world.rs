@@ -22,7 +22,7 @@ use crate::check::{Checker, Views, Violation};
 use crate::dispatcher::SimDispatcher;
 use crate::options::Options;
 use crate::trace::{self, Trace};
-use crate::workload::{Thread, Workload};
+use crate::workload::{Tally, Thread, Workload};
 
 mod faults;
 mod kernel;
@@ -259,7 +259,7 @@ impl World {
     }
 
     /// Run the workload, heal, settle; the violations found (empty: the seed passed).
-    pub fn run(mut self) -> (Vec<Violation>, Trace) {
+    pub fn run(mut self) -> (Vec<Violation>, Trace, Tally) {
         let end_ms = self.options.workload_ms + SETTLE_MS;
         while let Some(Reverse((at, sequence))) = self.queue.pop() {
             let event = self.events.remove(&sequence).expect("queued event");
@@ -306,7 +306,8 @@ impl World {
         for violation in &violations {
             trace!(self, "VIOLATION {violation}");
         }
-        (violations, self.trace)
+        let tally = self.workload.tally();
+        (violations, self.trace, tally)
     }
 
     pub(crate) fn workload(&self) -> &Workload {

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use hotpot_core::proto::node::Bugs;
+use hotpot_core::proto::types::Mode;
 use hotpot_sim::run_seed;
 
 /// Seeds `first..first + count` on every CPU; the failing ones with their report.
@@ -72,6 +73,27 @@ fn seeds_that_found_bugs_pass() {
             outcome.violations
         );
     }
+}
+
+/// The storing threads' stores are committed by their nodes' later commits, in MRMW and in
+/// MRSW datasets: seeds that have them acknowledge some.
+#[test]
+fn storing_threads_stores_are_acknowledged_by_later_commits() {
+    let mut acked = [0u64; 2]; // MRMW only, MRSW only
+    for seed in 0..100 {
+        let outcome = run_seed(seed, Bugs::default(), false);
+        let modes: Vec<Mode> = outcome.options.datasets.iter().map(|d| d.mode).collect();
+        if !outcome.options.storers || modes.windows(2).any(|pair| pair[0] != pair[1]) {
+            continue;
+        }
+        let kind = usize::from(modes[0] == Mode::Mrsw);
+        acked[kind] += outcome.tally.stores[0];
+    }
+    eprintln!("stores acknowledged in seeds 0-99 with one mode (MRMW, MRSW): {acked:?}");
+    assert!(
+        acked.iter().all(|count| *count > 0),
+        "stores acknowledged (MRMW, MRSW): {acked:?}"
+    );
 }
 
 fn caught(bugs: Bugs) {
