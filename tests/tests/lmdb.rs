@@ -84,6 +84,7 @@ struct SuiteResult {
     passed: u32,
     failed: BTreeSet<String>,
     summary: String,
+    failures: String,
 }
 
 fn run_suite(tests_dir: &Path, tmpdir: &Path) -> SuiteResult {
@@ -114,10 +115,15 @@ fn run_suite(tests_dir: &Path, tmpdir: &Path) -> SuiteResult {
         .filter_map(|line| line.strip_prefix("FAILED "))
         .map(|rest| rest.split(' ').next().unwrap_or_default().to_string())
         .collect();
+    // pytest's tracebacks of the failures and its short summary, for a failing check.
+    let failures = stdout
+        .find("= FAILURES =")
+        .map_or_else(String::new, |at| stdout[at..].to_string());
     SuiteResult {
         passed,
         failed,
         summary,
+        failures,
     }
 }
 
@@ -196,7 +202,8 @@ fn py_lmdb_test_suite_passes_on_the_mount_as_on_tmpfs() {
         .collect();
     assert!(
         unexpected.is_empty(),
-        "fail on hotpot but not on tmpfs: {unexpected:?}"
+        "fail on hotpot but not on tmpfs: {unexpected:?}\npytest on hotpot:\n{}",
+        on_hotpot.failures
     );
     let excused = on_hotpot
         .failed
