@@ -8,6 +8,7 @@
 //! (never applied backwards).
 
 use crate::page::merge::{apply_runs, diff_runs, diff_runs_including, Run};
+use crate::page::table::Twin;
 use crate::page::PageTable;
 use crate::pm::layout::{TxRole, TxTag};
 use crate::pm::{CopyState, PageKey, PmError, Prepared, SlotChange, PAGE_BYTES};
@@ -323,16 +324,59 @@ impl PageTable {
         }
     }
 
+    /// The Dirty page of `key` rebased on its owner's copy, `bytes` at `version`, which this
+    /// node has not installed (its own copy may be behind: a decision not heard yet, a copy
+    /// its owner has not confirmed): a read of a staged page then shows the commits the
+    /// owner has, with this node's staged writes on top. Never backwards (as `rebase_dirty`).
+    pub fn rebase_dirty_on(
+        &mut self,
+        key: PageKey,
+        version: u64,
+        bytes: &[u8],
+    ) -> Result<(), PmError> {
+        assert_eq!(bytes.len(), PAGE_BYTES, "a copy is a whole page");
+        let Some(dirty) = self.dirty.get(&key).copied() else {
+            return Ok(());
+        };
+        if version <= dirty.twin.version {
+            return Ok(());
+        }
+        let frame = self.pool.alloc_frame()?;
+        self.pool.frame_mut(frame).copy_from_slice(bytes);
+        let runs = self.runs_of(key);
+        let base = Twin {
+            frame: Some(frame),
+            version,
+        };
+        self.replay_on(key, base, &runs);
+        // replay_on took its own reference.
+        self.pool.unref_frame(frame);
+        Ok(())
+    }
+
     /// Make the Dirty page of `key` the committed copy with `runs` on top, and the committed
     /// copy its twin. No-op without a Dirty page or a committed copy.
     fn replay_on_committed(&mut self, key: PageKey, runs: &[Run]) {
-        let (Some(dirty), Some(current)) = (
-            self.dirty.get(&key).copied(),
-            self.pool.page(key).map(|found| found.record),
-        ) else {
+        let Some(current) = self.pool.page(key).map(|found| found.record) else {
             return;
         };
-        let mut rebased = self.pool.frame(current.frame).to_vec();
+        let base = Twin {
+            frame: Some(current.frame),
+            version: current.version,
+        };
+        self.replay_on(key, base, runs);
+    }
+
+    /// Make the Dirty page of `key` `base` with `runs` on top, and `base` its twin. No-op
+    /// without a Dirty page.
+    fn replay_on(&mut self, key: PageKey, base: Twin, runs: &[Run]) {
+        let Some(dirty) = self.dirty.get(&key).copied() else {
+            return;
+        };
+        let mut rebased = match base.frame {
+            Some(frame) => self.pool.frame(frame).to_vec(),
+            None => vec![0u8; PAGE_BYTES],
+        };
         apply_runs(&mut rebased, runs).expect("runs of a local diff fit the page");
         // The kernel's copy, if it holds one, stays as it was: its later writes change only
         // what they change in it (`stage`).
@@ -341,13 +385,13 @@ impl PageTable {
             self.kernel_images.insert(key, image);
         }
         self.pool.frame_mut(dirty.frame).copy_from_slice(&rebased);
-        self.pool.ref_frame(current.frame);
+        if let Some(frame) = base.frame {
+            self.pool.ref_frame(frame);
+        }
         if let Some(old) = dirty.twin.frame {
             self.pool.unref_frame(old);
         }
-        let entry = self.dirty.get_mut(&key).expect("dirty page present");
-        entry.twin.frame = Some(current.frame);
-        entry.twin.version = current.version;
+        self.dirty.get_mut(&key).expect("dirty page present").twin = base;
     }
 
     /// The owner's step of an MRMW commit: each page's runs applied onto the owner's

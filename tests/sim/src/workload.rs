@@ -1,11 +1,12 @@
 //! The programs on the nodes: each node runs one client that commits stamped stores and
 //! reads pages, one operation at a time. With `storers`, each node's program has a second
 //! thread too, which stores into pages of MRMW datasets (and of MRSW ones its node has open
-//! for writing) through its kernel's copies, in a slot of its own, and never msyncs: the kernel writes the page back (staged), and the
-//! node's next commit of the dataset takes it. Its store is acknowledged when a commit of
-//! that node begun after the store was staged is; a commit that fails gives it up with
-//! everything staged (in doubt). It reads a page first when its kernel holds none, and
-//! half the time it stores into a page the first thread is committing. An MRSW dataset is written only between an open for
+//! for writing) through its kernel's copies, in a slot of its own, and never msyncs: the
+//! kernel writes the page back (staged), and the node's next commit of the dataset takes it.
+//! Its store is acknowledged when a commit of that node begun after the store was staged is;
+//! a commit that fails gives it up with everything staged (in doubt). It reads a page first
+//! when its kernel holds none, and half the time it stores into a page the first thread is
+//! committing. An MRSW dataset is written only between an open for
 //! writing, which takes its write lease (refused while another live node holds it), and the
 //! close that gives it back, a few writes later; any node may open it — unless the world
 //! can keep a live node's heartbeats from the dispatcher, which then hands its lease to
@@ -461,10 +462,9 @@ impl Workload {
 
     /// The storing thread's next operation, on an MRMW dataset or an MRSW one its node has
     /// open for writing (`None`: there is none, or the page it chose is `locked` by a write
-    /// running): a store of its stamp into a page its kernel holds
-    /// (`cached`: the kernel's copy), written back without msync, or else a read of that
-    /// page (the fault that brings it). Half the time the page is one the committing thread
-    /// is committing.
+    /// running): a store of its stamp into a page its kernel holds (`cached`: the kernel's
+    /// copy), written back without msync, or else a read of that page (the fault that brings
+    /// it). Half the time the page is one the committing thread is committing.
     pub fn next_store(
         &mut self,
         node: NodeId,

@@ -800,7 +800,8 @@ impl World {
             .workload
             .next_store(node, &mut self.rng, self.now_ms, cached, locked);
         let Some(op) = chosen else {
-            // Every page it could take is locked by a write: it tries again later.
+            // Nothing to store into now (no dataset it may write, or the page it chose is
+            // locked by a write): it tries again later.
             let (low, high) = self.options.think_ms;
             let pause = self.rng.random_range(low..=high).max(1);
             return self.schedule(pause, Event::Store(node));

@@ -62,8 +62,9 @@ fn seeds_that_found_bugs_pass() {
         13_057, 13_753, 13_943, 15_416, 78_081, 203_313, 316_941, 2_101_000, 3_086_714, 5_007_311,
         10_081_251, 13_157_567, 14_095_132, 22_022_290, 22_163_933, 23_089_597,
         // With storing threads (session 21): a rebase on the node's own decided commit
-        // (889), two reads of one page in one kernel (441, 688).
-        441, 688, 889,
+        // (889), two reads of one page in one kernel (441, 688), a staged page read on a
+        // copy behind (3642), a copy read older than the node's own (6835).
+        441, 688, 889, 3_642, 6_835,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
         assert!(

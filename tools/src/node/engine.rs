@@ -614,11 +614,14 @@ impl Engine for NodeEngine {
             self.settled_owner(&dataset, page)?;
             // A copy its owner has not confirmed since this node's start may be behind; so
             // may one with a newer copy prepared here, whose decision may have been lost:
-            // the owner's copy, which waits for that commit's apply (`behind`).
+            // the owner's copy, which waits for that commit's apply (`behind`), with a page
+            // staged here rebased on it (`read_fetched`). The owner reads its own.
             let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
+            let mine = self.protocol.owner_of(&dataset, page) == self.id;
             let outcome = {
                 let mut table = self.table();
-                if behind(unconfirmed, &table, key) && !table.is_staged(key) {
+                let through = behind(unconfirmed, &table, key) && !(mine && table.is_staged(key));
+                if through {
                     ReadOutcome::Absent
                 } else {
                     table.read_for_kernel(key, &mut page_bytes)
@@ -627,19 +630,18 @@ impl Engine for NodeEngine {
             match outcome {
                 ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
                 // The owner without a copy: the page was never written.
-                ReadOutcome::Absent if self.protocol.owner_of(&dataset, page) == self.id => {
-                    match self.protocol.owned_copy(dataset.id, page)? {
-                        Some((_, bytes)) => page_bytes = bytes,
-                        None => page_bytes.fill(0),
-                    }
-                }
+                ReadOutcome::Absent if mine => match self.protocol.owned_copy(dataset.id, page)? {
+                    Some((_, bytes)) => page_bytes = bytes,
+                    None => page_bytes.fill(0),
+                },
                 ReadOutcome::Absent => {
                     let (version, bytes) = self.protocol.fetch(&dataset, page)?;
                     // The kernel's base is the bytes it gets, stored or not.
-                    self.table()
-                        .serve_copy((dataset.id, page), version, &bytes)
+                    let (_, served) = self
+                        .table()
+                        .read_fetched(key, version, bytes)
                         .map_err(pm_error)?;
-                    page_bytes = bytes;
+                    page_bytes = served;
                 }
             }
             out.extend_from_slice(&page_bytes[within..within + take]);

@@ -229,25 +229,12 @@ impl Machine {
                 }
                 let owner = self.owner_of(&dataset, page);
                 let key = (dataset_id, page);
-                if self.table.is_staged(key) {
-                    // A page staged here is this node's view of it, as the daemon serves
-                    // its kernel: the staged bytes on the newest copy here, which become
-                    // the kernel's copy and its base.
-                    let mut bytes = vec![0u8; PAGE_BYTES];
-                    self.table.read_for_kernel(key, &mut bytes);
-                    let version = match self.table.state(key) {
-                        Some(PageState::Dirty { twin_version }) => twin_version,
-                        _ => 0,
-                    };
+                let through = self.reads_through(&dataset, page);
+                if self.table.is_staged(key) && !through {
                     let failed_over = self.is_failed_over(key);
-                    let result = OpResult::Read {
-                        version,
-                        bytes,
-                        failed_over,
-                    };
-                    return self.op_done(id, result);
+                    return self.read_staged(id, key, failed_over);
                 }
-                if !self.reads_through(&dataset, page) {
+                if !through {
                     if let Some((version, bytes)) = self.table.read_persisted(key) {
                         let failed_over = self.is_failed_over(key);
                         let result = OpResult::Read {
@@ -414,15 +401,46 @@ impl Machine {
         self.out.push(Output::Done(OpDone { op, result }));
     }
 
-    /// A read's end: the kernel holds what it read, based on exactly those bytes (this
-    /// node's copy, or the owner's, or another node's), until this node invalidates it.
+    /// A read of a page staged here: this node's view of it, as the daemon serves its kernel
+    /// (the staged bytes on the newest copy here), which becomes the kernel's copy and base.
+    fn read_staged(&mut self, id: OpId, key: crate::pm::PageKey, failed_over: bool) {
+        let mut bytes = vec![0u8; PAGE_BYTES];
+        self.table.read_for_kernel(key, &mut bytes);
+        let version = match self.table.state(key) {
+            Some(PageState::Dirty { twin_version }) => twin_version,
+            _ => 0,
+        };
+        let result = OpResult::Read {
+            version,
+            bytes,
+            failed_over,
+        };
+        self.op_done(id, result);
+    }
+
+    /// A read's end: the kernel holds what it read (`PageTable::read_fetched`: this node's
+    /// copy, the owner's, another node's, or the page staged here on one of them), based on
+    /// exactly those bytes, until this node invalidates it.
     pub(super) fn read_done(&mut self, id: OpId, key: crate::pm::PageKey, result: OpResult) {
-        if let OpResult::Read { version, bytes, .. } = &result {
-            if let Err(error) = self.table.serve_copy(key, *version, bytes) {
+        let OpResult::Read {
+            version,
+            bytes,
+            failed_over,
+        } = result
+        else {
+            return self.op_done(id, result);
+        };
+        let result = match self.table.read_fetched(key, version, bytes) {
+            Ok((version, bytes)) => OpResult::Read {
+                version,
+                bytes,
+                failed_over,
+            },
+            Err(error) => {
                 let error = FsError::Io(format!("keeping page {}'s base: {error}", key.1));
-                return self.op_done(id, OpResult::Refused(error));
+                OpResult::Refused(error)
             }
-        }
+        };
         self.op_done(id, result);
     }
 

@@ -387,6 +387,10 @@ mod tests {
         pair.hold_slot_read = true;
         pair.read(2);
         pair.commit(3, 9);
+        // Node 1's copy of its own commit goes too: the read would take it (it is newer
+        // than what the read brings, `PageTable::read_fetched`), and hide the bug.
+        let machine = &mut pair.nodes.get_mut(&1).unwrap().0;
+        machine.table_mut().drop_dataset(1).unwrap();
         pair.release_held();
         assert!(
             matches!(&pair.done[2], OpResult::Read { version: 1, .. }),

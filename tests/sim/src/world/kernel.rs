@@ -5,7 +5,8 @@
 //! the page still in flight drops what that read brings too (the kernel holds the page locked
 //! while it reads, and the invalidation waits for it). A `Write`'s pages are locked until it
 //! ends: its stores may wait for pages fetched first (the kernel reads a page before a
-//! partial write, holding it locked), and another thread's read would wait for them.
+//! partial write, holding it locked), and another thread's read would wait for them. (Until
+//! the stores are staged would do; the world does not see when that is, so: until it ends.)
 
 use std::collections::BTreeMap;
 
