@@ -183,9 +183,10 @@ impl PageTable {
         version: u64,
         bytes: Vec<u8>,
     ) -> Result<(u64, Vec<u8>), PmError> {
-        let (version, bytes) = match self.read_persisted(page) {
-            Some((mine, copy)) if mine > version => (mine, copy),
-            _ => (version, bytes),
+        let (version, bytes) = if self.version_of(page) > version {
+            self.read_persisted(page).expect("a copy at that version")
+        } else {
+            (version, bytes)
         };
         if !self.is_staged(page) {
             self.serve_copy(page, version, &bytes)?;
