@@ -23,6 +23,7 @@ use crate::dispatcher::SimDispatcher;
 use crate::options::Options;
 use crate::trace::{self, Trace};
 use crate::workload::{Tally, Thread, Workload};
+use kernel::Reading;
 
 mod faults;
 mod kernel;
@@ -759,6 +760,11 @@ impl World {
                     );
                     return self.op_done(node, OpDone { op: *op, result });
                 }
+                if let Some(reader) = kernel.read_in_flight((*dataset, *page)) {
+                    kernel.wait_for(reader, *op);
+                    trace!(self, "n{node} op {op} waits for read op {reader}");
+                    return;
+                }
                 kernel.start_read(*op, (*dataset, *page));
             }
             Op::Write {
@@ -809,7 +815,14 @@ impl World {
         trace!(self, "start n{node} storing {}", trace::describe_op(&op));
         let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
         match &op {
-            Op::Read { op, dataset, page } => kernel.start_read(*op, (*dataset, *page)),
+            Op::Read { op, dataset, page } => {
+                if let Some(reader) = kernel.read_in_flight((*dataset, *page)) {
+                    kernel.wait_for(reader, *op);
+                    trace!(self, "n{node} op {op} waits for read op {reader}");
+                    return;
+                }
+                kernel.start_read(*op, (*dataset, *page));
+            }
             Op::WriteBack { dataset, pages, .. } => {
                 for (page, _) in pages {
                     kernel.written((*dataset, *page));
@@ -818,6 +831,39 @@ impl World {
             _ => {}
         }
         self.input(node, Input::Start(op));
+    }
+
+    /// Read `reading` ended as `result`: the reads waiting for it get what it read, unless
+    /// it failed or its page went meanwhile; then the first of them reads the page again
+    /// (the others waiting for it), as a kernel faults a dropped page in again.
+    fn reading_ended(&mut self, node: NodeId, reading: Reading, result: &OpResult) {
+        let Some((first, rest)) = reading.waiting.split_first() else {
+            return;
+        };
+        if matches!(result, OpResult::Read { .. }) && !reading.dropped {
+            for op in reading.waiting.iter().copied() {
+                trace!(self, "n{node} op {op} takes what its read brought");
+                let done = OpDone {
+                    op,
+                    result: result.clone(),
+                };
+                self.op_done(node, done);
+            }
+            return;
+        }
+        let (dataset, page) = reading.page;
+        let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
+        kernel.start_read(*first, reading.page);
+        for op in rest {
+            kernel.wait_for(*first, *op);
+        }
+        let read = Op::Read {
+            op: *first,
+            dataset,
+            page,
+        };
+        trace!(self, "start n{node} {} (again)", trace::describe_op(&read));
+        self.input(node, Input::Start(read));
     }
 
     fn op_done(&mut self, node: NodeId, done: OpDone) {
@@ -830,11 +876,14 @@ impl World {
         let thread = self.workload.thread_of(node, done.op);
         let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
         kernel.op_ended(done.op);
+        let reading = kernel.take_read(done.op);
         let read = thread.and_then(|thread| self.workload.finish(node, thread, &done, self.now_ms));
         if let Some(read) = read {
             let cached = (read.version, read.bytes.clone(), read.failed_over);
             let kernel = &mut self.nodes.get_mut(&node).expect("node").kernel;
-            kernel.read_done(done.op, (read.dataset, read.page), cached);
+            if let Some(reading) = &reading {
+                kernel.keep(reading, cached);
+            }
             // The page's owner, and every node ever promoted in its place.
             let first = self.datasets[read.dataset as usize - 1]
                 .0
@@ -857,6 +906,9 @@ impl World {
             _ => Event::Client(node),
         };
         self.schedule(pause, next);
+        if let Some(reading) = reading {
+            self.reading_ended(node, reading, &done.result);
+        }
     }
 
     /// The dispatcher named this start of the node: it asks for the view next. Every join

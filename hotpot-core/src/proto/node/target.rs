@@ -462,9 +462,14 @@ impl Machine {
                     pages: owned,
                 }
             } else {
+                // Its copies, and pages staged here without one (their next commits must
+                // reach this node, or a read of the staged page misses them).
                 let theirs = owned
                     .into_iter()
-                    .filter(|page| self.table.has_copy((dataset_id, *page)))
+                    .filter(|page| {
+                        let key = (dataset_id, *page);
+                        self.table.has_copy(key) || self.table.is_staged(key)
+                    })
                     .map(|page| (page, self.table.version_of((dataset_id, page))))
                     .collect();
                 NodeRequest::Register {

@@ -18,11 +18,20 @@ type PageAt = (DatasetId, u64);
 /// A cached page: version, bytes, and whether it was taken while its owner was silent.
 pub(crate) type Cached = (u64, Vec<u8>, bool);
 
+/// A read the machine is serving: its page, whether the page was invalidated or written
+/// meanwhile (what it brings is not kept), and the reads of the same page waiting for it
+/// (another thread's fault of a page being read waits for that read).
+pub(crate) struct Reading {
+    pub(crate) page: PageAt,
+    pub(crate) dropped: bool,
+    pub(crate) waiting: Vec<OpId>,
+}
+
 #[derive(Default)]
 pub(crate) struct KernelCache {
     pages: BTreeMap<PageAt, Cached>,
-    /// Reads the machine is serving: their page, and whether it was invalidated meanwhile.
-    reading: BTreeMap<OpId, (PageAt, bool)>,
+    /// Reads the machine is serving.
+    reading: BTreeMap<OpId, Reading>,
     /// The `Write` running, and its pages.
     writing: Option<(OpId, DatasetId, Vec<u64>)>,
 }
@@ -33,14 +42,38 @@ impl KernelCache {
     }
 
     pub(crate) fn start_read(&mut self, op: OpId, page: PageAt) {
-        self.reading.insert(op, (page, false));
+        let reading = Reading {
+            page,
+            dropped: false,
+            waiting: Vec::new(),
+        };
+        self.reading.insert(op, reading);
     }
 
-    /// A read's answer: cached unless its page was invalidated while it was in flight.
-    pub(crate) fn read_done(&mut self, op: OpId, page: PageAt, cached: Cached) {
-        let invalidated = self.reading.remove(&op).is_some_and(|(_, dropped)| dropped);
-        if !invalidated {
-            self.pages.insert(page, cached);
+    /// The read of `page` the machine is serving, if any.
+    pub(crate) fn read_in_flight(&self, page: PageAt) -> Option<OpId> {
+        self.reading
+            .iter()
+            .find(|(_, reading)| reading.page == page)
+            .map(|(op, _)| *op)
+    }
+
+    /// Read `op` waits for read `reader` of the same page.
+    pub(crate) fn wait_for(&mut self, reader: OpId, op: OpId) {
+        if let Some(reading) = self.reading.get_mut(&reader) {
+            reading.waiting.push(op);
+        }
+    }
+
+    /// Op `op` ended: if it was a read the machine served, that read, its page forgotten.
+    pub(crate) fn take_read(&mut self, op: OpId) -> Option<Reading> {
+        self.reading.remove(&op)
+    }
+
+    /// A read's answer, kept unless its page was invalidated or written while in flight.
+    pub(crate) fn keep(&mut self, reading: &Reading, cached: Cached) {
+        if !reading.dropped {
+            self.pages.insert(reading.page, cached);
         }
     }
 
@@ -89,9 +122,9 @@ impl KernelCache {
     /// of one page are one read in the kernel, which a write waits for).
     pub(crate) fn written(&mut self, page: PageAt) {
         self.pages.remove(&page);
-        for (at, dropped) in self.reading.values_mut() {
-            if *at == page {
-                *dropped = true;
+        for reading in self.reading.values_mut() {
+            if reading.page == page {
+                reading.dropped = true;
             }
         }
     }
@@ -126,9 +159,9 @@ impl KernelCache {
         for page in pages {
             self.pages.remove(&(dataset, *page));
         }
-        for (at, dropped) in self.reading.values_mut() {
-            if at.0 == dataset && pages.contains(&at.1) {
-                *dropped = true;
+        for reading in self.reading.values_mut() {
+            if reading.page.0 == dataset && pages.contains(&reading.page.1) {
+                reading.dropped = true;
             }
         }
     }
