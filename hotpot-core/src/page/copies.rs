@@ -713,6 +713,13 @@ fn merge_ranges(ranges: &mut Vec<(usize, usize)>) {
 
 #[cfg(test)]
 impl PageTable {
+    /// A holder's copy of page 0 of dataset 1 at `version`, prepared and decided by `tx`.
+    pub(crate) fn decide_page_zero(&mut self, tx: TxKey, version: u64, bytes: &[u8]) {
+        self.prepare_copies(tx, 1, &[(0, version, bytes)], false, TxTag::default())
+            .unwrap();
+        self.decide_copies(tx);
+    }
+
     /// What a node that owns every page does for a commit of its own staged pages.
     pub(crate) fn commit_local(&mut self, dataset: DatasetId) -> Vec<u64> {
         let snapshots = self.snapshot_dirty(dataset);
@@ -857,12 +864,6 @@ mod tests {
     fn a_page_rebased_while_its_commit_runs_keeps_only_later_stores_staged() {
         let mut owner = table();
         let mut holder = table();
-        let decide = |holder: &mut PageTable, tx: TxKey, version: u64, bytes: &[u8]| {
-            holder
-                .prepare_copies(tx, 1, &[(0, version, bytes)], false, TxTag::default())
-                .unwrap();
-            holder.decide_copies(tx);
-        };
         let other_writer = |owner: &mut PageTable, value: u8| {
             let mut page = owner
                 .read_persisted((1, 0))
@@ -878,18 +879,18 @@ mod tests {
         let snapshot = holder.snapshot_dirty(1).remove(0);
         // Another writer's commit reaches the holder; its kernel reads the staged page.
         let (version, bytes) = other_writer(&mut owner, 0xaa);
-        decide(&mut holder, (7, 1), version, &bytes);
+        holder.decide_page_zero((7, 1), version, &bytes);
         holder.read_for_kernel((1, 0), &mut vec![0u8; PAGE_BYTES]);
         // The holder's commit is merged and decided; the program stores again.
         let (version, bytes) = owner
             .apply_merged(1, &[(0, &snapshot.runs)])
             .unwrap()
             .remove(0);
-        decide(&mut holder, (1, 1), version, &bytes);
+        holder.decide_page_zero((1, 1), version, &bytes);
         holder.stage((1, 0), 200, &[2u8; 8]).unwrap();
         // A third writer's commit is decided before the holder's commit settles.
         let (version, bytes) = other_writer(&mut owner, 0xbb);
-        decide(&mut holder, (8, 1), version, &bytes);
+        holder.decide_page_zero((8, 1), version, &bytes);
         holder.finish_commit(1, &[&snapshot]);
         let next = holder.snapshot_dirty(1).remove(0);
         let merged = owner

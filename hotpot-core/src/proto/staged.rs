@@ -113,8 +113,7 @@ impl StagedCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::page::{diff_runs, TxKey};
-    use crate::pm::layout::TxTag;
+    use crate::page::diff_runs;
     use crate::pm::{SimRegion, PAGE_BYTES};
     use crate::proto::types::DatasetParams;
 
@@ -234,12 +233,6 @@ mod tests {
     fn a_store_back_to_the_old_bytes_survives_a_rebase_on_its_own_commit() {
         let mut owner = table();
         let mut holder = table();
-        let decide = |holder: &mut PageTable, tx: TxKey, version: u64, bytes: &[u8]| {
-            holder
-                .prepare_copies(tx, 1, &[(0, version, bytes)], false, TxTag::default())
-                .unwrap();
-            holder.decide_copies(tx);
-        };
         holder.stage((1, 0), 0, &[0xaa; 8]).unwrap();
         let staged = StagedCommit::snapshot(&mut holder, 1).remove(0);
         let mut other = vec![0u8; PAGE_BYTES];
@@ -248,7 +241,7 @@ mod tests {
             .apply_merged(1, &[(0, &diff_runs(&[0u8; PAGE_BYTES], &other))])
             .unwrap()
             .remove(0);
-        decide(&mut holder, (7, 1), version, &bytes);
+        holder.decide_page_zero((7, 1), version, &bytes);
         holder.read_for_kernel((1, 0), &mut vec![0u8; PAGE_BYTES]);
         // The program puts its bytes back to zeros, the old copy's, while its commit runs.
         holder.stage((1, 0), 0, &[0u8; 8]).unwrap();
@@ -256,7 +249,7 @@ mod tests {
             .apply_merged(1, &[(0, &staged.runs)])
             .unwrap()
             .remove(0);
-        decide(&mut holder, (1, 1), version, &bytes);
+        holder.decide_page_zero((1, 1), version, &bytes);
         let mut view = vec![0u8; PAGE_BYTES];
         holder.read_for_kernel((1, 0), &mut view);
         assert_eq!(
