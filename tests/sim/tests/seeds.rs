@@ -63,8 +63,9 @@ fn seeds_that_found_bugs_pass() {
         10_081_251, 13_157_567, 14_095_132, 22_022_290, 22_163_933, 23_089_597,
         // With storing threads (session 21): a rebase on the node's own decided commit
         // (889), two reads of one page in one kernel (441, 688), a staged page read on a
-        // copy behind (3642), a copy read older than the node's own (6835).
-        441, 688, 889, 3_642, 6_835,
+        // copy behind (3642), a copy read older than the node's own (6835), two reads of one
+        // page in one kernel both reaching the node (34048841, 34117391).
+        441, 688, 889, 3_642, 6_835, 34_048_841, 34_117_391,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
         assert!(
