@@ -615,12 +615,13 @@ impl Engine for NodeEngine {
             // A copy its owner has not confirmed since this node's start may be behind; so
             // may one with a newer copy prepared here, whose decision may have been lost:
             // the owner's copy, which waits for that commit's apply (`behind`), with a page
-            // staged here rebased on it (`read_fetched`). The owner reads its own.
+            // staged here rebased on it (`read_fetched`). The owner reads its own; it is
+            // looked up only in those cases (the read path usually pays for no lookup).
             let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
-            let mine = self.protocol.owner_of(&dataset, page) == self.id;
+            let mine = || self.protocol.owner_of(&dataset, page) == self.id;
             let outcome = {
                 let mut table = self.table();
-                let through = behind(unconfirmed, &table, key) && !(mine && table.is_staged(key));
+                let through = behind(unconfirmed, &table, key) && !(table.is_staged(key) && mine());
                 if through {
                     ReadOutcome::Absent
                 } else {
@@ -630,10 +631,12 @@ impl Engine for NodeEngine {
             match outcome {
                 ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
                 // The owner without a copy: the page was never written.
-                ReadOutcome::Absent if mine => match self.protocol.owned_copy(dataset.id, page)? {
-                    Some((_, bytes)) => page_bytes = bytes,
-                    None => page_bytes.fill(0),
-                },
+                ReadOutcome::Absent if mine() => {
+                    match self.protocol.owned_copy(dataset.id, page)? {
+                        Some((_, bytes)) => page_bytes = bytes,
+                        None => page_bytes.fill(0),
+                    }
+                }
                 ReadOutcome::Absent => {
                     let (version, bytes) = self.protocol.fetch(&dataset, page)?;
                     // The kernel's base is the bytes it gets, stored or not.
