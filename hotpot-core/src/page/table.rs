@@ -157,6 +157,16 @@ impl PageTable {
         self.dirty.contains_key(&page)
     }
 
+    /// Whether `page` is staged here with no copy of it stored: nothing this node tells an
+    /// owner that restarted names it (`FetchCopies` answers and registrations list copies),
+    /// so its owner's later commits may not reach this node. Read at another node, such a
+    /// page comes from its owner, the staged bytes rebased on what came (`read_fetched`;
+    /// found by hotpot-sim, seed 34180655: a read served the staged bytes on zeros after
+    /// the owner's restart, without a commit acknowledged there).
+    pub fn staged_without_copy(&self, page: PageKey) -> bool {
+        self.is_staged(page) && !self.has_copy(page)
+    }
+
     /// What the kernel gets for a READ: this node's view of `page` (a Dirty page rebased on
     /// the current committed copy first), remembered as the base of the kernel's copy.
     pub fn read_for_kernel(&mut self, page: PageKey, out: &mut [u8]) -> ReadOutcome {

@@ -64,8 +64,11 @@ fn seeds_that_found_bugs_pass() {
         // With storing threads (session 21): a rebase on the node's own decided commit
         // (889), two reads of one page in one kernel (441, 688), a staged page read on a
         // copy behind (3642), a copy read older than the node's own (6835), two reads of one
-        // page in one kernel both reaching the node (34048841, 34117391).
-        441, 688, 889, 3_642, 6_835, 34_048_841, 34_117_391,
+        // page in one kernel both reaching the node (34048841, 34117391), a page staged with
+        // no copy behind it, read after its owner restarted (34129260, 34143237, 34176413,
+        // 34180655).
+        441, 688, 889, 3_642, 6_835, 34_048_841, 34_117_391, 34_129_260, 34_143_237, 34_176_413,
+        34_180_655,
     ] {
         let outcome = run_seed(seed, Bugs::default(), false);
         assert!(

@@ -615,13 +615,16 @@ impl Engine for NodeEngine {
             // A copy its owner has not confirmed since this node's start may be behind; so
             // may one with a newer copy prepared here, whose decision may have been lost:
             // the owner's copy, which waits for that commit's apply (`behind`), with a page
-            // staged here rebased on it (`read_fetched`). The owner reads its own; it is
-            // looked up only in those cases (the read path usually pays for no lookup).
+            // staged here rebased on it (`read_fetched`). So is a page staged here with no
+            // copy behind it: its owner may not know this node holds it. The owner reads its
+            // own; it is looked up only in those cases (the read path usually pays for no
+            // lookup).
             let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
             let mine = || self.protocol.owner_of(&dataset, page) == self.id;
             let outcome = {
                 let mut table = self.table();
-                let through = behind(unconfirmed, &table, key) && !(table.is_staged(key) && mine());
+                let through = (behind(unconfirmed, &table, key) || table.staged_without_copy(key))
+                    && !(table.is_staged(key) && mine());
                 if through {
                     ReadOutcome::Absent
                 } else {

@@ -229,7 +229,8 @@ impl Machine {
                 }
                 let owner = self.owner_of(&dataset, page);
                 let key = (dataset_id, page);
-                let through = self.reads_through(&dataset, page);
+                let through = self.reads_through(&dataset, page)
+                    || (self.table.staged_without_copy(key) && owner != self.config.id);
                 if self.table.is_staged(key) && !through {
                     let failed_over = self.is_failed_over(key);
                     return self.read_staged(id, key, failed_over);
