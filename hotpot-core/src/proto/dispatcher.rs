@@ -484,7 +484,8 @@ impl DispatcherState {
                 },
                 false,
             ),
-            R::VersionBlock { dataset } => {
+            R::VersionBlock { dataset, node } => {
+                self.check_block_asker(dataset, node)?;
                 let start = self.version_blocks.entry(dataset).or_insert(1);
                 let block = *start;
                 *start += self.version_block;
@@ -564,6 +565,30 @@ impl DispatcherState {
                 (DispatcherReply::Datasets(datasets), false)
             }
         })
+    }
+
+    /// A block of an MRSW dataset's versions goes to the node holding its write lease only.
+    /// A writer the dispatcher stopped hearing from loses the lease to the next one (no
+    /// fencing yet: docs/design.md, "Cluster protocol"); refused a spare block, it can commit
+    /// only with the versions it already has, all below the new writer's. A dataset no name
+    /// refers to any more (unlinked, still open) keeps getting blocks, as before.
+    fn check_block_asker(&self, dataset: DatasetId, node: NodeId) -> Result<(), FsError> {
+        let mrsw = self.inodes.values().any(|inode| {
+            inode
+                .attr
+                .dataset
+                .as_ref()
+                .is_some_and(|known| known.id == dataset && known.params.mode == Mode::Mrsw)
+        });
+        match self.leases.get(&dataset) {
+            Some(holder) if mrsw && *holder != node => Err(FsError::Busy(format!(
+                "node {holder} holds the write lease of dataset {dataset}: its versions go to it only"
+            ))),
+            None if mrsw => Err(FsError::Busy(format!(
+                "nobody holds the write lease of dataset {dataset}: its versions go to its writer only"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn node_live(&self, node: NodeId, now_ms: u64) -> bool {

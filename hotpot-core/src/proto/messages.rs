@@ -99,8 +99,12 @@ pub enum DispatcherRequest {
         open: u64,
     },
     /// A dataset's home (or MRSW writer) takes the next block of `VERSION_BLOCK` versions.
+    /// An MRSW dataset's blocks go to the node holding its write lease only (`node`, the
+    /// asker): a writer whose lease went to another cannot take versions above the new
+    /// writer's.
     VersionBlock {
         dataset: DatasetId,
+        node: NodeId,
     },
     /// Who gives out an MRSW dataset's versions now (its lease holder), and where the next
     /// block starts (every version given out so far is below it).

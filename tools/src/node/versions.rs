@@ -277,8 +277,15 @@ impl Protocol {
             .expect("version blocks lock")
             .running_low();
         for dataset in low {
-            let Ok(start) = self.take_block(dataset) else {
-                return; // the dispatcher is away: the next heartbeat tries again
+            let start = match self.take_block(dataset) {
+                Ok(start) => start,
+                // Refused: this node's write lease went to another node. The other datasets
+                // may still get theirs.
+                Err(FsError::Busy(why)) => {
+                    tracing::warn!(dataset, %why, "no spare block of versions");
+                    continue;
+                }
+                Err(_) => return, // the dispatcher is away: the next heartbeat tries again
             };
             let mut blocks = self.published.blocks.lock().expect("version blocks lock");
             // Not if the lease went meanwhile (an MRSW writer that stopped writing).
@@ -289,7 +296,10 @@ impl Protocol {
     }
 
     fn take_block(&self, dataset: DatasetId) -> Result<u64, FsError> {
-        let request = DispatcherRequest::VersionBlock { dataset };
+        let request = DispatcherRequest::VersionBlock {
+            dataset,
+            node: self.id,
+        };
         match self
             .peers
             .dispatcher()

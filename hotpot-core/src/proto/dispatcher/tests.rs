@@ -129,6 +129,7 @@ fn version_blocks_never_repeat_and_the_first_belongs_to_the_first_home() {
         let (reply, changed) = state.handle(
             R::VersionBlock {
                 dataset: dataset.id,
+                node: home,
             },
             0,
             0,
@@ -218,6 +219,88 @@ fn one_node_at_a_time_holds_a_write_lease() {
         state.handle(release(2, 20), late, 0),
         (DispatcherReply::Done, false)
     );
+}
+
+#[test]
+fn an_mrsw_datasets_version_blocks_go_to_its_lease_holder_only() {
+    let mut state = joined(2);
+    let (reply, _) = state.handle(
+        R::Create {
+            parent: ROOT_INO,
+            name: "single-writer".into(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 4096,
+            params: Some(DatasetParams {
+                mode: Mode::Mrsw,
+                ..params()
+            }),
+            exclusive: true,
+        },
+        0,
+        0,
+    );
+    let dataset = attr(reply).dataset.expect("a dataset").id;
+    let block = |state: &mut DispatcherState, node, now_ms| {
+        state.handle(R::VersionBlock { dataset, node }, now_ms, 0).0
+    };
+    let refused_naming = |reply: DispatcherReply, why: &str| matches!(reply, DispatcherReply::Failed(FsError::Busy(ref said)) if said.contains(why));
+    // Nobody writes it yet: nobody takes its versions.
+    assert!(refused_naming(block(&mut state, 1, 0), "nobody holds"));
+    let acquire = |node, open| R::AcquireLease {
+        dataset,
+        node,
+        open,
+    };
+    assert_eq!(
+        state.handle(acquire(1, 10), 0, 0),
+        (DispatcherReply::Done, true)
+    );
+    assert!(matches!(
+        block(&mut state, 1, 0),
+        DispatcherReply::VersionBlock { .. }
+    ));
+    assert!(refused_naming(block(&mut state, 2, 0), "node 1 holds"));
+    // Node 1 goes silent and node 2 takes the lease: node 1, still writing, gets no more
+    // versions (they would be above node 2's).
+    let late = NODE_TIMEOUT_MS + 1_000;
+    state.handle(
+        R::Heartbeat {
+            node: 2,
+            usage: NodeUsage::default(),
+        },
+        late,
+        0,
+    );
+    assert_eq!(
+        state.handle(acquire(2, 20), late, 0),
+        (DispatcherReply::Done, true)
+    );
+    let DispatcherReply::VersionBlock { start } = block(&mut state, 2, late) else {
+        panic!("the new writer gets its block")
+    };
+    assert!(refused_naming(block(&mut state, 1, late), "node 2 holds"));
+    // The refusal took no versions: the next block follows the new writer's.
+    let DispatcherReply::VersionBlock { start: next } = block(&mut state, 2, late) else {
+        panic!("the new writer gets a spare")
+    };
+    assert_eq!(next, start + VERSION_BLOCK);
+    // Unlinked (still open on its writer's node, where the name went), it takes blocks as
+    // any dataset no name refers to.
+    let removed = state.handle(
+        R::Unlink {
+            parent: ROOT_INO,
+            name: "single-writer".into(),
+        },
+        late,
+        0,
+    );
+    assert!(matches!(removed.0, DispatcherReply::Removed { .. }));
+    assert!(matches!(
+        block(&mut state, 1, late),
+        DispatcherReply::VersionBlock { .. }
+    ));
 }
 
 #[test]

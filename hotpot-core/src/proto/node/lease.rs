@@ -164,7 +164,8 @@ mod tests {
         };
         let reply = DispatcherReply::Done;
         let outputs = machine.handle(now_ms, Input::DispatcherReply { call, reply });
-        let [(call, DispatcherRequest::VersionBlock { dataset: 1 })] = asked(&outputs)[..] else {
+        let [(call, DispatcherRequest::VersionBlock { dataset: 1, .. })] = asked(&outputs)[..]
+        else {
             panic!("a block for the new writer: {outputs:?}");
         };
         let reply = DispatcherReply::VersionBlock { start: block };

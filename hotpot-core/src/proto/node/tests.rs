@@ -102,7 +102,7 @@ pub(super) fn block_call(outputs: &[Output]) -> Option<u64> {
     outputs.iter().find_map(|output| match output {
         Output::AskDispatcher {
             call,
-            request: DispatcherRequest::VersionBlock { dataset: 1 },
+            request: DispatcherRequest::VersionBlock { dataset: 1, .. },
         } => Some(*call),
         _ => None,
     })

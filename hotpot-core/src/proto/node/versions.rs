@@ -319,7 +319,10 @@ impl Machine {
         if asking {
             return;
         }
-        let request = DispatcherRequest::VersionBlock { dataset };
+        let request = DispatcherRequest::VersionBlock {
+            dataset,
+            node: self.config.id,
+        };
         self.ask_dispatcher(request, Purpose::VersionBlock { dataset, open });
     }
 
