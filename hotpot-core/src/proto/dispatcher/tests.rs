@@ -265,14 +265,7 @@ fn an_mrsw_datasets_version_blocks_go_to_its_lease_holder_only() {
     // Node 1 goes silent and node 2 takes the lease: node 1, still writing, gets no more
     // versions (they would be above node 2's).
     let late = NODE_TIMEOUT_MS + 1_000;
-    state.handle(
-        R::Heartbeat {
-            node: 2,
-            usage: NodeUsage::default(),
-        },
-        late,
-        0,
-    );
+    beat(&mut state, 2, late);
     assert_eq!(
         state.handle(acquire(2, 20), late, 0),
         (DispatcherReply::Done, true)
