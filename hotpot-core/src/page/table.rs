@@ -521,14 +521,33 @@ impl PageTable {
         self.pool.commit(&changes, TxTag::default()).map(|_| ())
     }
 
-    /// This node's copies of `dataset`'s pages, for `hotpot stat`.
-    pub fn page_copies(&self, dataset: DatasetId) -> Vec<PageCopy> {
-        let mut pages: BTreeSet<u64> = self
-            .pool
+    /// Pages of `dataset` with a persisted copy here, in order.
+    pub fn copied_pages(&self, dataset: DatasetId) -> BTreeSet<u64> {
+        self.pool
             .pages_of(dataset)
             .iter()
             .map(|p| p.record.page)
-            .collect();
+            .collect()
+    }
+
+    /// Every page of `dataset` this node has something of: a persisted copy, staged
+    /// writes, or a copy the kernel was served (the node machine knows no dataset's size:
+    /// what it tells an owner, or re-replicates, is among these).
+    pub fn pages_here(&self, dataset: DatasetId) -> BTreeSet<u64> {
+        let mut pages = self.copied_pages(dataset);
+        pages.extend(self.dirty_pages(dataset));
+        pages.extend(
+            self.served
+                .keys()
+                .filter(|(of, _)| *of == dataset)
+                .map(|(_, page)| *page),
+        );
+        pages
+    }
+
+    /// This node's copies of `dataset`'s pages, for `hotpot stat`.
+    pub fn page_copies(&self, dataset: DatasetId) -> Vec<PageCopy> {
+        let mut pages = self.copied_pages(dataset);
         pages.extend(self.dirty_pages(dataset));
         pages
             .into_iter()

@@ -153,9 +153,12 @@ impl DispatcherState {
         self.version_block = size;
     }
 
-    /// `dataset`'s first block belongs to its first home (`Dataset::first_home`), which
-    /// gives its versions without asking: the blocks granted start after it.
-    pub fn first_block_taken(&mut self, dataset: DatasetId) {
+    /// `dataset` was made (by `Create`, or for `hotpot-sim`'s world before this dispatcher
+    /// started): no later dataset takes its id, and its first block belongs to its first
+    /// home (`Dataset::first_home`), which gives its versions without asking: the blocks
+    /// granted start after it.
+    pub fn dataset_made(&mut self, dataset: DatasetId) {
+        self.next_dataset = self.next_dataset.max(dataset + 1);
         self.version_blocks.insert(dataset, 1 + self.version_block);
     }
 
@@ -345,8 +348,7 @@ impl DispatcherState {
                     owners,
                     first_home: Some((first_home, incarnation)),
                 };
-                self.first_block_taken(self.next_dataset);
-                self.next_dataset += 1;
+                self.dataset_made(self.next_dataset);
                 let attr = self.add_child(
                     parent,
                     &name,

@@ -221,10 +221,11 @@ pub enum NodeRequest {
         page: u64,
     },
     /// To any node: its own persisted copies of these pages, those it has (a rebuilding owner
-    /// takes back what it owned).
+    /// takes back what it owned); `None`: of every page of the dataset it has (a starting
+    /// node machine, which knows no dataset's size, asks so and keeps the pages it owns).
     FetchCopies {
         dataset: DatasetId,
-        pages: Vec<u64>,
+        pages: Option<Vec<u64>>,
     },
     /// To the owner: commit these pages of `dataset` for `committer`. `followers`: the other
     /// owners of a multi-owner commit `tx` (this owner leads: its decision is the commit's).

@@ -254,7 +254,7 @@ impl Checker {
                 continue;
             };
             for other in write.pages.iter().filter(|other| **other != page) {
-                let record = &world.datasets[dataset as usize - 1].0;
+                let record = world.record(dataset);
                 let Some((_, bytes)) = world.nodes[&world.owner_of(record, *other)]
                     .machine
                     .as_ref()

@@ -37,7 +37,7 @@ impl SimDispatcher {
         state.set_promote_after_ms(promote_after_ms);
         state.set_version_block(options.version_block);
         for dataset in datasets {
-            state.first_block_taken(*dataset);
+            state.dataset_made(*dataset);
         }
         let persisted = serde_json::to_vec(&state).expect("dispatcher state serialises");
         SimDispatcher {

@@ -22,6 +22,10 @@ pub struct Options {
     pub seed: u64,
     pub nodes: u32,
     pub datasets: Vec<DatasetOptions>,
+    /// Datasets a program makes while the cluster runs, each at its time of the workload
+    /// (`create` through the dispatcher, which picks their owners among the nodes it
+    /// counts live): the nodes learn them when something names them.
+    pub created: Vec<(u64, DatasetOptions)>,
     /// Per message, in thousandths.
     pub loss_per_mille: u32,
     pub duplicate_per_mille: u32,
@@ -101,6 +105,7 @@ impl Options {
             seed,
             nodes,
             datasets,
+            created: Vec::new(),
             loss_per_mille: if loss { rng.random_range(1..=80) } else { 0 },
             duplicate_per_mille: if dup { rng.random_range(1..=50) } else { 0 },
             delay_ms: if wide {
@@ -131,6 +136,36 @@ impl Options {
         .with_merging(rng)
         .with_one_sided()
         .with_storers()
+        .with_created()
+    }
+
+    /// From the seed's fourth stream, as `with_one_sided`: a seed without datasets made
+    /// while it runs runs the world it ran before they came. With promotion they are
+    /// replicated, as the others are.
+    fn with_created(mut self) -> Options {
+        let mut fourth = ChaCha8Rng::seed_from_u64(self.seed);
+        fourth.set_stream(3);
+        if fourth.random_bool(0.5) {
+            let least_replicas = if self.promote_after_ms > 0 { 2 } else { 1 };
+            let count = fourth.random_range(1..=2);
+            self.created = (0..count)
+                .map(|_| {
+                    let at_ms = fourth.random_range(0..self.workload_ms / 2);
+                    let dataset = DatasetOptions {
+                        mode: if fourth.random_bool(0.5) {
+                            Mode::Mrmw
+                        } else {
+                            Mode::Mrsw
+                        },
+                        replicas: fourth.random_range(least_replicas..=3),
+                        pages: fourth.random_range(2..=12),
+                        chunk_pages: fourth.random_range(1..=4),
+                    };
+                    (at_ms, dataset)
+                })
+                .collect();
+        }
+        self
     }
 
     /// From the seed's third stream, as `with_one_sided`: a seed without storing threads
@@ -181,20 +216,35 @@ impl Options {
     }
 }
 
+impl fmt::Display for DatasetOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} r{} {}p/{}pc",
+            self.mode, self.replicas, self.pages, self.chunk_pages
+        )
+    }
+}
+
 impl fmt::Display for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "seed {}: {} nodes, datasets [", self.seed, self.nodes)?;
         for (i, dataset) in self.datasets.iter().enumerate() {
             let sep = if i == 0 { "" } else { ", " };
-            write!(
-                f,
-                "{sep}{:?} r{} {}p/{}pc",
-                dataset.mode, dataset.replicas, dataset.pages, dataset.chunk_pages
-            )?;
+            write!(f, "{sep}{dataset}")?;
+        }
+        write!(f, "]")?;
+        if !self.created.is_empty() {
+            write!(f, ", made while running [")?;
+            for (i, (at_ms, dataset)) in self.created.iter().enumerate() {
+                let sep = if i == 0 { "" } else { ", " };
+                write!(f, "{sep}{dataset} at {at_ms} ms")?;
+            }
+            write!(f, "]")?;
         }
         write!(
             f,
-            "], loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, storing threads {}, workload {} ms",
+            ", loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, storing threads {}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,

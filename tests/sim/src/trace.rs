@@ -76,7 +76,10 @@ pub(crate) fn describe(message: &Message) -> String {
 fn request_summary(request: &NodeRequest) -> String {
     match request {
         NodeRequest::Fetch { dataset, page, .. } => format!("Fetch d{dataset} p{page}"),
-        NodeRequest::FetchCopies { dataset, pages } => format!("FetchCopies d{dataset} {pages:?}"),
+        NodeRequest::FetchCopies { dataset, pages } => match pages {
+            Some(pages) => format!("FetchCopies d{dataset} {pages:?}"),
+            None => format!("FetchCopies d{dataset} all"),
+        },
         NodeRequest::Version { dataset, take } => format!("Version d{} take {take}", dataset.id),
         NodeRequest::Commit {
             tx,

@@ -219,6 +219,7 @@ enum Running {
 
 pub struct Workload {
     datasets: Vec<(Dataset, u64)>,
+    nodes: Vec<NodeId>,
     /// The MRSW datasets each node has open for writing, with the writes left before it
     /// closes them.
     open: BTreeMap<(NodeId, DatasetId), u32>,
@@ -250,17 +251,11 @@ pub struct Workload {
 impl Workload {
     /// `fixed_writers`: one node writes each MRSW dataset, and keeps it open.
     pub fn new(datasets: &[(Dataset, u64)], nodes: &[NodeId], fixed_writers: bool) -> Workload {
-        let writers = fixed_writers.then(|| {
-            datasets
-                .iter()
-                .filter(|(dataset, _)| dataset.params.mode == Mode::Mrsw)
-                .map(|(dataset, _)| (dataset.id, nodes[(dataset.id as usize * 2) % nodes.len()]))
-                .collect()
-        });
-        Workload {
-            datasets: datasets.to_vec(),
+        let mut workload = Workload {
+            datasets: Vec::new(),
+            nodes: nodes.to_vec(),
             open: BTreeMap::new(),
-            writers,
+            writers: fixed_writers.then(BTreeMap::new),
             writes: BTreeMap::new(),
             acked: BTreeMap::new(),
             latests: Vec::new(),
@@ -272,7 +267,23 @@ impl Workload {
             takes: BTreeMap::new(),
             last_read: BTreeMap::new(),
             next_op: 1,
+        };
+        for (dataset, pages) in datasets {
+            workload.add_dataset(dataset, *pages);
         }
+        workload
+    }
+
+    /// A dataset the programs use from now on, of `pages` pages (with fixed writers, an
+    /// MRSW one gets its one writer).
+    pub fn add_dataset(&mut self, dataset: &Dataset, pages: u64) {
+        if let Some(writers) = &mut self.writers {
+            if dataset.params.mode == Mode::Mrsw {
+                let writer = self.nodes[(dataset.id as usize * 2) % self.nodes.len()];
+                writers.insert(dataset.id, writer);
+            }
+        }
+        self.datasets.push((dataset.clone(), pages));
     }
 
     pub fn busy(&self, node: NodeId, thread: Thread) -> bool {

@@ -9,12 +9,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use hotpot_core::page::{Merger, PageTable};
-use hotpot_core::pm::SimRegion;
+use hotpot_core::pm::{SimRegion, PAGE_BYTES};
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{
     Config, Input, Machine, Op, OpDone, OpResult, Output, Timing, DISPATCHER,
 };
-use hotpot_core::proto::types::{Dataset, DatasetId, DatasetParams, NodeId};
+use hotpot_core::proto::types::{Attr, Dataset, DatasetId, DatasetParams, NodeId, ROOT_INO};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -96,6 +96,9 @@ enum Event {
     Heartbeat(NodeId),
     /// The node's identical-page merger takes a step.
     Merge(NodeId),
+    /// A program makes the `n`th dataset of `Options::created` (again, until the
+    /// dispatcher is up and counts a node live to own it).
+    Create(usize),
     /// A node's one-sided read reaches the other node's PM (on a link between these
     /// incarnations of the two: a restart of either breaks it).
     RemoteRead {
@@ -255,6 +258,15 @@ impl World {
             let at = world.rng.random_range(100..1_500);
             world.schedule(at, Event::Partition { heal: false });
         }
+        let made: Vec<u64> = world
+            .options
+            .created
+            .iter()
+            .map(|(at_ms, _)| *at_ms)
+            .collect();
+        for (i, at_ms) in made.into_iter().enumerate() {
+            world.schedule(at_ms, Event::Create(i));
+        }
         world.schedule(world.options.workload_ms, Event::Heal);
         world
     }
@@ -339,6 +351,7 @@ impl World {
             Event::Restart(node) => self.restart(node),
             Event::Partition { heal } => self.partition(heal),
             Event::Heal => self.heal(),
+            Event::Create(i) => self.create_dataset(i),
             Event::JoinRetry(node, incarnation) => {
                 let state = &self.nodes[&node];
                 if state.joining && state.incarnation == incarnation {
@@ -547,6 +560,57 @@ impl World {
     }
 
     /// A node starts: it asks the dispatcher to join; its machine starts with the answer.
+    /// A program makes a dataset through the dispatcher (its `create`): it owns no page
+    /// anywhere yet, and the nodes learn its record when something names it.
+    fn create_dataset(&mut self, i: usize) {
+        let (_, options) = self.options.created[i].clone();
+        let request = DispatcherRequest::Create {
+            parent: ROOT_INO,
+            name: format!("made-{i}"),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: options.pages * PAGE_BYTES as u64,
+            params: Some(DatasetParams {
+                mode: options.mode,
+                replicas: options.replicas,
+                chunk_pages: options.chunk_pages,
+            }),
+            exclusive: false,
+        };
+        match self.dispatcher.handle(request, self.now_ms) {
+            Some(DispatcherReply::Attr(Attr {
+                dataset: Some(record),
+                ..
+            })) => {
+                trace!(
+                    self,
+                    "a program makes d{} ({options}), owners {:?}",
+                    record.id,
+                    record.owners
+                );
+                self.workload.add_dataset(&record, options.pages);
+                self.datasets.push((record, options.pages));
+            }
+            other => {
+                trace!(
+                    self,
+                    "making dataset {i} failed ({other:?}); again in 100 ms"
+                );
+                self.schedule(100, Event::Create(i));
+            }
+        }
+    }
+
+    /// The record of dataset `id` (one the world made or a program created).
+    pub(crate) fn record(&self, id: DatasetId) -> &Dataset {
+        self.datasets
+            .iter()
+            .map(|(dataset, _)| dataset)
+            .find(|dataset| dataset.id == id)
+            .expect("a dataset the world knows")
+    }
+
     fn boot(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("node");
         node.incarnation += 1;
@@ -885,9 +949,7 @@ impl World {
                 kernel.keep(reading, cached);
             }
             // The page's owner, and every node ever promoted in its place.
-            let first = self.datasets[read.dataset as usize - 1]
-                .0
-                .owner_of_page(read.page);
+            let first = self.record(read.dataset).owner_of_page(read.page);
             let owners: Vec<NodeId> = std::iter::once(first)
                 .chain(
                     self.promoted
@@ -946,7 +1008,7 @@ impl World {
             id,
             incarnation,
             nodes: (1..=self.options.nodes).collect(),
-            datasets: self.datasets.clone(),
+            datasets: self.datasets.iter().map(|(d, _)| d.clone()).collect(),
             rebuilding,
             successors,
             timing: Timing::default(),

@@ -243,7 +243,7 @@ impl Protocol {
             for batch in pages.chunks(INSTALL_BATCH) {
                 let request = NodeRequest::FetchCopies {
                     dataset,
-                    pages: batch.to_vec(),
+                    pages: Some(batch.to_vec()),
                 };
                 match self.ask(peer, &request) {
                     Ok(NodeReply::Pages(copies)) => match self.install(dataset, &copies) {

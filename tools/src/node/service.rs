@@ -20,7 +20,9 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             from,
         } => protocol.serve_locate(dataset, page, from),
         NodeRequest::FetchCopy { dataset, page } => protocol.serve_copy(dataset, page),
-        NodeRequest::FetchCopies { dataset, pages } => protocol.serve_copies(dataset, &pages),
+        NodeRequest::FetchCopies { dataset, pages } => {
+            protocol.serve_copies(dataset, pages.as_deref())
+        }
         NodeRequest::Commit {
             tx,
             followers,

@@ -192,9 +192,10 @@ pub(super) struct ClientState {
 /// Longest pause between two tries of a busy MRMW commit.
 const BACKOFF_MAX_MS: u64 = 20;
 
-impl Machine {
-    pub(super) fn start_op(&mut self, op: Op) {
-        let (id, dataset_id) = match &op {
+impl Op {
+    /// The operation's number and its dataset.
+    fn names(&self) -> (OpId, DatasetId) {
+        match self {
             Op::Write { op, dataset, .. }
             | Op::WriteBack { op, dataset, .. }
             | Op::Commit { op, dataset }
@@ -205,10 +206,24 @@ impl Machine {
             | Op::Pin { op, dataset, .. }
             | Op::ReadAt { op, dataset, .. }
             | Op::Unpin { op, dataset, .. } => (*op, *dataset),
+        }
+    }
+
+    pub fn id(&self) -> OpId {
+        self.names().0
+    }
+}
+
+impl Machine {
+    pub(super) fn start_op(&mut self, op: Op) {
+        let (id, dataset_id) = op.names();
+        let Some(op) = self.op_waits_for_record(dataset_id, op) else {
+            return;
         };
-        let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
-            return self.op_done(id, OpResult::Refused(FsError::NotFound));
-        };
+        let dataset = self
+            .dataset(dataset_id)
+            .cloned()
+            .expect("an operation goes on with its dataset's record");
         let writes = matches!(
             op,
             Op::Write { .. } | Op::WriteBack { .. } | Op::Commit { .. }
@@ -221,12 +236,6 @@ impl Machine {
         }
         match op {
             Op::Read { page, .. } => {
-                if page >= pages {
-                    return self.op_done(
-                        id,
-                        OpResult::Refused(FsError::Invalid("page past the end".into())),
-                    );
-                }
                 let owner = self.owner_of(&dataset, page);
                 let key = (dataset_id, page);
                 let through = self.reads_through(&dataset, page)
@@ -253,11 +262,11 @@ impl Machine {
                 self.fetch_page(id, owner, dataset_id, page);
             }
             Op::Write { stores, .. } => {
-                let bad = stores.iter().any(|(page, offset, bytes)| {
-                    *page >= pages || usize::from(*offset) + bytes.len() > PAGE_BYTES
-                });
+                let bad = stores
+                    .iter()
+                    .any(|(_, offset, bytes)| usize::from(*offset) + bytes.len() > PAGE_BYTES);
                 if stores.is_empty() || bad {
-                    let why = "stores outside the dataset's pages";
+                    let why = "stores past the end of their page";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 }
                 // The program writes past the kernel's cache (its pages left it as the write
@@ -288,11 +297,9 @@ impl Machine {
                 msync,
                 ..
             } => {
-                let bad = written
-                    .iter()
-                    .any(|(page, bytes)| *page >= pages || bytes.len() != PAGE_BYTES);
+                let bad = written.iter().any(|(_, bytes)| bytes.len() != PAGE_BYTES);
                 if written.is_empty() || bad {
-                    let why = "pages written back outside the dataset, or not whole";
+                    let why = "pages written back not whole";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 }
                 // A kernel's copy older than a copy of the page prepared here (this node's

@@ -26,6 +26,7 @@ mod lease;
 mod multi;
 mod one_sided;
 mod owner;
+mod records;
 mod target;
 #[cfg(test)]
 mod tests;
@@ -86,6 +87,9 @@ pub struct Timing {
     pub rereplicate_every_ms: u64,
     /// How long a committer retries an MRMW commit refused as busy.
     pub commit_retry_ms: u64,
+    /// How long a request or operation naming a dataset this node does not know waits for
+    /// the dispatcher's list of datasets (the daemon's retries of an unreachable dispatcher).
+    pub dispatcher_wait_ms: u64,
 }
 
 impl Default for Timing {
@@ -97,6 +101,7 @@ impl Default for Timing {
             resolve_after_ms: 3_000,
             rereplicate_every_ms: 500,
             commit_retry_ms: 10_000,
+            dispatcher_wait_ms: 15_000,
         }
     }
 }
@@ -110,8 +115,9 @@ pub struct Config {
     pub incarnation: u64,
     /// Every node of the cluster, this one included.
     pub nodes: Vec<NodeId>,
-    /// The datasets and how many pages each has.
-    pub datasets: Vec<(Dataset, u64)>,
+    /// The datasets the dispatcher listed at this start (`LiveDatasets`); one made since is
+    /// learned when something names it (records.rs).
+    pub datasets: Vec<Dataset>,
     /// This node started on a new (wiped) PM while datasets exist: it rebuilds the pages it
     /// owns from the newest copies on the other nodes before it serves as their owner.
     pub rebuilding: bool,
@@ -283,6 +289,8 @@ enum Purpose {
     Install { key: PageKey, version: u64 },
     /// A program's operation on this node.
     Op(OpId),
+    /// The dispatcher's list of datasets, for inputs naming one this node does not know.
+    Records,
     /// Settling prepared copy `tx` with its owner.
     Resolve { tx: TxKey },
     /// A leader's answer about commit `tx`, for a follower record (`target` None) or a
@@ -342,6 +350,7 @@ pub struct Machine {
     failover: failover::FailoverState,
     versions: versions::VersionState,
     views: views::ViewState,
+    records: records::RecordState,
     out: Vec<Output>,
 }
 
@@ -359,7 +368,7 @@ impl Machine {
             "a node is in its cluster"
         );
         if config.successors.contains_key(&config.id) {
-            for (dataset, _) in &config.datasets {
+            for dataset in &config.datasets {
                 table.drop_dataset(dataset.id)?;
             }
         }
@@ -368,6 +377,7 @@ impl Machine {
         let live = config.nodes.iter().copied().collect();
         let successors = config.successors.clone();
         let versions = versions::VersionState::new(config.version_block);
+        let records = records::RecordState::new(&config.datasets);
         let mut machine = Machine {
             config,
             table,
@@ -387,6 +397,7 @@ impl Machine {
             failover: Default::default(),
             versions,
             views: Default::default(),
+            records,
             out: Vec::new(),
         };
         machine.lock_waiting_records();
@@ -474,6 +485,7 @@ impl Machine {
             self.unpark();
         }
         self.expire_calls();
+        self.expire_record_waits();
         self.expire_parked();
         self.expire_phase1();
         self.sweep_outcomes();
@@ -488,6 +500,9 @@ impl Machine {
     }
 
     fn on_request(&mut self, from: NodeId, call: u64, request: NodeRequest) {
+        let Some(request) = self.request_waits_for_record(from, call, request) else {
+            return;
+        };
         if self.waits_until_ready(&request) {
             return self.park_until_ready(from, call, request);
         }
@@ -538,7 +553,7 @@ impl Machine {
             NodeRequest::Decide { tx, .. } => self.serve_decide(tx),
             NodeRequest::Abort { tx } => self.serve_abort(tx),
             NodeRequest::Install { dataset, pages } => self.serve_install(dataset, &pages),
-            NodeRequest::FetchCopies { dataset, pages } => self.serve_fetch_copies(dataset, &pages),
+            NodeRequest::FetchCopies { dataset, pages } => self.serve_fetch_copies(dataset, pages),
             NodeRequest::FetchCopy { dataset, page } => self.serve_fetch_copy(dataset, page),
             NodeRequest::Pin {
                 view,
@@ -665,6 +680,7 @@ impl Machine {
             }
             Purpose::Lease { op, open } => self.lease_answered(op, open, Some(reply)),
             Purpose::LatestState { op } => self.latest_state_answered(op, Some(reply)),
+            Purpose::Records => self.records_answered(Some(reply)),
             Purpose::Notice => {}
             // An answer from the dispatcher to a call made to a node: not this call's.
             purpose => {
@@ -691,6 +707,7 @@ impl Machine {
             Purpose::VersionBlock { dataset, open } => self.block_answered(dataset, open, None),
             Purpose::Lease { op, open } => self.lease_answered(op, open, None),
             Purpose::LatestState { op } => self.latest_state_answered(op, None),
+            Purpose::Records => self.records_answered(None),
             Purpose::OneSided(fetching) => self.one_sided_answered(*fetching, from, reply),
         }
     }
@@ -784,13 +801,6 @@ impl Machine {
         followers.push(self.config.id);
         crate::pm::TxTag::bitmap(&followers)
             .map(|participants| commit::Role::Leader { participants })
-    }
-
-    fn dataset(&self, id: DatasetId) -> Option<&(Dataset, u64)> {
-        self.config
-            .datasets
-            .iter()
-            .find(|(dataset, _)| dataset.id == id)
     }
 }
 

@@ -207,7 +207,7 @@ mod tests {
                     id,
                     incarnation: 1,
                     nodes: vec![1, 2],
-                    datasets: vec![(dataset.clone(), 4)],
+                    datasets: vec![dataset.clone()],
                     rebuilding: false,
                     successors: BTreeMap::new(),
                     timing: Default::default(),

@@ -85,18 +85,32 @@ impl Machine {
         self.successors.get(&node).copied().unwrap_or(node)
     }
 
-    /// The pages of `dataset` (of `pages`) that `node` owns now.
-    pub(super) fn pages_of(&self, dataset: &Dataset, pages: u64, node: NodeId) -> Vec<u64> {
-        (0..pages)
+    /// Of `pages` of `dataset`, those `node` owns now.
+    pub(super) fn pages_of(
+        &self,
+        dataset: &Dataset,
+        pages: impl IntoIterator<Item = u64>,
+        node: NodeId,
+    ) -> Vec<u64> {
+        pages
+            .into_iter()
             .filter(|page| self.owner_of(dataset, *page) == node)
             .collect()
+    }
+
+    /// Whether `node` owns any chunk of `dataset` now.
+    pub(super) fn owns_any(&self, dataset: &Dataset, node: NodeId) -> bool {
+        dataset
+            .owners
+            .iter()
+            .any(|owner| self.acting(*owner) == node)
     }
 
     /// A request for pages this node does not own by its own view: refused (the asker's
     /// view is newer, or older; it asks again, as it would a busy owner). A node promoted
     /// in place of a lost one must not serve its pages before it knows and took them over.
     pub(super) fn not_owner(&self, dataset: DatasetId, pages: &[u64]) -> Option<NodeReply> {
-        let (record, _) = self.dataset(dataset)?;
+        let record = self.dataset(dataset)?;
         let me = self.config.id;
         let page = pages
             .iter()
@@ -335,9 +349,9 @@ impl Machine {
         self.owner.last_rereplicate_ms = self.now_ms;
         let me = self.config.id;
         let live = self.live();
-        let datasets = self.config.datasets.clone();
-        for (dataset, pages) in &datasets {
-            for page in self.pages_of(dataset, *pages, me) {
+        for dataset in self.datasets() {
+            let copied = self.table.copied_pages(dataset.id);
+            for page in self.pages_of(&dataset, copied, me) {
                 let key = (dataset.id, page);
                 if self.owner.locks.holds_any(&[key]) {
                     continue;
@@ -375,20 +389,20 @@ impl Machine {
     pub fn fully_replicated(&self) -> bool {
         let me = self.config.id;
         let live = self.live();
-        self.config.datasets.iter().all(|(dataset, pages)| {
+        self.datasets().iter().all(|dataset| {
             let want = replication::wanted(dataset.params.replicas, &live);
-            self.pages_of(dataset, *pages, me).into_iter().all(|page| {
+            let copied = self.table.copied_pages(dataset.id);
+            self.pages_of(dataset, copied, me).into_iter().all(|page| {
                 let key = (dataset.id, page);
-                !self.table.has_copy(key)
-                    || (1 + self
-                        .owner
-                        .copies
-                        .current_of(key)
-                        .iter()
-                        .filter(|node| **node != me)
-                        .count()
-                        >= want
-                        && self.owner.copies.behind_of(key, &live).is_empty())
+                1 + self
+                    .owner
+                    .copies
+                    .current_of(key)
+                    .iter()
+                    .filter(|node| **node != me)
+                    .count()
+                    >= want
+                    && self.owner.copies.behind_of(key, &live).is_empty()
             })
         })
     }

@@ -81,7 +81,7 @@ impl Machine {
     /// This node's copies of `pages` may not be what their owners count it as holding:
     /// it registers them with each owner (reads go to the owners until then).
     fn register_pages(&mut self, dataset: DatasetId, pages: &[u64]) {
-        let Some((dataset, _)) = self.dataset(dataset).cloned() else {
+        let Some(dataset) = self.dataset(dataset).cloned() else {
             return;
         };
         for page in pages {
@@ -177,10 +177,16 @@ impl Machine {
         }
     }
 
-    /// This node's persisted copies of `pages` (served while rejoining too). Refused while
-    /// a copy of one of them prepared for a commit across owners waits for the leader: a
-    /// rebuilding owner must not settle on an older copy than that commit may make current.
-    pub(super) fn serve_fetch_copies(&mut self, dataset: DatasetId, pages: &[u64]) -> NodeReply {
+    /// This node's persisted copies of `pages` (`None`: of every page of the dataset it has
+    /// something of; served while rejoining too). Refused while a copy of one of them
+    /// prepared for a commit across owners waits for the leader: a rebuilding owner must not
+    /// settle on an older copy than that commit may make current.
+    pub(super) fn serve_fetch_copies(
+        &mut self,
+        dataset: DatasetId,
+        pages: Option<Vec<u64>>,
+    ) -> NodeReply {
+        let pages = pages.unwrap_or_else(|| self.table.pages_here(dataset).into_iter().collect());
         let waiting = self.table.pending().into_iter().find(|copies| {
             copies.dataset == dataset
                 && copies.pages.iter().any(|page| pages.contains(page))
@@ -200,7 +206,7 @@ impl Machine {
         // without a copy behind it (never written, when it was read) is on no list this node
         // registers: no commit would invalidate it. The kernel drops it now, before the
         // owner serves again.
-        let unlisted = self.served_without_copy(dataset, pages);
+        let unlisted = self.served_without_copy(dataset, &pages);
         self.kernel_stale(dataset, unlisted);
         let copies = pages
             .iter()
@@ -231,7 +237,7 @@ impl Machine {
             {
                 continue;
             }
-            let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
+            let Some(dataset) = self.dataset(copies.dataset).cloned() else {
                 self.table.abort_copies(copies.tx);
                 continue;
             };
@@ -311,7 +317,7 @@ impl Machine {
     }
 
     fn owner_of_copies(&self, dataset: DatasetId, copies: &[VersionedPage]) -> Option<NodeId> {
-        let (record, _) = self.dataset(dataset)?;
+        let record = self.dataset(dataset)?;
         copies.first().map(|copy| self.owner_of(record, copy.page))
     }
 
@@ -320,7 +326,7 @@ impl Machine {
     /// dataset's pages are left out as the calls go).
     pub(super) fn start_rejoin(&mut self) {
         let peers = self.config.peers();
-        for (dataset, _) in &self.config.datasets {
+        for dataset in self.datasets() {
             for peer in &peers {
                 self.target.rejoin.insert((*peer, dataset.id));
                 // A first start has no copies to tell about.
@@ -340,7 +346,7 @@ impl Machine {
     pub(super) fn take_over(&mut self) {
         let me = self.config.id;
         for copies in self.table.pending() {
-            let Some((dataset, _)) = self.dataset(copies.dataset).cloned() else {
+            let Some(dataset) = self.dataset(copies.dataset).cloned() else {
                 continue;
             };
             let single_owner = match self.target.deciders.get(copies.tx) {
@@ -356,7 +362,7 @@ impl Machine {
                 self.table.abort_copies(copies.tx);
             }
         }
-        for (dataset, _) in &self.config.datasets {
+        for dataset in self.datasets() {
             for peer in self.config.peers() {
                 self.target.rejoin.insert((peer, dataset.id));
             }
@@ -375,8 +381,9 @@ impl Machine {
             return;
         }
         for owner in restarted {
-            for (dataset, pages) in self.config.datasets.clone() {
-                let owned = self.pages_of(&dataset, pages, owner);
+            for dataset in self.datasets() {
+                let here = self.table.pages_here(dataset.id);
+                let owned = self.pages_of(&dataset, here, owner);
                 // A page the kernel was served without a copy behind it is on no
                 // registration: it goes, as `serve_fetch_copies` drops it (found by
                 // hotpot-sim, seed 23089597: a never-written page read before the owner's
@@ -442,12 +449,12 @@ impl Machine {
             .filter(|call| !self.target.asked.contains(call))
             .collect();
         for (peer, dataset_id, learn) in wanted {
-            let Some((dataset, pages)) = self.dataset(dataset_id).cloned() else {
+            let Some(dataset) = self.dataset(dataset_id).cloned() else {
                 continue;
             };
-            let owned = self.pages_of(&dataset, pages, if learn { me } else { peer });
+            let owner = if learn { me } else { peer };
             let asked = rule.asks(self.live.contains(&peer), self.is_lost(peer));
-            if owned.is_empty() || (learn && !asked) {
+            if !self.owns_any(&dataset, owner) || (learn && !asked) {
                 // Nothing to learn or tell.
                 if learn {
                     self.target.rejoin.remove(&(peer, dataset_id));
@@ -457,14 +464,18 @@ impl Machine {
                 continue;
             }
             let request = if learn {
+                // Every copy the peer has (this node knows no dataset's size): the ones of
+                // pages it owns are kept (`rejoin_answered`).
                 NodeRequest::FetchCopies {
                     dataset: dataset_id,
-                    pages: owned,
+                    pages: None,
                 }
             } else {
                 // Its copies, and pages staged here without one (their next commits must
                 // reach this node, or a read of the staged page misses them).
-                let theirs = owned
+                let here = self.table.pages_here(dataset_id);
+                let theirs = self
+                    .pages_of(&dataset, here, peer)
                     .into_iter()
                     .filter(|page| {
                         let key = (dataset_id, *page);
@@ -499,10 +510,14 @@ impl Machine {
         reply: Option<NodeReply>,
     ) {
         self.target.asked.remove(&(from, dataset, learn));
-        let Some(NodeReply::Pages(copies)) = reply else {
+        let Some(NodeReply::Pages(mut copies)) = reply else {
             return; // asked again at the next input
         };
         if learn {
+            let me = self.config.id;
+            if let Some(record) = self.dataset(dataset).cloned() {
+                copies.retain(|copy| self.owner_of(&record, copy.page) == me);
+            }
             if self.learn_copies(from, dataset, &copies) {
                 self.target.rejoin.remove(&(from, dataset));
             }

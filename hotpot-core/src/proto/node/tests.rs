@@ -37,7 +37,7 @@ pub(super) fn node_one(
         id: 1,
         incarnation: 1,
         nodes,
-        datasets: vec![(dataset.clone(), 4)],
+        datasets: vec![dataset.clone()],
         rebuilding: false,
         successors: BTreeMap::new(),
         timing: Default::default(),

@@ -79,7 +79,7 @@ impl Machine {
         let Some(id) = self.owner.commits.get(&tx).map(|commit| commit.dataset) else {
             return;
         };
-        let Some((dataset, _)) = self.dataset(id).cloned() else {
+        let Some(dataset) = self.dataset(id).cloned() else {
             return self.abort_commit(tx, format!("dataset {id} is not known here"));
         };
         if dataset.params.mode != Mode::Mrmw {
@@ -282,21 +282,22 @@ impl Machine {
     /// versions for (`Sequencer::needs_block`), so its first commits need no dispatcher, as
     /// the daemon's `take_home_blocks` does.
     pub(super) fn take_home_blocks(&mut self) {
-        let homed: Vec<DatasetId> = self
-            .config
-            .datasets
-            .iter()
-            .map(|(dataset, _)| dataset)
-            .filter(|dataset| dataset.params.mode == Mode::Mrmw)
-            .filter(|dataset| self.home_of(dataset) == self.config.id)
-            .filter(|dataset| {
-                let me = self.version_giver(dataset);
-                self.versions.sequencer.needs_block(dataset, me)
-            })
-            .map(|dataset| dataset.id)
-            .collect();
-        for dataset in homed {
-            self.ask_block(dataset);
+        for dataset in self.datasets() {
+            self.take_home_block(dataset.id);
+        }
+    }
+
+    /// `take_home_blocks` for one dataset (also one learned since the start, records.rs).
+    pub(super) fn take_home_block(&mut self, id: DatasetId) {
+        let Some(dataset) = self.dataset(id) else {
+            return;
+        };
+        let me = self.version_giver(dataset);
+        if dataset.params.mode == Mode::Mrmw
+            && self.home_of(dataset) == self.config.id
+            && self.versions.sequencer.needs_block(dataset, me)
+        {
+            self.ask_block(id);
         }
     }
 
@@ -357,7 +358,7 @@ impl Machine {
                 return;
             }
         };
-        let Some((record, _)) = self.dataset(dataset).cloned() else {
+        let Some(record) = self.dataset(dataset).cloned() else {
             return;
         };
         self.versions.sequencer.add_block(dataset, start);

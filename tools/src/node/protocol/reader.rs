@@ -275,8 +275,19 @@ impl Protocol {
             })
     }
 
-    pub fn serve_copies(&self, dataset: DatasetId, pages: &[u64]) -> NodeReply {
-        let keys: Vec<_> = pages.iter().map(|page| (dataset, *page)).collect();
+    /// `FetchCopies`: this node's persisted copies of `pages` of `dataset` (`None`: of every
+    /// page it has a copy of).
+    pub fn serve_copies(&self, dataset: DatasetId, pages: Option<&[u64]>) -> NodeReply {
+        let keys: Vec<_> = match pages {
+            Some(pages) => pages.iter().map(|page| (dataset, *page)).collect(),
+            None => self
+                .table()
+                .pool()
+                .pages_of(dataset)
+                .iter()
+                .map(|copy| (dataset, copy.record.page))
+                .collect(),
+        };
         NodeReply::Pages(self.persisted_copies(&keys))
     }
 
