@@ -13,7 +13,9 @@ use hotpot_sim::run_seed;
 /// The deterministic simulator: hotpot's node machines under seeded faults (message loss,
 /// duplication, delay and reordering, partitions, crashes with lost or torn PM writes, nodes
 /// lost with their PM, dispatcher crashes), the identical-page merger running in half the
-/// worlds and one-sided reads of owners' PM (as over verbs) in half, checked for lost or
+/// worlds, one-sided reads of owners' PM (as over verbs) in half, programs with a second,
+/// storing thread in half, datasets made while the cluster runs in half and a node joining
+/// it in half, checked for lost or
 /// partial commits, diverging copies, bytes no commit wrote, reads and views that miss or
 /// show the wrong commits, dataset versions out of order, a step that panics, and a cluster
 /// that does not settle once healed.

@@ -26,6 +26,9 @@ pub struct Options {
     /// (`create` through the dispatcher, which picks their owners among the nodes it
     /// counts live): the nodes learn them when something names them.
     pub created: Vec<(u64, DatasetOptions)>,
+    /// A node (`nodes + 1`) joins the running cluster at this time of the workload: it owns
+    /// none of the datasets made before it joined, and holds copies and replicas as any.
+    pub late_join_ms: Option<u64>,
     /// Per message, in thousandths.
     pub loss_per_mille: u32,
     pub duplicate_per_mille: u32,
@@ -106,6 +109,7 @@ impl Options {
             nodes,
             datasets,
             created: Vec::new(),
+            late_join_ms: None,
             loss_per_mille: if loss { rng.random_range(1..=80) } else { 0 },
             duplicate_per_mille: if dup { rng.random_range(1..=50) } else { 0 },
             delay_ms: if wide {
@@ -137,6 +141,18 @@ impl Options {
         .with_one_sided()
         .with_storers()
         .with_created()
+        .with_late_join()
+    }
+
+    /// From the seed's fifth stream, as `with_one_sided`: a seed without a node joining
+    /// late runs the world it ran before.
+    fn with_late_join(mut self) -> Options {
+        let mut fifth = ChaCha8Rng::seed_from_u64(self.seed);
+        fifth.set_stream(4);
+        if fifth.random_bool(0.5) {
+            self.late_join_ms = Some(fifth.random_range(0..self.workload_ms / 2));
+        }
+        self
     }
 
     /// From the seed's fourth stream, as `with_one_sided`: a seed without datasets made
@@ -241,6 +257,9 @@ impl fmt::Display for Options {
                 write!(f, "{sep}{dataset} at {at_ms} ms")?;
             }
             write!(f, "]")?;
+        }
+        if let Some(at_ms) = self.late_join_ms {
+            write!(f, ", node {} joins at {at_ms} ms", self.nodes + 1)?;
         }
         write!(
             f,

@@ -35,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 pub const SLOT_BYTES: usize = 64;
 
 /// A node's storing thread is writer `node + STORING` (its committing thread: `node`).
-pub const STORING: NodeId = 8;
+pub const STORING: NodeId = 16;
 
 /// Where writer `writer`'s stamps go in every page.
 pub fn slot_offset(writer: NodeId) -> usize {

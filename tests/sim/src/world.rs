@@ -99,6 +99,8 @@ enum Event {
     /// A program makes the `n`th dataset of `Options::created` (again, until the
     /// dispatcher is up and counts a node live to own it).
     Create(usize),
+    /// A node joins the running cluster (`Options::late_join_ms`).
+    Join(NodeId),
     /// A node's one-sided read reaches the other node's PM (on a link between these
     /// incarnations of the two: a restart of either breaks it).
     RemoteRead {
@@ -222,28 +224,7 @@ impl World {
             trace,
         };
         for id in node_ids {
-            let region = Arc::new(SimRegion::from_image(vec![0u8; PM_BYTES]));
-            world.nodes.insert(
-                id,
-                SimNode {
-                    machine: None,
-                    region,
-                    incarnation: 0,
-                    rebuilding: false,
-                    dying: false,
-                    joining: false,
-                    joined: None,
-                    joined_as: 0,
-                    kernel: Default::default(),
-                    merger: Merger::default(),
-                },
-            );
-            world.boot(id);
-            world.schedule(TICK_MS, Event::Tick(id));
-            world.schedule(HEARTBEAT_MS, Event::Heartbeat(id));
-            if world.options.merging {
-                world.schedule(MERGE_EVERY_MS, Event::Merge(id));
-            }
+            world.add_node(id);
         }
         if world.options.dispatcher_crashes {
             let at = world.rng.random_range(100..2_000);
@@ -257,6 +238,9 @@ impl World {
         if world.options.partitions {
             let at = world.rng.random_range(100..1_500);
             world.schedule(at, Event::Partition { heal: false });
+        }
+        if let Some(at_ms) = world.options.late_join_ms {
+            world.schedule(at_ms, Event::Join(world.options.nodes + 1));
         }
         let made: Vec<u64> = world
             .options
@@ -335,7 +319,8 @@ impl World {
     }
 
     fn random_node(&mut self) -> NodeId {
-        self.rng.random_range(1..=self.options.nodes)
+        // Nodes are 1..=n, the one that joins late only once it joined.
+        self.rng.random_range(1..=self.nodes.len() as NodeId)
     }
 
     fn step(&mut self, event: Event) {
@@ -352,6 +337,7 @@ impl World {
             Event::Partition { heal } => self.partition(heal),
             Event::Heal => self.heal(),
             Event::Create(i) => self.create_dataset(i),
+            Event::Join(node) => self.add_node(node),
             Event::JoinRetry(node, incarnation) => {
                 let state = &self.nodes[&node];
                 if state.joining && state.incarnation == incarnation {
@@ -560,6 +546,38 @@ impl World {
     }
 
     /// A node starts: it asks the dispatcher to join; its machine starts with the answer.
+    /// Node `id` joins the cluster, on a new PM: it boots, and its ticks, heartbeats and
+    /// merger steps begin. One that joins a running cluster starts as the daemon does on a
+    /// new PM file where datasets exist: rebuilding (the pages it owns: none yet).
+    fn add_node(&mut self, id: NodeId) {
+        let region = Arc::new(SimRegion::from_image(vec![0u8; PM_BYTES]));
+        let late = id > self.options.nodes;
+        self.nodes.insert(
+            id,
+            SimNode {
+                machine: None,
+                region,
+                incarnation: 0,
+                rebuilding: late,
+                dying: false,
+                joining: false,
+                joined: None,
+                joined_as: 0,
+                kernel: Default::default(),
+                merger: Merger::default(),
+            },
+        );
+        if late {
+            trace!(self, "n{id} joins the running cluster");
+        }
+        self.boot(id);
+        self.schedule(TICK_MS, Event::Tick(id));
+        self.schedule(HEARTBEAT_MS, Event::Heartbeat(id));
+        if self.options.merging {
+            self.schedule(MERGE_EVERY_MS, Event::Merge(id));
+        }
+    }
+
     /// A program makes a dataset through the dispatcher (its `create`): it owns no page
     /// anywhere yet, and the nodes learn its record when something names it.
     fn create_dataset(&mut self, i: usize) {
@@ -1000,6 +1018,7 @@ impl World {
         incarnation: u64,
         successors: BTreeMap<NodeId, NodeId>,
     ) {
+        let nodes = self.nodes.keys().copied().collect();
         let node = self.nodes.get_mut(&id).expect("node");
         node.joining = false;
         node.joined = None;
@@ -1007,7 +1026,7 @@ impl World {
         let config = Config {
             id,
             incarnation,
-            nodes: (1..=self.options.nodes).collect(),
+            nodes,
             datasets: self.datasets.iter().map(|(d, _)| d.clone()).collect(),
             rebuilding,
             successors,

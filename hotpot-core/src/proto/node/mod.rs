@@ -113,7 +113,8 @@ pub struct Config {
     /// How many times this node has started (names its transactions apart from an earlier
     /// start's, whose prepared copies may still wait on other nodes).
     pub incarnation: u64,
-    /// Every node of the cluster, this one included.
+    /// The cluster's nodes when this node started, this one included (a node that joins
+    /// later is learned from the dispatcher's views, or when it asks for a copy).
     pub nodes: Vec<NodeId>,
     /// The datasets the dispatcher listed at this start (`LiveDatasets`); one made since is
     /// learned when something names it (records.rs).
@@ -133,18 +134,17 @@ pub struct Config {
     pub bugs: Bugs,
 }
 
-impl Config {
-    /// Every other node of the cluster.
-    pub fn peers(&self) -> Vec<NodeId> {
+impl Machine {
+    /// Every other node of the cluster, as far as this node knows (its start's nodes, and
+    /// every node the dispatcher's views named since).
+    pub(super) fn peers(&self) -> Vec<NodeId> {
         self.nodes
             .iter()
             .copied()
-            .filter(|node| *node != self.id)
+            .filter(|node| *node != self.config.id)
             .collect()
     }
-}
 
-impl Machine {
     /// The nodes that count as up for replication: the dispatcher's last view (every node
     /// until the first), this node, and peers that asked for a copy since.
     pub(super) fn live(&self) -> BTreeSet<NodeId> {
@@ -162,7 +162,7 @@ impl Machine {
     fn take_view(&mut self, live: BTreeSet<NodeId>, successors: BTreeMap<NodeId, NodeId>) {
         self.live = live
             .into_iter()
-            .filter(|node| self.config.nodes.contains(node))
+            .filter(|node| self.nodes.contains(node))
             .chain(std::iter::once(self.config.id))
             .collect();
         let me = self.config.id;
@@ -188,11 +188,20 @@ impl Machine {
     }
 
     /// `node` just asked this owner for a copy: it is up, whatever the last view said, so
-    /// the next commit counts it (and sends it the new bytes) at once.
+    /// the next commit counts it (and sends it the new bytes) at once; a node that joined
+    /// the cluster since this one's last view is one of its nodes from now on.
     pub(super) fn mark_live(&mut self, node: NodeId) {
-        if self.config.nodes.contains(&node) {
+        if node != DISPATCHER {
+            self.nodes.insert(node);
             self.live.insert(node);
         }
+    }
+
+    /// The nodes that ever joined, by the dispatcher's view (its incarnations): a node that
+    /// joined the cluster after this one started is one of its nodes from now on.
+    fn note_nodes(&mut self, incarnations: &BTreeMap<NodeId, u64>) {
+        self.nodes
+            .extend(incarnations.keys().filter(|node| **node != DISPATCHER));
     }
 }
 
@@ -338,6 +347,8 @@ pub struct Machine {
     next_call: u64,
     next_tx: u64,
     calls: BTreeMap<u64, Call>,
+    /// Every node of the cluster this node knows (`Config.nodes`, then `note_nodes`).
+    nodes: BTreeSet<NodeId>,
     live: BTreeSet<NodeId>,
     /// A lost node → the node promoted in its place (the dispatcher's last view).
     successors: BTreeMap<NodeId, NodeId>,
@@ -374,7 +385,8 @@ impl Machine {
         }
         table.planted_keep_rebased_bytes = config.bugs.keep_rebased_bytes;
         let first_call = (config.incarnation << 40) | 1;
-        let live = config.nodes.iter().copied().collect();
+        let nodes: BTreeSet<NodeId> = config.nodes.iter().copied().collect();
+        let live = nodes.clone();
         let successors = config.successors.clone();
         let versions = versions::VersionState::new(config.version_block);
         let records = records::RecordState::new(&config.datasets);
@@ -387,6 +399,7 @@ impl Machine {
             next_call: first_call,
             next_tx: 1,
             calls: BTreeMap::new(),
+            nodes,
             live,
             successors,
             incarnations: Incarnations::default(),
@@ -468,6 +481,7 @@ impl Machine {
                 successors,
                 incarnations,
             } => {
+                self.note_nodes(&incarnations);
                 self.take_view(live, successors);
                 self.note_restarts(incarnations);
             }

@@ -303,7 +303,7 @@ impl Machine {
 
     /// Who a leader asks about a commit whose outcome it does not keep (`proto/outcome.rs`).
     fn outcome_askees(&self) -> Vec<NodeId> {
-        to_ask(self.config.peers(), |peer| self.is_lost(peer))
+        to_ask(self.peers(), |peer| self.is_lost(peer))
     }
 
     fn give_up_commit(&mut self, tx: TxKey) {

@@ -325,7 +325,7 @@ impl Machine {
     /// every owner is told this node's copies of its pages (peers owning none of a
     /// dataset's pages are left out as the calls go).
     pub(super) fn start_rejoin(&mut self) {
-        let peers = self.config.peers();
+        let peers = self.peers();
         for dataset in self.datasets() {
             for peer in &peers {
                 self.target.rejoin.insert((*peer, dataset.id));
@@ -363,7 +363,7 @@ impl Machine {
             }
         }
         for dataset in self.datasets() {
-            for peer in self.config.peers() {
+            for peer in self.peers() {
                 self.target.rejoin.insert((peer, dataset.id));
             }
         }

@@ -156,7 +156,7 @@ impl World {
         }
         // A random side against the rest (the dispatcher on either, sometimes); one
         // direction only, sometimes.
-        let mut nodes: Vec<NodeId> = (1..=self.options.nodes).collect();
+        let mut nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         if self.options.dispatcher_cut {
             nodes.push(DISPATCHER);
         }
