@@ -70,6 +70,9 @@ pub struct Options {
     pub one_sided: bool,
     /// Each node's program has a storing thread (workload.rs) beside its committing one.
     pub storers: bool,
+    /// The storing threads also store with write(2) (`Op::Write` without msync: a partial
+    /// page past the kernel's cache, staged by the file system for the next commit).
+    pub write_calls: bool,
     pub bugs: Bugs,
 }
 
@@ -133,6 +136,7 @@ impl Options {
             merging: false,
             one_sided: false,
             storers: false,
+            write_calls: false,
             bugs,
         }
         .with_promotion(rng)
@@ -142,6 +146,16 @@ impl Options {
         .with_storers()
         .with_created()
         .with_late_join()
+        .with_write_calls()
+    }
+
+    /// From the seed's sixth stream, as `with_one_sided`: a seed whose storing threads do
+    /// not write with write(2) runs the world it ran before.
+    fn with_write_calls(mut self) -> Options {
+        let mut sixth = ChaCha8Rng::seed_from_u64(self.seed);
+        sixth.set_stream(5);
+        self.write_calls = self.storers && sixth.random_bool(0.5);
+        self
     }
 
     /// From the seed's fifth stream, as `with_one_sided`: a seed without a node joining
@@ -263,7 +277,7 @@ impl fmt::Display for Options {
         }
         write!(
             f,
-            ", loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, storing threads {}, workload {} ms",
+            ", loss {}‰, dup {}‰, delay {}..{} ms, partitions {}{}{}, crashes {}{}{}{}{}, dispatcher crashes {}, promotion {}, version blocks of {}, merging {}, one-sided reads {}, storing threads {}{}, workload {} ms",
             self.loss_per_mille,
             self.duplicate_per_mille,
             self.delay_ms.0,
@@ -285,6 +299,7 @@ impl fmt::Display for Options {
             self.merging,
             self.one_sided,
             self.storers,
+            if self.write_calls { " (write(2) too)" } else { "" },
             self.workload_ms,
         )?;
         if self.bugs != Bugs::default() {

@@ -163,9 +163,11 @@ pub(crate) fn describe_op(op: &Op) -> String {
             op,
             dataset,
             stores,
+            msync,
         } => {
             let pages: Vec<u64> = stores.iter().map(|(page, _, _)| *page).collect();
-            format!("op {op} write d{dataset} pages {pages:?}")
+            let msync = if *msync { "" } else { " without msync" };
+            format!("op {op} write d{dataset} pages {pages:?}{msync}")
         }
         Op::WriteBack {
             op,

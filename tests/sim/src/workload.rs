@@ -225,6 +225,8 @@ pub struct Workload {
     open: BTreeMap<(NodeId, DatasetId), u32>,
     /// The one node that opens each MRSW dataset, when the lease may not change hands.
     writers: Option<BTreeMap<DatasetId, NodeId>>,
+    /// Storing threads also store with write(2) (`Options::write_calls`).
+    write_calls: bool,
     /// Every commit started, by its stamp (the operation number).
     pub writes: BTreeMap<OpId, WriteRecord>,
     /// Acknowledged commits per (dataset, page, committing node), in acknowledgement order.
@@ -249,13 +251,20 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// `fixed_writers`: one node writes each MRSW dataset, and keeps it open.
-    pub fn new(datasets: &[(Dataset, u64)], nodes: &[NodeId], fixed_writers: bool) -> Workload {
+    /// `fixed_writers`: one node writes each MRSW dataset, and keeps it open; `write_calls`:
+    /// storing threads also store with write(2).
+    pub fn new(
+        datasets: &[(Dataset, u64)],
+        nodes: &[NodeId],
+        fixed_writers: bool,
+        write_calls: bool,
+    ) -> Workload {
         let mut workload = Workload {
             datasets: Vec::new(),
             nodes: nodes.to_vec(),
             open: BTreeMap::new(),
             writers: fixed_writers.then(BTreeMap::new),
+            write_calls,
             writes: BTreeMap::new(),
             acked: BTreeMap::new(),
             latests: Vec::new(),
@@ -432,6 +441,7 @@ impl Workload {
                 op,
                 dataset: dataset.id,
                 stores,
+                msync: true,
             }
         } else {
             let (dataset, pages) = self.datasets.choose(rng).expect("a dataset");
@@ -516,18 +526,24 @@ impl Workload {
         }
         let op = self.next_op;
         self.next_op += 1;
-        let Some(mut bytes) = cached(dataset, page) else {
-            let read = Running::Read {
-                dataset,
-                page,
-                started_ms: now_ms,
-            };
-            self.storing.insert(node, (op, read));
-            return Some(Op::Read { op, dataset, page });
-        };
         let writer = node + STORING;
         let at = slot_offset(writer);
-        bytes[at..at + SLOT_BYTES].copy_from_slice(&stamp_bytes(op));
+        // write(2): its slot only, past the kernel's cache, whether or not it holds the page.
+        let write_call = self.write_calls && rng.random_bool(0.5);
+        let cached = if write_call {
+            None
+        } else {
+            let Some(bytes) = cached(dataset, page) else {
+                let read = Running::Read {
+                    dataset,
+                    page,
+                    started_ms: now_ms,
+                };
+                self.storing.insert(node, (op, read));
+                return Some(Op::Read { op, dataset, page });
+            };
+            Some(bytes)
+        };
         self.writes.insert(
             op,
             WriteRecord {
@@ -542,11 +558,22 @@ impl Workload {
             },
         );
         self.storing.insert(node, (op, Running::Store { dataset }));
-        Some(Op::WriteBack {
-            op,
-            dataset,
-            pages: vec![(page, bytes)],
-            msync: false,
+        Some(match cached {
+            Some(mut bytes) => {
+                bytes[at..at + SLOT_BYTES].copy_from_slice(&stamp_bytes(op));
+                Op::WriteBack {
+                    op,
+                    dataset,
+                    pages: vec![(page, bytes)],
+                    msync: false,
+                }
+            }
+            None => Op::Write {
+                op,
+                dataset,
+                stores: vec![(page, at as u16, stamp_bytes(op))],
+                msync: false,
+            },
         })
     }
 

@@ -202,7 +202,12 @@ impl World {
                 (record, dataset.pages)
             })
             .collect();
-        let workload = Workload::new(&datasets, &node_ids, options.silences_live_nodes());
+        let workload = Workload::new(
+            &datasets,
+            &node_ids,
+            options.silences_live_nodes(),
+            options.write_calls,
+        );
         let ids: Vec<_> = datasets.iter().map(|(dataset, _)| dataset.id).collect();
         let dispatcher = SimDispatcher::new(CLUSTER_ID, &options, &ids);
         let mut world = World {
@@ -853,6 +858,7 @@ impl World {
                 op,
                 dataset,
                 stores,
+                ..
             } => {
                 let pages = stores.iter().map(|(page, _, _)| *page).collect();
                 kernel.start_write(*op, *dataset, pages);
@@ -904,6 +910,15 @@ impl World {
                     return;
                 }
                 kernel.start_read(*op, (*dataset, *page));
+            }
+            Op::Write {
+                op,
+                dataset,
+                stores,
+                ..
+            } => {
+                let pages = stores.iter().map(|(page, _, _)| *page).collect();
+                kernel.start_write(*op, *dataset, pages);
             }
             Op::WriteBack { dataset, pages, .. } => {
                 for (page, _) in pages {

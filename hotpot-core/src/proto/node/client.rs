@@ -19,15 +19,18 @@ pub type OpId = u64;
 /// A program's request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// A program's stores and its msync in one (the simulator's programs): each page this
-    /// node holds no copy of is fetched first (as a kernel reads a page before a partial
-    /// write), the stores are staged as the file system stages writes, and they are
-    /// committed as `Commit` commits. A program whose commit failed gives its stores up:
-    /// their staged pages are dropped.
+    /// A program's stores past the kernel's cache (write(2), the daemon's FUSE WRITE) and,
+    /// with `msync`, its msync in one: each page this node holds no copy of is fetched first
+    /// (as a kernel reads a page before a partial write), the stores are staged as the file
+    /// system stages writes, and with `msync` they are committed as `Commit` commits (a
+    /// program whose commit failed gives its stores up: their staged pages are dropped);
+    /// without it they stay staged, for the next commit of the dataset, and the op ends
+    /// `Staged`.
     Write {
         op: OpId,
         dataset: DatasetId,
         stores: Vec<(u64, u16, Vec<u8>)>,
+        msync: bool,
     },
     /// A program's stores into pages its kernel holds (a mapping), written back whole by
     /// the kernel. Each page is staged against the base the kernel's copy was served at, as
@@ -152,7 +155,7 @@ pub(super) struct ClientOp {
     stores: Vec<(u64, u16, Vec<u8>)>,
     /// A `Write`: the program gives its stores up if the commit fails.
     gives_up: bool,
-    /// A `Write`'s stores are committed once staged (a `WriteBack` without msync: not).
+    /// The stores are committed once staged (a `Write` or `WriteBack` without msync: not).
     commits: bool,
     /// The staged pages being committed.
     staged: Option<Arc<StagedCommit>>,
@@ -261,7 +264,7 @@ impl Machine {
                 self.client.ops.insert(id, reading);
                 self.fetch_page(id, owner, dataset_id, page);
             }
-            Op::Write { stores, .. } => {
+            Op::Write { stores, msync, .. } => {
                 let bad = stores
                     .iter()
                     .any(|(_, offset, bytes)| usize::from(*offset) + bytes.len() > PAGE_BYTES);
@@ -290,7 +293,7 @@ impl Machine {
                             || self.reads_through(&dataset, *page)
                     })
                     .collect();
-                self.write_pages(id, dataset, stores, missing, true);
+                self.write_pages(id, dataset, stores, missing, msync);
             }
             Op::WriteBack {
                 pages: written,

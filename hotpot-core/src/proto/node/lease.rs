@@ -124,17 +124,23 @@ mod tests {
             .collect()
     }
 
-    /// A program's write of page 0, with this node's calls to itself delivered until none
-    /// is left (it owns every page): every output.
+    /// A program's write of page 0 and its msync: every output.
     fn write(machine: &mut Machine, now_ms: u64, op: u64) -> Vec<Output> {
         let stores = vec![(0, 0, vec![op as u8; 8])];
         let start = Input::Start(Op::Write {
             op,
             dataset: 1,
             stores,
+            msync: true,
         });
+        alone(machine, now_ms, start)
+    }
+
+    /// `input`, with this node's calls to itself delivered until none is left (it owns
+    /// every page): every output.
+    fn alone(machine: &mut Machine, now_ms: u64, input: Input) -> Vec<Output> {
         let mut all = Vec::new();
-        let mut inputs = vec![start];
+        let mut inputs = vec![input];
         while let Some(input) = inputs.pop() {
             for output in machine.handle(now_ms, input) {
                 match &output {
@@ -207,6 +213,32 @@ mod tests {
                 dataset_version: 13
             })
         );
+    }
+
+    #[test]
+    fn a_write_without_msync_stays_staged_until_the_next_commit() {
+        let mut machine = writer();
+        open(&mut machine, 10, 1, 1);
+        let stores = vec![(0, 0, vec![9u8; 8])];
+        let write = Op::Write {
+            op: 2,
+            dataset: 1,
+            stores,
+            msync: false,
+        };
+        let outputs = alone(&mut machine, 20, Input::Start(write));
+        assert_eq!(done(&outputs), Some(OpResult::Staged));
+        assert!(machine.table().is_staged((1, 0)));
+        assert_eq!(machine.table().version_of((1, 0)), 0, "nothing committed");
+        let commit = Op::Commit { op: 3, dataset: 1 };
+        let outputs = alone(&mut machine, 30, Input::Start(commit));
+        assert_eq!(
+            done(&outputs),
+            Some(OpResult::Committed { dataset_version: 1 })
+        );
+        assert!(!machine.table().is_staged((1, 0)));
+        let (_, bytes) = machine.table().read_persisted((1, 0)).expect("committed");
+        assert_eq!(&bytes[..8], &[9u8; 8]);
     }
 
     #[test]

@@ -299,6 +299,7 @@ mod tests {
                 op,
                 dataset: self.dataset.id,
                 stores,
+                msync: true,
             };
             self.handle(1, Input::Start(write));
             self.pump();

@@ -32,8 +32,9 @@ pub(crate) struct KernelCache {
     pages: BTreeMap<PageAt, Cached>,
     /// Reads the machine is serving.
     reading: BTreeMap<OpId, Reading>,
-    /// The `Write` running, and its pages.
-    writing: Option<(OpId, DatasetId, Vec<u64>)>,
+    /// The `Write`s running (a program's committing thread's, and its storing thread's
+    /// write(2)), and their pages.
+    writing: BTreeMap<OpId, (DatasetId, Vec<u64>)>,
 }
 
 impl KernelCache {
@@ -85,6 +86,7 @@ impl KernelCache {
             op,
             dataset,
             stores,
+            msync: true,
         } = op
         else {
             return op;
@@ -100,6 +102,7 @@ impl KernelCache {
                         op,
                         dataset,
                         stores,
+                        msync: true,
                     }
                 }
             }
@@ -134,25 +137,25 @@ impl KernelCache {
         for page in &pages {
             self.written((dataset, *page));
         }
-        self.writing = Some((op, dataset, pages));
+        self.writing.insert(op, (dataset, pages));
     }
 
-    /// Op `op` ended: if it was the `Write` running, its pages are free.
+    /// Op `op` ended: if it was a `Write` running, its pages are free, and what a read
+    /// of them brought meanwhile goes (a kernel's read waits for the page a write holds
+    /// locked: the other thread's read of it cannot keep bytes without the write's stores).
     pub(crate) fn op_ended(&mut self, op: OpId) {
-        if self
-            .writing
-            .as_ref()
-            .is_some_and(|(writing, _, _)| *writing == op)
-        {
-            self.writing = None;
+        if let Some((dataset, pages)) = self.writing.remove(&op) {
+            for page in pages {
+                self.written((dataset, page));
+            }
         }
     }
 
     /// Whether a `Write` running holds `page` locked.
     pub(crate) fn locked(&self, page: PageAt) -> bool {
         self.writing
-            .as_ref()
-            .is_some_and(|(_, dataset, pages)| *dataset == page.0 && pages.contains(&page.1))
+            .values()
+            .any(|(dataset, pages)| *dataset == page.0 && pages.contains(&page.1))
     }
 
     pub(crate) fn invalidate(&mut self, dataset: DatasetId, pages: &[u64]) {
@@ -170,6 +173,6 @@ impl KernelCache {
     pub(crate) fn clear(&mut self) {
         self.pages.clear();
         self.reading.clear();
-        self.writing = None;
+        self.writing.clear();
     }
 }
