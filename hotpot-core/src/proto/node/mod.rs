@@ -584,6 +584,11 @@ impl Machine {
             NodeRequest::Version { dataset, take } => {
                 return self.serve_version(from, call, dataset, take);
             }
+            NodeRequest::Latest { dataset } => return self.serve_latest(from, call, dataset),
+            NodeRequest::PinnedVersions { dataset } => self.serve_pinned_versions(dataset),
+            NodeRequest::PageCopies { dataset } => {
+                NodeReply::PageCopies(self.table.page_copies(dataset))
+            }
             other => NodeReply::Failed(FsError::Invalid(format!(
                 "the node machine does not serve {}",
                 request_name(&other)

@@ -20,21 +20,32 @@ use crate::proto::pins::{not_kept, PinLeases, PIN_RENEW_EVERY_MS};
 use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 
 /// Operation numbers this machine gives its own `Latest` questions (a pin's, when versions
-/// are unknown here), apart from programs' operations.
+/// are unknown here, and a peer's or tool's `Latest` request), apart from programs'
+/// operations.
 const INTERNAL_OPS: OpId = 1 << 63;
 
 #[derive(Default)]
 pub(super) struct ViewState {
     /// As an owner: when each pin was last renewed.
     leases: PinLeases,
-    /// As an owner: pins waiting for the dataset's latest version, by the internal `Latest`
-    /// asking it.
-    waiting: BTreeMap<OpId, WaitingPin>,
+    /// Pins waiting for the dataset's latest version (as an owner), and `Latest` requests,
+    /// by the internal `Latest` asking it.
+    waiting: BTreeMap<OpId, Waiting>,
     next_internal: OpId,
     /// As the viewing node: its views, by its number for each, with the dataset and the
     /// owners that pinned it.
     mine: BTreeMap<u64, (DatasetId, BTreeSet<NodeId>)>,
     last_renewal_ms: u64,
+}
+
+/// What waits for an internal `Latest`.
+enum Waiting {
+    Pin(WaitingPin),
+    /// A `Latest` request (`hotpot stat`'s), answered with the version.
+    Request {
+        from: NodeId,
+        call: u64,
+    },
 }
 
 /// A `Pin` at this owner, waiting for the latest version to stand for its pages of unknown
@@ -271,6 +282,16 @@ impl Machine {
         if waiting.unknown.is_empty() {
             return self.pin_now(waiting);
         }
+        self.ask_latest_for(dataset, Waiting::Pin(waiting));
+    }
+
+    /// `Latest` from a peer or a tool (`hotpot stat`): asked as a program's `Latest` is, by
+    /// an operation of this machine's own, and answered with its version.
+    pub(super) fn serve_latest(&mut self, from: NodeId, call: u64, dataset: Dataset) {
+        self.ask_latest_for(dataset, Waiting::Request { from, call });
+    }
+
+    fn ask_latest_for(&mut self, dataset: Dataset, waiting: Waiting) {
         let id = INTERNAL_OPS | self.views.next_internal;
         self.views.next_internal += 1;
         self.views.waiting.insert(id, waiting);
@@ -280,31 +301,40 @@ impl Machine {
         self.ask_latest(id, dataset);
     }
 
-    /// An operation ended: if it was a pin's `Latest`, the pin goes on (true), and no
-    /// program hears of it.
+    /// An operation ended: if it was an internal `Latest`, the pin or request waiting for
+    /// it goes on (true), and no program hears of it.
     pub(super) fn internal_done(&mut self, id: OpId, result: &OpResult) -> bool {
         let Some(waiting) = self.views.waiting.remove(&id) else {
             return false;
         };
-        match result {
-            OpResult::Latest { version: latest } => {
+        let (from, call) = match &waiting {
+            Waiting::Pin(pin) => (pin.from, pin.call),
+            Waiting::Request { from, call } => (*from, *call),
+        };
+        match (result, waiting) {
+            (OpResult::Latest { version: latest }, Waiting::Pin(pin)) => {
                 self.table
-                    .assume_versions(waiting.dataset, &waiting.unknown, *latest);
-                self.pin_now(waiting);
+                    .assume_versions(pin.dataset, &pin.unknown, *latest);
+                self.pin_now(pin);
             }
-            OpResult::Refused(error) => {
-                self.reply(waiting.from, waiting.call, NodeReply::Failed(error.clone()))
+            (OpResult::Latest { version }, Waiting::Request { .. }) => {
+                self.reply(from, call, NodeReply::Version(*version))
             }
-            other => {
+            (OpResult::Refused(error), _) => {
+                self.reply(from, call, NodeReply::Failed(error.clone()))
+            }
+            (other, _) => {
                 let why = format!("the latest version could not be had: {other:?}");
-                self.reply(
-                    waiting.from,
-                    waiting.call,
-                    NodeReply::Failed(FsError::Io(why)),
-                )
+                self.reply(from, call, NodeReply::Failed(FsError::Io(why)))
             }
         }
         true
+    }
+
+    /// The versions views pin on this node as an owner (`hotpot stat`'s).
+    pub(super) fn serve_pinned_versions(&self, dataset: DatasetId) -> NodeReply {
+        let pinned = self.table.pinned_versions().remove(&dataset);
+        NodeReply::Versions(pinned.unwrap_or_default())
     }
 
     fn pin_now(&mut self, pin: WaitingPin) {
@@ -463,6 +493,46 @@ mod tests {
             read_at(&mut machine, 2 * lease + 200, 1),
             Some(NodeReply::Failed(FsError::Stale(_)))
         ));
+    }
+
+    #[test]
+    fn a_tool_gets_the_latest_version_and_the_versions_pinned() {
+        let (mut machine, dataset) = home();
+        let outputs = commit(&mut machine, &dataset, 10, 1);
+        let call = block_call(&outputs).expect("a block asked for");
+        grant_block(&mut machine, 20, call, 1);
+        assert_eq!(
+            committed_at(answer(&commit(&mut machine, &dataset, 30, 2))),
+            2
+        );
+        let latest = NodeRequest::Latest {
+            dataset: dataset.clone(),
+        };
+        assert_eq!(ask(&mut machine, 40, latest), Some(NodeReply::Version(2)));
+        let pinned = || NodeRequest::PinnedVersions { dataset: 1 };
+        assert_eq!(
+            ask(&mut machine, 50, pinned()),
+            Some(NodeReply::Versions(Vec::new()))
+        );
+        assert_eq!(
+            ask(&mut machine, 60, pin(&dataset, 7, 2)),
+            Some(NodeReply::Done)
+        );
+        assert_eq!(
+            ask(&mut machine, 70, pinned()),
+            Some(NodeReply::Versions(vec![2]))
+        );
+        let copies = ask(&mut machine, 80, NodeRequest::PageCopies { dataset: 1 });
+        let Some(NodeReply::PageCopies(copies)) = copies else {
+            panic!("no copies: {copies:?}");
+        };
+        assert_eq!(
+            copies
+                .iter()
+                .map(|copy| (copy.page, copy.version))
+                .collect::<Vec<_>>(),
+            vec![(0, 2)]
+        );
     }
 
     #[test]
