@@ -153,11 +153,33 @@ impl DispatcherState {
         self.version_block = size;
     }
 
-    /// `dataset` was made (by `Create`, or for `hotpot-sim`'s world before this dispatcher
-    /// started): no later dataset takes its id, and its first block belongs to its first
-    /// home (`Dataset::first_home`), which gives its versions without asking: the blocks
-    /// granted start after it.
-    pub fn dataset_made(&mut self, dataset: DatasetId) {
+    /// A file at the root for `dataset`, made elsewhere (its id, owners and first home
+    /// chosen there: `hotpot-sim`'s world makes its first datasets before any node joins),
+    /// as `Create` would have made it.
+    pub fn add_made_dataset(
+        &mut self,
+        name: &str,
+        dataset: Dataset,
+        size: u64,
+    ) -> Result<Attr, FsError> {
+        self.dataset_made(dataset.id);
+        self.add_child(
+            ROOT_INO,
+            name,
+            Kind::File,
+            0o644,
+            0,
+            0,
+            size,
+            Some(dataset),
+            0,
+        )
+    }
+
+    /// `dataset` was made: no later dataset takes its id, and its first block belongs to
+    /// its first home (`Dataset::first_home`), which gives its versions without asking: the
+    /// blocks granted start after it.
+    fn dataset_made(&mut self, dataset: DatasetId) {
         self.next_dataset = self.next_dataset.max(dataset + 1);
         self.version_blocks.insert(dataset, 1 + self.version_block);
     }

@@ -150,11 +150,12 @@ impl Checker {
                 match &node.machine {
                     None => what.push_str(&format!(" n{id} down;")),
                     Some(machine) => what.push_str(&format!(
-                        " n{id} rejoined {} (locks, calls) {:?} undecided {} replicated {};",
+                        " n{id} rejoined {} (locks, calls) {:?} undecided {} replicated {} failed over {};",
                         machine.is_rejoined(),
                         machine.in_flight(),
                         machine.table().pending().len(),
-                        machine.fully_replicated()
+                        machine.fully_replicated(),
+                        machine.failed_over_pages(),
                     )),
                 }
             }
@@ -165,7 +166,7 @@ impl Checker {
             return;
         }
         let workload = world.workload();
-        for (dataset, pages) in &world.datasets {
+        for (dataset, pages) in world.live_datasets() {
             let nodes = world.nodes.len();
             let wanted = usize::from(dataset.params.replicas.max(1)).min(nodes);
             for page in 0..*pages {

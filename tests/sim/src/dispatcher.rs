@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::dispatcher::DispatcherState;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
-use hotpot_core::proto::types::{DatasetId, DatasetParams, Mode, NodeId};
+use hotpot_core::proto::types::{Dataset, DatasetParams, Mode, NodeId};
 
 use crate::options::Options;
 
@@ -24,9 +25,13 @@ pub(crate) struct SimDispatcher {
 }
 
 impl SimDispatcher {
-    /// `datasets`: the cluster's datasets, made before it started (their first blocks are
-    /// their first homes').
-    pub(crate) fn new(cluster_id: u64, options: &Options, datasets: &[DatasetId]) -> SimDispatcher {
+    /// `datasets`: the cluster's datasets, made before it started, with their pages (files
+    /// `d1`, `d2`, … at the root; their first blocks are their first homes').
+    pub(crate) fn new(
+        cluster_id: u64,
+        options: &Options,
+        datasets: &[(Dataset, u64)],
+    ) -> SimDispatcher {
         let promote_after_ms = options.promote_after_ms;
         let params = DatasetParams {
             mode: Mode::Mrsw,
@@ -36,8 +41,11 @@ impl SimDispatcher {
         let mut state = DispatcherState::new(cluster_id, params, 0);
         state.set_promote_after_ms(promote_after_ms);
         state.set_version_block(options.version_block);
-        for dataset in datasets {
-            state.dataset_made(*dataset);
+        for (dataset, pages) in datasets {
+            let name = format!("d{}", dataset.id);
+            state
+                .add_made_dataset(&name, dataset.clone(), pages * PAGE_BYTES as u64)
+                .expect("the world's datasets have names of their own");
         }
         let persisted = serde_json::to_vec(&state).expect("dispatcher state serialises");
         SimDispatcher {

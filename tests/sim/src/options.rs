@@ -17,15 +17,26 @@ pub struct DatasetOptions {
     pub chunk_pages: u32,
 }
 
+/// A dataset a program makes while the cluster runs, at `at_ms` of the workload, and
+/// deletes (unlinks its one name) `deleted_after_ms` later if that is set: the programs stop
+/// using it, and a node that starts after it drops its pages, as a daemon drops the pages of
+/// datasets the dispatcher no longer lists.
+#[derive(Clone, Debug)]
+pub struct Made {
+    pub at_ms: u64,
+    pub dataset: DatasetOptions,
+    pub deleted_after_ms: Option<u64>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub seed: u64,
     pub nodes: u32,
     pub datasets: Vec<DatasetOptions>,
-    /// Datasets a program makes while the cluster runs, each at its time of the workload
-    /// (`create` through the dispatcher, which picks their owners among the nodes it
-    /// counts live): the nodes learn them when something names them.
-    pub created: Vec<(u64, DatasetOptions)>,
+    /// Datasets a program makes while the cluster runs (`create` through the dispatcher,
+    /// which picks their owners among the nodes it counts live): the nodes learn them when
+    /// something names them.
+    pub created: Vec<Made>,
     /// A node (`nodes + 1`) joins the running cluster at this time of the workload: it owns
     /// none of the datasets made before it joined, and holds copies and replicas as any.
     pub late_join_ms: Option<u64>,
@@ -191,7 +202,14 @@ impl Options {
                         pages: fourth.random_range(2..=12),
                         chunk_pages: fourth.random_range(1..=4),
                     };
-                    (at_ms, dataset)
+                    let deleted_after_ms = fourth
+                        .random_bool(0.3)
+                        .then(|| fourth.random_range(100..=2_000));
+                    Made {
+                        at_ms,
+                        dataset,
+                        deleted_after_ms,
+                    }
                 })
                 .collect();
         }
@@ -266,9 +284,12 @@ impl fmt::Display for Options {
         write!(f, "]")?;
         if !self.created.is_empty() {
             write!(f, ", made while running [")?;
-            for (i, (at_ms, dataset)) in self.created.iter().enumerate() {
+            for (i, made) in self.created.iter().enumerate() {
                 let sep = if i == 0 { "" } else { ", " };
-                write!(f, "{sep}{dataset} at {at_ms} ms")?;
+                write!(f, "{sep}{} at {} ms", made.dataset, made.at_ms)?;
+                if let Some(after) = made.deleted_after_ms {
+                    write!(f, ", deleted {after} ms later")?;
+                }
             }
             write!(f, "]")?;
         }

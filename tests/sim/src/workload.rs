@@ -295,6 +295,13 @@ impl Workload {
         self.datasets.push((dataset.clone(), pages));
     }
 
+    /// A dataset the programs use no more (deleted): what runs on it ends as it ends, and
+    /// a view of it goes on to its unpin.
+    pub fn remove_dataset(&mut self, dataset: DatasetId) {
+        self.datasets.retain(|(known, _)| known.id != dataset);
+        self.open.retain(|(_, open), _| *open != dataset);
+    }
+
     pub fn busy(&self, node: NodeId, thread: Thread) -> bool {
         match thread {
             Thread::Committing => self.running.contains_key(&node),

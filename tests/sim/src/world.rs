@@ -101,6 +101,9 @@ enum Event {
     Create(usize),
     /// A node joins the running cluster (`Options::late_join_ms`).
     Join(NodeId),
+    /// A program deletes the `n`th dataset of `Options::created` (again, until the
+    /// dispatcher is up).
+    Delete(usize),
     /// A node's one-sided read reaches the other node's PM (on a link between these
     /// incarnations of the two: a restart of either breaks it).
     RemoteRead {
@@ -163,6 +166,10 @@ pub struct World {
     events: BTreeMap<u64, Event>,
     pub(crate) nodes: BTreeMap<NodeId, SimNode>,
     pub(crate) datasets: Vec<(Dataset, u64)>,
+    /// The datasets of `Options::created` made so far, by their index there.
+    made: BTreeMap<usize, DatasetId>,
+    /// Datasets a program deleted (`Made::deleted_after_ms`).
+    deleted: BTreeSet<DatasetId>,
     /// Directions cut: (from, to).
     cut: BTreeSet<(NodeId, NodeId)>,
     healing: bool,
@@ -208,8 +215,7 @@ impl World {
             options.silences_live_nodes(),
             options.write_calls,
         );
-        let ids: Vec<_> = datasets.iter().map(|(dataset, _)| dataset.id).collect();
-        let dispatcher = SimDispatcher::new(CLUSTER_ID, &options, &ids);
+        let dispatcher = SimDispatcher::new(CLUSTER_ID, &options, &datasets);
         let mut world = World {
             options,
             rng,
@@ -219,6 +225,8 @@ impl World {
             events: BTreeMap::new(),
             nodes: BTreeMap::new(),
             datasets,
+            made: BTreeMap::new(),
+            deleted: BTreeSet::new(),
             cut: BTreeSet::new(),
             healing: false,
             dispatcher,
@@ -251,7 +259,7 @@ impl World {
             .options
             .created
             .iter()
-            .map(|(at_ms, _)| *at_ms)
+            .map(|made| made.at_ms)
             .collect();
         for (i, at_ms) in made.into_iter().enumerate() {
             world.schedule(at_ms, Event::Create(i));
@@ -343,6 +351,7 @@ impl World {
             Event::Heal => self.heal(),
             Event::Create(i) => self.create_dataset(i),
             Event::Join(node) => self.add_node(node),
+            Event::Delete(i) => self.delete_dataset(i),
             Event::JoinRetry(node, incarnation) => {
                 let state = &self.nodes[&node];
                 if state.joining && state.incarnation == incarnation {
@@ -586,7 +595,8 @@ impl World {
     /// A program makes a dataset through the dispatcher (its `create`): it owns no page
     /// anywhere yet, and the nodes learn its record when something names it.
     fn create_dataset(&mut self, i: usize) {
-        let (_, options) = self.options.created[i].clone();
+        let made = self.options.created[i].clone();
+        let options = made.dataset;
         let request = DispatcherRequest::Create {
             parent: ROOT_INO,
             name: format!("made-{i}"),
@@ -613,7 +623,11 @@ impl World {
                     record.owners
                 );
                 self.workload.add_dataset(&record, options.pages);
+                self.made.insert(i, record.id);
                 self.datasets.push((record, options.pages));
+                if let Some(after) = made.deleted_after_ms {
+                    self.schedule(after, Event::Delete(i));
+                }
             }
             other => {
                 trace!(
@@ -623,6 +637,34 @@ impl World {
                 self.schedule(100, Event::Create(i));
             }
         }
+    }
+
+    /// A program deletes a dataset it made (unlinks its one name): the programs stop using
+    /// it (a write or read under way ends as it ends), and the end's checks leave it out.
+    fn delete_dataset(&mut self, i: usize) {
+        let id = self.made[&i];
+        let request = DispatcherRequest::Unlink {
+            parent: ROOT_INO,
+            name: format!("made-{i}"),
+        };
+        match self.dispatcher.handle(request, self.now_ms) {
+            Some(DispatcherReply::Removed { .. }) => {
+                trace!(self, "a program deletes d{id}");
+                self.workload.remove_dataset(id);
+                self.deleted.insert(id);
+            }
+            other => {
+                trace!(self, "deleting d{id} failed ({other:?}); again in 100 ms");
+                self.schedule(100, Event::Delete(i));
+            }
+        }
+    }
+
+    /// The datasets not deleted, with their pages.
+    pub(crate) fn live_datasets(&self) -> impl Iterator<Item = &(Dataset, u64)> {
+        self.datasets
+            .iter()
+            .filter(|(dataset, _)| !self.deleted.contains(&dataset.id))
     }
 
     /// The record of dataset `id` (one the world made or a program created).
@@ -1034,6 +1076,7 @@ impl World {
         successors: BTreeMap<NodeId, NodeId>,
     ) {
         let nodes = self.nodes.keys().copied().collect();
+        let datasets = self.live_datasets().map(|(d, _)| d.clone()).collect();
         let node = self.nodes.get_mut(&id).expect("node");
         node.joining = false;
         node.joined = None;
@@ -1042,7 +1085,7 @@ impl World {
             id,
             incarnation,
             nodes,
-            datasets: self.datasets.iter().map(|(d, _)| d.clone()).collect(),
+            datasets,
             rebuilding,
             successors,
             timing: Timing::default(),

@@ -152,8 +152,9 @@ impl Machine {
             .map(|(key, owner)| (*key, self.acting(*owner)))
             .collect();
         for (key, owner) in taken {
-            if owner == me {
-                // Promoted in the owner's place: the take-over learnt every copy.
+            // Promoted in the owner's place, the take-over learnt every copy; a deleted
+            // dataset is no owner's any more.
+            if owner == me || self.records.is_deleted(key.0) {
                 self.fetched_from_owner(key);
                 continue;
             }
@@ -177,6 +178,7 @@ impl Machine {
 
     /// The owner's answer to a page fetched again: a newer copy replaces the one taken.
     pub(super) fn refetch_answered(&mut self, key: PageKey, reply: Option<NodeReply>) {
+        self.peer_may_not_know(&reply);
         let Some(NodeReply::Page(copy)) = reply else {
             return; // asked again after another period
         };

@@ -366,7 +366,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// A node starting on `table` (a new pool, or the crash image of an earlier start).
+    /// A node starting on `table` (a new pool, or the crash image of an earlier start). The
+    /// pages of datasets `config` does not list go first.
     ///
     /// A node the dispatcher replaced (promoted another in its place) owns nothing any more,
     /// and its copies of the pages it owned may hold commits it applied alone that never
@@ -382,6 +383,18 @@ impl Machine {
             for dataset in &config.datasets {
                 table.drop_dataset(dataset.id)?;
             }
+        }
+        // A dataset the dispatcher no longer lists (deleted) keeps no pages here, as the
+        // daemon drops them at its start.
+        let listed: BTreeSet<DatasetId> = config.datasets.iter().map(|d| d.id).collect();
+        let orphans: Vec<DatasetId> = table
+            .pool()
+            .datasets()
+            .difference(&listed)
+            .copied()
+            .collect();
+        for orphan in orphans {
+            table.drop_dataset(orphan)?;
         }
         table.planted_keep_rebased_bytes = config.bugs.keep_rebased_bytes;
         let first_call = (config.incarnation << 40) | 1;

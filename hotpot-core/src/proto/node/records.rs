@@ -4,12 +4,18 @@
 //! a dataset this node does not know (made since its start), the dispatcher's list again
 //! (`LiveDatasets`), with what named it waiting meanwhile. A dataset the dispatcher does not
 //! list (deleted, or never made) is refused as not found.
+//!
+//! A known dataset a list leaves out was deleted: this node keeps its record and its pages
+//! (a program here may still have it open) until its next start drops them, but does no
+//! background work for it any more (re-replication, registrations, rejoin calls). A peer
+//! answering `NotFound` about a dataset (it started since the deletion) makes this node ask
+//! the list.
 //! Must survive: the dispatcher down or its answer lost (asked again while anything waits,
 //! each waiting input refused after `dispatcher_wait_ms`); a list asked before an input
 //! arrived, which may not hold a dataset made since (only the inputs that waited when it was
 //! asked are refused on it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Machine, Op, OpResult, Purpose};
 use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
@@ -18,9 +24,13 @@ use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
 #[derive(Default)]
 pub(super) struct RecordState {
     known: BTreeMap<DatasetId, Dataset>,
+    /// Known datasets the dispatcher's list left out.
+    deleted: BTreeSet<DatasetId>,
     waiting: Vec<Waiting>,
     /// A `LiveDatasets` call is in flight.
     asking: bool,
+    /// A peer did not know a dataset: the list is asked even with no input waiting.
+    refresh: bool,
 }
 
 /// An input naming a dataset whose record is not here yet.
@@ -56,8 +66,17 @@ impl RecordState {
         self.known.get(&id)
     }
 
-    pub(super) fn all(&self) -> Vec<Dataset> {
-        self.known.values().cloned().collect()
+    /// The known datasets not deleted.
+    pub(super) fn live(&self) -> Vec<Dataset> {
+        self.known
+            .values()
+            .filter(|dataset| !self.deleted.contains(&dataset.id))
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn is_deleted(&self, id: DatasetId) -> bool {
+        self.deleted.contains(&id)
     }
 }
 
@@ -97,9 +116,19 @@ impl Machine {
         self.records.get(id)
     }
 
-    /// Every dataset this node knows.
+    /// Every dataset this node knows and does not know deleted: the ones it does background
+    /// work for.
     pub(super) fn datasets(&self) -> Vec<Dataset> {
-        self.records.all()
+        self.records.live()
+    }
+
+    /// A peer answered `reply` about `dataset`: if it does not know it (deleted before the
+    /// peer's start), the dispatcher's list says whether it is deleted.
+    pub(super) fn peer_may_not_know(&mut self, reply: &Option<NodeReply>) {
+        if matches!(reply, Some(NodeReply::Failed(FsError::NotFound))) && !self.records.refresh {
+            self.records.refresh = true;
+            self.ask_records();
+        }
     }
 
     /// A request from a peer: the record it carries is noted; one naming a dataset this
@@ -159,12 +188,15 @@ impl Machine {
         self.take_home_block(id);
     }
 
-    /// The dispatcher's list, asked while inputs wait and none is in flight.
+    /// The dispatcher's list, asked while inputs wait (or a refresh is due) and none is in
+    /// flight.
     pub(super) fn ask_records(&mut self) {
-        if self.records.asking || self.records.waiting.is_empty() {
+        let wanted = self.records.refresh || !self.records.waiting.is_empty();
+        if self.records.asking || !wanted {
             return;
         }
         self.records.asking = true;
+        self.records.refresh = false;
         for waiting in &mut self.records.waiting {
             waiting.asked = true;
         }
@@ -182,11 +214,26 @@ impl Machine {
                 for waiting in &mut self.records.waiting {
                     waiting.asked = false;
                 }
+                // A refresh that failed is due again.
+                self.records.refresh = true;
                 return self.ask_records();
             }
         };
+        let ids: BTreeSet<DatasetId> = listed.iter().map(|record| record.id).collect();
         for record in listed {
             self.note_record(record);
+        }
+        let gone: Vec<DatasetId> = self
+            .records
+            .known
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if self.records.deleted.insert(id) {
+                self.forget_background_work(id);
+            }
         }
         let (decided, still): (Vec<Waiting>, Vec<Waiting>) =
             std::mem::take(&mut self.records.waiting)
@@ -242,10 +289,14 @@ impl Machine {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::super::tests::{done, node_one};
-    use super::super::{Input, Machine, Op, OpResult, Output};
+    use super::super::{Config, Input, Machine, Op, OpResult, Output};
+    use crate::page::PageTable;
+    use crate::pm::{SimRegion, PAGE_BYTES};
     use crate::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
-    use crate::proto::types::{Dataset, FsError, Mode};
+    use crate::proto::types::{Dataset, DatasetParams, FsError, Mode};
 
     /// Node 1 of a one-node cluster that knows dataset 1 only.
     fn node() -> (Machine, Dataset) {
@@ -359,6 +410,134 @@ mod tests {
         assert!(
             matches!(answer, Some(NodeReply::Page(_))),
             "served with the record: {answer:?}"
+        );
+    }
+
+    /// Node 1 of nodes 1 and 2, owning every page of the datasets `listed` (two copies
+    /// each), on `table`.
+    fn owner_of_two_copies(table: PageTable, listed: &[u64]) -> Machine {
+        let dataset = |id| Dataset {
+            id,
+            params: DatasetParams {
+                mode: Mode::Mrmw,
+                replicas: 2,
+                chunk_pages: 4,
+            },
+            owners: vec![1],
+            first_home: None,
+        };
+        let config = Config {
+            id: 1,
+            incarnation: 2,
+            nodes: vec![1, 2],
+            datasets: listed.iter().map(|id| dataset(*id)).collect(),
+            rebuilding: false,
+            successors: BTreeMap::new(),
+            timing: Default::default(),
+            version_block: 4,
+            one_sided: false,
+            bugs: Default::default(),
+        };
+        Machine::start(config, table, 0).unwrap()
+    }
+
+    /// A table holding page 0 of datasets 1 and 2 at version 1.
+    fn table_with_two_datasets() -> PageTable {
+        let region = SimRegion::from_image(vec![0u8; 4 << 20]);
+        let mut table = PageTable::open(Box::new(region), 1, 1).unwrap().0;
+        for dataset in [1, 2] {
+            let bytes = vec![dataset as u8; PAGE_BYTES];
+            table.install_copy((dataset, 0), 1, &bytes).unwrap();
+        }
+        table
+    }
+
+    fn installs(outputs: &[Output]) -> Vec<(u64, u64)> {
+        outputs
+            .iter()
+            .filter_map(|output| match output {
+                Output::Send {
+                    request: NodeRequest::Install { dataset, pages },
+                    ..
+                } => Some((*dataset, pages[0].page)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_start_drops_the_pages_of_datasets_the_dispatcher_does_not_list() {
+        let machine = owner_of_two_copies(table_with_two_datasets(), &[1]);
+        assert!(machine.table().has_copy((1, 0)));
+        assert!(!machine.table().has_copy((2, 0)), "dataset 2 was deleted");
+    }
+
+    #[test]
+    fn a_dataset_the_list_leaves_out_is_replicated_no_more_but_kept() {
+        let mut machine = owner_of_two_copies(table_with_two_datasets(), &[1, 2]);
+        // Node 2's rejoin answer: it holds nothing.
+        let mut now = 0;
+        let mut outputs = Vec::new();
+        for _ in 0..3 {
+            now += machine.config.timing.rereplicate_every_ms;
+            outputs = machine.handle(now, Input::Tick);
+            for output in outputs.clone() {
+                if let Output::Send {
+                    to: 2,
+                    call,
+                    request,
+                } = output
+                {
+                    let reply = match request {
+                        NodeRequest::FetchCopies { .. } => NodeReply::Pages(Vec::new()),
+                        _ => continue,
+                    };
+                    machine.handle(
+                        now,
+                        Input::Reply {
+                            from: 2,
+                            call,
+                            reply,
+                        },
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            installs(&outputs),
+            vec![(1, 0), (2, 0)],
+            "both go to node 2"
+        );
+        // Node 2 started since dataset 2 was deleted: it does not know it.
+        let call = outputs
+            .iter()
+            .find_map(|output| match output {
+                Output::Send {
+                    call,
+                    request: NodeRequest::Install { dataset: 2, .. },
+                    ..
+                } => Some(*call),
+                _ => None,
+            })
+            .unwrap();
+        let reply = NodeReply::Failed(FsError::NotFound);
+        let outputs = machine.handle(
+            now,
+            Input::Reply {
+                from: 2,
+                call,
+                reply,
+            },
+        );
+        let asked = list_asked(&outputs).expect("the dispatcher is asked which datasets exist");
+        let one = machine.dataset(1).unwrap().clone();
+        listed(&mut machine, now, asked, &[&one]);
+        now += machine.config.timing.rereplicate_every_ms;
+        let outputs = machine.handle(now, Input::Tick);
+        assert_eq!(installs(&outputs), vec![(1, 0)], "dataset 2 is deleted");
+        assert!(
+            machine.table().has_copy((2, 0)),
+            "kept until the next start"
         );
     }
 

@@ -238,6 +238,9 @@ impl Machine {
                 continue;
             }
             let Some(dataset) = self.dataset(copies.dataset).cloned() else {
+                // A dataset deleted before this start: nobody settles its copies, and a
+                // follower record's pages are unlocked with it.
+                self.follower_abort(copies.tx);
                 self.table.abort_copies(copies.tx);
                 continue;
             };
@@ -258,6 +261,11 @@ impl Machine {
                 let request = NodeRequest::Outcome { tx: commit, leader };
                 let to = self.acting(leader);
                 self.send(to, request, Purpose::Outcome { tx: commit, target });
+                continue;
+            }
+            if self.records.is_deleted(dataset.id) {
+                // A one-owner copy of a deleted dataset: its owner may no longer know it.
+                self.table.abort_copies(copies.tx);
                 continue;
             }
             let owner = decider
@@ -287,6 +295,7 @@ impl Machine {
     /// The owner's current copies settle prepared copy `tx`: whatever it decided is in them.
     pub(super) fn resolve_answered(&mut self, tx: TxKey, reply: Option<NodeReply>) {
         self.target.resolving.remove(&tx);
+        self.peer_may_not_know(&reply);
         let Some(NodeReply::Pages(current)) = reply else {
             // Ask again after another wait.
             self.target.waiting_since.insert(tx, self.now_ms);
@@ -425,6 +434,16 @@ impl Machine {
             });
     }
 
+    /// `dataset` was deleted: no peer is asked about it, and no owner told, any more.
+    pub(super) fn forget_background_work(&mut self, dataset: DatasetId) {
+        self.target.rejoin.retain(|(_, of)| *of != dataset);
+        for (owner, of) in self.target.registering.pairs() {
+            if of == dataset {
+                self.target.registering.confirmed(owner, of);
+            }
+        }
+    }
+
     /// Send the rejoin calls not answered and not in flight.
     pub(super) fn continue_rejoin(&mut self) {
         let me = self.config.id;
@@ -452,6 +471,10 @@ impl Machine {
             let Some(dataset) = self.dataset(dataset_id).cloned() else {
                 continue;
             };
+            if self.records.is_deleted(dataset_id) {
+                self.forget_background_work(dataset_id);
+                continue;
+            }
             let owner = if learn { me } else { peer };
             let asked = rule.asks(self.live.contains(&peer), self.is_lost(peer));
             if !self.owns_any(&dataset, owner) || (learn && !asked) {
@@ -510,6 +533,7 @@ impl Machine {
         reply: Option<NodeReply>,
     ) {
         self.target.asked.remove(&(from, dataset, learn));
+        self.peer_may_not_know(&reply);
         let Some(NodeReply::Pages(mut copies)) = reply else {
             return; // asked again at the next input
         };

@@ -91,7 +91,7 @@ impl World {
         });
         others_whole
             && !self.holds_only_copy(id)
-            && self.datasets.iter().all(|(dataset, pages)| {
+            && self.live_datasets().all(|(dataset, pages)| {
                 dataset.params.replicas >= 2
                     && (0..*pages).all(|page| {
                         let key = (dataset.id, page);
