@@ -321,3 +321,37 @@ fn keeping_the_bytes_a_rebase_brought_is_caught() {
         4_000,
     );
 }
+
+/// The worlds change while they run (session 23): programs make datasets through the
+/// dispatcher and delete some, nodes learn them from its list, a node joins and takes
+/// copies, storing threads write(2) without msync. Seeds 0-39 reach every one of these.
+#[test]
+fn worlds_grow_and_shrink_while_they_run() {
+    let mut reached = [0usize; 6];
+    for seed in 0..40 {
+        let outcome = run_seed(seed, Bugs::default(), true);
+        assert!(outcome.violations.is_empty(), "seed {seed}");
+        let late = outcome.options.nodes + 1;
+        let to_late = format!("->{late} call");
+        for line in outcome.trace.lines() {
+            let counts = [
+                line.contains("a program makes d"),
+                line.contains("a program deletes d"),
+                line.contains("dispatcher answer") && line.contains("Datasets("),
+                outcome.options.late_join_ms.is_some()
+                    && line.contains(&to_late)
+                    && line.contains("Prepare"),
+                line.contains("storing op") && line.contains("without msync"),
+                line.contains("joins the running cluster"),
+            ];
+            for (count, hit) in reached.iter_mut().zip(counts) {
+                *count += usize::from(hit);
+            }
+        }
+    }
+    eprintln!(
+        "seeds 0-39: datasets made {}, deleted {}, lists answered {}, prepares to a late node {}, write(2) stores {}, late joins {}",
+        reached[0], reached[1], reached[2], reached[3], reached[4], reached[5]
+    );
+    assert!(reached.iter().all(|count| *count > 0), "{reached:?}");
+}
