@@ -896,20 +896,7 @@ impl World {
                 }
                 kernel.start_read(*op, (*dataset, *page));
             }
-            Op::Write {
-                op,
-                dataset,
-                stores,
-                ..
-            } => {
-                let pages = stores.iter().map(|(page, _, _)| *page).collect();
-                kernel.start_write(*op, *dataset, pages);
-            }
-            Op::WriteBack { dataset, pages, .. } => {
-                for (page, _) in pages {
-                    kernel.written((*dataset, *page));
-                }
-            }
+            Op::Write { .. } | Op::WriteBack { .. } => kernel.write_starts(&op),
             // Views are read from their owners, never through the kernel's cache.
             Op::Commit { .. }
             | Op::Latest { .. }
@@ -953,20 +940,7 @@ impl World {
                 }
                 kernel.start_read(*op, (*dataset, *page));
             }
-            Op::Write {
-                op,
-                dataset,
-                stores,
-                ..
-            } => {
-                let pages = stores.iter().map(|(page, _, _)| *page).collect();
-                kernel.start_write(*op, *dataset, pages);
-            }
-            Op::WriteBack { dataset, pages, .. } => {
-                for (page, _) in pages {
-                    kernel.written((*dataset, *page));
-                }
-            }
+            Op::Write { .. } | Op::WriteBack { .. } => kernel.write_starts(&op),
             _ => {}
         }
         self.input(node, Input::Start(op));

@@ -132,12 +132,29 @@ impl KernelCache {
         }
     }
 
-    /// A `Write` starts: its pages leave the cache and stay locked until it ends.
-    pub(crate) fn start_write(&mut self, op: OpId, dataset: DatasetId, pages: Vec<u64>) {
-        for page in &pages {
-            self.written((dataset, *page));
+    /// A program's write starts: a `Write`'s pages leave the cache and stay locked until it
+    /// ends; a write-back's pages are the ones written. Any other op changes nothing.
+    pub(crate) fn write_starts(&mut self, op: &Op) {
+        match op {
+            Op::Write {
+                op,
+                dataset,
+                stores,
+                ..
+            } => {
+                let pages: Vec<u64> = stores.iter().map(|(page, _, _)| *page).collect();
+                for page in &pages {
+                    self.written((*dataset, *page));
+                }
+                self.writing.insert(*op, (*dataset, pages));
+            }
+            Op::WriteBack { dataset, pages, .. } => {
+                for (page, _) in pages {
+                    self.written((*dataset, *page));
+                }
+            }
+            _ => {}
         }
-        self.writing.insert(op, (dataset, pages));
     }
 
     /// Op `op` ended: if it was a `Write` running, its pages are free, and what a read
