@@ -122,8 +122,9 @@ impl Machine {
         self.records.live()
     }
 
-    /// A peer answered `reply` about `dataset`: if it does not know it (deleted before the
-    /// peer's start), the dispatcher's list says whether it is deleted.
+    /// A peer answered `reply` to a call about one of this node's datasets: `NotFound` (the
+    /// peer started after the dataset was deleted) makes this node ask the dispatcher's
+    /// list, which says whether it is deleted.
     pub(super) fn peer_may_not_know(&mut self, reply: &Option<NodeReply>) {
         if matches!(reply, Some(NodeReply::Failed(FsError::NotFound))) && !self.records.refresh {
             self.records.refresh = true;
@@ -203,9 +204,9 @@ impl Machine {
         self.ask_dispatcher(DispatcherRequest::LiveDatasets, Purpose::Records);
     }
 
-    /// The dispatcher's list (`None`: the call failed; asked again at once while inputs
-    /// wait). An input waiting when it was asked runs with its record, or is refused as not
-    /// found; one that came since waits for the next list.
+    /// The dispatcher's list (`None`: the call failed; asked again at once). An input
+    /// waiting when it was asked runs with its record, or is refused as not found; one that
+    /// came since waits for the next list. A known dataset the list leaves out is deleted.
     pub(super) fn records_answered(&mut self, reply: Option<DispatcherReply>) {
         self.records.asking = false;
         let listed = match reply {
