@@ -186,10 +186,14 @@ impl Machine {
         dataset: DatasetId,
         pages: Option<Vec<u64>>,
     ) -> NodeReply {
-        let pages = pages.unwrap_or_else(|| self.table.pages_here(dataset).into_iter().collect());
+        // `None` asks about every page, also one whose only copy here is a prepared one.
+        let asked: Option<BTreeSet<u64>> = pages.map(|pages| pages.into_iter().collect());
         let waiting = self.table.pending().into_iter().find(|copies| {
             copies.dataset == dataset
-                && copies.pages.iter().any(|page| pages.contains(page))
+                && copies
+                    .pages
+                    .iter()
+                    .any(|page| asked.as_ref().is_none_or(|asked| asked.contains(page)))
                 && self
                     .target
                     .deciders
@@ -202,6 +206,10 @@ impl Machine {
                 copies.pages
             )));
         }
+        let pages: Vec<u64> = match asked {
+            Some(asked) => asked.into_iter().collect(),
+            None => self.table.pages_here(dataset).into_iter().collect(),
+        };
         // The owner restarted and forgot its holders. A page the kernel here was served
         // without a copy behind it (never written, when it was read) is on no list this node
         // registers: no commit would invalidate it. The kernel drops it now, before the

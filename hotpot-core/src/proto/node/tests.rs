@@ -442,3 +442,51 @@ fn a_registration_at_a_rejoining_owner_is_refused_at_once() {
         "{outputs:?}"
     );
 }
+
+/// A rejoining owner that asks for every copy (`FetchCopies` without pages) waits while a
+/// copy prepared here for a commit across owners is undecided, also of a page this node has
+/// no other copy of: that commit may make it the newest.
+#[test]
+fn a_copy_prepared_for_a_commit_across_owners_holds_back_every_page_asked_for() {
+    let mut machine = committer();
+    let prepare = NodeRequest::Prepare {
+        tx: (2, 7),
+        owner: 2,
+        commit: Some(((2, 7), 2)),
+        dataset: DATASET,
+        committer: false,
+        pages: vec![crate::proto::messages::VersionedPage {
+            page: 3,
+            version: 1,
+            bytes: vec![5; crate::pm::PAGE_BYTES],
+        }],
+    };
+    let ask = |machine: &mut Machine, now_ms, call, request| {
+        let input = Input::Request {
+            from: 2,
+            call,
+            request,
+        };
+        answer(&machine.handle(now_ms, input))
+    };
+    assert_eq!(ask(&mut machine, 10, 1, prepare), Some(NodeReply::Done));
+    let every = NodeRequest::FetchCopies {
+        dataset: DATASET,
+        pages: None,
+    };
+    assert!(
+        matches!(
+            ask(&mut machine, 20, 2, every),
+            Some(NodeReply::Failed(FsError::Busy(_)))
+        ),
+        "every page: page 3's undecided copy holds it back"
+    );
+    let others = NodeRequest::FetchCopies {
+        dataset: DATASET,
+        pages: Some(vec![0]),
+    };
+    assert_eq!(
+        ask(&mut machine, 30, 3, others),
+        Some(NodeReply::Pages(Vec::new()))
+    );
+}
