@@ -178,7 +178,6 @@ impl Machine {
 
     /// The owner's answer to a page fetched again: a newer copy replaces the one taken.
     pub(super) fn refetch_answered(&mut self, key: PageKey, reply: Option<NodeReply>) {
-        self.peer_may_not_know(&reply);
         let Some(NodeReply::Page(copy)) = reply else {
             return; // asked again after another period
         };

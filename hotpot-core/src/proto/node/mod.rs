@@ -379,22 +379,16 @@ impl Machine {
             config.nodes.contains(&config.id),
             "a node is in its cluster"
         );
-        if config.successors.contains_key(&config.id) {
-            for dataset in &config.datasets {
-                table.drop_dataset(dataset.id)?;
-            }
-        }
         // A dataset the dispatcher no longer lists (deleted) keeps no pages here, as the
-        // daemon drops them at its start.
-        let listed: BTreeSet<DatasetId> = config.datasets.iter().map(|d| d.id).collect();
-        let orphans: Vec<DatasetId> = table
-            .pool()
-            .datasets()
-            .difference(&listed)
-            .copied()
-            .collect();
-        for orphan in orphans {
-            table.drop_dataset(orphan)?;
+        // daemon drops them at its start; a replaced node keeps none at all.
+        let kept: BTreeSet<DatasetId> = if config.successors.contains_key(&config.id) {
+            BTreeSet::new()
+        } else {
+            config.datasets.iter().map(|d| d.id).collect()
+        };
+        let dropped: Vec<DatasetId> = table.pool().datasets().difference(&kept).copied().collect();
+        for dataset in dropped {
+            table.drop_dataset(dataset)?;
         }
         table.planted_keep_rebased_bytes = config.bugs.keep_rebased_bytes;
         let first_call = (config.incarnation << 40) | 1;
@@ -699,6 +693,7 @@ impl Machine {
             self.calls.insert(call, pending);
             return;
         }
+        self.peer_may_not_know(&reply);
         self.answered(pending.purpose, from, Some(reply));
     }
 

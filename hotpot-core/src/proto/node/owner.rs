@@ -414,7 +414,6 @@ impl Machine {
         from: NodeId,
         reply: Option<NodeReply>,
     ) {
-        self.peer_may_not_know(&reply);
         if matches!(reply, Some(NodeReply::Done)) && self.table.version_of(key) == version {
             self.owner.copies.has_current(key, from);
         }

@@ -122,11 +122,11 @@ impl Machine {
         self.records.live()
     }
 
-    /// A peer answered `reply` to a call about one of this node's datasets: `NotFound` (the
-    /// peer started after the dataset was deleted) makes this node ask the dispatcher's
-    /// list, which says whether it is deleted.
-    pub(super) fn peer_may_not_know(&mut self, reply: &Option<NodeReply>) {
-        if matches!(reply, Some(NodeReply::Failed(FsError::NotFound))) && !self.records.refresh {
+    /// A peer answered one of this node's calls with `reply`: `NotFound` (a peer that
+    /// started after a dataset was deleted knows it no more) makes this node ask the
+    /// dispatcher's list, which says whether the dataset is deleted.
+    pub(super) fn peer_may_not_know(&mut self, reply: &NodeReply) {
+        if matches!(reply, NodeReply::Failed(FsError::NotFound)) && !self.records.refresh {
             self.records.refresh = true;
             self.ask_records();
         }

@@ -303,7 +303,6 @@ impl Machine {
     /// The owner's current copies settle prepared copy `tx`: whatever it decided is in them.
     pub(super) fn resolve_answered(&mut self, tx: TxKey, reply: Option<NodeReply>) {
         self.target.resolving.remove(&tx);
-        self.peer_may_not_know(&reply);
         let Some(NodeReply::Pages(current)) = reply else {
             // Ask again after another wait.
             self.target.waiting_since.insert(tx, self.now_ms);
@@ -541,7 +540,6 @@ impl Machine {
         reply: Option<NodeReply>,
     ) {
         self.target.asked.remove(&(from, dataset, learn));
-        self.peer_may_not_know(&reply);
         let Some(NodeReply::Pages(mut copies)) = reply else {
             return; // asked again at the next input
         };

@@ -282,10 +282,9 @@ impl Protocol {
             Some(pages) => pages.iter().map(|page| (dataset, *page)).collect(),
             None => self
                 .table()
-                .pool()
-                .pages_of(dataset)
-                .iter()
-                .map(|copy| (dataset, copy.record.page))
+                .copied_pages(dataset)
+                .into_iter()
+                .map(|page| (dataset, page))
                 .collect(),
         };
         NodeReply::Pages(self.persisted_copies(&keys))
