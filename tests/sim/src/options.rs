@@ -163,8 +163,7 @@ impl Options {
     /// From the seed's sixth stream, as `with_one_sided`: a seed whose storing threads do
     /// not write with write(2) runs the world it ran before.
     fn with_write_calls(mut self) -> Options {
-        let mut sixth = ChaCha8Rng::seed_from_u64(self.seed);
-        sixth.set_stream(5);
+        let mut sixth = self.stream(5);
         self.write_calls = self.storers && sixth.random_bool(0.5);
         self
     }
@@ -172,8 +171,7 @@ impl Options {
     /// From the seed's fifth stream, as `with_one_sided`: a seed without a node joining
     /// late runs the world it ran before.
     fn with_late_join(mut self) -> Options {
-        let mut fifth = ChaCha8Rng::seed_from_u64(self.seed);
-        fifth.set_stream(4);
+        let mut fifth = self.stream(4);
         if fifth.random_bool(0.5) {
             self.late_join_ms = Some(fifth.random_range(0..self.workload_ms / 2));
         }
@@ -184,8 +182,7 @@ impl Options {
     /// while it runs runs the world it ran before they came. With promotion they are
     /// replicated, as the others are.
     fn with_created(mut self) -> Options {
-        let mut fourth = ChaCha8Rng::seed_from_u64(self.seed);
-        fourth.set_stream(3);
+        let mut fourth = self.stream(3);
         if fourth.random_bool(0.5) {
             let least_replicas = if self.promote_after_ms > 0 { 2 } else { 1 };
             let count = fourth.random_range(1..=2);
@@ -219,8 +216,7 @@ impl Options {
     /// From the seed's third stream, as `with_one_sided`: a seed without storing threads
     /// runs the world it ran before they came.
     fn with_storers(mut self) -> Options {
-        let mut third = ChaCha8Rng::seed_from_u64(self.seed);
-        third.set_stream(2);
+        let mut third = self.stream(2);
         self.storers = third.random_bool(0.5);
         self
     }
@@ -229,10 +225,17 @@ impl Options {
     /// seed's other choices, so a seed without one-sided reads runs the world it ran before
     /// the option came.
     fn with_one_sided(mut self) -> Options {
-        let mut second = ChaCha8Rng::seed_from_u64(self.seed);
-        second.set_stream(1);
+        let mut second = self.stream(1);
         self.one_sided = second.random_bool(0.5);
         self
+    }
+
+    /// The seed's generator on stream `n` (0 draws the first options): an option drawn from
+    /// a stream of its own changes none of the seed's other choices.
+    fn stream(&self, n: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(n);
+        rng
     }
 
     /// Drawn last, so a seed's other options are what they were before merging.
