@@ -40,6 +40,14 @@ impl Invalidator {
             let _ = wait.recv();
         }
     }
+
+    /// `flush`, waiting at most `timeout`: whether every invalidation queued before this
+    /// call is done. (The kernel drops a page only once a READ or WRITE of it that is under
+    /// way ends, and that request may wait for something the caller holds back.)
+    pub fn flush_within(&self, timeout: std::time::Duration) -> bool {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        self.jobs.send(Job::Barrier(done)).is_ok() && wait.recv_timeout(timeout).is_ok()
+    }
 }
 
 fn run(notifier: Notifier, queue: Receiver<Job>) {

@@ -144,6 +144,16 @@ pub fn transport_args() -> Vec<String> {
     }
 }
 
+/// `hotpot cluster up` arguments for the node protocol the tests run: the thread-based one,
+/// unless `HOTPOT_TEST_MACHINE=1`, then the node machine (`--machine`).
+pub fn protocol_args() -> Vec<String> {
+    match std::env::var("HOTPOT_TEST_MACHINE").as_deref() {
+        Err(_) | Ok("0") => Vec::new(),
+        Ok("1") => vec!["--machine".into()],
+        Ok(other) => panic!("HOTPOT_TEST_MACHINE={other}: 0 or 1"),
+    }
+}
+
 /// The transport name `hotpot status` should show for the links of a test cluster.
 pub fn expected_transport() -> &'static str {
     if transport_args().is_empty() {
@@ -209,7 +219,8 @@ impl Cluster {
                 ])
                 .arg(cluster.dir.path())
                 .args(up_args)
-                .args(transport_args()),
+                .args(transport_args())
+                .args(protocol_args()),
         );
         cluster
     }

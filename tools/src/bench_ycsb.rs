@@ -83,6 +83,7 @@ impl Target {
                     pm_size: 2 << 30,
                     promote_after_ms: 10_000,
                     merge_pages_per_s: crate::node::merger::DEFAULT_PAGES_PER_S,
+                    machine: false,
                     transport: Default::default(),
                 })?;
                 Target::Hotpot { dir }

@@ -70,6 +70,9 @@ pub struct UpArgs {
     /// Each node's identical-page merger: pages hashed per second at most (0: off).
     #[arg(long, default_value_t = crate::node::merger::DEFAULT_PAGES_PER_S)]
     pub merge_pages_per_s: u64,
+    /// Every node runs its protocol as the node machine (`hotpot node --machine`).
+    #[arg(long)]
+    pub machine: bool,
     /// How nodes talk to each other (every node the same).
     #[command(flatten)]
     pub transport: crate::node::transport::TransportArgs,
@@ -289,6 +292,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         "--merge-pages-per-s".to_string(),
         args.merge_pages_per_s.to_string(),
     ]);
+    if args.machine {
+        every_node.push("--machine".into());
+    }
     let data = dir.join("dispatcher");
     let log = dir.join("dispatcher.log");
     let mut ports = BTreeSet::new();

@@ -165,6 +165,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         pm_size: 512 << 20,
         promote_after_ms: 10_000,
         merge_pages_per_s: crate::node::merger::DEFAULT_PAGES_PER_S,
+        machine: false,
         transport: Default::default(),
     })?;
     let dir = dir.canonicalize()?;

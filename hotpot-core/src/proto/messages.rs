@@ -384,6 +384,14 @@ pub enum NodeRequest {
     PinnedVersions {
         dataset: DatasetId,
     },
+    /// A node machine's call to a peer (`hotpot node --machine`): the request with its
+    /// sender and the sender's number for the call, by which the machine pairs the reply
+    /// with its call and orders one sender's registrations. Tools send bare requests.
+    Call {
+        from: NodeId,
+        call: u64,
+        request: Box<NodeRequest>,
+    },
 }
 
 /// The pages a committer sends a follower owner: whole pages (MRSW) or byte runs (MRMW).

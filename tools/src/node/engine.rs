@@ -1,23 +1,24 @@
-//! A node's engine: the page table in PM, the dispatcher for names and datasets, and the
-//! commit protocol over the owners of the staged pages. Every FUSE request is one call here.
-//! Must survive: a dispatcher that is briefly away (calls retry with backoff), and a crash
-//! at any point (only committed bytes are in PM slots; staged bytes are volatile by design).
+//! A node's engine: the dispatcher for names and datasets, opens and sizes here, and a data
+//! path (data.rs) for pages and commits. Every FUSE request is one call here. Must survive: a
+//! dispatcher that is briefly away (calls retry with backoff), and a crash at any point (only
+//! committed bytes are in PM slots; staged bytes are volatile by design).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use hotpot_core::page::{PageTable, ReadOutcome};
-use hotpot_core::pm::{PageKey, PAGE_BYTES};
+use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
-use hotpot_core::proto::staged::{Ended, StagedCommit};
 use hotpot_core::proto::types::*;
 use hotpot_fs::{Engine, Invalidator, Space};
-use hotpot_net::{Client, NetError};
+use hotpot_net::Client;
 
-use super::protocol::{pm_error, Protocol};
+pub use data::DataPath;
+pub use protocol_path::ProtocolPath;
 use views::Synthetic;
 
+mod data;
+mod dispatcher;
+mod protocol_path;
 mod views;
 
 /// Refuse a change inside `.versions`.
@@ -42,9 +43,6 @@ fn writable_name(parent: Ino, name: &str) -> Result<(), FsError> {
     Ok(())
 }
 
-/// How long a node keeps retrying an unreachable dispatcher before failing the request.
-const DISPATCHER_RETRY_MS: u64 = 15_000;
-
 struct FileState {
     attr: Attr,
     opens: u32,
@@ -59,7 +57,7 @@ struct FileState {
 pub struct NodeEngine {
     id: NodeId,
     dispatcher: Arc<Client>,
-    protocol: Arc<Protocol>,
+    data: Arc<dyn DataPath>,
     files: Mutex<HashMap<Ino, FileState>>,
     /// The MRSW write leases this node holds, by the open each was taken for (its release
     /// names it, so a late release never gives back a later open's lease). Opens and
@@ -67,21 +65,8 @@ pub struct NodeEngine {
     /// first writer of a file (and takes the lease) or the last (and gives it back) is
     /// decided with the lease taken or given, never with another open or close in between.
     leases: Mutex<HashMap<DatasetId, u64>>,
-    /// One commit at a time from this node: two would snapshot the same staged pages.
-    commit_lock: Mutex<()>,
-    lease_wait: Duration,
-    call_timeout: Duration,
     /// The `.versions` tree (views.rs).
     views: views::Views,
-}
-
-/// Whether this node's stored copy of `key` may be behind its owner's: the owner has not
-/// confirmed it since this node's start (`unconfirmed`), or a newer copy is prepared here,
-/// waiting for a decision that may have been lost (found by hotpot-sim, seed 10081251: this
-/// node's next commit, diffed against the older copy, tore its own acknowledged one). Such a
-/// page is read from its owner, as the node machine's reads and writes do.
-fn behind(unconfirmed: bool, table: &PageTable, key: PageKey) -> bool {
-    unconfirmed || table.in_prepared(key)
 }
 
 fn io_error(what: impl std::fmt::Display) -> FsError {
@@ -89,94 +74,20 @@ fn io_error(what: impl std::fmt::Display) -> FsError {
 }
 
 impl NodeEngine {
-    pub fn new(
-        dispatcher: Arc<Client>,
-        protocol: Arc<Protocol>,
-        lease_wait: Duration,
-    ) -> NodeEngine {
+    pub fn new(id: NodeId, dispatcher: Arc<Client>, data: Arc<dyn DataPath>) -> NodeEngine {
         NodeEngine {
-            id: protocol.id,
+            id,
             dispatcher,
-            protocol,
+            data,
             files: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
-            commit_lock: Mutex::new(()),
-            lease_wait,
-            call_timeout: hotpot_net::DEFAULT_TIMEOUT,
             views: Default::default(),
-        }
-    }
-
-    pub fn table(&self) -> std::sync::MutexGuard<'_, PageTable> {
-        self.protocol.table()
-    }
-
-    /// MRSW: take the dataset's write lease, retrying for `lease_wait`; then EBUSY. Returns
-    /// the open it was taken for (a number this node never uses twice, across its starts
-    /// too: its transaction sequence).
-    fn acquire_lease(&self, dataset: &Dataset) -> Result<u64, FsError> {
-        let deadline = Instant::now() + self.lease_wait;
-        let open = self.protocol.next_tx().1;
-        loop {
-            let request = DispatcherRequest::AcquireLease {
-                dataset: dataset.id,
-                node: self.id,
-                open,
-            };
-            match self.ask(request) {
-                Ok(_) => {
-                    if let Err(error) = self.protocol.start_writing(dataset) {
-                        // No versions to write with: the lease goes back at once.
-                        self.release_lease(dataset, open);
-                        return Err(error);
-                    }
-                    return Ok(open);
-                }
-                Err(FsError::Busy(why)) if Instant::now() >= deadline => {
-                    tracing::warn!(dataset = dataset.id, %why, "open for writing refused: the dataset has another writer");
-                    return Err(FsError::Busy(why));
-                }
-                Err(FsError::Busy(_)) => std::thread::sleep(Duration::from_millis(50)),
-                Err(other) => return Err(other),
-            }
-        }
-    }
-
-    fn release_lease(&self, dataset: &Dataset, open: u64) {
-        self.protocol.stop_writing(dataset);
-        let request = DispatcherRequest::ReleaseLease {
-            dataset: dataset.id,
-            node: self.id,
-            open,
-        };
-        if let Err(error) = self.ask(request) {
-            tracing::error!(dataset = dataset.id, %error, "cannot release the write lease");
         }
     }
 
     /// Ask the dispatcher, retrying while it is unreachable (it may be restarting).
     pub fn ask(&self, request: DispatcherRequest) -> Result<DispatcherReply, FsError> {
-        let deadline = std::time::Instant::now() + Duration::from_millis(DISPATCHER_RETRY_MS);
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            match self
-                .dispatcher
-                .call::<_, DispatcherReply>(&request, self.call_timeout)
-            {
-                Ok(DispatcherReply::Failed(error)) => return Err(error),
-                Ok(reply) => return Ok(reply),
-                Err(
-                    error @ (NetError::Connect { .. }
-                    | NetError::Disconnected { .. }
-                    | NetError::Timeout { .. }),
-                ) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(%error, "dispatcher unreachable, retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => return Err(io_error(format!("dispatcher: {error}"))),
-            }
-        }
+        dispatcher::ask(&self.dispatcher, &request)
     }
 
     fn ask_attr(&self, request: DispatcherRequest) -> Result<Attr, FsError> {
@@ -258,16 +169,6 @@ impl NodeEngine {
         }
     }
 
-    /// A page this node owns is read or written here only once its rejoin as an owner is
-    /// over (bounded wait): during a take-over its copy may be older than another node's (the
-    /// node machine's rule, found by hotpot-sim, seed 14095132).
-    fn settled_owner(&self, dataset: &Dataset, page: u64) -> Result<(), FsError> {
-        if !self.protocol.is_ready() && self.protocol.owner_of(dataset, page) == self.id {
-            self.protocol.wait_ready()?;
-        }
-        Ok(())
-    }
-
     /// A dataset lost its last name: drop it here now, or at the last local release.
     fn forget_dataset(&self, dropped: Option<Dataset>) -> Result<(), FsError> {
         let Some(dataset) = dropped else {
@@ -287,40 +188,7 @@ impl NodeEngine {
                 files.remove(&ino);
             }
         }
-        self.table().drop_dataset(dataset.id).map_err(pm_error)
-    }
-
-    /// Commit every page this node staged for `dataset`: a snapshot of the staged pages,
-    /// grouped by chunk owner. MRSW: each owner's group is atomic, all owners at once; MRMW:
-    /// three phases in node-id order. Pages of an owner that failed stay staged, the bytes
-    /// sent kept for the next commit to send again, and the call fails.
-    fn commit_dataset(&self, dataset: &Dataset, ino: Ino) -> Result<usize, FsError> {
-        let _one_at_a_time = self.commit_lock.lock().expect("commit lock");
-        self.protocol.note_record(dataset);
-        self.protocol.settle_before_commit(dataset.id);
-        let snapshots = StagedCommit::snapshot(&mut self.table(), dataset.id);
-        let owner_of = |page| self.protocol.owner_of(dataset, page);
-        let Some(staged) = StagedCommit::group(snapshots, dataset, owner_of) else {
-            return Ok(0);
-        };
-        // An error does not tell a refusal from a commit in doubt: what was sent is kept
-        // for resending either way (the program's own staged bytes).
-        let result = super::committer::commit(&self.protocol, dataset, ino, &staged.groups);
-        if dataset.params.mode == Mode::Mrsw {
-            self.protocol.writer_commit_ended(dataset.id);
-        }
-        let ended = match result {
-            Ok(()) => Ended::Committed,
-            Err(_) => Ended::Failed,
-        };
-        let stale = staged.stale_kernel_pages(dataset, ended);
-        // Dropped from the kernel (a page dirty there written back first, against the base
-        // it was read at) before the staged pages settle.
-        if !stale.is_empty() {
-            self.protocol.invalidate(ino, dataset.id, &stale);
-        }
-        staged.settle(&mut self.table(), dataset, ended);
-        result.map(|()| staged.snapshots.len())
+        self.data.drop_dataset(dataset.id)
     }
 }
 
@@ -360,7 +228,7 @@ impl Engine for NodeEngine {
             let (dataset, _) = self.dataset_of(ino)?;
             // Pages go first: a crash in between leaves a size whose tail reads as zeros,
             // never bytes that a truncate removed.
-            self.table().truncate(dataset.id, size).map_err(pm_error)?;
+            self.data.truncate(dataset.id, size)?;
             if let Some(state) = self.files.lock().expect("files lock").get_mut(&ino) {
                 state.staged_size = None;
             }
@@ -521,7 +389,7 @@ impl Engine for NodeEngine {
                 files.get(&ino).is_none_or(|state| state.writers == 0)
             };
             if first_writer {
-                let open = self.acquire_lease(dataset)?;
+                let open = self.data.start_writing(dataset)?;
                 leases.insert(dataset.id, open);
             }
         }
@@ -579,13 +447,13 @@ impl Engine for NodeEngine {
                 .as_mut()
                 .and_then(|leases| leases.remove(&dataset.id))
             {
-                Some(open) => self.release_lease(&dataset, open),
+                Some(open) => self.data.stop_writing(&dataset, open),
                 None => tracing::error!(dataset = dataset.id, "no write lease to give back"),
             }
         }
         drop(leases);
         if let Some(dataset) = dropped {
-            if let Err(error) = self.table().drop_dataset(dataset.id) {
+            if let Err(error) = self.data.drop_dataset(dataset.id) {
                 tracing::error!(dataset = dataset.id, %error, "cannot drop the pages of an unlinked file");
             }
         }
@@ -598,58 +466,17 @@ impl Engine for NodeEngine {
             None => {}
         }
         let (dataset, file_size) = self.dataset_of(ino)?;
-        self.protocol.note_cached(ino, dataset.id);
         if offset >= file_size {
             return Ok(Vec::new());
         }
         let end = file_size.min(offset + size as u64);
         let mut out = Vec::with_capacity((end - offset) as usize);
-        let mut page_bytes = vec![0u8; PAGE_BYTES];
         let mut at = offset;
         while at < end {
             let page = at / PAGE_BYTES as u64;
             let within = (at % PAGE_BYTES as u64) as usize;
             let take = (PAGE_BYTES - within).min((end - at) as usize);
-            let key = (dataset.id, page);
-            self.settled_owner(&dataset, page)?;
-            // A copy its owner has not confirmed since this node's start may be behind; so
-            // may one with a newer copy prepared here, whose decision may have been lost:
-            // the owner's copy, which waits for that commit's apply (`behind`), with a page
-            // staged here rebased on it (`read_fetched`). So is a page staged here with no
-            // copy behind it: its owner may not know this node holds it. The owner reads its
-            // own; it is looked up only in those cases (the read path usually pays for no
-            // lookup).
-            let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
-            let mine = || self.protocol.owner_of(&dataset, page) == self.id;
-            let outcome = {
-                let mut table = self.table();
-                let through = (behind(unconfirmed, &table, key) || table.staged_without_copy(key))
-                    && !(table.is_staged(key) && mine());
-                if through {
-                    ReadOutcome::Absent
-                } else {
-                    table.read_for_kernel(key, &mut page_bytes)
-                }
-            };
-            match outcome {
-                ReadOutcome::Dirty | ReadOutcome::Persisted { .. } => {}
-                // The owner without a copy: the page was never written.
-                ReadOutcome::Absent if mine() => {
-                    match self.protocol.owned_copy(dataset.id, page)? {
-                        Some((_, bytes)) => page_bytes = bytes,
-                        None => page_bytes.fill(0),
-                    }
-                }
-                ReadOutcome::Absent => {
-                    let (version, bytes) = self.protocol.fetch(&dataset, page)?;
-                    // The kernel's base is the bytes it gets, stored or not.
-                    let (_, served) = self
-                        .table()
-                        .read_fetched(key, version, bytes)
-                        .map_err(pm_error)?;
-                    page_bytes = served;
-                }
-            }
+            let page_bytes = self.data.read_page(ino, &dataset, page)?;
             out.extend_from_slice(&page_bytes[within..within + take]);
             at += take as u64;
         }
@@ -659,52 +486,10 @@ impl Engine for NodeEngine {
     fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         writable(ino)?;
         let (dataset, file_size) = self.dataset_of(ino)?;
-        self.protocol.note_cached(ino, dataset.id);
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("write past the largest offset".into()))?;
-        // A page overwritten whole is not read by the kernel first: its base comes from its
-        // owner now, as a read would (found by hotpot-sim: zeros written over a page this
-        // node never read were lost, being no change from a zero base).
-        // A stored copy its owner has not confirmed since this node's start is no base
-        // either: it may miss a commit this node made as it stopped (found by hotpot-sim);
-        // nor is one with a newer copy prepared here (`behind`).
-        let pages = offset / PAGE_BYTES as u64..end.div_ceil(PAGE_BYTES as u64);
-        for page in pages {
-            self.settled_owner(&dataset, page)?;
-            let unconfirmed = self.protocol.is_unconfirmed(&dataset, page);
-            let based = {
-                let table = self.table();
-                table.has_kernel_base((dataset.id, page))
-                    || (!behind(unconfirmed, &table, (dataset.id, page))
-                        && table.has_base((dataset.id, page)))
-            };
-            if based {
-                continue;
-            }
-            if self.protocol.owner_of(&dataset, page) == self.id {
-                self.protocol.owned_copy(dataset.id, page)?;
-            } else {
-                let (version, bytes) = self.protocol.fetch(&dataset, page)?;
-                self.table()
-                    .serve_copy((dataset.id, page), version, &bytes)
-                    .map_err(pm_error)?;
-            }
-        }
-        {
-            let mut table = self.table();
-            let mut at = offset;
-            while at < end {
-                let page = at / PAGE_BYTES as u64;
-                let within = (at % PAGE_BYTES as u64) as usize;
-                let take = (PAGE_BYTES - within).min((end - at) as usize);
-                let from = (at - offset) as usize;
-                table
-                    .stage((dataset.id, page), within, &data[from..from + take])
-                    .map_err(pm_error)?;
-                at += take as u64;
-            }
-        }
+        self.data.write(ino, &dataset, offset, data)?;
         if end > file_size {
             if let Some(state) = self.files.lock().expect("files lock").get_mut(&ino) {
                 state.staged_size = Some(end.max(state.staged_size.unwrap_or(0)));
@@ -719,7 +504,7 @@ impl Engine for NodeEngine {
         }
         let (dataset, _) = self.dataset_of(ino)?;
         let _span = tracing::debug_span!("commit", dataset = dataset.id).entered();
-        let pages = self.commit_dataset(&dataset, ino).inspect_err(|error| {
+        let pages = self.data.commit(ino, &dataset).inspect_err(|error| {
             tracing::warn!(ino, %error, "commit failed; the writes stay staged");
         })?;
         tracing::debug!(pages, "committed");
@@ -751,7 +536,7 @@ impl Engine for NodeEngine {
     }
 
     fn space(&self) -> Space {
-        let usage = self.table().pool().usage();
+        let usage = self.data.usage();
         Space {
             pages_total: usage.frames_total,
             pages_free: usage.frames_total - usage.frames_used,
@@ -764,6 +549,6 @@ impl Engine for NodeEngine {
     }
 
     fn attach_invalidator(&self, invalidator: Invalidator) {
-        self.protocol.attach_invalidator(invalidator);
+        self.data.attach_invalidator(invalidator);
     }
 }

@@ -6,11 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hotpot_core::page::{Merger, Sharing};
+use hotpot_core::page::{Merger, PageTable, Sharing};
 use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::types::SharingCounts;
-
-use super::protocol::Protocol;
 
 pub const DEFAULT_PAGES_PER_S: u64 = 20_000;
 /// Pages hashed per hold of the table lock.
@@ -52,7 +50,13 @@ impl MergeCounters {
     }
 }
 
-pub fn run(protocol: &Protocol, pages_per_s: u64) {
+/// The merger's loop; `with_table` runs a step with the node's page table, between two of
+/// the protocol's uses of it.
+pub fn run(
+    counters: &MergeCounters,
+    pages_per_s: u64,
+    with_table: impl Fn(&mut dyn FnMut(&mut PageTable)),
+) {
     if pages_per_s == 0 {
         tracing::info!("identical-page merging is off");
         return;
@@ -60,13 +64,12 @@ pub fn run(protocol: &Protocol, pages_per_s: u64) {
     let mut merger = Merger::default();
     loop {
         let started = Instant::now();
-        let stepped = {
-            let mut table = protocol.table();
-            let stepped = merger.step(&mut table, STEP_PAGES);
+        let mut stepped = Ok(0);
+        with_table(&mut |table| {
+            stepped = merger.step(table, STEP_PAGES);
             let sharing = merger.round_done().then(|| table.sharing());
-            protocol.merging.record(&merger, sharing);
-            stepped
-        };
+            counters.record(&merger, sharing);
+        });
         match stepped {
             Ok(visited) => {
                 let budget = Duration::from_secs_f64(visited as f64 / pages_per_s as f64);

@@ -5,6 +5,7 @@
 mod committer;
 pub mod engine;
 mod fault;
+mod machine;
 pub(crate) mod merger;
 mod mrmw;
 mod multi;
@@ -28,7 +29,7 @@ use hotpot_core::proto::types::NodeUsage;
 use hotpot_net::{Client, Server};
 
 use crate::signals;
-use engine::NodeEngine;
+use engine::{NodeEngine, ProtocolPath};
 use peers::Peers;
 use protocol::Protocol;
 
@@ -73,6 +74,11 @@ pub struct NodeArgs {
     /// most (its CPU bound); 0 turns merging off.
     #[arg(long, default_value_t = merger::DEFAULT_PAGES_PER_S)]
     pub merge_pages_per_s: u64,
+    /// Run the node's protocol as the node machine (the sans-IO protocol hotpot-sim checks)
+    /// instead of the thread-based one. Every node of a cluster must run the same. Not yet
+    /// with it: fault points, one-sided RDMA reads (pages come two-sided).
+    #[arg(long)]
+    pub machine: bool,
     #[command(flatten)]
     pub transport: transport::TransportArgs,
 }
@@ -191,6 +197,23 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         write_durably(&marker)
             .with_context(|| format!("writing the rebuild marker {}", marker.display()))?;
     }
+    if args.machine {
+        let joined = machine::Joined {
+            stop,
+            listener,
+            listen_addr,
+            secret,
+            dispatcher,
+            transport,
+            table,
+            datasets,
+            incarnation,
+            rebuilding,
+            marker,
+            mount,
+        };
+        return machine::serve(&args, joined);
+    }
     let protocol = Arc::new(Protocol::new(
         args.id,
         table,
@@ -221,11 +244,12 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     protocol.set_incarnation(incarnation);
     protocol.take_home_blocks(&datasets);
-    let engine = Arc::new(NodeEngine::new(
-        dispatcher.clone(),
+    let path = Arc::new(ProtocolPath::new(
         protocol.clone(),
+        dispatcher.clone(),
         Duration::from_millis(args.lease_wait_ms),
     ));
+    let engine = Arc::new(NodeEngine::new(args.id, dispatcher.clone(), path.clone()));
     let serving = protocol.clone();
     // Enough workers that owners waiting on targets never starve the targets' own requests.
     Server::spawn_with(
@@ -237,12 +261,20 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let leases = (protocol.clone(), engine.clone());
     std::thread::Builder::new()
         .name("pin leases".into())
-        .spawn(move || leases.0.run_pin_leases(&|| leases.1.pinned_views()))?;
+        .spawn(move || {
+            leases
+                .0
+                .run_pin_leases(&|| path.by_owner(leases.1.pinned_views()))
+        })?;
     let merging = protocol.clone();
     let pages_per_s = args.merge_pages_per_s;
     std::thread::Builder::new()
         .name("merger".into())
-        .spawn(move || merger::run(&merging, pages_per_s))?;
+        .spawn(move || {
+            merger::run(&merging.merging, pages_per_s, |step| {
+                step(&mut merging.table())
+            })
+        })?;
     if rebuilding {
         fault::point("node.rebuild_started");
     }

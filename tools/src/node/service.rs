@@ -131,6 +131,13 @@ pub fn handle(protocol: &Protocol, request: NodeRequest) -> NodeReply {
             version,
             pages,
         } => protocol.serve_read_at(dataset, version, &pages),
+        // The thread-based protocol and the node machine do not mix in one cluster.
+        NodeRequest::Call { from, .. } => {
+            NodeReply::Failed(hotpot_core::proto::types::FsError::Invalid(format!(
+                "node {from} runs the node machine (hotpot node --machine) and this node does not: \
+                 every node of a cluster runs the same one"
+            )))
+        }
         NodeRequest::PinnedVersions { dataset } => NodeReply::Versions(
             protocol
                 .table()

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 
 use hotpot_core::page::ViewKey;
 use hotpot_core::pm::PAGE_BYTES;
-use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
+use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
 use hotpot_core::proto::types::*;
 
 use super::{io_error, NodeEngine};
-use crate::node::committer::ask;
 
 pub const VERSIONS_DIR: &str = ".versions";
 const LATEST: &str = "latest";
@@ -31,8 +30,6 @@ const LATEST_RETRIES: u32 = 20;
 const LOOKUP_PIN_GRACE: Duration = Duration::from_secs(5);
 /// A view neither open nor pinned for this long is forgotten (its inode then reads ESTALE).
 const IDLE_VIEW_FORGET: Duration = Duration::from_secs(60);
-/// Pages asked of one owner in one `ReadAt`.
-const READ_AT_PAGES_MAX: usize = 64;
 
 pub enum Synthetic {
     Mirror(Ino),
@@ -163,7 +160,7 @@ impl NodeEngine {
             self.pin_latest(file.ino, &dataset)?
         } else {
             let version: u64 = wanted.parse().map_err(|_| FsError::NotFound)?;
-            let latest = self.protocol.latest_version(&dataset)?;
+            let latest = self.data.latest(&dataset)?;
             if version > latest {
                 return Err(FsError::NotFound);
             }
@@ -176,7 +173,7 @@ impl NodeEngine {
     fn pin_latest(&self, file: Ino, dataset: &Dataset) -> Result<Ino, FsError> {
         let mut last_error = None;
         for _ in 0..LATEST_RETRIES {
-            let latest = self.protocol.latest_version(dataset)?;
+            let latest = self.data.latest(dataset)?;
             let ino = self.view_ino(file, dataset, latest);
             match self.pin(ino) {
                 Ok(()) => return Ok(ino),
@@ -188,15 +185,6 @@ impl NodeEngine {
             "the latest version kept moving ahead of its pin {LATEST_RETRIES} times: {}",
             last_error.unwrap_or_default()
         )))
-    }
-
-    /// The owners of `dataset` now.
-    fn owners(&self, dataset: &Dataset) -> BTreeSet<NodeId> {
-        dataset
-            .owners
-            .iter()
-            .map(|node| self.protocol.peers.resolve(*node))
-            .collect()
     }
 
     fn view_key(&self, ino: Ino) -> ViewKey {
@@ -216,37 +204,11 @@ impl NodeEngine {
             }
             (view.dataset.clone(), view.version)
         };
-        let owners = self.owners(&dataset);
-        let mut pinned = Vec::new();
-        for owner in &owners {
-            let request = NodeRequest::Pin {
-                view: self.view_key(ino),
-                dataset: dataset.clone(),
-                version,
-            };
-            match ask(&self.protocol, *owner, request) {
-                Ok(_) => pinned.push(*owner),
-                Err(error) => {
-                    self.unpin_at(ino, &pinned);
-                    return Err(error);
-                }
-            }
-        }
+        self.data.pin(self.view_key(ino), &dataset, version)?;
         if let Some(view) = self.views().get_mut(&ino) {
             view.pinned_at = Some(Instant::now());
         }
         Ok(())
-    }
-
-    fn unpin_at(&self, ino: Ino, owners: &[NodeId]) {
-        for owner in owners {
-            let request = NodeRequest::Unpin {
-                view: self.view_key(ino),
-            };
-            if let Err(error) = ask(&self.protocol, *owner, request) {
-                tracing::warn!(owner, %error, "unpin not delivered; the pin expires");
-            }
-        }
     }
 
     /// Unpin view `ino` everywhere, unless it is open (again).
@@ -262,8 +224,7 @@ impl NodeEngine {
             }
             view.dataset.clone()
         };
-        let owners: Vec<NodeId> = self.owners(&dataset).into_iter().collect();
-        self.unpin_at(ino, &owners);
+        self.data.unpin(self.view_key(ino), &dataset);
     }
 
     pub(super) fn open_view(&self, ino: Ino, write: bool) -> Result<(), FsError> {
@@ -314,35 +275,8 @@ impl NodeEngine {
         let end = file_size.min(offset + size as u64);
         let first = offset / PAGE_BYTES as u64;
         let last = (end - 1) / PAGE_BYTES as u64;
-        let mut by_owner: HashMap<NodeId, Vec<u64>> = HashMap::new();
-        for page in first..=last {
-            by_owner
-                .entry(self.protocol.owner_of(&dataset, page))
-                .or_default()
-                .push(page);
-        }
-        let mut pages: HashMap<u64, Vec<u8>> = HashMap::new();
-        for (owner, wanted) in by_owner {
-            for batch in wanted.chunks(READ_AT_PAGES_MAX) {
-                let request = NodeRequest::ReadAt {
-                    dataset: dataset.id,
-                    version,
-                    pages: batch.to_vec(),
-                };
-                match ask(&self.protocol, owner, request)? {
-                    NodeReply::Pages(got) if got.len() == batch.len() => {
-                        for page in got {
-                            pages.insert(page.page, page.bytes);
-                        }
-                    }
-                    other => {
-                        return Err(io_error(format!(
-                            "owner {owner} answered a read at version {version} with {other:?}"
-                        )))
-                    }
-                }
-            }
-        }
+        let wanted: Vec<u64> = (first..=last).collect();
+        let pages = self.data.read_at(&dataset, version, &wanted)?;
         let mut out = Vec::with_capacity((end - offset) as usize);
         let zeros = [0u8; PAGE_BYTES];
         let mut at = offset;
@@ -383,16 +317,8 @@ impl NodeEngine {
                     let Some(dataset) = attr.dataset else {
                         continue;
                     };
-                    let mut versions = BTreeSet::from([self.protocol.latest_version(&dataset)?]);
-                    for owner in self.owners(&dataset) {
-                        let request = NodeRequest::PinnedVersions {
-                            dataset: dataset.id,
-                        };
-                        if let Ok(NodeReply::Versions(pinned)) = ask(&self.protocol, owner, request)
-                        {
-                            versions.extend(pinned);
-                        }
-                    }
+                    let mut versions = BTreeSet::from([self.data.latest(&dataset)?]);
+                    versions.extend(self.data.pinned_versions(&dataset));
                     for version in versions {
                         out.push(DirEntry {
                             name: format!("{}@{version}", entry.name),
@@ -407,10 +333,9 @@ impl NodeEngine {
         Ok(out)
     }
 
-    /// For the pin lease thread: the pinned views by owner (their leases are renewed), after
-    /// letting go of `@latest` pins whose lookup was never followed by an open and forgetting
-    /// views idle for a minute.
-    pub fn pinned_views(&self) -> Vec<(NodeId, Vec<ViewKey>)> {
+    /// For the pin lease thread: the views pinned here, after letting go of `@latest` pins
+    /// whose lookup was never followed by an open and forgetting views idle for a minute.
+    pub fn pinned_views(&self) -> Vec<(ViewKey, Dataset)> {
         let unopened: Vec<Ino> = self
             .views()
             .iter()
@@ -430,18 +355,10 @@ impl NodeEngine {
                 || view.pinned_at.is_some()
                 || view.last_used.elapsed() < IDLE_VIEW_FORGET
         });
-        let mut by_owner: HashMap<NodeId, Vec<ViewKey>> = HashMap::new();
-        let pinned: Vec<(Ino, Dataset)> = self
-            .views()
+        self.views()
             .iter()
             .filter(|(_, view)| view.pinned_at.is_some())
-            .map(|(ino, view)| (*ino, view.dataset.clone()))
-            .collect();
-        for (ino, dataset) in pinned {
-            for owner in self.owners(&dataset) {
-                by_owner.entry(owner).or_default().push(self.view_key(ino));
-            }
-        }
-        by_owner.into_iter().collect()
+            .map(|(ino, view)| (self.view_key(*ino), view.dataset.clone()))
+            .collect()
     }
 }
