@@ -190,6 +190,26 @@ impl ClientOp {
 #[derive(Default)]
 pub(super) struct ClientState {
     pub(super) ops: BTreeMap<OpId, ClientOp>,
+    /// Commits whose end waits for the kernel to drop its stale copies (`op_done`).
+    settling: Vec<Settling>,
+}
+
+/// An acknowledged MRMW commit waiting for `Input::Invalidated` with `mark` before it
+/// settles and ends.
+struct Settling {
+    op: OpId,
+    done: ClientOp,
+    result: OpResult,
+    pages: Vec<u64>,
+    mark: u64,
+}
+
+fn ended(result: &OpResult) -> Ended {
+    match result {
+        OpResult::Committed { .. } => Ended::Committed,
+        OpResult::Refused(_) => Ended::Refused,
+        _ => Ended::Failed,
+    }
 }
 
 /// Longest pause between two tries of a busy MRMW commit.
@@ -397,14 +417,61 @@ impl Machine {
     }
 
     pub(super) fn op_done(&mut self, op: OpId, result: OpResult) {
-        if let Some(done) = self.client.ops.remove(&op) {
-            if let Some(staged) = &done.staged {
-                self.settle_staged(&done, staged, &result);
+        let Some(done) = self.client.ops.remove(&op) else {
+            return self.op_end(op, None, result);
+        };
+        if let Some(staged) = done.staged.clone() {
+            let stale = staged.stale_kernel_pages(&done.dataset, ended(&result));
+            if !stale.is_empty() {
+                // The kernel's copies of the pages go first, and the commit settles once
+                // they did, as the daemon's does: a dirty copy the kernel writes back as it
+                // drops it (stores made after the commit took the page) is staged onto the
+                // pages this commit sent, against the copy's own base. Settled before, its
+                // stores would be diffed against a base older than what this commit
+                // applied, and one that put back the base's bytes would be lost (found by
+                // LMDB's reader table under `hotpot node --machine`).
+                let mark = self.table.served_mark();
+                self.out.push(Output::Invalidate {
+                    dataset: done.dataset.id,
+                    pages: stale.clone(),
+                    mark,
+                });
+                self.client.settling.push(Settling {
+                    op,
+                    done,
+                    result,
+                    pages: stale,
+                    mark,
+                });
+                return;
             }
-            if done.version.is_some() {
-                // An MRSW writer's commit: the latest may name its version now.
-                self.writer_commit_ended(done.dataset.id);
-            }
+            self.settle_staged(&done, &staged, &result);
+        }
+        self.op_end(op, Some(&done), result);
+    }
+
+    /// The kernel dropped `pages` of `dataset` (`mark`): a commit waiting for it settles
+    /// and ends.
+    pub(super) fn commit_settles(&mut self, dataset: DatasetId, pages: &[u64], mark: u64) {
+        let Some(at) = self.client.settling.iter().position(|settling| {
+            settling.done.dataset.id == dataset && settling.mark == mark && settling.pages == pages
+        }) else {
+            return;
+        };
+        let Settling {
+            op, done, result, ..
+        } = self.client.settling.remove(at);
+        if let Some(staged) = &done.staged {
+            self.settle_staged(&done, staged, &result);
+        }
+        self.op_end(op, Some(&done), result);
+    }
+
+    /// An operation is over: its program hears of it (unless it was the machine's own).
+    fn op_end(&mut self, op: OpId, done: Option<&ClientOp>, result: OpResult) {
+        if let Some(done) = done.filter(|done| done.version.is_some()) {
+            // An MRSW writer's commit: the latest may name its version now.
+            self.writer_commit_ended(done.dataset.id);
         }
         if self.internal_done(op, &result) {
             return;
@@ -497,19 +564,13 @@ impl Machine {
         self.send_commit(id);
     }
 
-    /// After a commit of staged pages: committed, they are clean (writes staged since stay
-    /// staged, on top of the new bytes), and the kernel's copies of MRMW pages go (they lack
-    /// the other writers' bytes merged in); failed, they stay staged unless the program gave
-    /// them up, and what an unrefused one sent is kept for sending again (the owners may
-    /// hold it).
+    /// After a commit of staged pages (and, committed MRMW, once the kernel dropped its
+    /// copies, which lack the other writers' bytes merged in: `op_done`): committed, they
+    /// are clean (writes staged since stay staged, on top of the new bytes); failed, they
+    /// stay staged unless the program gave them up, and what an unrefused one sent is kept
+    /// for sending again (the owners may hold it).
     fn settle_staged(&mut self, op: &ClientOp, staged: &StagedCommit, result: &OpResult) {
-        let ended = match result {
-            OpResult::Committed { .. } => Ended::Committed,
-            OpResult::Refused(_) => Ended::Refused,
-            _ => Ended::Failed,
-        };
-        let stale = staged.stale_kernel_pages(&op.dataset, ended);
-        self.kernel_stale(op.dataset.id, stale);
+        let ended = ended(result);
         staged.settle(&mut self.table, &op.dataset, ended);
         if ended != Ended::Committed && op.gives_up {
             // Its pages as if never written: staged writes go (also those another thread

@@ -222,6 +222,10 @@ pub enum Input {
     },
     /// A program on this node wants something done.
     Start(Op),
+    /// The file system learned a dataset's record from the dispatcher (a file's lookup or
+    /// open), as a request carrying one teaches it: a program's operations on it need not
+    /// wait for the dispatcher's list, which leaves out a file unlinked while open here.
+    Record(Dataset),
     /// The dispatcher's view (its answer to a heartbeat): the nodes it counts as live, the
     /// nodes promoted in place of lost ones, and how many times each node joined.
     View {
@@ -483,6 +487,7 @@ impl Machine {
             } => self.on_request(from, call, request),
             Input::Reply { from, call, reply } => self.on_reply(from, call, reply),
             Input::Start(op) => self.start_op(op),
+            Input::Record(record) => self.note_record(record),
             Input::View {
                 live,
                 successors,
@@ -810,6 +815,7 @@ impl Machine {
                 self.table.forget_served_before((dataset, *page), mark);
             }
         }
+        self.commit_settles(dataset, pages, mark);
     }
 
     /// A transaction name no earlier start of this node used.

@@ -287,7 +287,20 @@ mod tests {
                         );
                     }
                     Output::Done(OpDone { result, .. }) => self.done.push(result),
-                    Output::AskDispatcher { .. } | Output::Invalidate { .. } => {}
+                    // The kernel holds nothing here: dropped at once.
+                    Output::Invalidate {
+                        dataset,
+                        pages,
+                        mark,
+                    } => self.handle(
+                        node,
+                        Input::Invalidated {
+                            dataset,
+                            pages,
+                            mark,
+                        },
+                    ),
+                    Output::AskDispatcher { .. } => {}
                 }
             }
         }

@@ -180,7 +180,7 @@ impl Machine {
     }
 
     /// A record learned: kept, and a home's first versions asked for ahead (`take_home_blocks`).
-    fn note_record(&mut self, record: Dataset) {
+    pub(super) fn note_record(&mut self, record: Dataset) {
         if self.records.known.contains_key(&record.id) {
             return;
         }

@@ -5,14 +5,14 @@
 //! open for writing `Op::Open` and its close `Op::Close`, and the `.versions` tree `Op::Pin`,
 //! `Op::ReadAt`, `Op::Unpin`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hotpot_core::page::ViewKey;
 use hotpot_core::pm::{PoolUsage, PAGE_BYTES};
 use hotpot_core::proto::messages::{NodeReply, NodeRequest};
-use hotpot_core::proto::node::{Op, OpResult};
+use hotpot_core::proto::node::{Input, Op, OpResult};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino};
 use hotpot_fs::Invalidator;
 
@@ -26,6 +26,8 @@ pub struct MachinePath {
     /// One commit at a time from this node, as the thread-based protocol's: two would take
     /// turns snapshotting the same dataset's staged pages.
     commit_lock: Mutex<()>,
+    /// Datasets whose record the machine was given.
+    told: Mutex<HashSet<DatasetId>>,
 }
 
 /// What an operation that should not end this way means to a program.
@@ -43,7 +45,22 @@ impl MachinePath {
             runtime,
             lease_wait,
             commit_lock: Mutex::new(()),
+            told: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Give the machine `dataset`'s record (once): the file system has it from the
+    /// dispatcher, and the machine's own list would leave out a file unlinked while open.
+    fn tell(&self, dataset: &Dataset) {
+        if self.told.lock().expect("told lock").insert(dataset.id) {
+            self.runtime.feed(Input::Record(dataset.clone()));
+        }
+    }
+
+    /// A program's operation on `dataset`.
+    fn run(&self, dataset: &Dataset, op: impl FnOnce(u64) -> Op) -> OpResult {
+        self.tell(dataset);
+        self.runtime.run(op)
     }
 }
 
@@ -53,7 +70,7 @@ impl DataPath for MachinePath {
         let deadline = Instant::now() + self.lease_wait;
         loop {
             let mut number = 0;
-            let result = self.runtime.run(|op| {
+            let result = self.run(dataset, |op| {
                 number = op;
                 Op::Open {
                     op,
@@ -75,7 +92,7 @@ impl DataPath for MachinePath {
     }
 
     fn stop_writing(&self, dataset: &Dataset, _open: u64) {
-        let result = self.runtime.run(|op| Op::Close {
+        let result = self.run(dataset, |op| Op::Close {
             op,
             dataset: dataset.id,
         });
@@ -90,7 +107,7 @@ impl DataPath for MachinePath {
 
     fn read_page(&self, ino: Ino, dataset: &Dataset, page: u64) -> Result<Vec<u8>, FsError> {
         self.runtime.note_inode(ino, dataset.id);
-        match self.runtime.run(|op| Op::Read {
+        match self.run(dataset, |op| Op::Read {
             op,
             dataset: dataset.id,
             page,
@@ -129,14 +146,14 @@ impl DataPath for MachinePath {
                 .into_iter()
                 .map(|(page, _, bytes)| (page, bytes))
                 .collect();
-            self.runtime.run(|op| Op::WriteBack {
+            self.run(dataset, |op| Op::WriteBack {
                 op,
                 dataset: dataset.id,
                 pages,
                 msync: false,
             })
         } else {
-            self.runtime.run(|op| Op::Write {
+            self.run(dataset, |op| Op::Write {
                 op,
                 dataset: dataset.id,
                 stores,
@@ -154,7 +171,7 @@ impl DataPath for MachinePath {
         let staged = self
             .runtime
             .with(|machine| machine.table().dirty_pages(dataset.id).len());
-        match self.runtime.run(|op| Op::Commit {
+        match self.run(dataset, |op| Op::Commit {
             op,
             dataset: dataset.id,
         }) {
@@ -184,7 +201,7 @@ impl DataPath for MachinePath {
     }
 
     fn latest(&self, dataset: &Dataset) -> Result<u64, FsError> {
-        match self.runtime.run(|op| Op::Latest {
+        match self.run(dataset, |op| Op::Latest {
             op,
             dataset: dataset.id,
         }) {
@@ -194,7 +211,7 @@ impl DataPath for MachinePath {
     }
 
     fn pin(&self, view: ViewKey, dataset: &Dataset, version: u64) -> Result<(), FsError> {
-        match self.runtime.run(|op| Op::Pin {
+        match self.run(dataset, |op| Op::Pin {
             op,
             dataset: dataset.id,
             view: view.1,
@@ -206,7 +223,7 @@ impl DataPath for MachinePath {
     }
 
     fn unpin(&self, view: ViewKey, dataset: &Dataset) {
-        let result = self.runtime.run(|op| Op::Unpin {
+        let result = self.run(dataset, |op| Op::Unpin {
             op,
             dataset: dataset.id,
             view: view.1,
@@ -224,7 +241,7 @@ impl DataPath for MachinePath {
     ) -> Result<HashMap<u64, Vec<u8>>, FsError> {
         let mut got = HashMap::new();
         for page in pages {
-            match self.runtime.run(|op| Op::ReadAt {
+            match self.run(dataset, |op| Op::ReadAt {
                 op,
                 dataset: dataset.id,
                 version,
