@@ -489,7 +489,9 @@ impl Engine for NodeEngine {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| FsError::Invalid("write past the largest offset".into()))?;
-        self.data.write(ino, &dataset, offset, data)?;
+        self.data
+            .write(ino, &dataset, offset, data)
+            .inspect_err(|error| tracing::warn!(ino, offset, %error, "write refused"))?;
         if end > file_size {
             if let Some(state) = self.files.lock().expect("files lock").get_mut(&ino) {
                 state.staged_size = Some(end.max(state.staged_size.unwrap_or(0)));

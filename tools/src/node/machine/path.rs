@@ -112,9 +112,23 @@ impl DataPath for MachinePath {
             dataset: dataset.id,
             page,
         }) {
-            OpResult::Read { bytes, .. } if bytes.len() == PAGE_BYTES => Ok(bytes),
-            // A page never written.
-            OpResult::Read { bytes, .. } if bytes.is_empty() => Ok(vec![0; PAGE_BYTES]),
+            OpResult::Read {
+                bytes, failed_over, ..
+            } if bytes.len() == PAGE_BYTES || bytes.is_empty() => {
+                if failed_over {
+                    tracing::warn!(
+                        dataset = dataset.id,
+                        page,
+                        "owner unreachable: asking every live node for a copy (the newest one a live node has is read)"
+                    );
+                }
+                // Empty: a page never written.
+                Ok(if bytes.is_empty() {
+                    vec![0; PAGE_BYTES]
+                } else {
+                    bytes
+                })
+            }
             other => Err(unexpected(&format!("read of page {page}"), other)),
         }
     }
