@@ -220,7 +220,11 @@ impl Cluster {
                 .arg(cluster.dir.path())
                 .args(up_args)
                 .args(transport_args())
-                .args(protocol_args()),
+                .args(if up_args.contains(&"--machine") {
+                    Vec::new()
+                } else {
+                    protocol_args()
+                }),
         );
         cluster
     }

@@ -88,9 +88,6 @@ pub struct PreparedCopies {
     frames: Vec<u32>,
     record: Prepared,
     since: std::time::Instant,
-    /// This node's own commit may have written it: the committer's own copy, or a follower
-    /// owner's record (whose commit may be this node's; a recovered record counts too).
-    own: bool,
 }
 
 /// A prepared commit waiting for its decision, as the protocol sees it.
@@ -502,7 +499,6 @@ impl PageTable {
                         dataset,
                         pages: pages.iter().map(|(page, _, _)| *page).collect(),
                         frames,
-                        own: readable || tag.role == TxRole::Follower,
                         record,
                         since: std::time::Instant::now(),
                     },
@@ -560,7 +556,6 @@ impl PageTable {
                 dataset,
                 pages: puts.iter().map(|((_, page), _, _)| *page).collect(),
                 frames: puts.iter().map(|(_, _, frame)| *frame).collect(),
-                own: true,
                 record,
                 since: std::time::Instant::now(),
             },
@@ -608,25 +603,15 @@ impl PageTable {
             .any(|prepared| prepared.dataset == key.0 && prepared.pages.contains(&key.1))
     }
 
-    /// Whether the kernel's copy of `key` was served at a version older than a copy of it
-    /// prepared here and waiting that this node's own undecided commit may have written.
-    /// (Another node's commit prepared here is no such hazard: the kernel's copy, written
-    /// back against its base, carries only this node's program's changes, as a write-back
-    /// after the Decide would, which is when the thread-based node drops the kernel's copy.)
-    pub fn kernel_base_behind_prepared(&self, key: PageKey) -> bool {
-        let Some(base) = self.served.get(&key).map(|served| served.twin.version) else {
-            return false;
-        };
-        self.prepared
-            .values()
-            .filter(|prepared| prepared.own)
-            .any(|prepared| {
-                prepared
-                    .record
-                    .puts()
-                    .iter()
-                    .any(|(put, version, _)| *put == key && *version > base)
-            })
+    /// Whether a copy of `key` newer than `version` is prepared here and waiting.
+    pub fn prepared_newer_than(&self, key: PageKey, version: u64) -> bool {
+        self.prepared.values().any(|prepared| {
+            prepared
+                .record
+                .puts()
+                .iter()
+                .any(|(put, newer, _)| *put == key && *newer > version)
+        })
     }
 
     /// Whether `tx` is prepared here and waiting.

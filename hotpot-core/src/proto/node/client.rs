@@ -325,17 +325,20 @@ impl Machine {
                     let why = "pages written back not whole";
                     return self.op_done(id, OpResult::Refused(FsError::Invalid(why.into())));
                 }
-                // A kernel's copy older than a copy of the page prepared here (this node's
-                // own undecided commit may have written it), or taken while the owner was
-                // silent, is no base for a whole page: a stored byte equal to that older
-                // copy's is no change against it, so the commit would carry part of the
-                // program's bytes onto its own newer ones (found by hotpot-sim, seed 13753:
-                // a stamp torn). Refused; the daemon has the same hazard (docs/design.md,
-                // session 20).
+                // A kernel's copy taken while the page's owner was silent (failed over) is
+                // no base for a whole page: it may be older than this node's own undecided
+                // commit of the page, and a stored byte equal to that older copy's is no
+                // change against it, so the commit would carry part of the program's bytes
+                // onto its own newer ones (found by hotpot-sim, seed 13753: a stamp torn).
+                // Refused; the daemon has the same hazard (docs/design.md, session 20). A
+                // copy prepared here is no reason by itself (session 24): the kernel's copy
+                // of a page prepared here is dropped before this node answers the Prepare,
+                // and one the kernel writes back as it drops it is staged by what the kernel
+                // changed in it (`PageTable::stage`). Refusing those failed msync with EIO
+                // under `hotpot node --machine` (lock_races, the MRMW conflict storm).
                 if let Some((page, _)) = written.iter().find(|(page, _)| {
                     let key = (dataset_id, *page);
-                    self.table.kernel_base_behind_prepared(key)
-                        || (self.table.has_kernel_base(key) && self.is_failed_over(key))
+                    self.table.has_kernel_base(key) && self.is_failed_over(key)
                 }) {
                     let why = format!(
                         "page {page} of dataset {dataset_id}: the copy written back may be older than this node's own last commit of it; read it again"
@@ -666,6 +669,23 @@ impl Machine {
         }
         match (op.step, reply) {
             (Step::Reading { page }, None) => self.fail_over(id, op.dataset.id, page, op.owner),
+            (Step::Reading { page }, Some(NodeReply::Page(copy)))
+                if op.attempts == 0
+                    && self
+                        .table
+                        .prepared_newer_than((op.dataset.id, page), copy.version) =>
+            {
+                // The owner answered before it locked the page for a commit whose copy is
+                // prepared here since: asked again, it answers once that commit is applied
+                // or given up. So a read in flight when a Prepare comes never brings the
+                // kernel bytes older than the commit this node acknowledges a part of (the
+                // runtime does not wait for the kernel to drop such a page: docs/design.md,
+                // "Moving the daemon onto the machine", step 1).
+                if let Some(op) = self.client.ops.get_mut(&id) {
+                    op.attempts = 1;
+                }
+                self.fetch_page(id, op.owner, op.dataset.id, page);
+            }
             (Step::Reading { page }, Some(NodeReply::Page(copy))) => {
                 let result = if self.reads_through(&op.dataset, page) {
                     // Not kept: what settles this node's copy comes by its own way.

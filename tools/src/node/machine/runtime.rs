@@ -8,9 +8,10 @@
 //! call the node makes to itself, never from inside the thread carrying it. What the machine
 //! hands out after an `Output::Invalidate` waits until the kernel dropped those pages (a
 //! target acknowledges a commit only once its kernel holds no stale copy), but for the ends
-//! of reads and writes, which a kernel request holding the pages locked may wait for; and
-//! for at most `KERNEL_WAIT`, since a read under way may itself wait for this node's answer
-//! (docs/design.md, "The runtime"). Must survive: a
+//! of reads and writes, which a kernel request holding the pages locked may wait for, and
+//! for pages such a request is under way for (the kernel drops them once it ends, and the
+//! machine makes a read bring bytes no older than a copy prepared here); and for at most
+//! `KERNEL_WAIT` (docs/design.md, "Moving the daemon onto the machine"). Must survive: a
 //! peer that never answers (its call is failed by the machine's own timeout, and the pool
 //! thread gives up after the same time), a server call the machine never answers (refused as
 //! busy after the longest a request can wait in it).
@@ -39,8 +40,10 @@ const TOOL_CALLS: u64 = 1 << 62;
 /// Longest a program's operation waits for the machine to end it; the machine ends every
 /// operation well within it (its calls time out, its waits are bounded).
 const OP_WAIT: Duration = Duration::from_secs(120);
-/// Longest the outputs after an invalidation wait for the kernel to drop the pages.
-const KERNEL_WAIT: Duration = Duration::from_millis(500);
+/// Longest the outputs after an invalidation wait for the kernel to drop the pages (a
+/// page whose READ entered the kernel but not yet the machine is waited for, and that READ
+/// may wait for this node's answer to a Prepare).
+const KERNEL_WAIT: Duration = Duration::from_millis(50);
 
 /// The machine's bounds for a daemon: the thread-based protocol's (`RPC_TIMEOUT` 10 s,
 /// `READY_WAIT` 30 s, the committer's 30 s of retries, the dispatcher's 15 s).
@@ -106,6 +109,9 @@ pub struct Runtime {
     replies: Mutex<HashMap<(NodeId, u64), Sender<NodeReply>>>,
     next_tool_call: AtomicU64,
     kernel: Mutex<Kernel>,
+    /// Pages a kernel request (a READ bringing them in, a WRITE of them) is under way for:
+    /// how many, and whether the kernel is to drop them once the last ends.
+    in_flight: Mutex<HashMap<(DatasetId, u64), (usize, bool)>>,
 }
 
 impl Runtime {
@@ -133,6 +139,7 @@ impl Runtime {
             replies: Mutex::new(HashMap::new()),
             next_tool_call: AtomicU64::new(0),
             kernel: Mutex::new(Kernel::default()),
+            in_flight: Mutex::new(HashMap::new()),
         });
         for n in 0..POOL_THREADS {
             let (runtime, queue) = (runtime.clone(), queue.clone());
@@ -317,7 +324,12 @@ impl Runtime {
     /// The kernel's thread: drop the pages' cached copies from every inode of the dataset
     /// (a dirty one is written back first, by a FUSE thread), wait until the kernel did
     /// (at most `KERNEL_WAIT`), carry out what waited for it, and tell the machine once the
-    /// pages are gone. Its own thread: the pool may be needed to serve that write.
+    /// pages are gone. Its own thread: the pool may be needed to serve that write. A page a
+    /// kernel request is under way for (a READ bringing it in, a WRITE of it) is dropped
+    /// when that request ends, and not waited for: the kernel's drop would wait for the
+    /// request, which may wait for what waits here (its owner parks a fetch behind the
+    /// commit this node's answer holds up); the machine makes such a read bring bytes no
+    /// older than a copy prepared here, and stages such a write on the owner's bytes.
     fn invalidate(self: &Arc<Self>, queue: &Receiver<Invalidation>) {
         for job in queue {
             let Invalidation {
@@ -331,45 +343,56 @@ impl Runtime {
                 pages: pages.clone(),
                 mark,
             };
-            match self.drop_from_kernel(dataset, &pages) {
-                Some(invalidator) if !invalidator.flush_within(KERNEL_WAIT) => {
-                    tracing::debug!(
-                        dataset,
-                        "the kernel is slow to drop pages (a request of them under way): what waited goes on"
-                    );
-                    self.carry_all(then);
-                    let runtime = self.clone();
-                    std::thread::spawn(move || {
-                        invalidator.flush();
-                        runtime.feed(dropped);
-                    });
-                }
-                _ => {
-                    self.feed(dropped);
-                    self.carry_all(then);
-                }
+            let Some((invalidator, inodes)) = self.kernel_inodes(dataset) else {
+                self.feed(dropped);
+                self.carry_all(then);
+                continue;
+            };
+            // A page with a request under way is dropped when the request ends (`run`):
+            // asked now, the drop would hold up every later one behind that request.
+            let waited: Vec<u64> = {
+                let mut in_flight = self.in_flight.lock().expect("in flight lock");
+                pages
+                    .iter()
+                    .copied()
+                    .filter(|page| match in_flight.get_mut(&(dataset, *page)) {
+                        Some((_, drop)) => {
+                            *drop = true;
+                            false
+                        }
+                        None => true,
+                    })
+                    .collect()
+            };
+            ask_to_drop(&invalidator, &inodes, &waited);
+            let done = waited.is_empty() || invalidator.flush_within(KERNEL_WAIT);
+            if done {
+                self.feed(dropped);
+                self.carry_all(then);
+                continue;
             }
+            tracing::debug!(
+                dataset,
+                "the kernel is slow to drop pages (a request of them under way): what waited goes on"
+            );
+            self.carry_all(then);
+            let runtime = self.clone();
+            std::thread::spawn(move || {
+                invalidator.flush();
+                runtime.feed(dropped);
+            });
         }
     }
 
-    /// Ask the kernel to drop `pages` of every inode showing `dataset`; the invalidator to
-    /// wait on, if anything was asked.
-    fn drop_from_kernel(&self, dataset: DatasetId, pages: &[u64]) -> Option<Invalidator> {
-        let (invalidator, inodes) = {
-            let kernel = self.kernel.lock().expect("kernel lock");
-            let inodes = kernel.inodes.get(&dataset).cloned().unwrap_or_default();
-            (kernel.invalidator.clone()?, inodes)
-        };
-        if inodes.is_empty() {
-            return None;
-        }
-        let page_bytes = hotpot_core::pm::PAGE_BYTES as u64;
-        for ino in &inodes {
-            for page in pages {
-                invalidator.invalidate(*ino, page * page_bytes, page_bytes);
-            }
-        }
-        Some(invalidator)
+    /// The invalidation handle and the inodes showing `dataset`, if the kernel may cache
+    /// any of its pages.
+    fn kernel_inodes(&self, dataset: DatasetId) -> Option<(Invalidator, BTreeSet<Ino>)> {
+        let kernel = self.kernel.lock().expect("kernel lock");
+        let inodes = kernel
+            .inodes
+            .get(&dataset)
+            .filter(|inodes| !inodes.is_empty())?;
+        Some((kernel.invalidator.clone()?, inodes.clone()))
     }
 
     /// The kernel connection exists: pages can be invalidated from now on.
@@ -393,10 +416,50 @@ impl Runtime {
         let id = self.next_op.fetch_add(1, Ordering::Relaxed);
         let op = op(id);
         let waits = matches!(op, Op::Commit { .. });
+        let moving: Vec<(DatasetId, u64)> = match &op {
+            Op::Read { dataset, page, .. } => vec![(*dataset, *page)],
+            Op::Write {
+                dataset, stores, ..
+            } => stores
+                .iter()
+                .map(|(page, _, _)| (*dataset, *page))
+                .collect(),
+            Op::WriteBack { dataset, pages, .. } => {
+                pages.iter().map(|(page, _)| (*dataset, *page)).collect()
+            }
+            _ => Vec::new(),
+        };
         let (done, wait) = bounded(1);
         self.ops.lock().expect("ops lock").insert(id, (done, waits));
+        {
+            let mut in_flight = self.in_flight.lock().expect("in flight lock");
+            for page in &moving {
+                in_flight.entry(*page).or_default().0 += 1;
+            }
+        }
         self.feed(Input::Start(op));
-        match wait.recv_timeout(OP_WAIT) {
+        let result = wait.recv_timeout(OP_WAIT);
+        let mut to_drop = Vec::new();
+        {
+            let mut in_flight = self.in_flight.lock().expect("in flight lock");
+            for page in &moving {
+                if let Some((count, drop)) = in_flight.get_mut(page) {
+                    *count -= 1;
+                    if *count == 0 {
+                        if *drop {
+                            to_drop.push(*page);
+                        }
+                        in_flight.remove(page);
+                    }
+                }
+            }
+        }
+        for (dataset, page) in to_drop {
+            if let Some((invalidator, inodes)) = self.kernel_inodes(dataset) {
+                ask_to_drop(&invalidator, &inodes, &[page]);
+            }
+        }
+        match result {
             Ok(result) => result,
             Err(_) => {
                 self.ops.lock().expect("ops lock").remove(&id);
@@ -458,5 +521,15 @@ impl Runtime {
     /// The peers' addresses and the dispatcher's promotions, as the heartbeat last heard.
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+}
+
+/// Queue the kernel's drop of `pages` of every one of `inodes`.
+fn ask_to_drop(invalidator: &Invalidator, inodes: &BTreeSet<Ino>, pages: &[u64]) {
+    let page_bytes = hotpot_core::pm::PAGE_BYTES as u64;
+    for ino in inodes {
+        for page in pages {
+            invalidator.invalidate(*ino, page * page_bytes, page_bytes);
+        }
     }
 }
