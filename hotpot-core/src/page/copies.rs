@@ -88,6 +88,9 @@ pub struct PreparedCopies {
     frames: Vec<u32>,
     record: Prepared,
     since: std::time::Instant,
+    /// This node's own commit may have written it: the committer's own copy, or a follower
+    /// owner's record of a commit this node made.
+    own: bool,
 }
 
 /// A prepared commit waiting for its decision, as the protocol sees it.
@@ -499,6 +502,10 @@ impl PageTable {
                         dataset,
                         pages: pages.iter().map(|(page, _, _)| *page).collect(),
                         frames,
+                        own: match tag.role {
+                            TxRole::Follower => tag.tx.0 == self.node,
+                            _ => readable,
+                        },
                         record,
                         since: std::time::Instant::now(),
                     },
@@ -556,6 +563,7 @@ impl PageTable {
                 dataset,
                 pages: puts.iter().map(|((_, page), _, _)| *page).collect(),
                 frames: puts.iter().map(|(_, _, frame)| *frame).collect(),
+                own: record.tag().tx.0 == self.node,
                 record,
                 since: std::time::Instant::now(),
             },
@@ -601,6 +609,22 @@ impl PageTable {
         self.prepared
             .values()
             .any(|prepared| prepared.dataset == key.0 && prepared.pages.contains(&key.1))
+    }
+
+    /// The version the kernel's copy of `key` was served at, if a copy of it newer than that
+    /// is prepared here and waiting that this node's own undecided commit may have written
+    /// (with that copy's version). (Another node's commit prepared here is no such hazard:
+    /// the kernel's copy, written back against its base, carries only this node's program's
+    /// changes.)
+    pub fn kernel_base_behind_own_prepared(&self, key: PageKey) -> Option<(u64, u64)> {
+        let base = self.served.get(&key)?.twin.version;
+        self.prepared
+            .values()
+            .filter(|prepared| prepared.own)
+            .flat_map(|prepared| prepared.record.puts())
+            .filter(|(put, version, _)| *put == key && *version > base)
+            .map(|(_, version, _)| (base, version))
+            .max()
     }
 
     /// Whether a copy of `key` newer than `version` is prepared here and waiting.

@@ -89,6 +89,8 @@ pub struct PageTable {
     pub(super) versions: super::versions::Versions,
     /// The node machine's planted bug `Bugs::keep_rebased_bytes` (`finish_commit`).
     pub(crate) planted_keep_rebased_bytes: bool,
+    /// This node (whose own commits a follower owner's record may hold).
+    pub(super) node: u32,
 }
 
 impl PageTable {
@@ -112,6 +114,7 @@ impl PageTable {
             prepared: HashMap::new(),
             versions: Default::default(),
             planted_keep_rebased_bytes: false,
+            node,
         };
         for record in recovered {
             table.adopt_recovered(record);

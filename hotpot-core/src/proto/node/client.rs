@@ -336,12 +336,18 @@ impl Machine {
                 // and one the kernel writes back as it drops it is staged by what the kernel
                 // changed in it (`PageTable::stage`). Refusing those failed msync with EIO
                 // under `hotpot node --machine` (lock_races, the MRMW conflict storm).
-                if let Some((page, _)) = written.iter().find(|(page, _)| {
+                let behind = written.iter().find_map(|(page, _)| {
                     let key = (dataset_id, *page);
-                    self.table.has_kernel_base(key) && self.is_failed_over(key)
-                }) {
+                    let failed_over = self.table.has_kernel_base(key) && self.is_failed_over(key);
+                    let behind = self.table.kernel_base_behind_own_prepared(key);
+                    match behind.filter(|_| !self.table.is_staged(key)) {
+                        Some((base, prepared)) => Some((*page, format!("read at version {base}, this node's own commit of version {prepared} undecided"))),
+                        None => failed_over.then(|| (*page, "taken while its owner was silent".to_string())),
+                    }
+                });
+                if let Some((page, how)) = behind {
                     let why = format!(
-                        "page {page} of dataset {dataset_id}: the copy written back may be older than this node's own last commit of it; read it again"
+                        "page {page} of dataset {dataset_id}: the copy written back may be older than this node's own last commit of it ({how}); read it again"
                     );
                     return self.op_done(id, OpResult::Refused(FsError::Io(why)));
                 }
