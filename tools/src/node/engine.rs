@@ -6,13 +6,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use hotpot_core::pm::PAGE_BYTES;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest};
 use hotpot_core::proto::types::*;
 use hotpot_fs::{Engine, Invalidator, Space};
 use hotpot_net::Client;
 
-pub use data::DataPath;
+pub use data::{page_pieces, DataPath};
 pub use protocol_path::ProtocolPath;
 use views::Synthetic;
 
@@ -471,14 +470,9 @@ impl Engine for NodeEngine {
         }
         let end = file_size.min(offset + size as u64);
         let mut out = Vec::with_capacity((end - offset) as usize);
-        let mut at = offset;
-        while at < end {
-            let page = at / PAGE_BYTES as u64;
-            let within = (at % PAGE_BYTES as u64) as usize;
-            let take = (PAGE_BYTES - within).min((end - at) as usize);
+        for (page, within, bytes) in page_pieces(offset, (end - offset) as usize) {
             let page_bytes = self.data.read_page(ino, &dataset, page)?;
-            out.extend_from_slice(&page_bytes[within..within + take]);
-            at += take as u64;
+            out.extend_from_slice(&page_bytes[within..within + bytes.len()]);
         }
         Ok(out)
     }

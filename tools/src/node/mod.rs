@@ -299,9 +299,22 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             .spawn(move || role(&protocol))?;
     }
 
+    serve_mounted(&args, engine, &mount, &listen_addr, &stop, "")
+}
+
+/// Mount `engine` on `mount`, say the node serves (`how`: which protocol, if not the
+/// default), and serve until SIGTERM or SIGINT; then unmount.
+fn serve_mounted(
+    args: &NodeArgs,
+    engine: Arc<NodeEngine>,
+    mount: &std::path::Path,
+    listen_addr: &str,
+    stop: &signals::StopSignals,
+    how: &str,
+) -> anyhow::Result<()> {
     let session = hotpot_fs::mount(
         engine,
-        &mount,
+        mount,
         &hotpot_fs::MountConfig {
             threads: args.fuse_threads,
             source: format!("hotpot:{}", args.dispatcher),
@@ -309,14 +322,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("mounting on {}", mount.display()))?;
-    tracing::info!(node = args.id, listen = %listen_addr, mount = %mount.display(), "node serving");
+    tracing::info!(node = args.id, listen = %listen_addr, mount = %mount.display(), how, "node serving");
     println!(
-        "node {} serving on {listen_addr}, mounted at {}",
+        "node {} serving on {listen_addr}, mounted at {}{how}",
         args.id,
         mount.display()
     );
-
-    let signal = signals::wait(&stop)?;
+    let signal = signals::wait(stop)?;
     tracing::info!(signal, "stopping: unmounting");
     drop(session);
     Ok(())

@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use hotpot_core::page::ViewKey;
-use hotpot_core::pm::PoolUsage;
+use hotpot_core::pm::{PoolUsage, PAGE_BYTES};
 use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino};
 use hotpot_fs::Invalidator;
 
@@ -50,4 +50,25 @@ pub trait DataPath: Send + Sync + 'static {
     ) -> Result<HashMap<u64, Vec<u8>>, FsError>;
     /// The versions of `dataset` some owner keeps pinned (owners not reached are left out).
     fn pinned_versions(&self, dataset: &Dataset) -> BTreeSet<u64>;
+}
+
+/// The pages `len` bytes at `offset` of a file fall in: (page, offset within it, the range of
+/// those bytes in the request's).
+pub fn page_pieces(
+    offset: u64,
+    len: usize,
+) -> impl Iterator<Item = (u64, usize, std::ops::Range<usize>)> {
+    let end = offset + len as u64;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let page = at / PAGE_BYTES as u64;
+        let within = (at % PAGE_BYTES as u64) as usize;
+        let take = (PAGE_BYTES - within).min((end - at) as usize);
+        let from = (at - offset) as usize;
+        at += take as u64;
+        Some((page, within, from..from + take))
+    })
 }

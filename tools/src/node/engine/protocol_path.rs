@@ -14,7 +14,7 @@ use hotpot_core::proto::types::*;
 use hotpot_fs::Invalidator;
 use hotpot_net::Client;
 
-use super::data::DataPath;
+use super::data::{page_pieces, DataPath};
 use super::dispatcher;
 use crate::node::committer::ask;
 use crate::node::protocol::{pm_error, Protocol};
@@ -212,16 +212,10 @@ impl DataPath for ProtocolPath {
             }
         }
         let mut table = self.table();
-        let mut at = offset;
-        while at < end {
-            let page = at / PAGE_BYTES as u64;
-            let within = (at % PAGE_BYTES as u64) as usize;
-            let take = (PAGE_BYTES - within).min((end - at) as usize);
-            let from = (at - offset) as usize;
+        for (page, within, bytes) in page_pieces(offset, data.len()) {
             table
-                .stage((dataset.id, page), within, &data[from..from + take])
+                .stage((dataset.id, page), within, &data[bytes])
                 .map_err(pm_error)?;
-            at += take as u64;
         }
         Ok(())
     }

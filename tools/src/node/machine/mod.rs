@@ -30,7 +30,7 @@ use super::merger::{self, MergeCounters};
 use super::peers::Peers;
 use super::transport::NodeTransport;
 use super::NodeArgs;
-use crate::signals::{self, StopSignals};
+use crate::signals::StopSignals;
 use runtime::Runtime;
 
 /// How often the machine hears that time passed.
@@ -167,26 +167,7 @@ pub fn serve(args: &NodeArgs, joined: Joined) -> anyhow::Result<()> {
             std::thread::sleep(VIEW_HOUSEKEEPING);
             housekeeping.pinned_views();
         })?;
-    let session = hotpot_fs::mount(
-        engine,
-        &mount,
-        &hotpot_fs::MountConfig {
-            threads: args.fuse_threads,
-            source: format!("hotpot:{}", args.dispatcher),
-            allow_other: args.allow_other,
-        },
-    )
-    .with_context(|| format!("mounting on {}", mount.display()))?;
-    tracing::info!(node = args.id, listen = %listen_addr, mount = %mount.display(), "node serving (node machine)");
-    println!(
-        "node {} serving on {listen_addr}, mounted at {} (node machine)",
-        args.id,
-        mount.display()
-    );
-    let signal = signals::wait(&stop)?;
-    tracing::info!(signal, "stopping: unmounting");
-    drop(session);
-    Ok(())
+    super::serve_mounted(args, engine, &mount, &listen_addr, &stop, " (node machine)")
 }
 
 /// Mount only once this node serves as an owner (as the thread-based start does): until

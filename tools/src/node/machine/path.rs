@@ -17,7 +17,7 @@ use hotpot_core::proto::types::{Dataset, DatasetId, FsError, Ino};
 use hotpot_fs::Invalidator;
 
 use super::runtime::Runtime;
-use crate::node::engine::DataPath;
+use crate::node::engine::{page_pieces, DataPath};
 use crate::node::protocol::pm_error;
 
 pub struct MachinePath {
@@ -135,17 +135,9 @@ impl DataPath for MachinePath {
 
     fn write(&self, ino: Ino, dataset: &Dataset, offset: u64, data: &[u8]) -> Result<(), FsError> {
         self.runtime.note_inode(ino, dataset.id);
-        let end = offset + data.len() as u64;
-        let mut stores = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let page = at / PAGE_BYTES as u64;
-            let within = (at % PAGE_BYTES as u64) as usize;
-            let take = (PAGE_BYTES - within).min((end - at) as usize);
-            let from = (at - offset) as usize;
-            stores.push((page, within as u16, data[from..from + take].to_vec()));
-            at += take as u64;
-        }
+        let stores: Vec<(u64, u16, Vec<u8>)> = page_pieces(offset, data.len())
+            .map(|(page, within, bytes)| (page, within as u16, data[bytes].to_vec()))
+            .collect();
         // Whole pages the kernel holds copies of are its write-back: staged against the base
         // its copies were read at. Anything else is a program's write past the cache.
         let written_back = self.runtime.with(|machine| {
