@@ -22,7 +22,9 @@ use hotpot_core::page::PageTable;
 use hotpot_core::proto::dispatcher::VERSION_BLOCK;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{Bugs, Config, Input, Machine};
-use hotpot_core::proto::types::{Dataset, NodeId, NodeInfo, NodeUsage, RecoveryStatus};
+use hotpot_core::proto::types::{
+    Dataset, NodeId, NodeInfo, NodeUsage, RecoveryStatus, VersionCounts,
+};
 use hotpot_net::{Client, Secret, Server};
 
 use super::engine::NodeEngine;
@@ -228,7 +230,13 @@ fn spawn_heartbeat(
                     links: Vec::new(),
                     fetches: Default::default(),
                     sharing: merging.counts(),
-                    versions: Default::default(),
+                    versions: {
+                        let pins = machine.table().pin_usage();
+                        VersionCounts {
+                            views_pinned: pins.views,
+                            frames_kept: pins.frames_kept,
+                        }
+                    },
                     sees_live: machine.sees_live().iter().copied().collect(),
                 }
             });

@@ -245,26 +245,28 @@ impl DataPath for MachinePath {
         version: u64,
         pages: &[u64],
     ) -> Result<HashMap<u64, Vec<u8>>, FsError> {
-        let mut got = HashMap::new();
-        for page in pages {
-            match self.run(dataset, |op| Op::ReadAt {
+        self.tell(dataset);
+        // Every page at once: each comes from its owner, and one after another the view's
+        // reads would pay a round trip per page.
+        let results = self.runtime.run_all(pages.iter().map(|page| {
+            move |op| Op::ReadAt {
                 op,
                 dataset: dataset.id,
                 version,
                 page: *page,
-            }) {
-                OpResult::ReadAt { bytes } => {
-                    got.insert(*page, bytes);
-                }
-                other => {
-                    return Err(unexpected(
-                        &format!("read of page {page} at {version}"),
-                        other,
-                    ))
-                }
             }
-        }
-        Ok(got)
+        }));
+        pages
+            .iter()
+            .zip(results)
+            .map(|(page, result)| match result {
+                OpResult::ReadAt { bytes } => Ok((*page, bytes)),
+                other => Err(unexpected(
+                    &format!("read of page {page} at {version}"),
+                    other,
+                )),
+            })
+            .collect()
     }
 
     /// Asked of each owner as a tool asks (the machine has no operation for it).

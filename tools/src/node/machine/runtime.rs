@@ -76,6 +76,14 @@ enum Job {
     Input(Input),
 }
 
+/// An operation under way: its number, where its end comes, and the pages a kernel request
+/// is under way for while it runs.
+struct Started {
+    id: OpId,
+    wait: Receiver<OpResult>,
+    moving: Vec<(DatasetId, u64)>,
+}
+
 /// Pages to drop from the kernel, and the outputs that wait for it.
 struct Invalidation {
     dataset: DatasetId,
@@ -413,6 +421,24 @@ impl Runtime {
 
     /// A program's operation, numbered here: its end.
     pub fn run(&self, op: impl FnOnce(OpId) -> Op) -> OpResult {
+        let started = self.start_op(op);
+        self.end_of(started)
+    }
+
+    /// Operations that do not depend on each other, all under way at once (a view's pages
+    /// from their owners): their ends, in order.
+    pub fn run_all<F: FnOnce(OpId) -> Op>(
+        &self,
+        ops: impl IntoIterator<Item = F>,
+    ) -> Vec<OpResult> {
+        let started: Vec<Started> = ops.into_iter().map(|op| self.start_op(op)).collect();
+        started
+            .into_iter()
+            .map(|started| self.end_of(started))
+            .collect()
+    }
+
+    fn start_op(&self, op: impl FnOnce(OpId) -> Op) -> Started {
         let id = self.next_op.fetch_add(1, Ordering::Relaxed);
         let op = op(id);
         let waits = matches!(op, Op::Commit { .. });
@@ -438,6 +464,12 @@ impl Runtime {
             }
         }
         self.feed(Input::Start(op));
+        Started { id, wait, moving }
+    }
+
+    /// Wait for a started operation's end; the kernel drops what waited for it.
+    fn end_of(&self, started: Started) -> OpResult {
+        let Started { id, wait, moving } = started;
         let result = wait.recv_timeout(OP_WAIT);
         let mut to_drop = Vec::new();
         {
