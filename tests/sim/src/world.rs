@@ -536,8 +536,6 @@ impl World {
             Message::FromDispatcher(DispatcherReply::Status {
                 nodes, successors, ..
             }) => {
-                let live: BTreeSet<NodeId> =
-                    nodes.iter().filter(|n| n.live).map(|n| n.id).collect();
                 self.promoted
                     .extend(successors.iter().map(|(lost, by)| (*lost, *by)));
                 if let Some(incarnation) = self.nodes[&to].joined {
@@ -546,13 +544,11 @@ impl World {
                 if self.nodes[&to].machine.is_none() {
                     return;
                 }
-                self.views.record(to, self.now_ms, live.clone());
-                let incarnations = nodes.iter().map(|n| (n.id, n.incarnation)).collect();
-                Input::View {
-                    live,
-                    successors,
-                    incarnations,
+                let view = Input::view(&nodes, successors);
+                if let Input::View { live, .. } = &view {
+                    self.views.record(to, self.now_ms, live.clone());
                 }
+                view
             }
             Message::FromDispatcher(_) => return,
         };

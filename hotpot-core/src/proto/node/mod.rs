@@ -16,7 +16,7 @@ use crate::proto::messages::{
     DispatcherReply, DispatcherRequest, NodeReply, NodeRequest, OwnerPages,
 };
 use crate::proto::rejoin::Incarnations;
-use crate::proto::types::{Dataset, DatasetId, FsError, NodeId};
+use crate::proto::types::{Dataset, DatasetId, FsError, NodeId, NodeInfo};
 
 mod across;
 mod client;
@@ -251,6 +251,17 @@ pub enum Input {
     },
     /// Time passed (every input carries `now_ms` too).
     Tick,
+}
+
+impl Input {
+    /// The dispatcher's status (its answer to a heartbeat) as the machine's view.
+    pub fn view(nodes: &[NodeInfo], successors: BTreeMap<NodeId, NodeId>) -> Input {
+        Input::View {
+            live: nodes.iter().filter(|n| n.live).map(|n| n.id).collect(),
+            successors,
+            incarnations: nodes.iter().map(|n| (n.id, n.incarnation)).collect(),
+        }
+    }
 }
 
 /// What the runtime must do, in order, after `handle` returned.

@@ -11,7 +11,7 @@
 mod path;
 mod runtime;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,9 +22,7 @@ use hotpot_core::page::PageTable;
 use hotpot_core::proto::dispatcher::VERSION_BLOCK;
 use hotpot_core::proto::messages::{DispatcherReply, DispatcherRequest, NodeReply, NodeRequest};
 use hotpot_core::proto::node::{Bugs, Config, Input, Machine};
-use hotpot_core::proto::types::{
-    Dataset, NodeId, NodeInfo, NodeUsage, RecoveryStatus, VersionCounts,
-};
+use hotpot_core::proto::types::{Dataset, NodeId, NodeUsage, RecoveryStatus, VersionCounts};
 use hotpot_net::{Client, Secret, Server};
 
 use super::engine::NodeEngine;
@@ -58,15 +56,6 @@ pub struct Joined {
     pub rebuilding: bool,
     pub marker: PathBuf,
     pub mount: PathBuf,
-}
-
-/// The dispatcher's status as the machine's view.
-fn view(nodes: &[NodeInfo], successors: BTreeMap<NodeId, NodeId>) -> Input {
-    Input::View {
-        live: nodes.iter().filter(|n| n.live).map(|n| n.id).collect(),
-        successors,
-        incarnations: nodes.iter().map(|n| (n.id, n.incarnation)).collect(),
-    }
 }
 
 pub fn serve(args: &NodeArgs, joined: Joined) -> anyhow::Result<()> {
@@ -122,7 +111,7 @@ pub fn serve(args: &NodeArgs, joined: Joined) -> anyhow::Result<()> {
     let epoch = Instant::now();
     let machine = Machine::start(config, table, 0).context("starting the node machine")?;
     let runtime = Runtime::start(machine, epoch, timing, peers, dispatcher.clone())?;
-    runtime.feed(view(&nodes, successors));
+    runtime.feed(Input::view(&nodes, successors));
 
     let serving = runtime.clone();
     Server::spawn_with(
@@ -250,7 +239,7 @@ fn spawn_heartbeat(
                     nodes, successors, ..
                 }) => {
                     runtime.peers().update(&nodes, successors.clone());
-                    runtime.feed(view(&nodes, successors));
+                    runtime.feed(Input::view(&nodes, successors));
                 }
                 Ok(other) => tracing::warn!(?other, "unexpected heartbeat reply"),
                 Err(error) => tracing::warn!(%error, "heartbeat not delivered"),
